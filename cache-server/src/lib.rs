@@ -1,0 +1,1 @@
+//! kiln-cache-server: RocksDB index, content store and HTTP service.
