@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kiln's build and tests need, if missing.
+# Idempotent; safe to call from every entry point (README commands, CI).
+set -euo pipefail
+
+packages=(
+  libclang-dev clang        # RocksDB's bindgen
+  docker-registry           # Distribution 2.8, the reference registry (tests)
+  skopeo umoci buildah      # real peers the end-to-end tests compare against
+  busybox-static            # base images are made offline from it
+  apache2-utils             # htpasswd for the Basic-auth registry test
+  openssl jq time zstd
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The registry package starts a system service listening on :5000; tests
+# start their own registries on free loopback ports and do not want it.
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+pkill -f '^/usr/bin/docker-registry serve /etc/docker/registry/config.yml' 2>/dev/null || true
+
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
