@@ -1,1 +1,24 @@
-//! kiln-cache-server: RocksDB index, content store and HTTP service.
+//! kiln-cache-server: kiln's cluster-wide, content-addressed layer cache.
+//!
+//! - [`store`]: the storage engine (RocksDB index + [`content`] store on the
+//!   filesystem); usable in-process without HTTP.
+//! - [`api`]: the HTTP routes of docs/cache-api.md over a store.
+//! - [`auth`]: tokens file, scopes, namespaces.
+//! - [`server`]: binding, TLS, HTTP/1.1 + HTTP/2, GC task, graceful shutdown.
+//! - [`config`]: flags, `KILN_CACHE_*` environment and config file.
+//! - [`telemetry`]: logging and Prometheus metrics.
+//! - [`client`] and [`cli`]: the `kiln-cache` admin command line.
+//! - [`units`]: sizes and durations as written by humans.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod content;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod units;
+
+pub use store::{BlobCommit, BlobWriter, Namespace, PutOutcome, Store, StoreConfig, StoreError};

@@ -1,3 +1,43 @@
-fn main() -> anyhow::Result<()> {
+//! kiln-executor: turns a Dockerfile and a build context into an OCI image.
+//! This binary only parses flags and hands them to the library.
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_executor::cli::ExecutorArgs;
+use std::io::Write;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = ExecutorArgs::parse();
+    let result = if args.dry_run {
+        dry_run(&args)
+    } else {
+        build(&args)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-executor: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn build(args: &ExecutorArgs) -> anyhow::Result<()> {
+    let opts = args.build_options()?;
+    let outcome = kiln_executor::driver::build(opts)?;
+    eprintln!("kiln-executor: built {}", outcome.manifest_digest);
+    Ok(())
+}
+
+fn dry_run(args: &ExecutorArgs) -> anyhow::Result<()> {
+    let opts = args.plan_options()?;
+    let plan = kiln_executor::plan::plan(&opts)?;
+    for warning in &plan.warnings {
+        eprintln!("kiln-executor: warning: {warning}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, &plan).context("writing the plan")?;
+    writeln!(stdout).context("writing the plan")?;
     Ok(())
 }

@@ -1,1 +1,628 @@
 //! Helpers shared by the end-to-end tests under `tests/tests/`.
+//!
+//! - [`Registry`]: a real Distribution 2.8 registry (Debian's
+//!   `docker-registry`) on a free 127.0.0.1 port, with its storage and config
+//!   in a temporary directory, without auth, with htpasswd (Basic) auth, or
+//!   with token auth backed by [`TokenServer`]; killed on drop.
+//! - [`TokenServer`]: a small token endpoint issuing real RS256 JWTs whose
+//!   signing key's certificate is in the registry's `rootcertbundle`.
+//! - [`make_busybox_layout`] / [`push_busybox`]: an offline base image from
+//!   `busybox-static`, built with `umoci` and pushed with `skopeo`.
+//!
+//! Every helper cleans up after itself (processes killed, temp dirs removed)
+//! even when a test fails, through `Drop`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+
+/// A port nobody listens on right now (the OS picks it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Runs a command, failing with its stderr when it exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// How the test registry authenticates clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryAuth {
+    None,
+    /// htpasswd (bcrypt) file with one user.
+    Basic {
+        user: String,
+        password: String,
+    },
+    /// Bearer tokens from a [`TokenServer`] that accepts this one user.
+    Token {
+        user: String,
+        password: String,
+    },
+}
+
+impl RegistryAuth {
+    pub fn basic(user: &str, password: &str) -> Self {
+        RegistryAuth::Basic {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+    pub fn token(user: &str, password: &str) -> Self {
+        RegistryAuth::Token {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+}
+
+/// A running registry; see the module documentation.
+pub struct Registry {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    auth: RegistryAuth,
+    token_server: Option<TokenServer>,
+}
+
+impl Registry {
+    pub fn start(auth: RegistryAuth) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data)?;
+        let mut token_server = None;
+        let auth_yaml = match &auth {
+            RegistryAuth::None => String::new(),
+            RegistryAuth::Basic { user, password } => {
+                let line = run(Command::new("htpasswd").args(["-Bbn", user, password]))?;
+                let path = dir.path().join("htpasswd");
+                std::fs::write(&path, line.trim())?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                    path.display()
+                )
+            }
+            RegistryAuth::Token { user, password } => {
+                let ts = TokenServer::start(dir.path(), user, password)?;
+                let yaml = format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                    ts.realm(),
+                    TokenServer::SERVICE,
+                    TokenServer::ISSUER,
+                    ts.cert_path().display()
+                );
+                token_server = Some(ts);
+                yaml
+            }
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth_yaml}",
+            data.display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting docker-registry (Debian package docker-registry)")?;
+        let reg = Registry {
+            child,
+            port,
+            dir,
+            auth,
+            token_server,
+        };
+        reg.wait_ready()?;
+        Ok(reg)
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut head = [0u8; 12];
+                if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "registry on port {} did not answer /v2/: {}",
+            self.port,
+            self.log()
+        );
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:PORT/<repo_tag>`
+    pub fn reference(&self, repo_tag: &str) -> String {
+        format!("{}/{repo_tag}", self.host())
+    }
+
+    pub fn credentials(&self) -> Option<(String, String)> {
+        match &self.auth {
+            RegistryAuth::None => None,
+            RegistryAuth::Basic { user, password } | RegistryAuth::Token { user, password } => {
+                Some((user.clone(), password.clone()))
+            }
+        }
+    }
+
+    /// skopeo's credential flag for this registry (`--creds u:p`, or nothing).
+    pub fn skopeo_creds(&self, flag: &str) -> Vec<String> {
+        match self.credentials() {
+            Some((u, p)) => vec![flag.to_string(), format!("{u}:{p}")],
+            None => vec![],
+        }
+    }
+
+    /// The registry's log (access log included) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Scopes requested from the token server so far (token auth only).
+    pub fn token_requests(&self) -> Vec<String> {
+        self.token_server
+            .as_ref()
+            .map(|t| t.requests.lock().map(|r| r.clone()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Runs `skopeo inspect --raw` and returns the manifest bytes.
+    pub fn skopeo_raw_manifest(&self, repo_tag: &str) -> Result<Vec<u8>> {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["inspect", "--raw", "--tls-verify=false"])
+            .args(self.skopeo_creds("--creds"))
+            .arg(format!("docker://{}", self.reference(repo_tag)));
+        Ok(run(&mut cmd)?.into_bytes())
+    }
+
+    /// Runs `skopeo inspect` and returns its JSON.
+    pub fn skopeo_inspect(&self, repo_tag: &str) -> Result<serde_json::Value> {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["inspect", "--tls-verify=false"])
+            .args(self.skopeo_creds("--creds"))
+            .arg(format!("docker://{}", self.reference(repo_tag)));
+        Ok(serde_json::from_str(&run(&mut cmd)?)?)
+    }
+
+    /// Copies an image into this registry with skopeo (`extra` are
+    /// additional `skopeo copy` flags such as `--format v2s2`).
+    pub fn skopeo_copy_in(&self, source: &str, repo_tag: &str, extra: &[&str]) -> Result<()> {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--dest-tls-verify=false"])
+            .args(self.skopeo_creds("--dest-creds"))
+            .args(extra)
+            .arg(source)
+            .arg(format!("docker://{}", self.reference(repo_tag)));
+        run(&mut cmd).map(|_| ())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A token endpoint for the registry's `auth: token` mode. It accepts one
+/// user (HTTP Basic on the token request), grants every action asked for in
+/// the `scope` parameters, and signs RS256 JWTs with a key generated by the
+/// `openssl` CLI; the JWT header's `kid` is the libtrust key ID of that key,
+/// which is how Distribution 2.8 finds the key in its `rootcertbundle`.
+pub struct TokenServer {
+    port: u16,
+    cert: PathBuf,
+    stop: Arc<AtomicBool>,
+    requests: Arc<Mutex<Vec<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Signer {
+    key: PathBuf,
+    kid: String,
+    user: String,
+    password: String,
+}
+
+impl TokenServer {
+    pub const SERVICE: &'static str = "kiln-test-registry";
+    pub const ISSUER: &'static str = "kiln-test-issuer";
+
+    pub fn start(dir: &Path, user: &str, password: &str) -> Result<Self> {
+        let key = dir.join("token-key.pem");
+        let cert = dir.join("token-cert.pem");
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=kiln-test-token-issuer",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert))?;
+        let der = Command::new("openssl")
+            .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+            .arg(&key)
+            .output()?;
+        if !der.status.success() {
+            bail!(
+                "openssl pkey failed: {}",
+                String::from_utf8_lossy(&der.stderr)
+            );
+        }
+        let kid = libtrust_key_id(&der.stdout);
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let signer = Signer {
+            key,
+            kid,
+            user: user.to_string(),
+            password: password.to_string(),
+        };
+        let thread = {
+            let stop = stop.clone();
+            let requests = requests.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(conn) = conn {
+                        let _ = handle_token_request(conn, &signer, &requests);
+                    }
+                }
+            })
+        };
+        Ok(TokenServer {
+            port,
+            cert,
+            stop,
+            requests,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn realm(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// libtrust's key ID: sha256 of the DER public key, first 240 bits, base32,
+/// in colon-separated groups of four.
+pub fn libtrust_key_id(spki_der: &[u8]) -> String {
+    let digest = kiln_common::Digest::of_bytes(spki_der);
+    let raw = hex::decode(digest.hex()).unwrap_or_default();
+    let b32 = base32(&raw[..30]);
+    b32.as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::new();
+    let (mut buf, mut bits) = (0u64, 0u32);
+    for b in bytes {
+        buf = (buf << 8) | u64::from(*b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buf >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buf << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex_pair = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex_pair) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn handle_token_request(
+    conn: TcpStream,
+    signer: &Signer,
+    requests: &Mutex<Vec<String>>,
+) -> Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut authorization = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("authorization")
+        {
+            authorization = Some(v.trim().to_string());
+        }
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("");
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut scopes = Vec::new();
+    for pair in query.split('&') {
+        if let Some(("scope", v)) = pair.split_once('=') {
+            scopes.push(percent_decode(v));
+        }
+    }
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", signer.user, signer.password))
+    );
+    let mut conn = conn;
+    if authorization.as_deref() != Some(expected.as_str()) {
+        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#;
+        write!(
+            conn,
+            "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        return Ok(());
+    }
+    if let Ok(mut r) = requests.lock() {
+        r.push(scopes.join(" "));
+    }
+    let access: Vec<serde_json::Value> = scopes
+        .iter()
+        .filter_map(|s| {
+            // repository:<name>:<actions>; the name itself may hold ':'.
+            let (kind, rest) = s.split_once(':')?;
+            let (name, actions) = rest.rsplit_once(':')?;
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+        })
+        .collect();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "kid": signer.kid});
+    let claims = serde_json::json!({
+        "iss": TokenServer::ISSUER,
+        "sub": signer.user,
+        "aud": TokenServer::SERVICE,
+        "exp": now + 300,
+        "nbf": now - 10,
+        "iat": now - 10,
+        "jti": format!("{now}-{}", scopes.len()),
+        "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        b64url(serde_json::to_string(&header)?.as_bytes()),
+        b64url(serde_json::to_string(&claims)?.as_bytes())
+    );
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(&signer.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(signing_input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "openssl dgst -sign failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let jwt = format!("{signing_input}.{}", b64url(&out.stdout));
+    let body =
+        serde_json::json!({"token": jwt, "access_token": jwt, "expires_in": 300}).to_string();
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+/// Busybox applets linked in the test base image's `/bin`.
+pub const BUSYBOX_APPLETS: &[&str] = &[
+    "sh", "ls", "cat", "echo", "true", "false", "mkdir", "rm", "cp", "mv", "env", "id", "pwd",
+    "sleep", "test", "touch", "wc", "head", "tail", "printf", "chmod", "chown", "grep", "sed",
+    "find", "sort", "ln", "readlink", "stat", "uname", "whoami", "tar", "gzip", "du", "which",
+    "xargs", "expr", "seq", "basename", "dirname",
+];
+
+/// Fills `rootfs` with `/bin/busybox` (from busybox-static), applet
+/// symlinks, `/etc/passwd`, `/etc/group` and a sticky `/tmp`.
+pub fn fill_busybox_rootfs(rootfs: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .context("copying /bin/busybox (busybox-static)")?;
+    std::fs::set_permissions(bin.join("busybox"), std::fs::Permissions::from_mode(0o755))?;
+    for applet in BUSYBOX_APPLETS {
+        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+    }
+    let etc = rootfs.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(
+        etc.join("passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
+    std::fs::write(etc.join("group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    std::fs::create_dir_all(rootfs.join("tmp"))?;
+    std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    std::fs::create_dir_all(rootfs.join("root"))?;
+    Ok(())
+}
+
+/// Builds an OCI image layout at `layout` holding the busybox image as
+/// `layout:tag`, with umoci (an independent implementation, so kiln is
+/// tested against someone else's output). Returns nothing; the image is
+/// `oci:<layout>:<tag>` for skopeo.
+pub fn make_busybox_layout(layout: &Path, tag: &str) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle");
+    let image = format!("{}:{tag}", layout.display());
+    if !layout.join("oci-layout").exists() {
+        run(Command::new("umoci").args(["init", "--layout"]).arg(layout))?;
+    }
+    run(Command::new("umoci").args(["new", "--image", &image]))?;
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle))?;
+    fill_busybox_rootfs(&bundle.join("rootfs"))?;
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle))?;
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.cmd",
+        "sh",
+        "--config.env",
+        "PATH=/bin",
+        "--os",
+        "linux",
+        "--architecture",
+        host_arch(),
+    ]))?;
+    Ok(())
+}
+
+/// The host architecture in OCI's names.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Makes the busybox image and pushes it to `registry` as `repo_tag`
+/// (`extra` are additional `skopeo copy` flags). Returns the layout dir
+/// (kept for other uses) inside `work`.
+pub fn push_busybox(
+    registry: &Registry,
+    work: &Path,
+    repo_tag: &str,
+    extra: &[&str],
+) -> Result<PathBuf> {
+    let layout = work.join("busybox-layout");
+    if !layout.join("index.json").exists() {
+        make_busybox_layout(&layout, "latest")?;
+    }
+    registry.skopeo_copy_in(&format!("oci:{}:latest", layout.display()), repo_tag, extra)?;
+    Ok(layout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base32_matches_rfc4648_vectors() {
+        assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
+        assert_eq!(base32(b"f"), "MY");
+    }
+
+    #[test]
+    fn percent_decoding_of_scopes() {
+        assert_eq!(
+            percent_decode("repository%3Aa%2Fb%3Apull%2Cpush"),
+            "repository:a/b:pull,push"
+        );
+        assert_eq!(percent_decode("x%zz"), "x%zz");
+    }
+}

@@ -1,0 +1,226 @@
+//! Shared helpers for the integration tests: a real `kiln-cache-server`
+//! process on 127.0.0.1 with a port it picked, killed when the guard drops.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_common::{CacheEntry, CacheKey, Digest, LayerDescriptor};
+use sha2::Digest as _;
+
+pub const SERVER: &str = env!("CARGO_BIN_EXE_kiln-cache-server");
+pub const CLI: &str = env!("CARGO_BIN_EXE_kiln-cache");
+
+/// A running server; killed (SIGKILL) and reaped on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub port: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    work: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server on `data` with `--listen 127.0.0.1:0`, GC only on
+    /// demand, plus `extra` flags; waits until it listens.
+    pub fn start(data: &Path, extra: &[&str]) -> Server {
+        let work = tempfile::tempdir().unwrap();
+        let port_file = work.path().join("port");
+        let log = work.path().join("server.log");
+        let child = Command::new(SERVER)
+            .args(["--listen", "127.0.0.1:0", "--gc-interval", "0", "--data"])
+            .arg(data)
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child: Some(child),
+            url: String::new(),
+            port: 0,
+            data: data.to_owned(),
+            log,
+            work,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = fs::read_to_string(&port_file)
+                && let Ok(port) = text.trim().parse::<u16>()
+            {
+                server.port = port;
+                server.url = format!("http://127.0.0.1:{port}");
+                return server;
+            }
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited early ({status}):\n{}", server.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not start:\n{}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("server already stopped");
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server ignored SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- server log ----\n{}", self.log_text());
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+pub fn key(n: u64) -> CacheKey {
+    let mut raw = [0u8; 32];
+    raw[..8].copy_from_slice(&n.to_be_bytes());
+    raw[31] = 0x5a;
+    CacheKey::from_bytes(raw)
+}
+
+pub fn entry(layer: Option<(&Digest, u64)>, created_by: &str) -> CacheEntry {
+    CacheEntry {
+        layer: layer.map(|(d, size)| LayerDescriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: d.clone(),
+            size,
+            diff_id: Digest::of_bytes(created_by.as_bytes()),
+        }),
+        created_by: created_by.into(),
+        created: "2026-11-24T12:00:00Z".into(),
+        extra: BTreeMap::new(),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so content differs per seed.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub async fn put_blob(
+    c: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    data: &[u8],
+) -> (reqwest::StatusCode, Digest) {
+    let digest = Digest::of_bytes(data);
+    let mut r = c
+        .put(format!("{url}/v1/blobs/{digest}"))
+        .body(data.to_vec());
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    (r.send().await.unwrap().status(), digest)
+}
+
+pub async fn put_entry(
+    c: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    key: &CacheKey,
+    e: &CacheEntry,
+) -> reqwest::Response {
+    let mut r = c.put(format!("{url}/v1/entries/{key}")).json(e);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap()
+}
+
+pub async fn error_code(response: reqwest::Response) -> String {
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["error"]["code"].as_str().unwrap().to_owned()
+}
+
+/// Every regular file below `dir`.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                out.extend(files_below(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Asserts that every blob file's content hashes to its name.
+pub fn assert_blob_files_match_names(data: &Path) {
+    for path in files_below(&data.join("blobs")) {
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let content = fs::read(&path).unwrap();
+        assert_eq!(sha256_hex(&content), name, "{} is corrupt", path.display());
+    }
+}

@@ -1,0 +1,134 @@
+//! Turns the parsed command line into [`BuildOptions`]: defaults that depend
+//! on the environment (state directory, `SOURCE_DATE_EPOCH`) are decided
+//! here, once, so the driver itself reads no environment.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::build::layer::Compression;
+use crate::build::runner::NetworkMode;
+use crate::cli::{self, ExecutorArgs};
+use crate::registry::RegistryOptions;
+
+use super::{BuildOptions, Isolation, SnapshotterKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error(transparent)]
+    Cli(#[from] cli::CliError),
+    #[error("--label {0:?}: expected K=V")]
+    Label(String),
+    #[error("SOURCE_DATE_EPOCH={0:?} is not a whole number of seconds")]
+    SourceDateEpoch(String),
+    #[error("--compression-level {level} is out of range for {compression}")]
+    CompressionLevel { level: i32, compression: &'static str },
+    #[error(
+        "no output: give --destination, --oci-layout-path or --tar-path (or --no-push to build only)"
+    )]
+    NoOutput,
+}
+
+/// Where blobs and unpacked layers are kept when `--cache-dir` is not given.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("HOME") {
+        Some(home) if !home.is_empty() && home != "/" => PathBuf::from(home).join(".cache/kiln"),
+        _ => PathBuf::from("/kiln/cache"),
+    }
+}
+
+impl ExecutorArgs {
+    pub fn build_options(&self) -> Result<BuildOptions, OptionsError> {
+        let labels = self
+            .label
+            .iter()
+            .map(|l| {
+                l.split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .ok_or_else(|| OptionsError::Label(l.clone()))
+            })
+            .collect::<Result<_, _>>()?;
+        let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.is_empty() => Some(
+                v.parse::<u64>()
+                    .map_err(|_| OptionsError::SourceDateEpoch(v.clone()))?,
+            ),
+            _ => None,
+        };
+        let compression = match (self.compression, self.compression_level) {
+            (cli::Compression::Gzip, None) => Compression::Gzip { level: 6 },
+            (cli::Compression::Gzip, Some(l)) if (0..=9).contains(&l) => {
+                Compression::Gzip { level: l as u32 }
+            }
+            (cli::Compression::Zstd, None) => Compression::Zstd { level: 3 },
+            (cli::Compression::Zstd, Some(l)) if (1..=22).contains(&l) => {
+                Compression::Zstd { level: l }
+            }
+            (c, Some(level)) => {
+                return Err(OptionsError::CompressionLevel {
+                    level,
+                    compression: match c {
+                        cli::Compression::Gzip => "gzip (0-9)",
+                        cli::Compression::Zstd => "zstd (1-22)",
+                    },
+                });
+            }
+        };
+        if self.destination.is_empty()
+            && !self.no_push
+            && self.oci_layout_path.is_none()
+            && self.tar_path.is_none()
+        {
+            return Err(OptionsError::NoOutput);
+        }
+        let registry = RegistryOptions {
+            insecure: self.insecure,
+            insecure_pull: self.insecure_pull,
+            insecure_registries: self.insecure_registry.clone(),
+            skip_tls_verify: self.skip_tls_verify,
+            skip_tls_verify_pull: self.skip_tls_verify_pull,
+            ca_certificates: self
+                .registry_certificate
+                .iter()
+                .map(|c| PathBuf::from(c.rsplit_once('=').map(|(_, p)| p).unwrap_or(c)))
+                .collect(),
+            mirrors: self.registry_mirror.clone(),
+            pull_retries: self.image_download_retry,
+            push_retries: self.push_retry,
+            ..RegistryOptions::default()
+        };
+        Ok(BuildOptions {
+            plan: self.plan_options()?,
+            destinations: self.destination.clone(),
+            no_push: self.no_push,
+            oci_layout_path: self.oci_layout_path.clone(),
+            tar_path: self.tar_path.clone(),
+            digest_file: self.digest_file.clone(),
+            image_name_with_digest_file: self.image_name_with_digest_file.clone(),
+            reproducible: self.reproducible || source_date_epoch.is_some(),
+            source_date_epoch,
+            compression,
+            labels,
+            isolation: match self.isolation {
+                cli::Isolation::Chroot => Isolation::Chroot,
+                cli::Isolation::None => Isolation::None,
+            },
+            snapshotter: Some(match self.snapshotter {
+                cli::SnapshotterKind::Overlay => SnapshotterKind::Overlay,
+                cli::SnapshotterKind::Walk => SnapshotterKind::Walk,
+            }),
+            state_dir: self.cache_dir.clone().unwrap_or_else(default_state_dir),
+            registry,
+            force: self.force,
+            network: match self.network {
+                cli::NetworkMode::None => NetworkMode::None,
+                cli::NetworkMode::Default | cli::NetworkMode::Host => NetworkMode::Host,
+            },
+            ignore_paths: self.ignore_path.clone(),
+            log: Arc::new(Mutex::new(std::io::stderr())),
+        })
+    }
+}

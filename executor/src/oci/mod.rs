@@ -1,0 +1,83 @@
+//! OCI image documents and on-disk image formats.
+//!
+//! - [`types`]: manifests, indexes, configs, descriptors and media types
+//!   (OCI and Docker schema2).
+//! - [`platform`]: `Platform` and index entry selection.
+//! - [`layout`]: reading and writing OCI image layout directories.
+//! - [`archive`]: writing `docker load` tarballs.
+//! - [`BlobSource`]: where a blob's bytes can be read from, so that pushing
+//!   and exporting work the same from the local store or a layout.
+
+pub mod archive;
+pub mod layout;
+pub mod platform;
+pub mod types;
+
+use std::path::PathBuf;
+
+use kiln_common::Digest;
+
+pub use platform::{Platform, PlatformError};
+pub use types::{
+    ContainerConfig, Descriptor, History, ImageConfig, Index, Manifest, RootFs, media,
+    to_canonical_json,
+};
+
+/// Something that holds blobs as files (the local store, an OCI layout).
+pub trait BlobSource: Send + Sync {
+    /// The path of the blob's bytes, if this source has it.
+    fn blob_path(&self, digest: &Digest) -> Option<PathBuf>;
+}
+
+/// An image held in full: the manifest's bytes as they are hashed, its
+/// parsed form, and the config's bytes and parsed form. Layers stay in a
+/// [`BlobSource`].
+#[derive(Debug, Clone)]
+pub struct ImageDocuments {
+    pub manifest_digest: Digest,
+    pub manifest_media_type: String,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: Manifest,
+    pub config_bytes: Vec<u8>,
+    pub config: ImageConfig,
+}
+
+impl ImageDocuments {
+    /// Builds a new image from a config and layer descriptors: serialises the
+    /// config, makes an OCI (or Docker, if `docker_media_types`) manifest and
+    /// computes both digests. The config blob must be made available to
+    /// pushes and exports by the caller (see `config_bytes`).
+    pub fn build(config: &ImageConfig, layers: Vec<Descriptor>, docker_media_types: bool) -> Self {
+        let config_bytes = to_canonical_json(config);
+        let (config_mt, manifest_mt) = if docker_media_types {
+            (media::DOCKER_CONFIG, media::DOCKER_MANIFEST)
+        } else {
+            (media::OCI_CONFIG, media::OCI_MANIFEST)
+        };
+        let config_desc = Descriptor::new(
+            config_mt,
+            Digest::of_bytes(&config_bytes),
+            config_bytes.len() as u64,
+        );
+        let mut manifest = Manifest::oci(config_desc, layers);
+        manifest.media_type = Some(manifest_mt.to_string());
+        let manifest_bytes = to_canonical_json(&manifest);
+        ImageDocuments {
+            manifest_digest: Digest::of_bytes(&manifest_bytes),
+            manifest_media_type: manifest_mt.to_string(),
+            manifest_bytes,
+            manifest,
+            config_bytes,
+            config: config.clone(),
+        }
+    }
+
+    /// The manifest's descriptor (for an index entry).
+    pub fn manifest_descriptor(&self) -> Descriptor {
+        Descriptor::new(
+            &self.manifest_media_type,
+            self.manifest_digest.clone(),
+            self.manifest_bytes.len() as u64,
+        )
+    }
+}

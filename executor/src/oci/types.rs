@@ -1,0 +1,289 @@
+//! The JSON documents of OCI images and their Docker schema2 equivalents:
+//! descriptors, manifests, indexes (manifest lists) and image configs, plus
+//! the media type constants. Unknown fields are kept (`extra`) so that a
+//! document read and written again keeps what kiln does not understand;
+//! manifests that are re-served unchanged are always kept as their original
+//! bytes by callers, because re-serialising may change their digest.
+
+use std::collections::BTreeMap;
+
+use kiln_common::Digest;
+use serde::{Deserialize, Serialize};
+
+use super::Platform;
+
+pub mod media {
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+    pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_MANIFEST_LIST: &str =
+        "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+    pub const DOCKER_LAYER_FOREIGN: &str =
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+
+    /// Every manifest kind the client can read, for the `Accept` header.
+    pub const ACCEPT_MANIFESTS: &[&str] = &[
+        OCI_INDEX,
+        OCI_MANIFEST,
+        DOCKER_MANIFEST_LIST,
+        DOCKER_MANIFEST,
+    ];
+
+    pub fn is_index(media_type: &str) -> bool {
+        media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
+    }
+
+    pub fn is_manifest(media_type: &str) -> bool {
+        media_type == OCI_MANIFEST || media_type == DOCKER_MANIFEST
+    }
+}
+
+pub type Annotations = BTreeMap<String, String>;
+pub type Extra = serde_json::Map<String, serde_json::Value>;
+
+/// A content descriptor: what a blob is, how big, and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urls: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<Annotations>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+}
+
+impl Descriptor {
+    pub fn new(media_type: &str, digest: Digest, size: u64) -> Self {
+        Descriptor {
+            media_type: media_type.to_string(),
+            digest,
+            size,
+            urls: None,
+            annotations: None,
+            platform: None,
+            artifact_type: None,
+        }
+    }
+}
+
+/// An image manifest (OCI or Docker schema2; same shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<Annotations>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Manifest {
+    /// A new OCI manifest for `config` and `layers`.
+    pub fn oci(config: Descriptor, layers: Vec<Descriptor>) -> Self {
+        Manifest {
+            schema_version: 2,
+            media_type: Some(media::OCI_MANIFEST.to_string()),
+            config,
+            layers,
+            annotations: None,
+            extra: Extra::new(),
+        }
+    }
+
+    /// The media type to send as `Content-Type`: the declared one, else
+    /// inferred from the config's media type (OCI if unknown).
+    pub fn effective_media_type(&self) -> &str {
+        match &self.media_type {
+            Some(m) => m,
+            None if self.config.media_type == media::DOCKER_CONFIG => media::DOCKER_MANIFEST,
+            None => media::OCI_MANIFEST,
+        }
+    }
+}
+
+/// An image index or Docker manifest list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Index {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<Annotations>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Index {
+    pub fn oci(manifests: Vec<Descriptor>) -> Self {
+        Index {
+            schema_version: 2,
+            media_type: Some(media::OCI_INDEX.to_string()),
+            manifests,
+            annotations: None,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// The `rootfs` section of an image config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RootFs {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub diff_ids: Vec<Digest>,
+}
+
+impl Default for RootFs {
+    fn default() -> Self {
+        RootFs {
+            kind: "layers".to_string(),
+            diff_ids: Vec::new(),
+        }
+    }
+}
+
+/// One `history` entry of an image config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_layer: Option<bool>,
+}
+
+/// The runtime part of an image config (`config` in the JSON), with the
+/// Docker field names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_build: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// An image configuration (OCI `config.v1` / Docker `container.image.v1`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    #[serde(
+        rename = "os.version",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub os_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ContainerConfig>,
+    #[serde(default)]
+    pub rootfs: RootFs,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<History>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl ImageConfig {
+    /// The platform this config says the image is for.
+    pub fn platform(&self) -> Platform {
+        Platform {
+            os: self.os.clone(),
+            architecture: self.architecture.clone(),
+            variant: self.variant.clone(),
+            os_version: self.os_version.clone(),
+            os_features: None,
+        }
+    }
+}
+
+/// Serialises a document the way kiln writes every JSON blob: compact, so the
+/// same value always gives the same bytes and digest.
+pub fn to_canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain data types cannot fail: no maps with non-string
+    // keys, no custom serialisers that error.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_config_with_nulls_and_unknown_fields_round_trips() {
+        let json = r#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":null,"Image":"sha256:x"},"rootfs":{"type":"layers","diff_ids":["sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"]},"docker_version":"24"}"#;
+        let c: ImageConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            c.config.as_ref().unwrap().env.as_ref().unwrap()[0],
+            "PATH=/bin"
+        );
+        assert_eq!(c.config.as_ref().unwrap().extra["Image"], "sha256:x");
+        assert_eq!(c.extra["docker_version"], "24");
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["docker_version"], "24");
+        assert_eq!(back["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn manifest_without_media_type_is_inferred_from_config() {
+        let d = Digest::of_bytes(b"x");
+        let mut m = Manifest::oci(Descriptor::new(media::DOCKER_CONFIG, d.clone(), 1), vec![]);
+        m.media_type = None;
+        assert_eq!(m.effective_media_type(), media::DOCKER_MANIFEST);
+        m.config.media_type = media::OCI_CONFIG.into();
+        assert_eq!(m.effective_media_type(), media::OCI_MANIFEST);
+    }
+}

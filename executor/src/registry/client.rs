@@ -1,0 +1,1273 @@
+//! `RegistryClient`: the HTTP side of pulling and pushing images.
+//!
+//! Promises: blobs are streamed (to the local store when pulling, from files
+//! when pushing), never held in memory whole; every blob and manifest pulled
+//! is checked against its digest before anyone can use it; authentication
+//! follows the registry's 401 challenge (Basic, or Bearer tokens fetched
+//! from the challenge's realm for exactly the scopes needed and cached per
+//! scope); transient failures are retried with exponential backoff.
+
+use std::collections::HashMap;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use kiln_common::Digest;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
+};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+
+use super::auth::{Challenge, Credentials, DockerConfig, parse_challenge};
+use super::reference::DOCKER_HUB;
+use super::{ImageRef, RegistryError, RegistryOptions};
+use crate::oci::layout::select_platform;
+use crate::oci::{
+    BlobSource, Descriptor, ImageConfig, ImageDocuments, Index, Manifest, Platform, media,
+};
+use crate::store::LocalStore;
+
+/// Manifests and configs larger than this are refused rather than read
+/// into memory (real ones are a few KiB).
+const MAX_DOCUMENT_SIZE: u64 = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Pull,
+    Push,
+}
+
+/// Where a registry's API is reached.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    /// `scheme://host[:port]`
+    base: String,
+    /// `host[:port]`, the key for credentials and cached challenges.
+    host: String,
+    verify_tls: bool,
+}
+
+/// An image resolved in a registry: its documents, pinned by digest, and
+/// the endpoint (registry or mirror) that served it, for its blobs.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    /// The reference pinned to the manifest digest.
+    pub reference: ImageRef,
+    pub image: ImageDocuments,
+    endpoint: Endpoint,
+}
+
+/// A manifest (or index) as served: the bytes whose sha256 is the digest.
+#[derive(Debug, Clone)]
+pub struct RawManifest {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+#[derive(Default)]
+struct AuthState {
+    challenges: HashMap<String, Challenge>,
+    tokens: HashMap<(String, String), (String, Instant)>,
+}
+
+pub struct RegistryClient {
+    opts: RegistryOptions,
+    verified: reqwest::Client,
+    unverified: reqwest::Client,
+    docker_config: DockerConfig,
+    auth: Mutex<AuthState>,
+}
+
+enum Body<'a> {
+    File(PathBuf),
+    Bytes(&'a [u8]),
+}
+
+fn pull_scope(repo: &str) -> String {
+    format!("repository:{repo}:pull")
+}
+
+fn push_scope(repo: &str) -> String {
+    format!("repository:{repo}:pull,push")
+}
+
+fn status_error(
+    method: &'static str,
+    url: &str,
+    status: StatusCode,
+    body: String,
+) -> RegistryError {
+    let mut body = body;
+    body.truncate(500);
+    RegistryError::Status {
+        method,
+        url: url.to_string(),
+        status: status.as_u16(),
+        body: body.trim().to_string(),
+    }
+}
+
+async fn fail(method: &'static str, url: &str, resp: Response) -> RegistryError {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    status_error(method, url, status, body)
+}
+
+fn method_name(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        _ => "REQUEST",
+    }
+}
+
+/// Reads a small response body, refusing more than `MAX_DOCUMENT_SIZE`.
+async fn read_limited(resp: Response, url: &str) -> Result<Vec<u8>, RegistryError> {
+    if resp.content_length().is_some_and(|n| n > MAX_DOCUMENT_SIZE) {
+        return Err(RegistryError::Manifest {
+            reference: url.to_string(),
+            reason: format!("document larger than {MAX_DOCUMENT_SIZE} bytes"),
+        });
+    }
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|source| RegistryError::Http {
+            method: "GET",
+            url: url.to_string(),
+            source,
+        })?;
+        out.extend_from_slice(&chunk);
+        if out.len() as u64 > MAX_DOCUMENT_SIZE {
+            return Err(RegistryError::Manifest {
+                reference: url.to_string(),
+                reason: format!("document larger than {MAX_DOCUMENT_SIZE} bytes"),
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl RegistryClient {
+    pub fn new(opts: RegistryOptions) -> Result<Self, RegistryError> {
+        let mut verified = reqwest::Client::builder();
+        let mut unverified = reqwest::Client::builder().danger_accept_invalid_certs(true);
+        for path in &opts.ca_certificates {
+            let pem = std::fs::read(path).map_err(|source| RegistryError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                RegistryError::Config(format!("CA certificate {}: {e}", path.display()))
+            })?;
+            for cert in certs {
+                verified = verified.add_root_certificate(cert.clone());
+                unverified = unverified.add_root_certificate(cert);
+            }
+        }
+        let build = |b: reqwest::ClientBuilder| {
+            b.user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(30))
+                .build()
+                .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
+        };
+        let docker_config = match (&opts.docker_config_path, opts.use_docker_config) {
+            (_, false) => DockerConfig::default(),
+            (Some(path), true) => DockerConfig::load(path)?,
+            (None, true) => DockerConfig::load_default()?,
+        };
+        Ok(RegistryClient {
+            verified: build(verified)?,
+            unverified: build(unverified)?,
+            docker_config,
+            auth: Mutex::new(AuthState::default()),
+            opts,
+        })
+    }
+
+    pub fn options(&self) -> &RegistryOptions {
+        &self.opts
+    }
+
+    fn endpoint(&self, host: &str, dir: Direction) -> Endpoint {
+        let o = &self.opts;
+        let plain = o.insecure
+            || (dir == Direction::Pull && o.insecure_pull)
+            || o.insecure_registries.iter().any(|h| h == host);
+        let skip_verify = o.skip_tls_verify
+            || (dir == Direction::Pull && o.skip_tls_verify_pull)
+            || o.skip_tls_verify_registries.iter().any(|h| h == host);
+        let host = if host == DOCKER_HUB {
+            super::reference::DOCKER_HUB_API
+        } else {
+            host
+        };
+        Endpoint {
+            base: format!("{}://{host}", if plain { "http" } else { "https" }),
+            host: host.to_string(),
+            verify_tls: !skip_verify,
+        }
+    }
+
+    /// Mirror endpoints first (Docker Hub only), then the registry itself.
+    fn pull_endpoints(&self, r: &ImageRef) -> Vec<Endpoint> {
+        let mut out = Vec::new();
+        if r.registry() == DOCKER_HUB {
+            for m in &self.opts.mirrors {
+                let m = m.trim_end_matches('/');
+                let (scheme, host) = match m.split_once("://") {
+                    Some((s, h)) => (Some(s), h),
+                    None => (None, m),
+                };
+                let mut ep = self.endpoint(host, Direction::Pull);
+                if let Some(s) = scheme {
+                    ep.base = format!("{s}://{host}");
+                }
+                out.push(ep);
+            }
+        }
+        out.push(self.endpoint(r.registry(), Direction::Pull));
+        out
+    }
+
+    fn http(&self, ep: &Endpoint) -> &reqwest::Client {
+        if ep.verify_tls {
+            &self.verified
+        } else {
+            &self.unverified
+        }
+    }
+
+    fn credentials(&self, host: &str) -> Result<Option<Credentials>, RegistryError> {
+        let lookup = if host == super::reference::DOCKER_HUB_API {
+            DOCKER_HUB
+        } else {
+            host
+        };
+        if let Some(c) = self.opts.credentials.get(lookup) {
+            return Ok(Some(c.clone()));
+        }
+        self.docker_config.credentials_for(lookup)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AuthState> {
+        // A poisoned lock only means another task panicked mid-update of a
+        // cache; the maps are still usable.
+        self.auth.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `Authorization` header for `scopes` on `ep`, if a challenge from
+    /// that host is known (the first request to a host goes anonymous).
+    async fn authorization(
+        &self,
+        ep: &Endpoint,
+        scopes: &[String],
+    ) -> Result<Option<String>, RegistryError> {
+        let challenge = self.lock().challenges.get(&ep.host).cloned();
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(self.credentials(&ep.host)?.map(|c| c.basic_header())),
+            Some(Challenge::Bearer { realm, service }) => {
+                let key = (ep.host.clone(), scopes.join(" "));
+                if let Some((tok, until)) = self.lock().tokens.get(&key)
+                    && Instant::now() < *until
+                {
+                    return Ok(Some(format!("Bearer {tok}")));
+                }
+                let (tok, ttl) = self
+                    .fetch_token(ep, &realm, service.as_deref(), scopes)
+                    .await?;
+                self.lock()
+                    .tokens
+                    .insert(key, (tok.clone(), Instant::now() + ttl));
+                Ok(Some(format!("Bearer {tok}")))
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        scopes: &[String],
+    ) -> Result<(String, Duration), RegistryError> {
+        let mut url = Url::parse(realm).map_err(|e| RegistryError::Auth {
+            url: realm.to_string(),
+            reason: format!("invalid token realm: {e}"),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scopes {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut req = self.http(ep).get(url.clone());
+        if let Some(c) = self.credentials(&ep.host)? {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let resp = req.send().await.map_err(|source| RegistryError::Http {
+            method: "GET",
+            url: url.to_string(),
+            source,
+        })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(RegistryError::Auth {
+                url: url.to_string(),
+                reason: format!("token endpoint answered {status}: {}", body.trim()),
+            });
+        }
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let body = read_limited(resp, url.as_str()).await?;
+        let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Auth {
+            url: url.to_string(),
+            reason: format!("token response is not JSON: {e}"),
+        })?;
+        let token = t
+            .token
+            .or(t.access_token)
+            .ok_or_else(|| RegistryError::Auth {
+                url: url.to_string(),
+                reason: "token response has no token".into(),
+            })?;
+        // The spec's default lifetime is 60 s; renew a little early.
+        let ttl = Duration::from_secs(t.expires_in.unwrap_or(60).saturating_sub(10).max(1));
+        Ok((token, ttl))
+    }
+
+    /// Sends a request built by `make`, authenticating as the registry's
+    /// 401 challenge asks and retrying once with credentials.
+    async fn send(
+        &self,
+        ep: &Endpoint,
+        scopes: &[String],
+        method: Method,
+        url: &str,
+        make: impl Fn(RequestBuilder) -> Result<RequestBuilder, RegistryError>,
+    ) -> Result<Response, RegistryError> {
+        let name = method_name(&method);
+        for attempt in 0..2 {
+            let mut req = make(self.http(ep).request(method.clone(), url))?;
+            if let Some(h) = self.authorization(ep, scopes).await? {
+                req = req.header(AUTHORIZATION, h);
+            }
+            let resp = req.send().await.map_err(|source| RegistryError::Http {
+                method: name,
+                url: url.to_string(),
+                source,
+            })?;
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                return Ok(resp);
+            }
+            let header = resp
+                .headers()
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let challenge = header.as_deref().and_then(parse_challenge);
+            let known = self.lock().challenges.get(&ep.host).cloned();
+            match challenge {
+                Some(c) if attempt == 0 => {
+                    let mut st = self.lock();
+                    // A 401 with a cached token means the token is stale.
+                    st.tokens.remove(&(ep.host.clone(), scopes.join(" ")));
+                    st.challenges.insert(ep.host.clone(), c);
+                }
+                _ => {
+                    let who = match self.credentials(&ep.host)? {
+                        Some(c) => format!("as {}", c.username),
+                        None => "anonymously (no credentials found)".to_string(),
+                    };
+                    let body = resp.text().await.unwrap_or_default();
+                    return Err(RegistryError::Auth {
+                        url: url.to_string(),
+                        reason: format!(
+                            "{name} unauthorized {who}{}: {}",
+                            if known.is_some() {
+                                " after authenticating"
+                            } else {
+                                ""
+                            },
+                            body.trim()
+                        ),
+                    });
+                }
+            }
+        }
+        Err(RegistryError::Auth {
+            url: url.to_string(),
+            reason: "unauthorized".into(),
+        })
+    }
+
+    async fn retry<T, F, Fut>(&self, retries: u32, mut f: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let mut delay = self.opts.retry_backoff;
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < retries && e.is_transient() => {
+                    attempt += 1;
+                    tracing::warn!("{e}; retrying ({attempt}/{retries}) in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = delay.saturating_mul(2);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- pull
+
+    async fn get_manifest_at(
+        &self,
+        ep: &Endpoint,
+        r: &ImageRef,
+        reference: &str,
+    ) -> Result<RawManifest, RegistryError> {
+        let url = format!("{}/v2/{}/manifests/{reference}", ep.base, r.repository());
+        let scopes = [pull_scope(r.repository())];
+        let accept = media::ACCEPT_MANIFESTS.join(", ");
+        let resp = self
+            .send(ep, &scopes, Method::GET, &url, |b| {
+                Ok(b.header(ACCEPT, accept.as_str()))
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(fail("GET", &url, resp).await);
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
+        let bytes = read_limited(resp, &url).await?;
+        let digest = Digest::of_bytes(&bytes);
+        if let Ok(want) = reference.parse::<Digest>()
+            && want != digest
+        {
+            return Err(RegistryError::Manifest {
+                reference: url,
+                reason: format!("served manifest has digest {digest}, not the requested {want}"),
+            });
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Probe {
+            media_type: Option<String>,
+            manifests: Option<serde_json::Value>,
+        }
+        let probe: Probe = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Manifest {
+            reference: url.clone(),
+            reason: format!("not JSON: {e}"),
+        })?;
+        let media_type = match (probe.media_type, content_type) {
+            (Some(m), _) => m,
+            (None, Some(c)) if media::is_index(&c) || media::is_manifest(&c) => c,
+            (None, _) if probe.manifests.is_some() => media::OCI_INDEX.to_string(),
+            (None, _) => media::OCI_MANIFEST.to_string(),
+        };
+        Ok(RawManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// Fetches a manifest or index by the reference's tag or digest.
+    pub async fn get_manifest(&self, r: &ImageRef) -> Result<RawManifest, RegistryError> {
+        let ep = self.endpoint(r.registry(), Direction::Pull);
+        let reference = r.manifest_reference();
+        self.retry(self.opts.pull_retries, || {
+            self.get_manifest_at(&ep, r, &reference)
+        })
+        .await
+    }
+
+    async fn get_small_blob(
+        &self,
+        ep: &Endpoint,
+        r: &ImageRef,
+        desc: &Descriptor,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository(), desc.digest);
+        let scopes = [pull_scope(r.repository())];
+        let resp = self.send(ep, &scopes, Method::GET, &url, Ok).await?;
+        if !resp.status().is_success() {
+            return Err(fail("GET", &url, resp).await);
+        }
+        let bytes = read_limited(resp, &url).await?;
+        let got = Digest::of_bytes(&bytes);
+        if got != desc.digest {
+            return Err(RegistryError::Blob {
+                digest: desc.digest.clone(),
+                url,
+                reason: format!("content has digest {got}"),
+            });
+        }
+        Ok(bytes)
+    }
+
+    async fn resolve_at(
+        &self,
+        ep: &Endpoint,
+        r: &ImageRef,
+        platform: &Platform,
+    ) -> Result<PulledImage, RegistryError> {
+        let mut raw = self.get_manifest_at(ep, r, &r.manifest_reference()).await?;
+        if media::is_index(&raw.media_type) {
+            let index: Index =
+                serde_json::from_slice(&raw.bytes).map_err(|e| RegistryError::Manifest {
+                    reference: r.to_string(),
+                    reason: format!("invalid index: {e}"),
+                })?;
+            let Some(entry) = select_platform(&index.manifests, platform) else {
+                let available: Vec<String> = index
+                    .manifests
+                    .iter()
+                    .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
+                    .collect();
+                return Err(RegistryError::NoPlatform {
+                    reference: r.to_string(),
+                    platform: platform.to_string(),
+                    available: available.join(", "),
+                });
+            };
+            raw = self
+                .get_manifest_at(ep, r, &entry.digest.to_string())
+                .await?;
+        }
+        if !media::is_manifest(&raw.media_type) {
+            return Err(RegistryError::Manifest {
+                reference: r.to_string(),
+                reason: format!("unsupported manifest media type {}", raw.media_type),
+            });
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(&raw.bytes).map_err(|e| RegistryError::Manifest {
+                reference: r.to_string(),
+                reason: format!("invalid manifest: {e}"),
+            })?;
+        let config_bytes = self.get_small_blob(ep, r, &manifest.config).await?;
+        let config: ImageConfig =
+            serde_json::from_slice(&config_bytes).map_err(|e| RegistryError::Manifest {
+                reference: r.to_string(),
+                reason: format!("invalid image config {}: {e}", manifest.config.digest),
+            })?;
+        Ok(PulledImage {
+            reference: r.with_digest(raw.digest.clone()),
+            image: ImageDocuments {
+                manifest_digest: raw.digest,
+                manifest_media_type: raw.media_type,
+                manifest_bytes: raw.bytes,
+                manifest,
+                config_bytes,
+                config,
+            },
+            endpoint: ep.clone(),
+        })
+    }
+
+    /// Resolves `r` to one image manifest (choosing `platform` from an
+    /// index) and fetches its config; layers are not downloaded. Docker Hub
+    /// images are tried on the configured mirrors first.
+    pub async fn resolve(
+        &self,
+        r: &ImageRef,
+        platform: &Platform,
+    ) -> Result<PulledImage, RegistryError> {
+        let endpoints = self.pull_endpoints(r);
+        let last = endpoints.len() - 1;
+        for (i, ep) in endpoints.iter().enumerate() {
+            match self
+                .retry(self.opts.pull_retries, || self.resolve_at(ep, r, platform))
+                .await
+            {
+                Ok(p) => return Ok(p),
+                Err(e) if i < last => {
+                    tracing::warn!("mirror {} failed for {r}: {e}; trying the next", ep.base)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RegistryError::Config("no registry endpoint".into()))
+    }
+
+    async fn fetch_blob_once(
+        &self,
+        pulled: &PulledImage,
+        desc: &Descriptor,
+        store: &LocalStore,
+    ) -> Result<PathBuf, RegistryError> {
+        let ep = &pulled.endpoint;
+        let r = &pulled.reference;
+        let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository(), desc.digest);
+        let scopes = [pull_scope(r.repository())];
+        let resp = self.send(ep, &scopes, Method::GET, &url, Ok).await?;
+        if !resp.status().is_success() {
+            return Err(fail("GET", &url, resp).await);
+        }
+        // Disk writes happen on a blocking thread fed through a bounded
+        // channel, so the async side never blocks and memory stays at a few
+        // chunks whatever the blob size.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let writer_store = store.clone();
+        let digest = desc.digest.clone();
+        let size = desc.size;
+        let writer = tokio::task::spawn_blocking(move || -> Result<PathBuf, RegistryError> {
+            let mut w = writer_store.writer()?;
+            while let Some(chunk) = rx.blocking_recv() {
+                w.write_all(&chunk).map_err(|source| RegistryError::Io {
+                    path: writer_store.root().to_path_buf(),
+                    source,
+                })?;
+            }
+            Ok(w.commit(&digest, Some(size))?)
+        });
+        let mut stream = resp.bytes_stream();
+        let mut received = 0u64;
+        let mut failure = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    received += chunk.len() as u64;
+                    if received > desc.size {
+                        failure = Some(RegistryError::Blob {
+                            digest: desc.digest.clone(),
+                            url: url.clone(),
+                            reason: format!(
+                                "more than the {} bytes its descriptor says",
+                                desc.size
+                            ),
+                        });
+                        break;
+                    }
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                Err(source) => {
+                    failure = Some(RegistryError::Http {
+                        method: "GET",
+                        url: url.clone(),
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writer.await.map_err(|e| RegistryError::Io {
+            path: store.root().to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        match (failure, written) {
+            (Some(e), _) => Err(e),
+            (None, Ok(p)) => Ok(p),
+            (None, Err(RegistryError::Store(e))) => Err(RegistryError::Blob {
+                digest: desc.digest.clone(),
+                url,
+                reason: e.to_string(),
+            }),
+            (None, Err(e)) => Err(e),
+        }
+    }
+
+    /// Downloads one blob of a resolved image into `store` (unless it is
+    /// already there), verified against its digest and size.
+    pub async fn fetch_blob(
+        &self,
+        pulled: &PulledImage,
+        desc: &Descriptor,
+        store: &LocalStore,
+    ) -> Result<PathBuf, RegistryError> {
+        if store.contains(&desc.digest) {
+            return Ok(store.path(&desc.digest));
+        }
+        self.retry(self.opts.pull_retries, || {
+            self.fetch_blob_once(pulled, desc, store)
+        })
+        .await
+    }
+
+    /// Downloads every layer of a resolved image into `store`, several at a
+    /// time; layers already in the store are not downloaded again.
+    pub async fn fetch_layers(
+        &self,
+        pulled: &PulledImage,
+        store: &LocalStore,
+    ) -> Result<(), RegistryError> {
+        let mut seen = std::collections::HashSet::new();
+        let layers: Vec<&Descriptor> = pulled
+            .image
+            .manifest
+            .layers
+            .iter()
+            .filter(|d| seen.insert(d.digest.clone()))
+            .collect();
+        futures::stream::iter(layers)
+            .map(|d| self.fetch_blob(pulled, d, store))
+            .buffer_unordered(self.opts.max_concurrent_transfers.max(1))
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Resolves and downloads an image: `(manifest digest, config, layers)`
+    /// are in the returned documents, the layer bytes in `store` (config and
+    /// manifest too, so later builds can find them offline).
+    pub async fn pull(
+        &self,
+        r: &ImageRef,
+        platform: &Platform,
+        store: &LocalStore,
+    ) -> Result<PulledImage, RegistryError> {
+        let pulled = self.resolve(r, platform).await?;
+        store.put_bytes(&pulled.image.config_bytes)?;
+        store.put_bytes(&pulled.image.manifest_bytes)?;
+        self.fetch_layers(&pulled, store).await?;
+        Ok(pulled)
+    }
+
+    // ---------------------------------------------------------------- push
+
+    /// `Some(size)` if the repository has the blob.
+    pub async fn blob_exists(
+        &self,
+        dest: &ImageRef,
+        digest: &Digest,
+    ) -> Result<Option<u64>, RegistryError> {
+        let ep = self.endpoint(dest.registry(), Direction::Push);
+        self.blob_exists_at(&ep, dest, digest, &[push_scope(dest.repository())])
+            .await
+    }
+
+    async fn blob_exists_at(
+        &self,
+        ep: &Endpoint,
+        dest: &ImageRef,
+        digest: &Digest,
+        scopes: &[String],
+    ) -> Result<Option<u64>, RegistryError> {
+        let url = format!("{}/v2/{}/blobs/{digest}", ep.base, dest.repository());
+        let resp = self.send(ep, scopes, Method::HEAD, &url, Ok).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(Some(
+                resp.headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(status_error("HEAD", &url, s, String::new())),
+        }
+    }
+
+    fn resolve_location(base: &str, resp: &Response, url: &str) -> Result<String, RegistryError> {
+        let loc = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                status_error(
+                    "POST",
+                    url,
+                    resp.status(),
+                    "no Location header in upload response".into(),
+                )
+            })?;
+        let base =
+            Url::parse(&format!("{base}/")).map_err(|e| RegistryError::Config(e.to_string()))?;
+        base.join(loc).map(|u| u.to_string()).map_err(|e| {
+            status_error(
+                "POST",
+                url,
+                resp.status(),
+                format!("bad Location {loc}: {e}"),
+            )
+        })
+    }
+
+    fn file_body(path: &PathBuf, offset: u64, len: u64) -> Result<reqwest::Body, RegistryError> {
+        let io = |source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        f.seek(SeekFrom::Start(offset)).map_err(io)?;
+        let f = tokio::fs::File::from_std(f).take(len);
+        Ok(reqwest::Body::wrap_stream(
+            tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024),
+        ))
+    }
+
+    /// Uploads one blob to `dest` unless the repository has it: mounted from
+    /// `mount_from` (a repository of the same registry) when possible, else
+    /// in one PUT, or in chunks when larger than `chunk_size`.
+    async fn push_blob_once(
+        &self,
+        dest: &ImageRef,
+        desc: &Descriptor,
+        body: &Body<'_>,
+        mount_from: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let ep = self.endpoint(dest.registry(), Direction::Push);
+        let repo = dest.repository();
+        let mut scopes = vec![push_scope(repo)];
+        if let Some(from) = mount_from {
+            scopes.push(pull_scope(from));
+        }
+        if self
+            .blob_exists_at(&ep, dest, &desc.digest, &scopes)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut url = format!("{}/v2/{repo}/blobs/uploads/", ep.base);
+        if let Some(from) = mount_from {
+            url = format!("{url}?mount={}&from={from}", desc.digest);
+        }
+        let resp = self
+            .send(&ep, &scopes, Method::POST, &url, |b| {
+                Ok(b.header(CONTENT_LENGTH, "0"))
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::CREATED if mount_from.is_some() => {
+                tracing::debug!("mounted {} into {dest} from {mount_from:?}", desc.digest);
+                return Ok(());
+            }
+            StatusCode::ACCEPTED => {}
+            _ => return Err(fail("POST", &url, resp).await),
+        }
+        let mut location = Self::resolve_location(&ep.base, &resp, &url)?;
+        let size = desc.size;
+        let chunked = self.opts.chunk_size > 0 && size > self.opts.chunk_size;
+        if chunked {
+            let Body::File(path) = body else {
+                return Err(RegistryError::Config("chunked upload needs a file".into()));
+            };
+            let mut offset = 0;
+            while offset < size {
+                let n = self.opts.chunk_size.min(size - offset);
+                let range = format!("{}-{}", offset, offset + n - 1);
+                let resp = self
+                    .send(&ep, &scopes, Method::PATCH, &location, |b| {
+                        Ok(b.header(CONTENT_TYPE, "application/octet-stream")
+                            .header(CONTENT_LENGTH, n.to_string())
+                            .header("Content-Range", range.as_str())
+                            .body(Self::file_body(path, offset, n)?))
+                    })
+                    .await?;
+                if resp.status() != StatusCode::ACCEPTED {
+                    return Err(fail("PATCH", &location, resp).await);
+                }
+                location = Self::resolve_location(&ep.base, &resp, &location)?;
+                offset += n;
+            }
+        }
+        let mut put_url = Url::parse(&location)
+            .map_err(|e| RegistryError::Config(format!("upload URL {location}: {e}")))?;
+        put_url
+            .query_pairs_mut()
+            .append_pair("digest", &desc.digest.to_string());
+        let put_url = put_url.to_string();
+        let resp = self
+            .send(&ep, &scopes, Method::PUT, &put_url, |b| {
+                let b = b.header(CONTENT_TYPE, "application/octet-stream");
+                Ok(match (chunked, body) {
+                    (true, _) => b.header(CONTENT_LENGTH, "0"),
+                    (false, Body::Bytes(bytes)) => b.body(bytes.to_vec()),
+                    (false, Body::File(path)) => b
+                        .header(CONTENT_LENGTH, size.to_string())
+                        .body(Self::file_body(path, 0, size)?),
+                })
+            })
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(fail("PUT", &put_url, resp).await);
+        }
+        Ok(())
+    }
+
+    async fn push_blob(
+        &self,
+        dest: &ImageRef,
+        desc: &Descriptor,
+        body: Body<'_>,
+        mount_from: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        self.retry(self.opts.push_retries, || {
+            self.push_blob_once(dest, desc, &body, mount_from)
+        })
+        .await
+    }
+
+    /// Uploads a blob file (see `push_blob_once` for the strategy).
+    pub async fn push_blob_file(
+        &self,
+        dest: &ImageRef,
+        desc: &Descriptor,
+        path: PathBuf,
+        mount_from: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        self.push_blob(dest, desc, Body::File(path), mount_from)
+            .await
+    }
+
+    /// Uploads a manifest under the reference's tag (or digest) and returns
+    /// its digest.
+    pub async fn put_manifest(
+        &self,
+        dest: &ImageRef,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, RegistryError> {
+        let ep = self.endpoint(dest.registry(), Direction::Push);
+        let digest = Digest::of_bytes(bytes);
+        let reference = dest
+            .tag()
+            .map(str::to_string)
+            .unwrap_or_else(|| digest.to_string());
+        let url = format!("{}/v2/{}/manifests/{reference}", ep.base, dest.repository());
+        let scopes = [push_scope(dest.repository())];
+        self.retry(self.opts.push_retries, || async {
+            let resp = self
+                .send(&ep, &scopes, Method::PUT, &url, |b| {
+                    Ok(b.header(CONTENT_TYPE, media_type).body(bytes.to_vec()))
+                })
+                .await?;
+            if resp.status() != StatusCode::CREATED {
+                return Err(fail("PUT", &url, resp).await);
+            }
+            let served = resp
+                .headers()
+                .get("Docker-Content-Digest")
+                .and_then(|v| v.to_str().ok());
+            if let Some(served) = served
+                && served != digest.to_string()
+            {
+                return Err(RegistryError::Manifest {
+                    reference: dest.to_string(),
+                    reason: format!("registry stored the manifest as {served}, expected {digest}"),
+                });
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(digest)
+    }
+
+    /// Pushes an image to every destination and returns its manifest
+    /// digest. Per registry, each blob is uploaded once (to the first
+    /// destination there) and mounted into the others; `mount_hints` name
+    /// repositories (e.g. the base image's) that may already hold layers.
+    pub async fn push_image(
+        &self,
+        image: &ImageDocuments,
+        destinations: &[ImageRef],
+        layers: &dyn BlobSource,
+        mount_hints: &[ImageRef],
+    ) -> Result<Digest, RegistryError> {
+        let mut by_registry: Vec<(String, Vec<&ImageRef>)> = Vec::new();
+        for d in destinations {
+            match by_registry.iter_mut().find(|(r, _)| r == d.registry()) {
+                Some((_, v)) => v.push(d),
+                None => by_registry.push((d.registry().to_string(), vec![d])),
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let blobs: Vec<&Descriptor> = image
+            .manifest
+            .layers
+            .iter()
+            .filter(|d| seen.insert(d.digest.clone()))
+            .collect();
+        let n = self.opts.max_concurrent_transfers.max(1);
+        for (registry, dests) in &by_registry {
+            let first = dests[0];
+            let hint = mount_hints
+                .iter()
+                .find(|h| h.registry() == registry && h.repository() != first.repository())
+                .map(|h| h.repository().to_string());
+            futures::stream::iter(blobs.iter().copied())
+                .map(|desc| {
+                    let hint = hint.clone();
+                    async move {
+                        let path =
+                            layers
+                                .blob_path(&desc.digest)
+                                .ok_or_else(|| RegistryError::Blob {
+                                    digest: desc.digest.clone(),
+                                    url: first.to_string(),
+                                    reason: "not available locally to push".into(),
+                                })?;
+                        self.push_blob(first, desc, Body::File(path), hint.as_deref())
+                            .await
+                    }
+                })
+                .buffer_unordered(n)
+                .try_collect::<Vec<_>>()
+                .await?;
+            self.push_blob(
+                first,
+                &image.manifest.config,
+                Body::Bytes(&image.config_bytes),
+                None,
+            )
+            .await?;
+            for other in &dests[1..] {
+                let from = (other.repository() != first.repository())
+                    .then(|| first.repository().to_string());
+                futures::stream::iter(blobs.iter().copied().chain([&image.manifest.config]))
+                    .map(|desc| {
+                        let from = from.clone();
+                        async move {
+                            let body = if desc.digest == image.manifest.config.digest {
+                                Body::Bytes(&image.config_bytes)
+                            } else {
+                                match layers.blob_path(&desc.digest) {
+                                    Some(p) => Body::File(p),
+                                    None => {
+                                        return Err(RegistryError::Blob {
+                                            digest: desc.digest.clone(),
+                                            url: other.to_string(),
+                                            reason: "not available locally to push".into(),
+                                        });
+                                    }
+                                }
+                            };
+                            self.push_blob(other, desc, body, from.as_deref()).await
+                        }
+                    })
+                    .buffer_unordered(n)
+                    .try_collect::<Vec<_>>()
+                    .await?;
+            }
+            for d in dests {
+                self.put_manifest(d, &image.manifest_bytes, &image.manifest_media_type)
+                    .await?;
+            }
+        }
+        Ok(image.manifest_digest.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(opts: RegistryOptions) -> RegistryClient {
+        RegistryClient::new(RegistryOptions {
+            use_docker_config: false,
+            ..opts
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn insecure_registries_use_plain_http_and_others_https() {
+        let c = client(RegistryOptions {
+            insecure_registries: vec!["127.0.0.1:5000".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            c.endpoint("127.0.0.1:5000", Direction::Push).base,
+            "http://127.0.0.1:5000"
+        );
+        assert_eq!(
+            c.endpoint("quay.io", Direction::Push).base,
+            "https://quay.io"
+        );
+        assert_eq!(
+            c.endpoint("docker.io", Direction::Pull).base,
+            "https://registry-1.docker.io"
+        );
+    }
+
+    #[test]
+    fn pull_only_options_do_not_affect_push() {
+        let c = client(RegistryOptions {
+            insecure_pull: true,
+            skip_tls_verify_pull: true,
+            ..Default::default()
+        });
+        let pull = c.endpoint("r.example", Direction::Pull);
+        let push = c.endpoint("r.example", Direction::Push);
+        assert_eq!(
+            (pull.base.as_str(), pull.verify_tls),
+            ("http://r.example", false)
+        );
+        assert_eq!(
+            (push.base.as_str(), push.verify_tls),
+            ("https://r.example", true)
+        );
+    }
+
+    #[test]
+    fn mirrors_are_tried_before_docker_hub_only() {
+        let c = client(RegistryOptions {
+            mirrors: vec!["mirror.example".into(), "http://127.0.0.1:5001/".into()],
+            ..Default::default()
+        });
+        let hub = c.pull_endpoints(&ImageRef::parse("busybox").unwrap());
+        let bases: Vec<&str> = hub.iter().map(|e| e.base.as_str()).collect();
+        assert_eq!(
+            bases,
+            [
+                "https://mirror.example",
+                "http://127.0.0.1:5001",
+                "https://registry-1.docker.io"
+            ]
+        );
+        let other = c.pull_endpoints(&ImageRef::parse("quay.io/a/b").unwrap());
+        assert_eq!(other.len(), 1);
+    }
+
+    /// A scripted HTTP server on 127.0.0.1: answers each connection with
+    /// the next (status, body) and records the request lines.
+    fn scripted_server(script: Vec<(u16, String)>) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for (status, body) in script {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    return;
+                };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut first = String::new();
+                reader.read_line(&mut first).unwrap();
+                loop {
+                    let mut l = String::new();
+                    if reader.read_line(&mut l).unwrap() == 0 || l.trim().is_empty() {
+                        break;
+                    }
+                }
+                log.lock().unwrap().push(first.trim().to_string());
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    media::OCI_MANIFEST,
+                    body.len()
+                );
+            }
+        });
+        (host, seen)
+    }
+
+    fn manifest_json() -> String {
+        let d = Digest::of_bytes(b"{}");
+        format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"{}","digest":"{d}","size":2}},"layers":[]}}"#,
+            media::OCI_CONFIG
+        )
+    }
+
+    fn test_client(host: &str, retries: u32) -> RegistryClient {
+        client(RegistryOptions {
+            insecure_registries: vec![host.to_string()],
+            pull_retries: retries,
+            retry_backoff: Duration::from_millis(1),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn transient_server_errors_are_retried_until_success() {
+        let body = manifest_json();
+        let (host, seen) = scripted_server(vec![
+            (503, "busy".into()),
+            (502, "".into()),
+            (200, body.clone()),
+        ]);
+        let c = test_client(&host, 2);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let m = c.get_manifest(&r).await.unwrap();
+        assert_eq!(m.digest, Digest::of_bytes(body.as_bytes()));
+        assert_eq!(m.media_type, media::OCI_MANIFEST);
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            "GET /v2/x/manifests/latest HTTP/1.1"
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded_and_the_last_error_names_the_url() {
+        let (host, seen) = scripted_server(vec![
+            (503, "a".into()),
+            (503, "b".into()),
+            (503, "c".into()),
+        ]);
+        let c = test_client(&host, 1);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let err = c.get_manifest(&r).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("http://{host}/v2/x/manifests/latest")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("503"), "{err}");
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn not_found_is_not_retried() {
+        let (host, seen) = scripted_server(vec![(404, "{}".into()), (200, manifest_json())]);
+        let c = test_client(&host, 3);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        assert!(c.get_manifest(&r).await.is_err());
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn manifest_not_matching_the_requested_digest_is_refused() {
+        let (host, _) = scripted_server(vec![(200, manifest_json())]);
+        let c = test_client(&host, 0);
+        let wanted = Digest::of_bytes(b"something else");
+        let r = ImageRef::parse(&format!("{host}/x@{wanted}")).unwrap();
+        let err = c.get_manifest(&r).await.unwrap_err();
+        assert!(err.to_string().contains("not the requested"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_ca_certificate_is_an_error_naming_the_file() {
+        let err = RegistryClient::new(RegistryOptions {
+            ca_certificates: vec!["/nonexistent/ca.pem".into()],
+            use_docker_config: false,
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+}

@@ -1,0 +1,152 @@
+//! Talking to container registries (OCI distribution spec v1.1 and the
+//! Docker registry v2 API).
+//!
+//! - [`reference`]: `ImageRef`, Docker's reference normalisation.
+//! - [`auth`]: credentials (`config.json`, credential helpers) and
+//!   `WWW-Authenticate` challenges.
+//! - [`client`]: `RegistryClient`: pull (manifests, indexes, platform
+//!   selection, blobs streamed into the local store with digest checks, in
+//!   parallel, with retries) and push (existence checks, monolithic and
+//!   chunked uploads, cross-repository mounts, manifests, several
+//!   destinations).
+//! - [`RegistryOptions`]: transport settings (plain HTTP registries, TLS
+//!   verification, extra CA certificates, Docker Hub mirrors, retries).
+
+pub mod auth;
+pub mod client;
+pub mod reference;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub use auth::{Credentials, DockerConfig};
+pub use client::RegistryClient;
+pub use reference::{ImageRef, ReferenceError};
+
+use kiln_common::Digest;
+
+/// Transport and retry settings; the defaults are TLS-verified HTTPS
+/// everywhere, credentials from Docker's `config.json`, 3 retries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Use plain HTTP for every registry (`--insecure`).
+    pub insecure: bool,
+    /// Use plain HTTP for every registry when pulling (`--insecure-pull`).
+    pub insecure_pull: bool,
+    /// Hosts (`host[:port]`) reached over plain HTTP (`--insecure-registry`).
+    pub insecure_registries: Vec<String>,
+    /// Do not verify TLS certificates (`--skip-tls-verify`).
+    pub skip_tls_verify: bool,
+    /// Do not verify TLS certificates when pulling (`--skip-tls-verify-pull`).
+    pub skip_tls_verify_pull: bool,
+    /// Hosts whose TLS certificates are not verified (`--skip-tls-verify-registry`).
+    pub skip_tls_verify_registries: Vec<String>,
+    /// Extra PEM CA certificates trusted for every registry (`--registry-certificate`).
+    pub ca_certificates: Vec<PathBuf>,
+    /// Mirrors tried, in order, before Docker Hub (`--registry-mirror`),
+    /// as `host[:port]` or `http(s)://host[:port]`.
+    pub mirrors: Vec<String>,
+    /// Retries of a failed download (`--image-download-retry`).
+    pub pull_retries: u32,
+    /// Retries of a failed upload (`--push-retry`).
+    pub push_retries: u32,
+    /// Blob downloads or uploads in flight at once.
+    pub max_concurrent_transfers: usize,
+    /// Blobs larger than this are uploaded in chunks of this size (PATCH);
+    /// `0` uploads every blob in one PUT.
+    pub chunk_size: u64,
+    /// Credentials by registry host, tried before `config.json`.
+    pub credentials: HashMap<String, Credentials>,
+    /// Read Docker's `config.json` (from `$DOCKER_CONFIG` or `~/.docker`).
+    pub use_docker_config: bool,
+    /// Read this `config.json` instead of the default one.
+    pub docker_config_path: Option<PathBuf>,
+    /// First retry delay; doubled on every further retry.
+    pub retry_backoff: std::time::Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            insecure: false,
+            insecure_pull: false,
+            insecure_registries: Vec::new(),
+            skip_tls_verify: false,
+            skip_tls_verify_pull: false,
+            skip_tls_verify_registries: Vec::new(),
+            ca_certificates: Vec::new(),
+            mirrors: Vec::new(),
+            pull_retries: 3,
+            push_retries: 3,
+            max_concurrent_transfers: 4,
+            chunk_size: 0,
+            credentials: HashMap::new(),
+            use_docker_config: true,
+            docker_config_path: None,
+            retry_backoff: std::time::Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{method} {url}: {source}")]
+    Http {
+        method: &'static str,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{method} {url}: HTTP {status}: {body}")]
+    Status {
+        method: &'static str,
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url}: authentication failed: {reason}")]
+    Auth { url: String, reason: String },
+    #[error("image {reference}: {reason}")]
+    Manifest { reference: String, reason: String },
+    #[error("image {reference}: no manifest for platform {platform} (available: {available})")]
+    NoPlatform {
+        reference: String,
+        platform: String,
+        available: String,
+    },
+    #[error("blob {digest} from {url}: {reason}")]
+    Blob {
+        digest: Digest,
+        url: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("credential helper {helper}: {reason}")]
+    CredentialHelper { helper: String, reason: String },
+    #[error("registry configuration: {0}")]
+    Config(String),
+}
+
+impl RegistryError {
+    /// Whether trying again may help (network trouble, 5xx, 429, a
+    /// download that did not match its digest).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Http { source, .. } => !source.is_builder() && !source.is_redirect(),
+            RegistryError::Status { status, .. } => {
+                *status >= 500 || *status == 429 || *status == 408
+            }
+            RegistryError::Blob { .. } => true,
+            RegistryError::Store(crate::store::StoreError::DigestMismatch { .. })
+            | RegistryError::Store(crate::store::StoreError::SizeMismatch { .. }) => true,
+            _ => false,
+        }
+    }
+}

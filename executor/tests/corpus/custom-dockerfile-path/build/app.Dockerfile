@@ -1,0 +1,4 @@
+# escape=`
+FROM alpine AS custom
+RUN echo `
+  from custom file
