@@ -322,7 +322,7 @@ async fn put_entry(
     let key = parse_key(&key)?;
     let entry: CacheEntry = read_json_body(body, "entry").await?;
     let store = state.store.clone();
-    let (k, e) = (key.clone(), entry.clone());
+    let (k, e) = (key, entry.clone());
     let outcome = blocking(move || store.put_entry(&principal.namespace, &k, &e)).await?;
     match outcome {
         PutOutcome::Created => Ok((StatusCode::CREATED, Json(entry)).into_response()),
@@ -343,7 +343,7 @@ async fn delete_entry(
     let principal = authorize(&state, &headers, Scope::Admin)?;
     let key = parse_key(&key)?;
     let store = state.store.clone();
-    let k = key.clone();
+    let k = key;
     if blocking(move || store.delete_entry(&principal.namespace, &k)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -698,7 +698,7 @@ async fn admin_entries(
     })
     .await?;
     let next = if entries.len() == limit {
-        entries.last().map(|r| r.key.clone())
+        entries.last().map(|r| r.key)
     } else {
         None
     };

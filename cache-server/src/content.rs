@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 
 use kiln_common::Digest;
 
+/// What [`ContentStore::scan`] found: blobs with their sizes, and stray
+/// paths that are not blobs.
+pub type Scan = (Vec<(Digest, u64)>, Vec<PathBuf>);
+
 /// Paths of the content store below one data directory.
 #[derive(Debug, Clone)]
 pub struct ContentStore {
@@ -127,7 +131,7 @@ impl ContentStore {
 
     /// Every committed blob on disk with its size. Files whose names are
     /// not digests are reported separately so recovery can log them.
-    pub fn scan(&self) -> io::Result<(Vec<(Digest, u64)>, Vec<PathBuf>)> {
+    pub fn scan(&self) -> io::Result<Scan> {
         let mut blobs = Vec::new();
         let mut strays = Vec::new();
         let root = self.blobs.join("sha256");

@@ -826,7 +826,7 @@ impl Store {
             if self.stale(value.accessed_ms, now) {
                 to_touch.push((ik.clone(), value.accessed_ms));
             }
-            found.insert(key.clone(), value.entry);
+            found.insert(*key, value.entry);
         }
         let hits = found.len() as u64;
         self.inner.hits.fetch_add(hits, Ordering::Relaxed);
@@ -1803,12 +1803,12 @@ mod tests {
         }
         let first = store.list_entries(&ns, "1", None, 2).unwrap();
         assert_eq!(
-            first.iter().map(|r| r.key.clone()).collect::<Vec<_>>(),
+            first.iter().map(|r| r.key).collect::<Vec<_>>(),
             vec![key(0x10), key(0x11)]
         );
         let rest = store.list_entries(&ns, "1", Some(&key(0x11)), 10).unwrap();
         assert_eq!(
-            rest.iter().map(|r| r.key.clone()).collect::<Vec<_>>(),
+            rest.iter().map(|r| r.key).collect::<Vec<_>>(),
             vec![key(0x12)]
         );
         assert_eq!(store.list_entries(&ns, "", None, 100).unwrap().len(), 4);

@@ -9,14 +9,17 @@ use common::*;
 use kiln_common::{CacheEntry, CacheKey, Digest};
 use reqwest::StatusCode;
 
-const WRITERS: u64 = 64;
+const WRITERS: u64 = 80;
+
+/// Entries the server acknowledged (201) with the blob bytes they name.
+type Acked = Arc<Mutex<Vec<(CacheKey, CacheEntry, Vec<u8>)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_loses_nothing_acknowledged_and_serves_nothing_corrupt() {
     let data = tempfile::tempdir().unwrap();
     let mut server = Server::start(data.path(), &[]);
     let url = server.url.clone();
-    let acked: Arc<Mutex<Vec<(CacheKey, CacheEntry, Vec<u8>)>>> = Arc::default();
+    let acked: Acked = Arc::default();
     let in_flight = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     let mut tasks = Vec::new();
@@ -51,7 +54,10 @@ async fn kill_9_loses_nothing_acknowledged_and_serves_nothing_corrupt() {
                     Some((&digest, blob.len() as u64)),
                     &format!("RUN step {seed}"),
                 );
-                match c.put(format!("{url}/v1/entries/{k}")).json(&e).send().await {
+                in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let put = c.put(format!("{url}/v1/entries/{k}")).json(&e).send().await;
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                match put {
                     Ok(r) if r.status() == StatusCode::CREATED => {
                         acked.lock().unwrap().push((k, e, blob));
                     }
@@ -71,7 +77,7 @@ async fn kill_9_loses_nothing_acknowledged_and_serves_nothing_corrupt() {
     let acked = acked.lock().unwrap().clone();
     assert!(
         open_uploads >= 50,
-        "only {open_uploads} uploads were in flight at the kill"
+        "only {open_uploads} uploads and entry writes were in flight at the kill"
     );
     assert!(
         acked.len() >= 20,

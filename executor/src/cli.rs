@@ -111,7 +111,7 @@ pub struct ExecutorArgs {
     #[arg(long)]
     pub compression_level: Option<i32>,
     /// Use the layer cache.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", action = kaniko_bool!())]
     pub cache: bool,
     /// kiln-cache-server URL (without it the cache is embedded in --cache-dir).
     #[arg(long)]

@@ -159,34 +159,50 @@ fn compile(pattern: &str) -> Result<Vec<Token>, &'static str> {
     Ok(tokens)
 }
 
-/// Backtracking match of a whole path against tokens.
+/// Whether `tokens` match the whole of `path`. Memoised on (token, char)
+/// positions so hostile patterns such as `*a*a*a*a*b` stay polynomial.
 fn matches(tokens: &[Token], path: &[char]) -> bool {
-    let Some((first, rest)) = tokens.split_first() else {
-        return path.is_empty();
-    };
-    match first {
-        Token::Char(c) => path.first() == Some(c) && matches(rest, &path[1..]),
-        Token::Question => path.first().is_some_and(|c| *c != '/') && matches(rest, &path[1..]),
-        Token::Class { negated, ranges } => {
-            path.first().is_some_and(|c| {
-                *c != '/' && ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated
-            }) && matches(rest, &path[1..])
-        }
-        Token::Star => {
-            let run = path.iter().take_while(|c| **c != '/').count();
-            (0..=run).any(|n| matches(rest, &path[n..]))
-        }
-        Token::AnyRest => true,
-        Token::AnyDirs => {
-            // Zero directories, or any prefix ending just after a `/`.
-            matches(rest, path)
-                || path
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| **c == '/')
-                    .any(|(i, _)| matches(rest, &path[i + 1..]))
-        }
+    let mut failed = vec![false; (tokens.len() + 1) * (path.len() + 1)];
+    matches_at(tokens, path, 0, 0, &mut failed)
+}
+
+fn matches_at(tokens: &[Token], path: &[char], ti: usize, pi: usize, failed: &mut [bool]) -> bool {
+    let slot = ti * (path.len() + 1) + pi;
+    if failed[slot] {
+        return false;
     }
+    let rest = &path[pi..];
+    let ok = match tokens.get(ti) {
+        None => rest.is_empty(),
+        Some(Token::Char(c)) => {
+            rest.first() == Some(c) && matches_at(tokens, path, ti + 1, pi + 1, failed)
+        }
+        Some(Token::Question) => {
+            rest.first().is_some_and(|c| *c != '/')
+                && matches_at(tokens, path, ti + 1, pi + 1, failed)
+        }
+        Some(Token::Class { negated, ranges }) => {
+            rest.first().is_some_and(|c| {
+                *c != '/' && ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated
+            }) && matches_at(tokens, path, ti + 1, pi + 1, failed)
+        }
+        Some(Token::Star) => {
+            let run = rest.iter().take_while(|c| **c != '/').count();
+            (0..=run).any(|n| matches_at(tokens, path, ti + 1, pi + n, failed))
+        }
+        Some(Token::AnyRest) => true,
+        Some(Token::AnyDirs) => {
+            // Zero directories, or any prefix ending just after a `/`.
+            matches_at(tokens, path, ti + 1, pi, failed)
+                || (pi..path.len())
+                    .filter(|&i| path[i] == '/')
+                    .any(|i| matches_at(tokens, path, ti + 1, i + 1, failed))
+        }
+    };
+    if !ok {
+        failed[slot] = true;
+    }
+    ok
 }
 
 impl Pattern {
@@ -402,6 +418,15 @@ mod tests {
         assert!(r.is_excluded("*literal"));
         assert!(!r.is_excluded("xliteral"));
         assert!(r.is_excluded("#not a comment"));
+    }
+
+    #[test]
+    fn hostile_patterns_finish_quickly() {
+        let r = rules(&format!("{}b\n", "*a".repeat(30)));
+        let path = "a".repeat(200);
+        let start = std::time::Instant::now();
+        assert!(!r.is_excluded(&path));
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod dockerignore;
 pub mod plan;
 pub mod cli;
 pub mod build;
+pub mod cache;
 pub mod context;
 pub mod driver;
 pub mod oci;

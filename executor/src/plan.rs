@@ -323,16 +323,12 @@ impl<'a> Planner<'a> {
                     (None, Some(d)) => Some(self.expand(d, &meta, located.line, located.column)?),
                     (None, None) => None,
                 };
-                match value {
-                    Some(v) => {
-                        meta.insert(name.clone(), v.clone());
-                        self.globals.insert(name, v);
-                    }
-                    None => {
-                        // Declared without a value: unset, also for stages.
-                        meta.remove(&name);
-                        self.globals.remove(&name);
-                    }
+                // Without a value the name keeps what it had: a
+                // predefined platform arg stays set (`ARG TARGETPLATFORM`
+                // before FROM is the usual idiom).
+                if let Some(v) = value {
+                    meta.insert(name.clone(), v.clone());
+                    self.globals.insert(name, v);
                 }
             }
         }
@@ -1208,6 +1204,16 @@ mod tests {
         assert_eq!(expanded(&p, 0, 1), "LABEL x=\"\"");
         assert_eq!(expanded(&p, 0, 3), "LABEL p=linux/arm/v7 v=v7");
         assert_eq!(p.target_platform, "linux/arm/v7");
+    }
+
+    #[test]
+    fn bare_global_platform_arg_keeps_its_predefined_value() {
+        let p = ok(
+            "ARG TARGETPLATFORM\nARG UNSET\nFROM --platform=$TARGETPLATFORM a$UNSET\nARG TARGETPLATFORM\nLABEL p=$TARGETPLATFORM\n",
+        );
+        assert_eq!(p.stages[0].platform.as_deref(), Some("linux/amd64"));
+        assert_eq!(p.stages[0].base, "a");
+        assert_eq!(expanded(&p, 0, 2), "LABEL p=linux/amd64");
     }
 
     #[test]

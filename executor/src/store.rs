@@ -179,6 +179,11 @@ impl BlobWriter {
         let file = buf
             .into_inner()
             .map_err(|e| io_err(tmp.path())(e.into_error()))?;
+        // Blobs are content, not secrets: readable like the files of an OCI
+        // layout they may be hard-linked into.
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(io_err(tmp.path()))?;
         file.sync_all().map_err(io_err(tmp.path()))?;
         let dest = store.path(expected);
         let parent = dest.parent().unwrap_or(store.root());
@@ -241,6 +246,11 @@ mod tests {
         assert_eq!(s, "hello");
         assert_eq!(store.size(&d).unwrap(), 5);
         assert_eq!(tmp_files(&store), 0);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
     }
 
     #[test]

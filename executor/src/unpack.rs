@@ -107,24 +107,104 @@ pub fn decompress<'a, R: BufRead + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a
 
 /// Unpacks one (possibly compressed) layer into `root`. When `diff_id` is
 /// given, the uncompressed stream must hash to it or the unpack fails.
-pub fn unpack_layer<R: Read>(
+///
+/// Decompression and hashing run on a second thread, handing the tar stream
+/// over in 1 MiB chunks through a bounded channel (4 chunks), so that they
+/// overlap with the file system work without memory growing with the layer.
+pub fn unpack_layer<R: Read + Send>(
     layer: R,
     root: &Path,
     opts: &UnpackOptions,
     diff_id: Option<&Digest>,
 ) -> Result<UnpackStats, UnpackError> {
-    let tar_stream =
-        decompress(BufReader::with_capacity(256 * 1024, layer)).map_err(UnpackError::Read)?;
-    match diff_id {
-        Some(d) => {
-            let mut verifying = VerifyingReader::new(tar_stream, d.clone());
-            let stats = unpack_tar(&mut verifying, root, opts)?;
-            // The tar reader stops at the end-of-archive marker; the digest
-            // covers the padding after it too.
-            io::copy(&mut verifying, &mut io::sink()).map_err(UnpackError::Read)?;
-            Ok(stats)
+    const CHUNK: usize = 1 << 20;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    let unpack_failed = std::sync::atomic::AtomicBool::new(false);
+    let unpack_failed = &unpack_failed;
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(move || -> io::Result<()> {
+            let plain = decompress(BufReader::with_capacity(256 * 1024, layer))?;
+            let mut src: Box<dyn Read> = match diff_id {
+                Some(d) => Box::new(VerifyingReader::new(plain, d.clone())),
+                None => plain,
+            };
+            // The tar reader stops at the end-of-archive marker; reading on
+            // to EOF makes the digest cover the padding after it too.
+            let mut consumer_gone = false;
+            loop {
+                if unpack_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let mut buf = vec![0u8; CHUNK];
+                let mut filled = 0;
+                while filled < CHUNK {
+                    match src.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let msg = e.to_string();
+                            let _ = tx.send(Err(e));
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return Ok(());
+                }
+                buf.truncate(filled);
+                if !consumer_gone && tx.send(Ok(buf)).is_err() {
+                    // The tar reader finished (or failed); keep reading
+                    // only to verify the digest.
+                    consumer_gone = true;
+                    if diff_id.is_none() {
+                        return Ok(());
+                    }
+                }
+            }
+        });
+        let reader = ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let result = unpack_tar(reader, root, opts);
+        if result.is_err() {
+            unpack_failed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        None => unpack_tar(tar_stream, root, opts),
+        let produced = producer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("decompression thread panicked")));
+        let stats = result?;
+        produced.map_err(UnpackError::Read)?;
+        Ok(stats)
+    })
+}
+
+/// The reading end of the decompression thread's channel.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                // Sender gone: end of stream.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 

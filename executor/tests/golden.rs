@@ -167,15 +167,6 @@ fn dry_run_binary_honours_dockerfile_target_and_platform() {
 }
 
 #[test]
-fn building_without_dry_run_is_not_implemented_yet() {
-    let out = executor(&["--context", "."]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("building images is not implemented yet")
-    );
-}
-
-#[test]
 fn unknown_flags_are_rejected_by_the_binary() {
     let out = executor(&["--dry-run", "--no-such-flag"]);
     assert!(!out.status.success());

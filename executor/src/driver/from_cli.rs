@@ -10,7 +10,8 @@ use crate::build::runner::NetworkMode;
 use crate::cli::{self, ExecutorArgs};
 use crate::registry::RegistryOptions;
 
-use super::{BuildOptions, Isolation, SnapshotterKind};
+use super::{BuildOptions, CacheOptions, Isolation, SnapshotterKind};
+use crate::cache::CacheMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
@@ -22,6 +23,8 @@ pub enum OptionsError {
     SourceDateEpoch(String),
     #[error("--compression-level {level} is out of range for {compression}")]
     CompressionLevel { level: i32, compression: &'static str },
+    #[error("--cache-ttl {0:?}: expected a duration such as 336h, 30m or 7d")]
+    CacheTtl(String),
     #[error(
         "no output: give --destination, --oci-layout-path or --tar-path (or --no-push to build only)"
     )]
@@ -129,6 +132,57 @@ impl ExecutorArgs {
             },
             ignore_paths: self.ignore_path.clone(),
             log: Arc::new(Mutex::new(std::io::stderr())),
+            cache: CacheOptions {
+                enabled: self.cache,
+                mode: match self.cache_mode {
+                    cli::CacheMode::ReadWrite => CacheMode::ReadWrite,
+                    cli::CacheMode::ReadOnly => CacheMode::ReadOnly,
+                    cli::CacheMode::WriteOnly => CacheMode::WriteOnly,
+                },
+                servers: self
+                    .cache_server
+                    .iter()
+                    .flat_map(|s| s.split(','))
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                token: self.cache_token.clone(),
+                ttl: parse_duration(&self.cache_ttl)
+                    .map(Some)
+                    .ok_or_else(|| OptionsError::CacheTtl(self.cache_ttl.clone()))?,
+            },
+            report: self.report.clone(),
         })
+    }
+}
+
+/// `336h`, `30m`, `45s`, `7d`: Go-style durations as Kaniko takes them.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kaniko_flags() {
+        assert_eq!(parse_duration("336h"), Some(std::time::Duration::from_secs(336 * 3600)));
+        assert_eq!(parse_duration("7d"), Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_duration("5w"), None);
     }
 }

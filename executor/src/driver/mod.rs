@@ -17,6 +17,7 @@
 
 pub mod copy;
 pub mod from_cli;
+pub mod keys;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -25,7 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use kiln_common::Digest;
+use kiln_common::cache_key::KeyInput;
+use kiln_common::{CacheEntry, CacheKey, Digest, LayerDescriptor};
+
+use crate::cache::{Cache, CacheMode};
+use keys::{SourceIdentity, StepKey};
 
 use crate::build::config::{self as image_config, ConfigBuilder};
 use crate::build::layer::{Compression, LayerOptions, MtimePolicy, write_layer};
@@ -89,6 +94,35 @@ pub struct BuildOptions {
     pub ignore_paths: Vec<PathBuf>,
     /// Step output and progress lines go here (stderr in the binary).
     pub log: Arc<Mutex<dyn Write + Send>>,
+    pub cache: CacheOptions,
+    /// `--report FILE`: the JSON build report.
+    pub report: Option<PathBuf>,
+}
+
+/// How the build uses the layer cache.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// `--cache=false` turns every lookup and upload off.
+    pub enabled: bool,
+    pub mode: CacheMode,
+    /// `--cache-server` URLs (tried in order); empty: the embedded cache in
+    /// `<state_dir>/cache`.
+    pub servers: Vec<String>,
+    pub token: Option<String>,
+    /// Entries older than this are not reused (embedded cache).
+    pub ttl: Option<std::time::Duration>,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: CacheMode::ReadWrite,
+            servers: Vec::new(),
+            token: None,
+            ttl: None,
+        }
+    }
 }
 
 /// What a build produced.
@@ -105,7 +139,11 @@ pub struct StepRecord {
     pub stage: usize,
     pub line: usize,
     pub instruction: String,
-    /// `"run"` for filesystem steps that ran, `"none"` for metadata.
+    /// Lowercase hex of the step's cache key (null for metadata steps).
+    pub key: Option<CacheKey>,
+    /// The named inputs of the key, so a miss can be explained.
+    pub inputs: Vec<KeyInput>,
+    /// `"hit"`, `"miss"` (it ran), or `"none"` (metadata, no entry).
     pub cache: &'static str,
     pub layer: Option<Digest>,
     pub layer_size: Option<u64>,
@@ -143,6 +181,8 @@ struct LayerRef {
 /// A resolved base image.
 #[derive(Debug, Clone)]
 struct BaseImage {
+    /// What the stage's first key chains on: manifest digest and platform.
+    identity: String,
     config: image_config::ImageConfig,
     layers: Vec<LayerRef>,
     /// For cross-repository blob mounts when pushing.
@@ -191,6 +231,14 @@ struct Driver {
     dockerfile_name: String,
     /// Blobs that belong to the image but live outside the store (layouts).
     extra_blobs: Arc<Mutex<HashMap<Digest, PathBuf>>>,
+    cache: Option<Arc<dyn Cache>>,
+    /// Keys by (stage, instruction index).
+    keys: HashMap<(usize, usize), StepKey>,
+    stage_last_key: HashMap<usize, CacheKey>,
+    hits: BTreeMap<CacheKey, CacheEntry>,
+    uploads: Vec<std::thread::JoinHandle<Result<u64, String>>>,
+    bytes_downloaded: u64,
+    started: Instant,
 }
 
 impl Driver {
@@ -239,7 +287,15 @@ impl Driver {
             Isolation::None => Box::new(NoneRunner::new(opts.force)),
         };
         let dockerfile_name = opts.plan.dockerfile_path().display().to_string();
+        let cache = open_cache(&opts, runtime.handle().clone(), &opts.log);
         Ok(Driver {
+            cache,
+            keys: HashMap::new(),
+            stage_last_key: HashMap::new(),
+            hits: BTreeMap::new(),
+            uploads: Vec::new(),
+            bytes_downloaded: 0,
+            started: Instant::now(),
             platform: Platform::host(),
             opts,
             runtime,
@@ -292,6 +348,8 @@ impl Driver {
         for warning in &plan.warnings {
             self.log(&format!("warning: {warning}"));
         }
+        self.compute_keys(&plan)?;
+        self.lookup_keys();
         for &index in &plan.stages_to_build {
             let started = Instant::now();
             self.build_stage(&plan, &plan.stages[index])?;
@@ -305,7 +363,52 @@ impl Driver {
             .get(&plan.target)
             .cloned()
             .ok_or_else(|| BuildError::Setup("the target stage was not built".into()))?;
-        self.finish(&plan, target)
+        let outcome = self.finish(&plan, target)?;
+        let uploaded = self.wait_uploads();
+        self.report(&outcome, uploaded)?;
+        Ok(outcome)
+    }
+
+    /// The summary on the log and, with `--report`, the JSON report.
+    fn report(&self, outcome: &BuildOutcome, uploaded: u64) -> Result<(), BuildError> {
+        let count = |c: &str| outcome.steps.iter().filter(|s| s.cache == c).count();
+        let (hits, misses) = (count("hit"), count("miss"));
+        let elapsed = self.started.elapsed();
+        self.log(&format!(
+            "built {} in {:.2}s: {} steps, {hits} cached, {misses} run; {uploaded} bytes uploaded, {} bytes downloaded from the cache",
+            outcome.manifest_digest,
+            elapsed.as_secs_f64(),
+            outcome.steps.len(),
+            self.bytes_downloaded
+        ));
+        let Some(path) = &self.opts.report else {
+            return Ok(());
+        };
+        let report = serde_json::json!({
+            "steps": outcome.steps.iter().map(|s| serde_json::json!({
+                "stage": s.stage,
+                "line": s.line,
+                "instruction": s.instruction,
+                "key": s.key,
+                "inputs": s.inputs,
+                "cache": s.cache,
+                "layer": s.layer,
+                "durations_ms": {"total": s.duration_ms},
+                "bytes": {"layer": s.layer_size},
+            })).collect::<Vec<_>>(),
+            "image": {"digest": outcome.manifest_digest},
+            "summary": {
+                "steps": outcome.steps.len(),
+                "hits": hits,
+                "misses": misses,
+                "duration_ms": elapsed.as_millis() as u64,
+                "bytes_uploaded": uploaded,
+                "bytes_downloaded": self.bytes_downloaded,
+                "cache": self.cache.as_ref().map(|c| c.location()),
+            },
+        });
+        let text = serde_json::to_vec_pretty(&report).map_err(|e| BuildError::Output(e.to_string()))?;
+        fs::write(path, text).map_err(|e| BuildError::Output(format!("{}: {e}", path.display())))
     }
 
     // ------------------------------------------------------------ bases
@@ -320,6 +423,7 @@ impl Driver {
         };
         let base = if name.eq_ignore_ascii_case("scratch") {
             BaseImage {
+                identity: format!("scratch {}", self.platform),
                 config: image_config::ImageConfig::scratch(&self.platform.os, &self.platform.architecture),
                 layers: Vec::new(),
                 registry_ref: None,
@@ -337,6 +441,7 @@ impl Driver {
             }
             drop(extra);
             BaseImage {
+                identity: format!("{} {}", docs.manifest_digest, self.platform),
                 config: config_from_bytes(&docs.config_bytes).map_err(base_err)?,
                 layers,
                 registry_ref: None,
@@ -351,6 +456,7 @@ impl Driver {
             let store = self.store.clone();
             let layers = self.layers_of(&pulled.image, |d| store.path(d))?;
             BaseImage {
+                identity: format!("{} {}", pulled.image.manifest_digest, self.platform),
                 config: config_from_bytes(&pulled.image.config_bytes).map_err(base_err)?,
                 layers,
                 registry_ref: Some(pulled.reference.clone()),
@@ -431,20 +537,29 @@ impl Driver {
                 triggers.join("; ")
             ));
         }
-        for ins in &stage.instructions {
+        for (position, ins) in stage.instructions.iter().enumerate() {
             let started = Instant::now();
+            let step_key = self.keys.get(&(stage.index, position)).cloned();
             let (cache, layer) = self
-                .instruction(plan, stage, ins, &mut builder, &mut state)
+                .cached_or_run(plan, stage, ins, step_key.as_ref(), &mut builder, &mut state)
                 .map_err(|message| BuildError::Step {
                     file: self.dockerfile_name.clone(),
                     line: ins.line,
                     instruction: ins.original.clone(),
                     message,
                 })?;
+            if cache != "none" {
+                self.log(&format!(
+                    "[stage {} line {}] cache {cache}: {}",
+                    stage.index, ins.line, ins.original
+                ));
+            }
             self.steps.push(StepRecord {
                 stage: stage.index,
                 line: ins.line,
                 instruction: ins.original.clone(),
+                key: step_key.as_ref().filter(|k| k.filesystem).map(|k| k.key),
+                inputs: step_key.map(|k| k.inputs).unwrap_or_default(),
                 cache,
                 layer_size: layer.as_ref().map(|l| l.desc.size),
                 layer: layer.map(|l| l.desc.digest),
@@ -573,6 +688,7 @@ impl Driver {
             }
             Instruction::Copy(c) => {
                 let from = c.from.clone();
+                let excludes = c.exclude.clone();
                 let sources = c.sources.clone();
                 let dest = c.dest.clone();
                 let (chown, chmod) = (c.chown.clone(), c.chmod.clone());
@@ -584,7 +700,7 @@ impl Driver {
                     let roots = match (&from, source_stage) {
                         (Some(_), Some(index)) => driver.stage_sources(index, &sources)?,
                         (Some(image), None) => driver.image_sources(image, &sources)?,
-                        (None, _) => driver.context_sources(&sources, &heredocs)?,
+                        (None, _) => driver.context_sources(&sources, &excludes, &heredocs)?,
                     };
                     copy_into(rootfs, &workdir, &dest, &roots, &copy_opts).map_err(|e| e.to_string())
                 })?;
@@ -596,13 +712,14 @@ impl Driver {
                     return Err("ADD from a URL or git repository is not supported by this executor yet".into());
                 }
                 let sources = a.sources.clone();
+                let excludes = a.exclude.clone();
                 let dest = a.dest.clone();
                 let (chown, chmod) = (a.chown.clone(), a.chmod.clone());
                 let heredocs = ins.heredocs.clone();
                 let workdir = workdir_of(builder.config());
                 let layer = self.filesystem_step(stage, ins, builder, state, &created_by, move |driver, rootfs| {
                     let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
-                    let roots = driver.context_sources(&sources, &heredocs)?;
+                    let roots = driver.context_sources(&sources, &excludes, &heredocs)?;
                     add_into(rootfs, &workdir, &dest, roots, &copy_opts)
                 })?;
                 return Ok(("run", layer));
@@ -723,6 +840,9 @@ impl Driver {
                     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
                     dir
                 };
+                for layer in &state.layers {
+                    self.ensure_blob(layer)?;
+                }
                 let files: Vec<(PathBuf, Digest)> =
                     state.layers.iter().map(|l| (l.blob.clone(), l.diff_id.clone())).collect();
                 apply_layers(
@@ -739,11 +859,12 @@ impl Driver {
     }
 
     /// Unpacks a layer once into `layers/<diff_id>` (overlay form).
-    fn unpacked_layer(&self, layer: &LayerRef) -> Result<PathBuf, String> {
+    fn unpacked_layer(&mut self, layer: &LayerRef) -> Result<PathBuf, String> {
         let dir = self.layers_dir.join(layer.diff_id.hex());
         if dir.is_dir() {
             return Ok(dir);
         }
+        self.ensure_blob(layer)?;
         let tmp = self.layers_dir.join(format!(".tmp-{}-{}", layer.diff_id.hex(), std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
@@ -764,6 +885,242 @@ impl Driver {
             }
             Err(e) => Err(format!("moving unpacked layer into {}: {e}", dir.display())),
         }
+    }
+
+
+    // ------------------------------------------------------------ cache
+
+    fn compute_keys(&mut self, plan: &Plan) -> Result<(), BuildError> {
+        let options = format!(
+            "{:?} reproducible={} epoch={:?}",
+            self.opts.compression, self.opts.reproducible, self.opts.source_date_epoch
+        );
+        for &index in &plan.stages_to_build {
+            let stage = &plan.stages[index];
+            let mut parent = match &stage.source {
+                StageSource::Image(name) => {
+                    let base = self.bases.get(name).ok_or_else(|| BuildError::Base {
+                        reference: name.clone(),
+                        message: "was not resolved".into(),
+                    })?;
+                    keys::base_key(&base.identity)
+                }
+                StageSource::Stage(i) => *self
+                    .stage_last_key
+                    .get(i)
+                    .ok_or_else(|| BuildError::Setup(format!("stage {i} has no key")))?,
+            };
+            for (position, ins) in stage.instructions.iter().enumerate() {
+                let file = self.dockerfile_name.clone();
+                let step_err = |message: String| BuildError::Step {
+                    file: file.clone(),
+                    line: ins.line,
+                    instruction: ins.original.clone(),
+                    message,
+                };
+                let sources = match &ins.instruction {
+                    Instruction::Copy(c) => Some(match (&c.from, ins.stage_refs.first()) {
+                        (Some(_), Some(i)) => SourceIdentity::Stage(
+                            *self
+                                .stage_last_key
+                                .get(i)
+                                .ok_or_else(|| step_err(format!("stage {i} is not built before it is used")))?,
+                        ),
+                        (Some(image), None) => {
+                            self.resolve_base(image)?;
+                            let identity = self.bases.get(image).map(|b| b.identity.clone()).unwrap_or_default();
+                            SourceIdentity::Image(identity)
+                        }
+                        (None, _) => SourceIdentity::Context(
+                            self.context_digest(&c.sources, &c.exclude).map_err(step_err)?,
+                        ),
+                    }),
+                    Instruction::Add(a) => Some(SourceIdentity::Context(
+                        self.context_digest(&a.sources, &a.exclude).map_err(step_err)?,
+                    )),
+                    _ => None,
+                };
+                let key = keys::step_key(&parent, ins, sources.as_ref(), &options);
+                parent = key.key;
+                self.keys.insert((index, position), key);
+            }
+            self.stage_last_key.insert(index, parent);
+        }
+        Ok(())
+    }
+
+    /// One batch lookup for every filesystem step of the build.
+    fn lookup_keys(&mut self) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if !self.opts.cache.mode.reads() {
+            return;
+        }
+        let mut wanted: Vec<CacheKey> = self.keys.values().filter(|k| k.filesystem).map(|k| k.key).collect();
+        wanted.sort();
+        wanted.dedup();
+        let started = Instant::now();
+        match cache.lookup(&wanted) {
+            Ok(hits) => {
+                self.log(&format!(
+                    "cache: {} of {} steps found in {} ({} ms)",
+                    hits.len(),
+                    wanted.len(),
+                    cache.location(),
+                    started.elapsed().as_millis()
+                ));
+                self.hits = hits;
+            }
+            Err(e) => {
+                self.log(&format!("warning: the cache is unavailable, building without it: {e}"));
+                self.cache = None;
+            }
+        }
+    }
+
+    /// A filesystem step whose key hit takes the cached layer (descriptor
+    /// only: nothing is downloaded until a later step needs the files);
+    /// otherwise the step runs and its result is uploaded in the background.
+    fn cached_or_run(
+        &mut self,
+        plan: &Plan,
+        stage: &Stage,
+        ins: &PlannedInstruction,
+        step_key: Option<&StepKey>,
+        builder: &mut ConfigBuilder,
+        state: &mut StageState,
+    ) -> Result<(&'static str, Option<LayerRef>), String> {
+        let Some(step_key) = step_key.filter(|k| k.filesystem) else {
+            return self.instruction(plan, stage, ins, builder, state);
+        };
+        let created_by = history_text(ins);
+        if let Some(entry) = self.hits.get(&step_key.key).cloned() {
+            if let Instruction::Workdir(dir) = &ins.instruction {
+                builder.set_workdir(dir);
+            }
+            let Some(layer) = entry.layer else {
+                builder.add_empty_history(&created_by);
+                return Ok(("hit", None));
+            };
+            let layer_ref = LayerRef {
+                desc: Descriptor::new(&layer.media_type, layer.digest.clone(), layer.size),
+                diff_id: layer.diff_id.clone(),
+                blob: self.store.path(&layer.digest),
+            };
+            state.layers.push(layer_ref.clone());
+            // The stack is rebuilt from the layers when a later step needs
+            // it (unpacked layers are reused by diff_id).
+            state.lowers = None;
+            builder.add_layer(layer.diff_id, &created_by);
+            return Ok(("hit", Some(layer_ref)));
+        }
+        let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
+        let entry = CacheEntry {
+            layer: layer.as_ref().map(|l| LayerDescriptor {
+                media_type: l.desc.media_type.clone(),
+                digest: l.desc.digest.clone(),
+                size: l.desc.size,
+                diff_id: l.diff_id.clone(),
+            }),
+            created_by,
+            created: rfc3339(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
+            extra: BTreeMap::new(),
+        };
+        let blob = layer.as_ref().map(|l| (l.desc.digest.clone(), l.blob.clone()));
+        self.upload(step_key.key, entry, blob);
+        Ok((if cache == "none" { "none" } else { "miss" }, layer))
+    }
+
+    fn upload(&mut self, key: CacheKey, entry: CacheEntry, blob: Option<(Digest, PathBuf)>) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if !self.opts.cache.mode.writes() {
+            return;
+        }
+        self.uploads.push(std::thread::spawn(move || {
+            let mut bytes = 0;
+            if let Some((digest, path)) = &blob {
+                cache.put_blob(digest, path).map_err(|e| e.to_string())?;
+                bytes = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            }
+            cache.put_entry(&key, &entry).map_err(|e| e.to_string())?;
+            Ok(bytes)
+        }));
+    }
+
+    /// Waits for the background uploads; a failed upload is a warning.
+    fn wait_uploads(&mut self) -> u64 {
+        let mut total = 0;
+        for handle in std::mem::take(&mut self.uploads) {
+            match handle.join() {
+                Ok(Ok(bytes)) => total += bytes,
+                Ok(Err(e)) => self.log(&format!("warning: uploading to the cache failed: {e}")),
+                Err(_) => self.log("warning: a cache upload panicked"),
+            }
+        }
+        total
+    }
+
+    /// Makes sure a layer's blob is in the local store, from the cache.
+    fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), String> {
+        if layer.blob.is_file() {
+            return Ok(());
+        }
+        let cache = self
+            .cache
+            .clone()
+            .ok_or_else(|| format!("layer {} is not available locally and there is no cache", layer.desc.digest))?;
+        cache
+            .fetch_blob(&layer.desc.digest, &self.store)
+            .map_err(|e| format!("fetching layer {} from the cache: {e}", layer.desc.digest))?;
+        self.bytes_downloaded += layer.desc.size;
+        Ok(())
+    }
+
+    fn context_digest(&mut self, sources: &[String], excludes: &[String]) -> Result<[u8; 32], String> {
+        let from_context: Vec<String> = sources.iter().filter(|s| !s.starts_with("<<")).cloned().collect();
+        if from_context.is_empty() {
+            return Ok([0; 32]);
+        }
+        let selections = self.select_context(&from_context, excludes)?;
+        let ctx = self.context()?;
+        ctx.digest(&selections).map_err(|e| e.to_string())
+    }
+
+    /// COPY/ADD sources in the context, minus `--exclude` patterns (matched
+    /// against paths relative to each source, with .dockerignore rules).
+    fn select_context(&mut self, sources: &[String], excludes: &[String]) -> Result<Vec<crate::context::Selection>, String> {
+        let exclude = if excludes.is_empty() {
+            None
+        } else {
+            Some(DockerIgnore::parse(&excludes.join("\n"), Path::new("--exclude")).map_err(|e| e.to_string())?)
+        };
+        let ctx = self.context()?;
+        let mut selections = ctx.select(sources).map_err(|e| e.to_string())?;
+        if let Some(exclude) = exclude {
+            for sel in &mut selections {
+                let root = sel.root.clone();
+                sel.entries.retain(|&i| {
+                    let path = &ctx.entry(i).path;
+                    let relative = path.strip_prefix(&root).unwrap_or(path).trim_start_matches('/');
+                    let relative = if relative.is_empty() {
+                        root.rsplit('/').next().unwrap_or("")
+                    } else {
+                        relative
+                    };
+                    relative.is_empty() || !exclude.is_excluded(relative)
+                });
+            }
+            selections.retain(|s| !s.entries.is_empty());
+        }
+        Ok(selections)
     }
 
     // ---------------------------------------------------------- sources
@@ -790,6 +1147,7 @@ impl Driver {
     fn context_sources(
         &mut self,
         sources: &[String],
+        excludes: &[String],
         heredocs: &[dockerfile::Heredoc],
     ) -> Result<Vec<CopyRoot>, String> {
         let mut roots = Vec::new();
@@ -813,8 +1171,8 @@ impl Driver {
         if from_context.is_empty() {
             return Ok(roots);
         }
+        let selections = self.select_context(&from_context, excludes)?;
         let ctx = self.context()?;
-        let selections = ctx.select(&from_context).map_err(|e| e.to_string())?;
         for sel in selections {
             let name = sel.root.rsplit('/').next().unwrap_or("").to_owned();
             let entries = sel
@@ -930,12 +1288,60 @@ impl Driver {
         rfc3339(secs)
     }
 
+    /// Layers that came from the cache are downloaded only if an output
+    /// needs their bytes: a layout or tarball always does, a push only when
+    /// some destination registry does not have the blob yet.
+    fn fetch_missing_blobs(&mut self, target: &StageState) -> Result<(), BuildError> {
+        let extra = self
+            .extra_blobs
+            .lock()
+            .map_err(|_| BuildError::Output("lock poisoned".into()))?
+            .clone();
+        let missing: Vec<LayerRef> = target
+            .layers
+            .iter()
+            .filter(|l| !l.blob.is_file() && !extra.contains_key(&l.desc.digest))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let local_output = self.opts.oci_layout_path.is_some() || self.opts.tar_path.is_some();
+        let destinations: Vec<ImageRef> = if self.opts.no_push {
+            Vec::new()
+        } else {
+            self.opts.destinations.iter().filter_map(|d| ImageRef::parse(d).ok()).collect()
+        };
+        for layer in missing {
+            let mut needed = local_output;
+            if !needed {
+                for dest in &destinations {
+                    let present = self
+                        .runtime
+                        .block_on(self.client.blob_exists(dest, &layer.desc.digest))
+                        .ok()
+                        .flatten()
+                        .is_some();
+                    if !present {
+                        needed = true;
+                        break;
+                    }
+                }
+            }
+            if needed {
+                self.ensure_blob(&layer).map_err(BuildError::Output)?;
+            }
+        }
+        Ok(())
+    }
+
     fn finish(&mut self, plan: &Plan, target: StageState) -> Result<BuildOutcome, BuildError> {
         let out_err = |e: &dyn std::fmt::Display| BuildError::Output(e.to_string());
         let config: crate::oci::ImageConfig =
             serde_json::from_slice(&target.config.to_json()).map_err(|e| out_err(&e))?;
         let layers: Vec<Descriptor> = target.layers.iter().map(|l| l.desc.clone()).collect();
         let docs = ImageDocuments::build(&config, layers, false);
+        self.fetch_missing_blobs(&target)?;
         let mut blobs: HashMap<Digest, PathBuf> = self
             .extra_blobs
             .lock()
@@ -1269,6 +1675,47 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
         current = next;
     }
     Ok(current)
+}
+
+/// The cache the options ask for, or none (with a warning) when it cannot
+/// be opened: the build goes on without it.
+fn open_cache(
+    opts: &BuildOptions,
+    runtime: tokio::runtime::Handle,
+    log: &Arc<Mutex<dyn Write + Send>>,
+) -> Option<Arc<dyn Cache>> {
+    if !opts.cache.enabled {
+        return None;
+    }
+    let opened: Result<Arc<dyn Cache>, crate::cache::CacheError> = if opts.cache.servers.is_empty() {
+        open_embedded(opts)
+    } else {
+        crate::cache::http::HttpCache::new(opts.cache.servers.clone(), opts.cache.token.clone(), runtime)
+            .map(|c| Arc::new(c) as Arc<dyn Cache>)
+    };
+    match opened {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if let Ok(mut w) = log.lock() {
+                let _ = writeln!(w, "warning: building without a cache: {e}");
+            }
+            None
+        }
+    }
+}
+
+#[cfg(feature = "embedded-cache")]
+fn open_embedded(opts: &BuildOptions) -> Result<Arc<dyn Cache>, crate::cache::CacheError> {
+    crate::cache::embedded::EmbeddedCache::open(&opts.state_dir.join("cache"), opts.cache.ttl)
+        .map(|c| Arc::new(c) as Arc<dyn Cache>)
+}
+
+#[cfg(not(feature = "embedded-cache"))]
+fn open_embedded(opts: &BuildOptions) -> Result<Arc<dyn Cache>, crate::cache::CacheError> {
+    Err(crate::cache::CacheError::Unavailable {
+        location: opts.state_dir.join("cache").display().to_string(),
+        message: "this executor was built without the embedded cache".into(),
+    })
 }
 
 /// RFC 3339 in UTC for a Unix time (the image config's `created`).

@@ -1,0 +1,72 @@
+//! The layer cache as the executor sees it.
+//!
+//! [`Cache`] promises four things: `lookup` answers for many keys at once
+//! (misses are simply absent), `fetch_blob` puts a blob into the executor's
+//! local store only after its digest checked out, `put_blob` makes a layer
+//! available to every other executor, and `put_entry` records a step's
+//! result first-writer-wins (a conflicting entry is the cache's to keep, not
+//! an error of this build). Two implementations:
+//!
+//! - [`embedded::EmbeddedCache`]: the cache server's own storage engine,
+//!   in-process, on `--cache-dir` (the default: no server needed);
+//! - [`http::HttpCache`]: a `kiln-cache-server` (`--cache-server`), one URL
+//!   or several tried in order.
+//!
+//! The driver treats every cache error as a reason to build without the
+//! cache, never as a reason to fail the build.
+
+#[cfg(feature = "embedded-cache")]
+pub mod embedded;
+pub mod http;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kiln_common::{CacheEntry, CacheKey, Digest};
+
+use crate::store::LocalStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache at {location}: {message}")]
+    Unavailable { location: String, message: String },
+    #[error("cache blob {digest}: {message}")]
+    Blob { digest: Digest, message: String },
+}
+
+/// How the build uses the cache (`--cache-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    ReadWrite,
+    /// Look up only: nothing is uploaded (e.g. untrusted branches).
+    ReadOnly,
+    /// Upload only: every step runs.
+    WriteOnly,
+}
+
+impl CacheMode {
+    pub fn reads(self) -> bool {
+        matches!(self, CacheMode::ReadWrite | CacheMode::ReadOnly)
+    }
+    pub fn writes(self) -> bool {
+        matches!(self, CacheMode::ReadWrite | CacheMode::WriteOnly)
+    }
+}
+
+pub trait Cache: Send + Sync {
+    /// Where the cache is, for messages.
+    fn location(&self) -> String;
+
+    fn lookup(&self, keys: &[CacheKey]) -> Result<BTreeMap<CacheKey, CacheEntry>, CacheError>;
+
+    /// Copies the blob into `store` (verified) unless it is there already;
+    /// returns its path in the store.
+    fn fetch_blob(&self, digest: &Digest, store: &LocalStore) -> Result<PathBuf, CacheError>;
+
+    fn has_blob(&self, digest: &Digest) -> Result<bool, CacheError>;
+
+    /// Uploads the blob at `path`, whose digest the caller computed.
+    fn put_blob(&self, digest: &Digest, path: &Path) -> Result<(), CacheError>;
+
+    fn put_entry(&self, key: &CacheKey, entry: &CacheEntry) -> Result<(), CacheError>;
+}
