@@ -121,7 +121,8 @@ async fn lookup_phase(client: &HttpClient, opts: &'static Opts, batch: usize) ->
                     .map(|j| key((i + j as u64 * 131) % (opts.entries * 2)).to_hex())
                     .collect();
                 i = i.wrapping_add(batch as u64 * 31 + 1);
-                let body = serde_json::to_vec(&serde_json::json!({ "keys": keys })).unwrap_or_default();
+                let body =
+                    serde_json::to_vec(&serde_json::json!({ "keys": keys })).unwrap_or_default();
                 let start = Instant::now();
                 match send(&client, opts, Method::POST, "/v1/lookup", body.into()).await {
                     Ok((StatusCode::OK, _)) => lat.push(start.elapsed().as_micros() as u32),
@@ -188,7 +189,15 @@ async fn main() {
                     "created": "2026-11-24T00:00:00Z"
                 });
                 let path = format!("/v1/entries/{}", key(i).to_hex());
-                if let Err(e) = send(&client, opts, Method::PUT, &path, serde_json::to_vec(&body).unwrap_or_default().into()).await {
+                if let Err(e) = send(
+                    &client,
+                    opts,
+                    Method::PUT,
+                    &path,
+                    serde_json::to_vec(&body).unwrap_or_default().into(),
+                )
+                .await
+                {
                     eprintln!("seed: {e}");
                 }
                 i += opts.concurrency as u64;
@@ -220,25 +229,49 @@ async fn main() {
         let data = pseudo_random(round as u64 + 1, size);
         let digest = Digest::of_bytes(&data);
         let start = Instant::now();
-        match send(&client, opts, Method::PUT, &format!("/v1/blobs/{digest}"), data).await {
+        match send(
+            &client,
+            opts,
+            Method::PUT,
+            &format!("/v1/blobs/{digest}"),
+            data,
+        )
+        .await
+        {
             Ok((s, _)) if s.is_success() => {}
             other => eprintln!("blob put: {other:?}"),
         }
         let secs = start.elapsed().as_secs_f64();
         put_total += secs;
-        println!("PUT {} MiB: {:.2} GB/s ({secs:.3}s)", opts.blob_mb, size as f64 / secs / 1e9);
+        println!(
+            "PUT {} MiB: {:.2} GB/s ({secs:.3}s)",
+            opts.blob_mb,
+            size as f64 / secs / 1e9
+        );
         digests.push(digest);
     }
     let mut get_total = 0.0;
     for digest in &digests {
         let start = Instant::now();
-        match send(&client, opts, Method::GET, &format!("/v1/blobs/{digest}"), Bytes::new()).await {
+        match send(
+            &client,
+            opts,
+            Method::GET,
+            &format!("/v1/blobs/{digest}"),
+            Bytes::new(),
+        )
+        .await
+        {
             Ok((StatusCode::OK, n)) if n == size as u64 => {}
             other => eprintln!("blob get: {other:?}"),
         }
         let secs = start.elapsed().as_secs_f64();
         get_total += secs;
-        println!("GET {} MiB: {:.2} GB/s ({secs:.3}s)", opts.blob_mb, size as f64 / secs / 1e9);
+        println!(
+            "GET {} MiB: {:.2} GB/s ({secs:.3}s)",
+            opts.blob_mb,
+            size as f64 / secs / 1e9
+        );
     }
     if !digests.is_empty() {
         let n = digests.len() as f64;

@@ -52,15 +52,16 @@ trap 'kill $REG 2>/dev/null || true' EXIT
 sleep 1
 skopeo copy --dest-tls-verify=false "oci:$WORK/layout:big" "docker://127.0.0.1:$PORT/big:latest" >/dev/null
 
-# Each run unpacks into a new directory; old ones are removed and synced
-# before the next run, so that deleting 60k files (ext4 with discard) does
-# not slow the measured run down.
+# Each run unpacks into a new directory, and the trees are deleted only
+# after both runs: deleting 60k files (ext4 with discard) keeps the file
+# system busy for many seconds and would slow the next measured run down.
+rm -rf "$WORK/rootfs-cold" "$WORK/rootfs-warm" "$WORK/store"
+sync
+sleep 10
 for run in cold warm; do
-  rm -rf "$WORK/rootfs-cold" "$WORK/rootfs-warm"
-  [ "$run" = cold ] && rm -rf "$WORK/store"
-  sync
-  sleep 2
   echo "== $run store"
   /usr/bin/time -v "$BIN" "127.0.0.1:$PORT/big:latest" "$WORK/rootfs-$run" "$WORK/store" "127.0.0.1:$PORT" 2>"$WORK/time-$run.txt"
   grep -E "Elapsed|Maximum resident|User time|System time" "$WORK/time-$run.txt"
+  sync
 done
+rm -rf "$WORK/rootfs-cold" "$WORK/rootfs-warm"

@@ -36,6 +36,8 @@ use crate::telemetry as t;
 /// Largest JSON request body (lookups, entries) we read; a full lookup of
 /// MAX_LOOKUP_KEYS keys is ~70 KiB.
 pub const MAX_JSON_BODY: usize = 1 << 20;
+/// Upload bytes handed to the writer thread at a time.
+const UPLOAD_BATCH: usize = 1 << 20;
 /// Size of the chunks blob bodies are read from disk in.
 const CHUNK: usize = 256 << 10;
 /// Default and maximum page size of `GET /v1/admin/entries`.
@@ -577,16 +579,20 @@ async fn put_blob(
     let _pin = state.store.pin(&digest);
 
     // `None` tells the writer the client aborted: drop, do not commit.
-    let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(8);
+    let (tx, mut rx) = mpsc::channel::<Option<Vec<Bytes>>>(4);
     let store = state.store.clone();
     let expected = digest.clone();
     let writer = tokio::task::spawn_blocking(move || -> Result<(BlobCommit, u64), StoreError> {
         let mut w = store.blob_writer()?;
         while let Some(message) = rx.blocking_recv() {
             match message {
-                Some(chunk) => w
-                    .write_all(&chunk)
-                    .map_err(|e| StoreError::io(format!("writing upload of {expected}"), e))?,
+                Some(chunks) => {
+                    for chunk in chunks {
+                        w.write_all(&chunk).map_err(|e| {
+                            StoreError::io(format!("writing upload of {expected}"), e)
+                        })?;
+                    }
+                }
                 None => {
                     return Err(StoreError::io(
                         format!("upload of {expected}"),
@@ -605,21 +611,41 @@ async fn put_blob(
     let mut stream = body.into_data_stream();
     let mut writer_gone = false;
     let mut aborted = None;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => {
+    // Chunks are handed to the writer thread in batches of about a MiB:
+    // one thread hop per batch instead of per (often 16 KiB) chunk.
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0usize;
+    loop {
+        let next = stream.next().await;
+        let flush = match &next {
+            Some(Ok(chunk)) => {
                 counter!(t::BYTES_RECEIVED).increment(chunk.len() as u64);
-                // After a write failure (e.g. a full disk) keep reading, so
-                // the client gets our answer instead of a reset.
-                if !writer_gone && tx.send(Some(chunk)).await.is_err() {
-                    writer_gone = true;
-                }
+                batched += chunk.len();
+                batched >= UPLOAD_BATCH
             }
-            Err(e) => {
+            _ => true,
+        };
+        if let Some(Ok(chunk)) = &next
+            && !writer_gone
+        {
+            batch.push(chunk.clone());
+        }
+        if flush && !batch.is_empty() {
+            // After a write failure (e.g. a full disk) keep reading, so the
+            // client gets our answer instead of a reset.
+            if tx.send(Some(std::mem::take(&mut batch))).await.is_err() {
+                writer_gone = true;
+            }
+            batched = 0;
+        }
+        match next {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
                 aborted = Some(e.to_string());
                 let _ = tx.send(None).await;
                 break;
             }
+            None => break,
         }
     }
     drop(tx);

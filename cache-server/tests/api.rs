@@ -494,3 +494,52 @@ async fn sigterm_lets_an_in_flight_upload_finish_then_exits_cleanly() {
     let stored = data.path().join("blobs").join(digest.sharded_path());
     assert_eq!(std::fs::read(stored).unwrap(), blob);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flags_beat_environment_which_beats_the_config_file() {
+    let conf = tempfile::tempdir().unwrap();
+    let file = conf.path().join("cache.toml");
+    std::fs::write(
+        &file,
+        "max_size = \"1MiB\"\nentry_ttl = \"1h\"\nlog_format = \"json\"\n",
+    )
+    .unwrap();
+    let max_size = |server: &Server| {
+        let url = format!("{}/v1/admin/stats", server.url);
+        async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()["max_size"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let config = file.to_str().unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let from_file = Server::start(data.path(), &["--config", config]);
+    assert_eq!(max_size(&from_file).await, 1 << 20);
+    assert!(
+        from_file.log_text().contains("\"listening on 127.0.0.1:"),
+        "log_format = json from the file: {}",
+        from_file.log_text()
+    );
+    drop(from_file);
+
+    let env = [("KILN_CACHE_MAX_SIZE", "2MiB")];
+    let from_env = Server::start_with_env(data.path(), &["--config", config], &env);
+    assert_eq!(max_size(&from_env).await, 2 << 20);
+    drop(from_env);
+
+    let from_flag = Server::start_with_env(
+        data.path(),
+        &["--config", config, "--max-size", "3MiB"],
+        &env,
+    );
+    assert_eq!(max_size(&from_flag).await, 3 << 20);
+}

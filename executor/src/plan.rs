@@ -686,9 +686,10 @@ impl<'a> Planner<'a> {
                         shell::expand_word(v, &vars, self.escape).map_err(ErrorKind::Expansion)
                     })
                     .map_err(|kind| {
-                        let col = dockerfile::flag_column(&located.original, &kind)
-                            .map_or(column, |c| column + c);
-                        self.err(line, col, kind)
+                        let (l, c) =
+                            dockerfile::error_position(&located.original, &located.segments, &kind)
+                                .unwrap_or((line, column));
+                        self.err(l, c, kind)
                     })?;
                     if let Some(f) = &mount.from
                         && let Some(i) = self.stage_ref(f, names, line, column)?
@@ -1378,6 +1379,20 @@ mod tests {
             error_kind("FROM a\nEXPOSE 80/xyz\n"),
             ErrorKind::InvalidPort(_)
         ));
+    }
+
+    #[test]
+    fn flag_errors_on_continued_lines_point_at_the_physical_line() {
+        let e = plan_of(
+            "FROM a\nRUN --network=none \\\n  --mount=type=cache,target=/c,size=1 true\n",
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("Dockerfile:3:3: invalid value"),
+            "{e}"
+        );
     }
 
     #[test]

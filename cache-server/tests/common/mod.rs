@@ -29,6 +29,11 @@ impl Server {
     /// Starts a server on `data` with `--listen 127.0.0.1:0`, GC only on
     /// demand, plus `extra` flags; waits until it listens.
     pub fn start(data: &Path, extra: &[&str]) -> Server {
+        Self::start_with_env(data, extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let work = tempfile::tempdir().unwrap();
         let port_file = work.path().join("port");
         let log = work.path().join("server.log");
@@ -38,6 +43,7 @@ impl Server {
             .arg("--port-file")
             .arg(&port_file)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

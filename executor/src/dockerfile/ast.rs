@@ -15,6 +15,8 @@ pub struct Located {
     pub column: usize,
     /// The logical line as written, continuations joined.
     pub original: String,
+    /// Where the pieces of `original` come from (for error positions).
+    pub segments: Vec<super::Segment>,
     pub instruction: Instruction,
 }
 

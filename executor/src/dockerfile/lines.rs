@@ -50,6 +50,25 @@ pub struct LogicalLine {
     pub column: usize,
     pub text: String,
     pub heredocs: Vec<Heredoc>,
+    /// Where each joined piece of `text` came from.
+    pub segments: Vec<Segment>,
+}
+
+/// A piece of a logical line: its byte offset in the joined text and the
+/// physical line and 1-based column it starts at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub offset: usize,
+    pub line: usize,
+    pub column: usize,
+}
+
+/// Maps a byte offset in a joined logical line back to the physical line
+/// and column, so errors can point inside continued instructions.
+pub fn locate(segments: &[Segment], text: &str, byte: usize) -> Option<(usize, usize)> {
+    let seg = segments.iter().rev().find(|s| s.offset <= byte)?;
+    let chars = text.get(seg.offset..byte)?.chars().count();
+    Some((seg.line, seg.column + chars))
 }
 
 /// Splits `source` into directives and logical lines.
@@ -107,6 +126,11 @@ pub fn logical_lines(source: &str, file: &Path) -> Result<(Directives, Vec<Logic
         let line = idx;
         let column = raw.chars().count() - trimmed.chars().count() + 1;
         let (mut text, mut continues) = strip_continuation(trimmed, escape);
+        let mut segments = vec![Segment {
+            offset: 0,
+            line,
+            column,
+        }];
         while continues && idx < physical.len() {
             let next = physical[idx];
             idx += 1;
@@ -115,6 +139,11 @@ pub fn logical_lines(source: &str, file: &Path) -> Result<(Directives, Vec<Logic
                 continue;
             }
             let (part, more) = strip_continuation(next, escape);
+            segments.push(Segment {
+                offset: text.len(),
+                line: idx,
+                column: 1,
+            });
             text.push_str(&part);
             continues = more;
         }
@@ -124,7 +153,8 @@ pub fn logical_lines(source: &str, file: &Path) -> Result<(Directives, Vec<Logic
             .unwrap_or("")
             .to_ascii_lowercase();
         let mut heredocs = Vec::new();
-        if matches!(keyword.as_str(), "run" | "copy" | "add") {
+        // Most lines have no `<<`; skip the word split for them.
+        if text.contains("<<") && matches!(keyword.as_str(), "run" | "copy" | "add") {
             for mut doc in heredoc_markers(&text, escape) {
                 let mut terminated = false;
                 while idx < physical.len() {
@@ -153,6 +183,7 @@ pub fn logical_lines(source: &str, file: &Path) -> Result<(Directives, Vec<Logic
             column,
             text: text.trim_end().to_string(),
             heredocs,
+            segments,
         });
     }
     Ok((directives, lines))
@@ -272,6 +303,15 @@ mod tests {
         assert_eq!(l[0].text, "run echo a      b  c");
         assert_eq!((l[0].line, l[0].column), (1, 3));
         assert_eq!(l[1].line, 6);
+    }
+
+    #[test]
+    fn offsets_in_joined_lines_map_back_to_physical_positions() {
+        let (_, l) = lines("FROM a\n  COPY --link \\\n    --bogus=1 a b\n");
+        let copy = &l[1];
+        let byte = copy.text.find("--bogus").unwrap();
+        assert_eq!(locate(&copy.segments, &copy.text, byte), Some((3, 5)));
+        assert_eq!(locate(&copy.segments, &copy.text, 0), Some((2, 3)));
     }
 
     #[test]

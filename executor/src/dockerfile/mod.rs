@@ -16,7 +16,7 @@ pub use ast::{
     Add, ArgDecl, Command, Copy, From, Healthcheck, Instruction, KeyValue, Located, Network,
     PortSpec, Protocol, Run, Security,
 };
-pub use lines::{Directives, Heredoc};
+pub use lines::{Directives, Heredoc, Segment};
 pub use mount::{Mount, MountType, Sharing};
 pub use shell::{ExpandError, Vars};
 
@@ -117,10 +117,11 @@ pub fn parse(source: &str, file: &Path) -> Result<Dockerfile, Error> {
     for line in lines {
         let parsed = ast::parse_instruction(&line.text, line.heredocs.clone(), directives.escape)
             .map_err(|kind| {
-            let column = flag_column(&line.text, &kind).map_or(line.column, |c| line.column + c);
+            let (line_no, column) = error_position(&line.text, &line.segments, &kind)
+                .unwrap_or((line.line, line.column));
             Error {
                 file: file.to_path_buf(),
-                line: line.line,
+                line: line_no,
                 column,
                 kind,
             }
@@ -129,6 +130,7 @@ pub fn parse(source: &str, file: &Path) -> Result<Dockerfile, Error> {
             line: line.line,
             column: line.column,
             original: line.text,
+            segments: line.segments,
             instruction: parsed,
         });
     }
@@ -139,9 +141,14 @@ pub fn parse(source: &str, file: &Path) -> Result<Dockerfile, Error> {
     })
 }
 
-/// For flag errors, the character offset of the flag in the line, so the
-/// column points at the flag rather than at the instruction.
-pub(crate) fn flag_column(text: &str, kind: &ErrorKind) -> Option<usize> {
+/// For flag errors, the physical line and column of the flag, so the error
+/// points at the flag rather than at the instruction (also on continued
+/// lines).
+pub(crate) fn error_position(
+    text: &str,
+    segments: &[Segment],
+    kind: &ErrorKind,
+) -> Option<(usize, usize)> {
     let flag = match kind {
         ErrorKind::UnknownFlag { flag, .. }
         | ErrorKind::DuplicateFlag(flag)
@@ -156,5 +163,5 @@ pub(crate) fn flag_column(text: &str, kind: &ErrorKind) -> Option<usize> {
     } else {
         text.find(&needle)
     }?;
-    Some(text[..byte].chars().count())
+    lines::locate(segments, text, byte)
 }

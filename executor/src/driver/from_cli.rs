@@ -10,7 +10,7 @@ use crate::build::runner::NetworkMode;
 use crate::cli::{self, ExecutorArgs};
 use crate::registry::RegistryOptions;
 
-use super::{BuildOptions, CacheOptions, Isolation, SnapshotterKind};
+use super::{BuildOptions, CacheOptions, Isolation, Secret, SecretSource, SnapshotterKind};
 use crate::cache::CacheMode;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,8 @@ pub enum OptionsError {
     SourceDateEpoch(String),
     #[error("--compression-level {level} is out of range for {compression}")]
     CompressionLevel { level: i32, compression: &'static str },
+    #[error("--secret {0:?}: expected id=ID,src=FILE or id=ID,env=VARIABLE")]
+    Secret(String),
     #[error("--cache-ttl {0:?}: expected a duration such as 336h, 30m or 7d")]
     CacheTtl(String),
     #[error(
@@ -153,7 +155,38 @@ impl ExecutorArgs {
                     .ok_or_else(|| OptionsError::CacheTtl(self.cache_ttl.clone()))?,
             },
             report: self.report.clone(),
+            secrets: self
+                .secret
+                .iter()
+                .map(|s| parse_secret(s))
+                .collect::<Result<_, _>>()?,
         })
+    }
+}
+
+/// `--secret id=npmrc,src=/home/me/.npmrc` or `id=token,env=API_TOKEN`
+/// (`source=` is accepted for `src=`, as Docker does).
+pub fn parse_secret(spec: &str) -> Result<Secret, OptionsError> {
+    let mut id = None;
+    let mut source = None;
+    for field in spec.split(',') {
+        match field.split_once('=') {
+            Some(("id", v)) if !v.is_empty() => id = Some(v.to_owned()),
+            Some(("src" | "source", v)) if !v.is_empty() => {
+                source = Some(SecretSource::File(PathBuf::from(v)))
+            }
+            Some(("env", v)) if !v.is_empty() => source = Some(SecretSource::Env(v.to_owned())),
+            Some(("type", "file" | "env")) => {}
+            _ => return Err(OptionsError::Secret(spec.to_owned())),
+        }
+    }
+    match (id, source) {
+        (Some(id), Some(source)) => Ok(Secret { id, source }),
+        (Some(id), None) => Ok(Secret {
+            source: SecretSource::Env(id.clone()),
+            id,
+        }),
+        _ => Err(OptionsError::Secret(spec.to_owned())),
     }
 }
 
@@ -176,6 +209,17 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_parse_from_files_and_environment() {
+        let s = parse_secret("id=npm,src=/tmp/npmrc").unwrap();
+        assert_eq!(s.id, "npm");
+        assert!(matches!(s.source, SecretSource::File(p) if p == std::path::Path::new("/tmp/npmrc")));
+        let e = parse_secret("id=tok,env=API_TOKEN").unwrap();
+        assert!(matches!(e.source, SecretSource::Env(v) if v == "API_TOKEN"));
+        assert!(parse_secret("src=/x").is_err());
+        assert!(parse_secret("id=a,bogus=1").is_err());
+    }
 
     #[test]
     fn durations_parse_like_kaniko_flags() {

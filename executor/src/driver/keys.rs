@@ -73,6 +73,9 @@ pub fn step_key(
             let env: Vec<(&String, &String)> = ins.env.iter().collect();
             let args: Vec<(&String, &String)> = ins.args.iter().collect();
             b = b.pairs("env", &env).pairs("build args", &args).list("heredocs", &heredocs);
+            if let Some(SourceIdentity::Context(digest)) = sources {
+                b = b.bytes("bind-mounted sources", digest);
+            }
         }
         Instruction::Copy(_) | Instruction::Add(_) => {
             b = match sources {

@@ -36,7 +36,7 @@ use crate::build::config::{self as image_config, ConfigBuilder};
 use crate::build::layer::{Compression, LayerOptions, MtimePolicy, write_layer};
 use crate::build::runner::chroot::ChrootRunner;
 use crate::build::runner::none::{NoneRunner, detect_container};
-use crate::build::runner::{NetworkMode, OutputSink, RunSpec, Runner};
+use crate::build::runner::{MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
 use crate::build::snapshot::overlay::OverlaySnapshotter;
 use crate::build::snapshot::walk::WalkSnapshotter;
 use crate::build::snapshot::{LowerLayout, Snapshotter};
@@ -97,6 +97,20 @@ pub struct BuildOptions {
     pub cache: CacheOptions,
     /// `--report FILE`: the JSON build report.
     pub report: Option<PathBuf>,
+    /// `--secret id=..,src=..|env=..`: what `RUN --mount=type=secret` reads.
+    pub secrets: Vec<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Secret {
+    pub id: String,
+    pub source: SecretSource,
+}
+
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
 }
 
 /// How the build uses the layer cache.
@@ -657,9 +671,9 @@ impl Driver {
                     Some(dockerfile::Network::Host) => NetworkMode::Host,
                     _ => self.opts.network,
                 };
-                if !run.mounts.is_empty() {
-                    return Err("RUN --mount is not supported by this executor yet".into());
-                }
+                let (mounts, secret_env) = self.run_mounts(plan, &run.mounts, &workdir)?;
+                let mut env = env;
+                env.extend(secret_env);
                 let log = self.opts.log.clone();
                 let prefix = format!("[stage {} line {}] ", stage.index, ins.line);
                 let layer = self.filesystem_step(stage, ins, builder, state, &created_by, move |driver, rootfs| {
@@ -668,6 +682,7 @@ impl Driver {
                     spec.user = user;
                     spec.workdir = workdir;
                     spec.network = network;
+                    spec.mounts = mounts;
                     spec.output = OutputSink {
                         prefix,
                         writer: Some(log),
@@ -938,6 +953,33 @@ impl Driver {
                     Instruction::Add(a) => Some(SourceIdentity::Context(
                         self.context_digest(&a.sources, &a.exclude).map_err(step_err)?,
                     )),
+                    Instruction::Run(run) if run.mounts.iter().any(|m| m.kind == dockerfile::MountType::Bind) => {
+                        let mut hasher = blake3::Hasher::new();
+                        for m in run.mounts.iter().filter(|m| m.kind == dockerfile::MountType::Bind) {
+                            let source = m.source.clone().unwrap_or_else(|| ".".into());
+                            hasher.update(source.as_bytes());
+                            match &m.from {
+                                None => {
+                                    hasher.update(&self.context_digest(&[source], &[]).map_err(step_err)?);
+                                }
+                                Some(from) => match stage_index(plan, from) {
+                                    Some(i) => {
+                                        let key = self.stage_last_key.get(&i).ok_or_else(|| {
+                                            step_err(format!("stage {from} is not built before it is mounted"))
+                                        })?;
+                                        hasher.update(key.as_bytes());
+                                    }
+                                    None => {
+                                        self.resolve_base(from)?;
+                                        let identity =
+                                            self.bases.get(from).map(|b| b.identity.clone()).unwrap_or_default();
+                                        hasher.update(identity.as_bytes());
+                                    }
+                                },
+                            }
+                        }
+                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
+                    }
                     _ => None,
                 };
                 let key = keys::step_key(&parent, ins, sources.as_ref(), &options);
@@ -1121,6 +1163,139 @@ impl Driver {
             selections.retain(|s| !s.entries.is_empty());
         }
         Ok(selections)
+    }
+
+    /// RUN --mount: what to mount where, and environment variables for
+    /// secrets exposed with `env=`. Secret values never reach a layer (the
+    /// runner removes the mount points it created) nor a cache key (only the
+    /// mount's options are part of the instruction text).
+    fn run_mounts(
+        &mut self,
+        plan: &Plan,
+        mounts: &[dockerfile::Mount],
+        workdir: &Path,
+    ) -> Result<(Vec<MountSpec>, Vec<(String, String)>), String> {
+        use dockerfile::MountType;
+        let mut specs = Vec::new();
+        let mut env = Vec::new();
+        for m in mounts {
+            let target = m.target.as_deref().map(|t| copy::absolute_in_image(workdir, t));
+            match m.kind {
+                MountType::Bind => {
+                    let target = target.ok_or("--mount=type=bind needs a target")?;
+                    let source = m.source.clone().unwrap_or_else(|| ".".into());
+                    let host = match &m.from {
+                        None => {
+                            let rel = crate::context::clean_relative(&source)
+                                .ok_or_else(|| format!("--mount source {source:?} is outside the build context"))?;
+                            let host = self.opts.plan.context.join(rel);
+                            if fs::symlink_metadata(&host).is_err() {
+                                return Err(format!("--mount source {source:?}: not found in the build context"));
+                            }
+                            host
+                        }
+                        Some(from) => {
+                            let roots = match stage_index(plan, from) {
+                                Some(index) => self.stage_sources(index, std::slice::from_ref(&source))?,
+                                None => self.image_sources(from, std::slice::from_ref(&source))?,
+                            };
+                            roots
+                                .first()
+                                .map(|r| r.entries[0].host.clone())
+                                .ok_or_else(|| format!("--mount source {source:?} not found in {from}"))?
+                        }
+                    };
+                    specs.push(MountSpec::Bind {
+                        source: host,
+                        target,
+                        readonly: m.readonly,
+                    });
+                }
+                MountType::Cache => {
+                    let target = target.ok_or("--mount=type=cache needs a target")?;
+                    let id = m.id.clone().unwrap_or_else(|| target.display().to_string());
+                    let dir = self
+                        .opts
+                        .state_dir
+                        .join("run-cache")
+                        .join(blake3::hash(id.as_bytes()).to_hex().as_str());
+                    if !dir.is_dir() {
+                        fs::create_dir_all(&dir).map_err(|e| format!("creating cache mount {id}: {e}"))?;
+                        use std::os::unix::fs::PermissionsExt;
+                        fs::set_permissions(&dir, fs::Permissions::from_mode(m.mode.unwrap_or(0o755)))
+                            .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        std::os::unix::fs::chown(&dir, Some(m.uid.unwrap_or(0)), Some(m.gid.unwrap_or(0)))
+                            .map_err(|e| format!("cache mount {id}: {e}"))?;
+                    }
+                    specs.push(MountSpec::Bind {
+                        source: dir,
+                        target,
+                        readonly: m.readonly,
+                    });
+                }
+                MountType::Tmpfs => {
+                    let target = target.ok_or("--mount=type=tmpfs needs a target")?;
+                    specs.push(MountSpec::Tmpfs {
+                        target,
+                        size_bytes: m.size,
+                    });
+                }
+                MountType::Secret => {
+                    let id = m
+                        .id
+                        .clone()
+                        .or_else(|| {
+                            target
+                                .as_ref()
+                                .and_then(|t| t.file_name())
+                                .map(|n| n.to_string_lossy().into_owned())
+                        })
+                        .ok_or("--mount=type=secret needs an id or a target")?;
+                    let Some(path) = self.secret_file(&id)? else {
+                        if m.required {
+                            return Err(format!("secret {id} is required but no --secret id={id} was given"));
+                        }
+                        continue;
+                    };
+                    if let Some(var) = &m.env {
+                        let value = fs::read_to_string(&path).map_err(|e| format!("reading secret {id}: {e}"))?;
+                        env.push((var.clone(), value));
+                        if m.target.is_none() {
+                            continue;
+                        }
+                    }
+                    specs.push(MountSpec::Bind {
+                        source: path,
+                        target: target.unwrap_or_else(|| PathBuf::from("/run/secrets").join(&id)),
+                        readonly: true,
+                    });
+                }
+                MountType::Ssh => {
+                    return Err("RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding".into());
+                }
+            }
+        }
+        Ok((specs, env))
+    }
+
+    /// The file holding secret `id` (`--secret id=..,src=..` or `env=..`).
+    fn secret_file(&mut self, id: &str) -> Result<Option<PathBuf>, String> {
+        let Some(secret) = self.opts.secrets.iter().find(|s| s.id == id).cloned() else {
+            return Ok(None);
+        };
+        match secret.source {
+            SecretSource::File(path) => Ok(Some(path)),
+            SecretSource::Env(var) => {
+                let value = std::env::var(&var).map_err(|_| format!("secret {id}: ${var} is not set"))?;
+                let dir = self.work.join("secrets");
+                fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+                let path = dir.join(blake3::hash(id.as_bytes()).to_hex().as_str());
+                fs::write(&path, value).map_err(|e| e.to_string())?;
+                Ok(Some(path))
+            }
+        }
     }
 
     // ---------------------------------------------------------- sources
@@ -1675,6 +1850,17 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
         current = next;
     }
     Ok(current)
+}
+
+/// A stage named by `from=`: its name (case-insensitive) or index.
+fn stage_index(plan: &Plan, from: &str) -> Option<usize> {
+    if let Ok(i) = from.parse::<usize>() {
+        return (i < plan.stages.len()).then_some(i);
+    }
+    plan.stages
+        .iter()
+        .find(|s| s.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(from)))
+        .map(|s| s.index)
 }
 
 /// The cache the options ask for, or none (with a warning) when it cannot

@@ -925,6 +925,51 @@ mod tests {
     }
 
     #[test]
+    fn with_walk_only_the_steps_own_writes_are_a_change() {
+        use crate::build::snapshot::{Snapshotter, walk::WalkSnapshotter};
+        let r = Root::new();
+        let snap = WalkSnapshotter::default();
+        let m = snap.prepare(&[r.path().to_path_buf()], r.path()).unwrap();
+        let (out, _) = run(&r.spec("echo hi > /tmp/x; cat /etc/resolv.conf > /dev/null"));
+        assert!(out.success(), "{:?}", out.tail);
+        let got: Vec<_> = snap
+            .diff(&m)
+            .unwrap()
+            .entries()
+            .iter()
+            .map(|e| e.path.display().to_string())
+            .collect();
+        assert_eq!(got, vec!["tmp", "tmp/x"]);
+    }
+
+    /// Killing the step from outside (the executor's side) is reported as
+    /// that signal, not as an exit code.
+    #[test]
+    fn a_step_killed_by_a_signal_reports_the_signal() {
+        let r = Root::new();
+        let spec = r.spec("exec sleep 4243");
+        let handle = std::thread::spawn(move || ChrootRunner::new().run(&spec).unwrap());
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        let pid = loop {
+            let found = std::fs::read_dir("/proc").unwrap().find_map(|e| {
+                let e = e.ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                (cmd == b"sleep\x004243\x00")
+                    .then(|| e.file_name().to_string_lossy().parse::<i32>().ok())?
+            });
+            if let Some(pid) = found {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "step never started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        // SAFETY: signalling the step process found above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let out = handle.join().unwrap();
+        assert_eq!(out.status, ExitStatus::Signal(libc::SIGKILL));
+    }
+
+    #[test]
     fn missing_command_and_unknown_user_are_errors() {
         let r = Root::new();
         let spec = RunSpec::new(r.path(), vec!["/bin/does-not-exist".into()]);

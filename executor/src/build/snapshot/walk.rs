@@ -184,15 +184,17 @@ fn walk_dir(
         if ignored.contains(&path) {
             continue;
         }
-        let host = ent.path();
-        let m = match std::fs::symlink_metadata(&host) {
+        // DirEntry::metadata is an fstatat relative to the open directory
+        // (no path walk from the root) and does not follow symlinks.
+        let m = match ent.metadata() {
             Ok(m) => m,
             // Deleted between readdir and lstat (a step's leftover process):
             // the path does not exist in this state.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(SnapshotError::io("inspecting", &host, e)),
+            Err(e) => return Err(SnapshotError::io("inspecting", &ent.path(), e)),
         };
         let link = if m.file_type().is_symlink() {
+            let host = ent.path();
             Some(
                 std::fs::read_link(&host)
                     .map_err(|e| SnapshotError::io("reading link", &host, e))?,

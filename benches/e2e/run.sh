@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# End-to-end build benchmark: kiln-executor against Buildah, on a local
+# registry, with the Dockerfiles in benches/e2e/dockerfiles/.
+#
+# usage: benches/e2e/run.sh [--quick] [--runs N] [--only "app small ..."]
+#                           [--json FILE] [--no-buildah]
+#
+#   --quick       one run of each measurement (default: 3, medians reported)
+#   --runs N      N runs of each measurement
+#   --only LIST   Dockerfiles to build (default: small app multistage)
+#   --json FILE   raw results (default: ./e2e-results.json)
+#   --no-buildah  kiln only
+#
+# Environment:
+#   KILN_BIN_DIR      where kiln-executor and kiln-cache-server are
+#                     (default: $CARGO_TARGET_DIR/release or target/release);
+#                     they are copied into the temporary directory first, so a
+#                     rebuild during the run does not change them
+#   KILN_E2E_TMPDIR   parent of the temporary directory (default /var/tmp)
+#   KILN_E2E_BASE_DIR keep the base images' OCI layouts here between runs
+#                     (default: inside the temporary directory, rebuilt each time)
+#   KILN_E2E_TIMEOUT  seconds allowed to each build or push (default 1800)
+#
+# For every repetition: a new docker-registry (Debian's Distribution) with
+# empty storage on a free 127.0.0.1 port, into which make-base.sh pushes the
+# two bases; for every Dockerfile a new kiln-cache-server with an empty data
+# directory; then, each under /usr/bin/time -v (wall time and max RSS):
+#   kiln cold      empty --cache-dir, empty cache server, push
+#   kiln rebuild   one line of src/main.c changed, same --cache-dir, push
+#   kiln fresh     new empty --cache-dir, warm cache server, same changed
+#                  source, push to a registry that already has every blob
+#   buildah cold   new --root/--runroot (vfs), build --layers, then push
+#   buildah rebuild  same change, same storage, build --layers, then push
+# Needs root, and: docker-registry, buildah, skopeo, umoci, busybox-static,
+# jq, curl, time, util-linux (findmnt), iproute2 (ss).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO_ROOT=$(cd "$HERE/../.." && pwd)
+
+RUNS=3
+QUICK=0
+ONLY="small app multistage"
+JSON_OUT=$PWD/e2e-results.json
+BUILDAH=1
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; RUNS=1 ;;
+    --runs) RUNS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --json) JSON_OUT=$2; shift ;;
+    --no-buildah) BUILDAH=0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$JSON_OUT" in /*) ;; *) JSON_OUT=$PWD/$JSON_OUT ;; esac
+
+TIMEOUT=${KILN_E2E_TIMEOUT:-1800}
+KILN_BIN_DIR=${KILN_BIN_DIR:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release}
+
+log() { echo "[e2e $(date +%H:%M:%S)] $*" >&2; }
+die() { echo "run.sh: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (overlay mounts, namespaces, umoci unpack)"
+for tool in docker-registry skopeo umoci jq curl findmnt ss timeout /usr/bin/time; do
+  command -v "$tool" >/dev/null || die "$tool not found"
+done
+if [ "$BUILDAH" -eq 1 ]; then command -v buildah >/dev/null || die "buildah not found (or use --no-buildah)"; fi
+for b in kiln-executor kiln-cache-server; do
+  [ -x "$KILN_BIN_DIR/$b" ] || die "$KILN_BIN_DIR/$b not found (set KILN_BIN_DIR)"
+done
+
+T=$(mktemp -d "${KILN_E2E_TMPDIR:-/var/tmp}/kiln-e2e.XXXXXX")
+REG_PID=""
+CS_PID=""
+
+unmount_under() {
+  local m
+  findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1' | sort -r | while read -r m; do
+    umount -R "$m" 2>/dev/null || umount -R -l "$m" 2>/dev/null || true
+  done
+}
+
+stop_pid() {
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill "$pid" 2>/dev/null || return 0
+  local i
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.5
+    : "$i"
+  done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_pid "$CS_PID"
+  stop_pid "$REG_PID"
+  unmount_under "$T"
+  rm -rf "$T"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$T/bin" "$T/tmp" "$T/bases"
+cp "$KILN_BIN_DIR/kiln-executor" "$KILN_BIN_DIR/kiln-cache-server" "$T/bin/"
+KILN="$T/bin/kiln-executor"
+KILN_CS="$T/bin/kiln-cache-server"
+BASE_DIR=${KILN_E2E_BASE_DIR:-$T/bases}
+RESULTS="$T/results.jsonl"
+: >"$RESULTS"
+
+# Buildah configuration private to this run.
+cat >"$T/policy.json" <<'EOF'
+{"default": [{"type": "insecureAcceptAnything"}]}
+EOF
+cat >"$T/registries.conf" <<'EOF'
+unqualified-search-registries = []
+short-name-mode = "permissive"
+EOF
+export CONTAINERS_REGISTRIES_CONF="$T/registries.conf"
+
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    if [ -z "$(ss -Htln "sport = :$p")" ]; then
+      echo "$p"
+      return
+    fi
+  done
+}
+
+wait_http() {
+  local url=$1 i
+  for i in $(seq 1 100); do
+    curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+    sleep 0.2
+    : "$i"
+  done
+  return 1
+}
+
+start_registry() {
+  local dir=$1 port
+  port=$(free_port)
+  mkdir -p "$dir/storage"
+  cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $dir/storage
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+EOF
+  docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 &
+  REG_PID=$!
+  REG="127.0.0.1:$port"
+  wait_http "http://$REG/v2/" || die "registry did not start (see $dir/registry.log)"
+}
+
+start_cache_server() {
+  local dir=$1
+  mkdir -p "$dir/data"
+  rm -f "$dir/port"
+  "$KILN_CS" --listen 127.0.0.1:0 --data "$dir/data" --port-file "$dir/port" >"$dir/cache-server.log" 2>&1 &
+  CS_PID=$!
+  local i
+  for i in $(seq 1 100); do
+    [ -s "$dir/port" ] && break
+    sleep 0.1
+    : "$i"
+  done
+  [ -s "$dir/port" ] || die "kiln-cache-server did not start (see $dir/cache-server.log)"
+  CS_URL="http://127.0.0.1:$(cat "$dir/port")"
+  wait_http "$CS_URL/healthz" || die "kiln-cache-server not healthy (see $dir/cache-server.log)"
+}
+
+# Removes a directory tree outside the measurements, then lets the disk settle
+# (deleting tens of thousands of files keeps ext4 busy for a while).
+drop_tree() {
+  unmount_under "$1"
+  rm -rf "$1"
+  sync
+  sleep 2
+}
+
+# measure LOG CMD...: runs CMD under /usr/bin/time -v and timeout; sets
+# M_WALL (seconds), M_RSS (KiB, max over the process tree) and M_RC.
+measure() {
+  local logf=$1
+  shift
+  local t0 t1
+  sync
+  t0=$(date +%s%N)
+  set +e
+  /usr/bin/time -v -o "$logf.time" timeout -k 30 "$TIMEOUT" "$@" >"$logf" 2>&1
+  M_RC=$?
+  set -e
+  t1=$(date +%s%N)
+  M_WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
+  M_RSS=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$logf.time")
+  M_RSS=${M_RSS:-0}
+  if [ "$M_RC" -ne 0 ]; then
+    log "FAILED (exit $M_RC): $*"
+    tail -n 20 "$logf" >&2 || true
+  fi
+}
+
+# record KEY=VALUE...: appends one JSON object to the raw results.
+record() {
+  local args=() kv k v
+  for kv in "$@"; do
+    k=${kv%%=*}
+    v=${kv#*=}
+    args+=(--arg "$k" "$v")
+  done
+  jq -cn "${args[@]}" '$ARGS.named
+    | with_entries(.value |= (if test("^-?[0-9]+(\\.[0-9]+)?$") then tonumber else . end))' >>"$RESULTS"
+}
+
+layers_of() {
+  skopeo inspect --tls-verify=false "docker://$1" 2>/dev/null | jq '.Layers | length' 2>/dev/null || echo 0
+}
+
+mounts_under() {
+  findmnt -rn -o TARGET | awk -v p="$1/" 'index($0, p) == 1' | wc -l
+}
+
+prepare_context() {
+  local name=$1 ctx=$2
+  rm -rf "$ctx"
+  mkdir -p "$ctx"
+  cp -a "$HERE/src" "$ctx/src"
+  sed "s|@REGISTRY@|$REG|g" "$HERE/dockerfiles/$name/Dockerfile" >"$ctx/Dockerfile"
+}
+
+# The one-line source change.
+change_line() {
+  sed -i "s|^#define BUILD_TAG .*|#define BUILD_TAG \"changed-$2\"|" "$1/src/main.c"
+  grep -q "changed-$2" "$1/src/main.c" || die "one-line change did not apply"
+}
+
+kiln_phase() {
+  local name=$1 run=$2 phase=$3 ctx=$4 cdir=$5 dir=$6
+  local report="$dir/kiln-$phase.report.json"
+  local dest="$REG/$name:kiln-$phase"
+  log "$name run $run: kiln $phase"
+  measure "$dir/kiln-$phase.log" "$KILN" --context "$ctx" --dockerfile "$ctx/Dockerfile" \
+    --destination "$dest" --insecure-registry "$REG" --cache-dir "$cdir" \
+    --cache-server "$CS_URL" --report "$report" --isolation chroot
+  local steps=0 hits=0 misses=0 up=0 down=0 layers=0 left
+  if [ "$M_RC" -eq 0 ] && [ -s "$report" ]; then
+    steps=$(jq '.summary.steps // 0' "$report")
+    hits=$(jq '.summary.hits // 0' "$report")
+    misses=$(jq '.summary.misses // 0' "$report")
+    up=$(jq '.summary.bytes_uploaded // 0' "$report")
+    down=$(jq '.summary.bytes_downloaded // 0' "$report")
+    layers=$(layers_of "$dest")
+  fi
+  left=$(mounts_under "$cdir")
+  record dockerfile="$name" run="$run" tool=kiln phase="$phase" ok="$([ "$M_RC" -eq 0 ] && echo true || echo false)" \
+    rc="$M_RC" wall_s="$M_WALL" max_rss_kb="$M_RSS" steps="$steps" hits="$hits" misses="$misses" \
+    bytes_uploaded="$up" bytes_downloaded="$down" layers="$layers" mounts_left="$left" push=included
+  log "  kiln $phase: ${M_WALL}s, max RSS ${M_RSS} KiB, hits $hits/$steps, up $up B, down $down B, mounts left $left"
+}
+
+buildah_phase() {
+  local name=$1 run=$2 phase=$3 ctx=$4 bdir=$5 dir=$6
+  local b=(buildah --root "$bdir/root" --runroot "$bdir/runroot" --storage-driver vfs)
+  local dest="$REG/$name-buildah:$phase"
+  mkdir -p "$bdir/tmp"
+  log "$name run $run: buildah $phase (build)"
+  TMPDIR="$bdir/tmp" measure "$dir/buildah-$phase-build.log" "${b[@]}" build --layers --isolation chroot \
+    --tls-verify=false --signature-policy "$T/policy.json" -f "$ctx/Dockerfile" -t "localhost/$name:bench" "$ctx"
+  local bwall=$M_WALL brss=$M_RSS brc=$M_RC pwall=0 prss=0 prc=1 layers=0
+  if [ "$brc" -eq 0 ]; then
+    log "$name run $run: buildah $phase (push)"
+    TMPDIR="$bdir/tmp" measure "$dir/buildah-$phase-push.log" "${b[@]}" push --tls-verify=false \
+      --signature-policy "$T/policy.json" "localhost/$name:bench" "docker://$dest"
+    pwall=$M_WALL prss=$M_RSS prc=$M_RC
+    [ "$prc" -eq 0 ] && layers=$(layers_of "$dest")
+  fi
+  local ok=false total rss
+  [ "$brc" -eq 0 ] && [ "$prc" -eq 0 ] && ok=true
+  total=$(awk -v a="$bwall" -v b="$pwall" 'BEGIN { printf "%.3f", a + b }')
+  rss=$(( brss > prss ? brss : prss ))
+  record dockerfile="$name" run="$run" tool=buildah phase="$phase" ok="$ok" rc="$brc" push_rc="$prc" \
+    wall_s="$total" build_s="$bwall" push_s="$pwall" max_rss_kb="$rss" build_max_rss_kb="$brss" \
+    push_max_rss_kb="$prss" layers="$layers" push=included
+  log "  buildah $phase: build ${bwall}s + push ${pwall}s = ${total}s, max RSS ${rss} KiB"
+}
+
+START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+log "temporary directory $T; runs: $RUNS; Dockerfiles: $ONLY; buildah: $BUILDAH"
+
+for run in $(seq 1 "$RUNS"); do
+  RDIR="$T/run$run"
+  mkdir -p "$RDIR"
+  start_registry "$RDIR/registry"
+  log "run $run: registry $REG; making bases"
+  "$HERE/make-base.sh" small "$BASE_DIR/small" "$REG" >"$RDIR/base-small.log" 2>&1 || { cat "$RDIR/base-small.log" >&2; die "small base failed"; }
+  case " $ONLY " in
+    *" app "*|*" multistage "*)
+      "$HERE/make-base.sh" big "$BASE_DIR/big" "$REG" >"$RDIR/base-big.log" 2>&1 || { cat "$RDIR/base-big.log" >&2; die "big base failed"; }
+      ;;
+  esac
+
+  for name in $ONLY; do
+    [ -f "$HERE/dockerfiles/$name/Dockerfile" ] || die "no Dockerfile for $name"
+    D="$RDIR/$name"
+    mkdir -p "$D"
+    CTX="$D/context"
+
+    # kiln: cold, rebuild after a one-line change, fresh executor.
+    start_cache_server "$D/cache-server"
+    prepare_context "$name" "$CTX"
+    kiln_phase "$name" "$run" cold "$CTX" "$D/kiln-state-a" "$D"
+    if [ "$M_RC" -eq 0 ]; then
+      change_line "$CTX" "$run"
+      kiln_phase "$name" "$run" rebuild "$CTX" "$D/kiln-state-a" "$D"
+      kiln_phase "$name" "$run" fresh "$CTX" "$D/kiln-state-b" "$D"
+    fi
+    stop_pid "$CS_PID"
+    CS_PID=""
+    drop_tree "$D/kiln-state-a"
+    drop_tree "$D/kiln-state-b"
+
+    if [ "$BUILDAH" -eq 1 ]; then
+      prepare_context "$name" "$CTX"
+      buildah_phase "$name" "$run" cold "$CTX" "$D/buildah" "$D"
+      change_line "$CTX" "$run"
+      buildah_phase "$name" "$run" rebuild "$CTX" "$D/buildah" "$D"
+      drop_tree "$D/buildah"
+    fi
+    # Keep the logs and reports of the last run for inspection on failure.
+    if [ -n "${KILN_E2E_KEEP_LOGS:-}" ]; then
+      mkdir -p "$KILN_E2E_KEEP_LOGS/run$run/$name"
+      cp "$D"/*.log "$D"/*.json "$KILN_E2E_KEEP_LOGS/run$run/$name/" 2>/dev/null || true
+    fi
+  done
+  stop_pid "$REG_PID"
+  REG_PID=""
+  drop_tree "$RDIR/registry"
+done
+END=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+
+# Raw numbers and medians.
+jq -s --arg start "$START" --arg end "$END" --argjson runs "$RUNS" --argjson quick "$QUICK" \
+  --arg kernel "$(uname -r)" --arg nproc "$(nproc)" \
+  --arg mem "$(awk '/MemTotal/ { print $2 }' /proc/meminfo)" \
+  --arg kiln "$(sha256sum "$KILN" | cut -c1-16)" \
+  --arg buildah "$( [ "$BUILDAH" -eq 1 ] && buildah --version || echo none)" '
+  def median: map(select(. != null)) | sort
+    | if length == 0 then null
+      elif length % 2 == 1 then .[length / 2 | floor]
+      else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+  {
+    started: $start, finished: $end, runs: $runs, quick: ($quick == 1),
+    machine: {nproc: ($nproc | tonumber), mem_kb: ($mem | tonumber), kernel: $kernel},
+    kiln_executor_sha256_prefix: $kiln, buildah: $buildah,
+    results: .,
+    medians: (group_by([.dockerfile, .tool, .phase]) | map({
+      dockerfile: .[0].dockerfile, tool: .[0].tool, phase: .[0].phase,
+      ok_runs: (map(select(.ok == "true" or .ok == true)) | length), runs: length,
+      wall_s: (map(select(.ok == "true" or .ok == true) | .wall_s) | median),
+      build_s: (map(select(.ok == "true" or .ok == true) | .build_s) | median),
+      push_s: (map(select(.ok == "true" or .ok == true) | .push_s) | median),
+      max_rss_kb: (map(select(.ok == "true" or .ok == true) | .max_rss_kb) | median),
+      bytes_downloaded: (map(.bytes_downloaded) | median),
+      bytes_uploaded: (map(.bytes_uploaded) | median),
+      hits: (map(.hits) | median), steps: (map(.steps) | median)
+    }))
+  }' "$RESULTS" >"$JSON_OUT"
+
+# Markdown table.
+jq -r --arg only "$ONLY" '
+  def f: if . == null then "fail" else (. * 10 | round / 10 | tostring) + " s" end;
+  def mb: if . == null then "–" else (. / 1024 | round | tostring) + " MiB" end;
+  def ratio(a; b): if a == null or b == null or b == 0 then "–" else (a / b * 100 | round / 100 | tostring) end;
+  .medians as $m
+  | def get(d; t; p): ($m | map(select(.dockerfile == d and .tool == t and .phase == p)) | .[0]) // {};
+  "Medians of \(.runs) run(s); wall time, push included for both tools.\n",
+  "| Dockerfile | kiln cold | kiln rebuild (1-line change) | kiln fresh executor, warm cache | buildah cold (build + push) | buildah rebuild (build + push) | cold kiln/buildah | rebuild kiln/buildah |",
+  "|---|---|---|---|---|---|---|---|",
+  ($only | split(" ") | map(select(. != ""))[] as $d
+    | get($d; "kiln"; "cold") as $kc | get($d; "kiln"; "rebuild") as $kr | get($d; "kiln"; "fresh") as $kf
+    | get($d; "buildah"; "cold") as $bc | get($d; "buildah"; "rebuild") as $br
+    | "| \($d) | \($kc.wall_s | f) | \($kr.wall_s | f) | \($kf.wall_s | f) (\($kf.hits // "?")/\($kf.steps // "?") hits, \($kf.bytes_downloaded // "?") B downloaded) | \($bc.wall_s | f) (\($bc.build_s | f) + \($bc.push_s | f)) | \($br.wall_s | f) (\($br.build_s | f) + \($br.push_s | f)) | \(ratio($kc.wall_s; $bc.wall_s)) | \(ratio($kr.wall_s; $br.wall_s)) |"),
+  "",
+  "| Dockerfile | kiln cold RSS | kiln rebuild RSS | kiln fresh RSS | buildah cold RSS (max of build, push) | buildah rebuild RSS | cold RSS kiln/buildah |",
+  "|---|---|---|---|---|---|---|",
+  ($only | split(" ") | map(select(. != ""))[] as $d
+    | get($d; "kiln"; "cold") as $kc | get($d; "kiln"; "rebuild") as $kr | get($d; "kiln"; "fresh") as $kf
+    | get($d; "buildah"; "cold") as $bc | get($d; "buildah"; "rebuild") as $br
+    | "| \($d) | \($kc.max_rss_kb | mb) | \($kr.max_rss_kb | mb) | \($kf.max_rss_kb | mb) | \($bc.max_rss_kb | mb) | \($br.max_rss_kb | mb) | \(ratio($kc.max_rss_kb; $bc.max_rss_kb)) |")
+' "$JSON_OUT"
+log "raw results: $JSON_OUT"
