@@ -74,6 +74,8 @@ done
 
 T=$(mktemp -d "${KILN_E2E_TMPDIR:-/var/tmp}/kiln-e2e.XXXXXX")
 REG_PID=""
+REG_LOG=/dev/null
+REG_RC=0
 CS_PID=""
 
 unmount_under() {
@@ -166,6 +168,7 @@ http:
 EOF
   docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 &
   REG_PID=$!
+  REG_LOG="$dir/registry.log"
   REG="127.0.0.1:$port"
   wait_http "http://$REG/v2/" || die "registry did not start (see $dir/registry.log)"
 }
@@ -215,6 +218,18 @@ measure() {
   if [ "$M_RC" -ne 0 ]; then
     log "FAILED (exit $M_RC): $*"
     tail -n 20 "$logf" >&2 || true
+  fi
+  check_registry
+}
+
+# The registry must outlive every measurement; if it died the numbers are void.
+check_registry() {
+  if [ -n "$REG_PID" ] && ! kill -0 "$REG_PID" 2>/dev/null; then
+    wait "$REG_PID" 2>/dev/null && REG_RC=0 || REG_RC=$?
+    log "docker-registry (pid $REG_PID) exited with status $REG_RC; its log:"
+    tail -n 30 "$REG_LOG" >&2 || true
+    REG_PID=""
+    die "registry died during the run"
   fi
 }
 
@@ -357,7 +372,7 @@ done
 END=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 # Raw numbers and medians.
-jq -s --arg start "$START" --arg end "$END" --argjson runs "$RUNS" --argjson quick "$QUICK" \
+jq -s --arg start "$START" --arg finish "$END" --argjson runs "$RUNS" --argjson quick "$QUICK" \
   --arg kernel "$(uname -r)" --arg nproc "$(nproc)" \
   --arg mem "$(awk '/MemTotal/ { print $2 }' /proc/meminfo)" \
   --arg kiln "$(sha256sum "$KILN" | cut -c1-16)" \
@@ -367,7 +382,7 @@ jq -s --arg start "$START" --arg end "$END" --argjson runs "$RUNS" --argjson qui
       elif length % 2 == 1 then .[length / 2 | floor]
       else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   {
-    started: $start, finished: $end, runs: $runs, quick: ($quick == 1),
+    started: $start, finished: $finish, runs: $runs, quick: ($quick == 1),
     machine: {nproc: ($nproc | tonumber), mem_kb: ($mem | tonumber), kernel: $kernel},
     kiln_executor_sha256_prefix: $kiln, buildah: $buildah,
     results: .,

@@ -9,6 +9,7 @@
 //! - [`telemetry`]: logging and Prometheus metrics.
 //! - [`client`] and [`cli`]: the `kiln-cache` admin command line.
 //! - [`units`]: sizes and durations as written by humans.
+//! - [`objstore`]: replicas over S3-compatible object storage.
 
 pub mod api;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod content;
+pub mod objstore;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -591,7 +591,15 @@ impl<'a> Planner<'a> {
         let mut stage_refs = Vec::new();
         let mut heredocs = Vec::new();
         let expanded = match &located.instruction {
-            Instruction::From(_) => unreachable_from(),
+            // Stage bodies are split at FROM lines, so this cannot happen;
+            // an error is still better than a panic.
+            Instruction::From(_) => {
+                return Err(self.err(
+                    line,
+                    column,
+                    ErrorKind::Syntax("unexpected FROM inside a stage".into()),
+                ));
+            }
             Instruction::Env(pairs) | Instruction::Label(pairs) => {
                 let mut out = Vec::with_capacity(pairs.len());
                 for kv in pairs {
@@ -800,12 +808,6 @@ impl<'a> Planner<'a> {
         }
         Ok(())
     }
-}
-
-fn unreachable_from() -> Instruction {
-    // Stage bodies are split at FROM lines, so a FROM never reaches here;
-    // keep a harmless value rather than panicking.
-    Instruction::Maintainer(String::new())
 }
 
 fn visit(

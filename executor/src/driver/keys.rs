@@ -157,7 +157,9 @@ mod tests {
                 .instructions
                 .iter()
                 .map(|ins| {
-                    let k = step_key(&parent, ins, Some(&SourceIdentity::Context(digest)), "gzip").key;
+                    let source = SourceIdentity::Context(digest);
+                    let sources = matches!(ins.instruction, Instruction::Copy(_)).then_some(&source);
+                    let k = step_key(&parent, ins, sources, "gzip").key;
                     parent = k;
                     k
                 })

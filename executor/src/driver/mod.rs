@@ -18,6 +18,7 @@
 pub mod copy;
 pub mod from_cli;
 pub mod keys;
+pub mod remote;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -251,6 +252,8 @@ struct Driver {
     stage_last_key: HashMap<usize, CacheKey>,
     hits: BTreeMap<CacheKey, CacheEntry>,
     uploads: Vec<std::thread::JoinHandle<Result<u64, String>>>,
+    /// Remote ADD sources, fetched once per build.
+    remote: HashMap<String, remote::RemoteSource>,
     bytes_downloaded: u64,
     started: Instant,
 }
@@ -308,6 +311,7 @@ impl Driver {
             stage_last_key: HashMap::new(),
             hits: BTreeMap::new(),
             uploads: Vec::new(),
+            remote: HashMap::new(),
             bytes_downloaded: 0,
             started: Instant::now(),
             platform: Platform::host(),
@@ -723,10 +727,12 @@ impl Driver {
                 return Ok(("run", layer));
             }
             Instruction::Add(a) => {
-                if a.sources.iter().any(|s| is_remote(s)) {
-                    return Err("ADD from a URL or git repository is not supported by this executor yet".into());
+                let (remote_sources, sources): (Vec<String>, Vec<String>) =
+                    a.sources.iter().cloned().partition(|s| remote::is_remote(s));
+                let mut fetched = Vec::new();
+                for source in &remote_sources {
+                    fetched.push(self.fetch_remote(source, a.checksum.as_deref(), a.keep_git_dir)?);
                 }
-                let sources = a.sources.clone();
                 let excludes = a.exclude.clone();
                 let dest = a.dest.clone();
                 let (chown, chmod) = (a.chown.clone(), a.chmod.clone());
@@ -734,8 +740,16 @@ impl Driver {
                 let workdir = workdir_of(builder.config());
                 let layer = self.filesystem_step(stage, ins, builder, state, &created_by, move |driver, rootfs| {
                     let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
-                    let roots = driver.context_sources(&sources, &excludes, &heredocs)?;
-                    add_into(rootfs, &workdir, &dest, roots, &copy_opts)
+                    let roots = if sources.is_empty() {
+                        Vec::new()
+                    } else {
+                        driver.context_sources(&sources, &excludes, &heredocs)?
+                    };
+                    let mut as_is = Vec::new();
+                    for r in &fetched {
+                        as_is.push(walk_root(&r.path, &r.name).map_err(|e| e.to_string())?);
+                    }
+                    add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts)
                 })?;
                 return Ok(("run", layer));
             }
@@ -950,9 +964,19 @@ impl Driver {
                             self.context_digest(&c.sources, &c.exclude).map_err(step_err)?,
                         ),
                     }),
-                    Instruction::Add(a) => Some(SourceIdentity::Context(
-                        self.context_digest(&a.sources, &a.exclude).map_err(step_err)?,
-                    )),
+                    Instruction::Add(a) => {
+                        let (remote_sources, local): (Vec<String>, Vec<String>) =
+                            a.sources.iter().cloned().partition(|s| remote::is_remote(s));
+                        let mut hasher = blake3::Hasher::new();
+                        hasher.update(&self.context_digest(&local, &a.exclude).map_err(step_err)?);
+                        for source in &remote_sources {
+                            let fetched = self
+                                .fetch_remote(source, a.checksum.as_deref(), a.keep_git_dir)
+                                .map_err(step_err)?;
+                            hasher.update(fetched.identity.as_bytes());
+                        }
+                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
+                    }
                     Instruction::Run(run) if run.mounts.iter().any(|m| m.kind == dockerfile::MountType::Bind) => {
                         let mut hasher = blake3::Hasher::new();
                         for m in run.mounts.iter().filter(|m| m.kind == dockerfile::MountType::Bind) {
@@ -1276,6 +1300,37 @@ impl Driver {
             }
         }
         Ok((specs, env))
+    }
+
+    /// Downloads or clones a remote ADD source once per build.
+    fn fetch_remote(
+        &mut self,
+        source: &str,
+        checksum: Option<&str>,
+        keep_git_dir: bool,
+    ) -> Result<remote::RemoteSource, String> {
+        if let Some(r) = self.remote.get(source) {
+            return Ok(r.clone());
+        }
+        self.scratch_counter += 1;
+        let dir = self.work.join(format!("remote-{}", self.scratch_counter));
+        let fetched = if remote::is_git(source) {
+            if checksum.is_some() {
+                return Err("ADD --checksum applies to URLs, not git repositories".into());
+            }
+            self.log(&format!("cloning {source}"));
+            remote::clone(source, keep_git_dir, &dir)?
+        } else {
+            self.log(&format!("downloading {source}"));
+            let client = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(30))
+                .build()
+                .map_err(|e| e.to_string())?;
+            self.runtime
+                .block_on(remote::download(&client, source, checksum, &dir))?
+        };
+        self.remote.insert(source.to_owned(), fetched.clone());
+        Ok(fetched)
     }
 
     /// The file holding secret `id` (`--secret id=..,src=..` or `env=..`).
@@ -1766,20 +1821,18 @@ fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), String> {
     }
 }
 
-fn is_remote(source: &str) -> bool {
-    source.starts_with("http://") || source.starts_with("https://") || source.starts_with("git@")
-}
-
 /// ADD: local tar archives (plain, gzip, zstd) are extracted into the
-/// destination directory; anything else is copied as COPY would.
+/// destination directory; anything else, and everything in `as_is`
+/// (downloads, git checkouts), is copied as COPY would.
 fn add_into(
     rootfs: &Path,
     workdir: &Path,
     dest: &str,
     roots: Vec<CopyRoot>,
+    as_is: Vec<CopyRoot>,
     opts: &CopyOptions,
 ) -> Result<(), String> {
-    let mut plain = Vec::new();
+    let mut plain = as_is;
     for root in roots {
         let host = &root.entries[0].host;
         if !root.is_dir && is_tar_archive(host) {

@@ -921,6 +921,28 @@ mod tests {
             got,
             vec![("tmp".to_string(), false), ("tmp/x".to_string(), false)]
         );
+        // And the layer holds exactly that.
+        use crate::build::layer::{LayerOptions, write_layer};
+        let out_dir = tempfile::tempdir().unwrap();
+        let layer = write_layer(&change, &LayerOptions::default(), out_dir.path())
+            .unwrap()
+            .unwrap();
+        let gz = std::fs::File::open(&layer.path).unwrap();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+        let mut entries = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let mut data = String::new();
+            e.read_to_string(&mut data).unwrap();
+            entries.push((e.path().unwrap().display().to_string(), data));
+        }
+        assert_eq!(
+            entries,
+            vec![
+                ("tmp/".to_string(), String::new()),
+                ("tmp/x".into(), "hi\n".into())
+            ]
+        );
         snap.release(m).unwrap();
     }
 
@@ -942,6 +964,38 @@ mod tests {
         assert_eq!(got, vec!["tmp", "tmp/x"]);
     }
 
+    /// Waits for a process whose argv is exactly `cmdline` to appear.
+    fn find_process(cmdline: &[u8]) -> i32 {
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let found = std::fs::read_dir("/proc").unwrap().find_map(|e| {
+                let e = e.ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                if cmd != cmdline {
+                    return None;
+                }
+                e.file_name().to_string_lossy().parse::<i32>().ok()
+            });
+            if let Some(pid) = found {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "step never started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn is_gone(pid: i32) -> bool {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z") {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Killing the step from outside (the executor's side) is reported as
     /// that signal, not as an exit code.
     #[test]
@@ -949,24 +1003,37 @@ mod tests {
         let r = Root::new();
         let spec = r.spec("exec sleep 4243");
         let handle = std::thread::spawn(move || ChrootRunner::new().run(&spec).unwrap());
-        let deadline = Instant::now() + std::time::Duration::from_secs(20);
-        let pid = loop {
-            let found = std::fs::read_dir("/proc").unwrap().find_map(|e| {
-                let e = e.ok()?;
-                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-                (cmd == b"sleep\x004243\x00")
-                    .then(|| e.file_name().to_string_lossy().parse::<i32>().ok())?
-            });
-            if let Some(pid) = found {
-                break pid;
-            }
-            assert!(Instant::now() < deadline, "step never started");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
+        let pid = find_process(b"sleep\x004243\x00");
         // SAFETY: signalling the step process found above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let out = handle.join().unwrap();
         assert_eq!(out.status, ExitStatus::Signal(libc::SIGKILL));
+    }
+
+    /// If the process between the executor and the step dies (the executor
+    /// was interrupted), the step dies with it (PR_SET_PDEATHSIG), and so
+    /// does everything in its PID namespace.
+    #[test]
+    fn when_the_middle_process_dies_the_step_dies_too() {
+        let r = Root::new();
+        let spec = r.spec("sleep 4245 & exec sleep 4244");
+        let handle = std::thread::spawn(move || ChrootRunner::new().run(&spec).unwrap());
+        let step = find_process(b"sleep\x004244\x00");
+        let background = find_process(b"sleep\x004245\x00");
+        let status = std::fs::read_to_string(format!("/proc/{step}/status")).unwrap();
+        let middle: i32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: signalling the step's parent, found above.
+        unsafe { libc::kill(middle, libc::SIGKILL) };
+        let out = handle.join().unwrap();
+        assert_eq!(out.status, ExitStatus::Signal(libc::SIGKILL));
+        assert!(is_gone(step), "step survived its parent");
+        assert!(is_gone(background), "background process survived");
     }
 
     #[test]

@@ -1,0 +1,926 @@
+//! The cache's layout in one bucket (under an optional prefix) and the
+//! object operations the replicas build on.
+//!
+//! ```text
+//! blobs/sha256/<hex>              blob bytes, only ever complete and verified
+//! entries/<ns>/<key hex>          {"createdMs": N, "entry": {...}}, created once
+//! refs/<blob hex>/<ns>/<key hex>  empty: "this entry names this blob" (for GC)
+//! leases/gc                       {"holder": "...", "expiresMs": N}
+//! ```
+//! `<ns>` is the namespace, or `_` for the default one (a namespace never
+//! starts with `_`).
+//!
+//! Promises:
+//! - a blob object exists under a digest only if its bytes hash to it: the
+//!   upload is hashed while it streams and is only made visible (single PUT,
+//!   or `CompleteMultipartUpload`) after the digest matched; a mismatch
+//!   aborts the multipart upload, whose parts S3 never lists;
+//! - entries are created with `PutMode::Create` (`If-None-Match: *`), so the
+//!   first writer across all replicas wins; on a store without conditional
+//!   writes (`AWS_CONDITIONAL_PUT=disabled`) it falls back to read-then-put,
+//!   which has a window in which two different entries race and the last
+//!   one stays (documented in docs/object-storage.md);
+//! - the GC lease is taken and renewed with conditional writes too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, FuturesUnordered};
+use futures::{StreamExt, TryStreamExt};
+use kiln_common::{CacheEntry, CacheKey, Digest};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    GetOptions, GetRange, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, PutPayloadMut, UpdateVersion, UploadPart,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tracing::warn;
+
+use super::ObjError;
+use crate::store::{BlobCommit, Namespace, now_ms};
+
+/// Smallest part S3 accepts (except the last one).
+pub const MIN_PART_SIZE: usize = 5 << 20;
+/// Parts of one upload sent at the same time: enough to keep a link busy,
+/// few enough that an upload holds at most this many parts in memory.
+const PARTS_IN_FLIGHT: usize = 2;
+/// Objects deleted concurrently by GC.
+const DELETE_CONCURRENCY: usize = 16;
+
+/// An entry as stored in the bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryObject {
+    pub created_ms: u64,
+    pub entry: CacheEntry,
+}
+
+/// Result of [`Bucket::create_entry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryCreate {
+    Created,
+    /// Someone (this or another replica) got there first with this one.
+    Exists(EntryObject),
+}
+
+/// One `refs/` marker, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RefMarker {
+    pub blob: Digest,
+    pub ns: Namespace,
+    pub key: CacheKey,
+}
+
+/// One `entries/` object, from a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedEntry {
+    pub ns: Namespace,
+    pub key: CacheKey,
+    pub last_modified_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseBody {
+    holder: String,
+    expires_ms: u64,
+}
+
+/// The bucket, its prefix, and how uploads are cut into parts.
+#[derive(Clone)]
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    signer: Option<Arc<dyn Signer>>,
+    part_size: usize,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket")
+            .field("store", &self.store.to_string())
+            .field("prefix", &self.prefix)
+            .field("part_size", &self.part_size)
+            .finish()
+    }
+}
+
+fn ns_segment(ns: &Namespace) -> &str {
+    if ns.as_str().is_empty() {
+        "_"
+    } else {
+        ns.as_str()
+    }
+}
+
+fn parse_ns(segment: &str) -> Option<Namespace> {
+    if segment == "_" {
+        Some(Namespace::default())
+    } else {
+        Namespace::new(segment).ok()
+    }
+}
+
+fn ctx(context: impl Into<String>) -> impl FnOnce(object_store::Error) -> ObjError {
+    let context = context.into();
+    move |source| ObjError::Store { context, source }
+}
+
+fn is_not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. })
+}
+
+impl Bucket {
+    /// `prefix` is a `/`-separated path inside the bucket ("" for its root).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, part_size: usize) -> Bucket {
+        Bucket {
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+            signer: None,
+            part_size: part_size.max(MIN_PART_SIZE),
+        }
+    }
+
+    /// Lets [`Bucket::presigned_get`] hand out URLs signed by `signer`.
+    pub fn with_signer(mut self, signer: Arc<dyn Signer>) -> Bucket {
+        self.signer = Some(signer);
+        self
+    }
+
+    fn path(&self, rel: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(rel)
+        } else {
+            Path::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// Path relative to the prefix, for parsing listings.
+    fn relative<'a>(&self, location: &'a Path) -> &'a str {
+        let full = location.as_ref();
+        if self.prefix.is_empty() {
+            full
+        } else {
+            full.strip_prefix(self.prefix.as_str())
+                .and_then(|r| r.strip_prefix('/'))
+                .unwrap_or(full)
+        }
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> Path {
+        self.path(&format!("blobs/sha256/{}", digest.hex()))
+    }
+
+    pub fn entry_path(&self, ns: &Namespace, key: &CacheKey) -> Path {
+        self.path(&format!("entries/{}/{}", ns_segment(ns), key.to_hex()))
+    }
+
+    fn ref_path(&self, blob: &Digest, ns: &Namespace, key: &CacheKey) -> Path {
+        self.path(&format!(
+            "refs/{}/{}/{}",
+            blob.hex(),
+            ns_segment(ns),
+            key.to_hex()
+        ))
+    }
+
+    fn lease_path(&self, name: &str) -> Path {
+        self.path(&format!("leases/{name}"))
+    }
+
+    // ---- blobs ---------------------------------------------------------
+
+    /// Size of a stored blob, or `None`.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, ObjError> {
+        Ok(self.blob_meta(digest).await?.map(|m| m.size))
+    }
+
+    /// Listing metadata of a stored blob (size, last modified), or `None`.
+    pub async fn blob_meta(&self, digest: &Digest) -> Result<Option<ObjectMeta>, ObjError> {
+        match self.store.head(&self.blob_path(digest)).await {
+            Ok(meta) => Ok(Some(meta)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(ctx(format!("HEAD blob {digest}"))(e)),
+        }
+    }
+
+    /// Streams a blob (or `range` of it, end exclusive). Returns the total
+    /// size, the range served, and the bytes; `None` when absent.
+    pub async fn get_blob(
+        &self,
+        digest: &Digest,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Option<BlobRead>, ObjError> {
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..Default::default()
+        };
+        match self.store.get_opts(&self.blob_path(digest), options).await {
+            Ok(result) => Ok(Some(BlobRead {
+                size: result.meta.size,
+                range: result.range.clone(),
+                stream: result.into_stream(),
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(ctx(format!("GET blob {digest}"))(e)),
+        }
+    }
+
+    /// A URL the client may GET the blob from directly, when a signer is
+    /// configured.
+    pub async fn presigned_get(
+        &self,
+        digest: &Digest,
+        expires_in: Duration,
+    ) -> Result<Option<String>, ObjError> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let url = signer
+            .signed_url(
+                http::Method::GET,
+                &self.blob_path(digest),
+                expires_in,
+            )
+            .await
+            .map_err(ctx(format!("signing a URL for blob {digest}")))?;
+        Ok(Some(url.to_string()))
+    }
+
+    /// Starts an upload; nothing becomes visible before
+    /// [`BlobUpload::commit`] verified the digest. When the blob is already
+    /// stored the bytes are only hashed (to answer a mismatch truthfully),
+    /// not sent again.
+    pub async fn blob_upload(&self, expected: &Digest) -> Result<BlobUpload, ObjError> {
+        let exists = self.blob_size(expected).await?.is_some();
+        Ok(BlobUpload {
+            bucket: self.clone(),
+            expected: expected.clone(),
+            hasher: Sha256::new(),
+            size: 0,
+            exists,
+            buffer: PutPayloadMut::new(),
+            multipart: None,
+            in_flight: FuturesUnordered::new(),
+        })
+    }
+
+    /// Removes a blob; false when it was already gone.
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<bool, ObjError> {
+        self.delete(&self.blob_path(digest), &format!("blob {digest}"))
+            .await
+    }
+
+    async fn delete(&self, path: &Path, what: &str) -> Result<bool, ObjError> {
+        match self.store.delete(path).await {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(ctx(format!("DELETE {what}"))(e)),
+        }
+    }
+
+    /// Every blob with its size and last-modified time.
+    pub async fn list_blobs(&self) -> Result<Vec<(Digest, ObjectMeta)>, ObjError> {
+        let metas = self.list("blobs/sha256").await?;
+        let mut out = Vec::with_capacity(metas.len());
+        for meta in metas {
+            let rel = self.relative(&meta.location);
+            match rel
+                .strip_prefix("blobs/sha256/")
+                .and_then(|h| Digest::from_hex(h).ok())
+            {
+                Some(d) => out.push((d, meta)),
+                None => warn!(path = %meta.location, "ignoring an object that is not a blob"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list(&self, rel: &str) -> Result<Vec<ObjectMeta>, ObjError> {
+        let prefix = self.path(rel);
+        self.store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(ctx(format!("LIST {prefix}")))
+    }
+
+    /// Every object under the prefix (tests and `verify` use it).
+    pub async fn list_all(&self) -> Result<Vec<ObjectMeta>, ObjError> {
+        let prefix = self.path("");
+        let stream = if self.prefix.is_empty() {
+            self.store.list(None)
+        } else {
+            self.store.list(Some(&prefix))
+        };
+        stream
+            .try_collect()
+            .await
+            .map_err(ctx(format!("LIST {prefix}")))
+    }
+
+    // ---- entries -------------------------------------------------------
+
+    /// The entry object under `key`, or `None`.
+    pub async fn read_entry(
+        &self,
+        ns: &Namespace,
+        key: &CacheKey,
+    ) -> Result<Option<EntryObject>, ObjError> {
+        let path = self.entry_path(ns, key);
+        let bytes = match self.store.get(&path).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map_err(ctx(format!("GET entry {key}")))?,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(ctx(format!("GET entry {key}"))(e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ObjError::Corrupt {
+                path: path.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Whether the entry object still exists (cheap revalidation).
+    pub async fn entry_exists(&self, ns: &Namespace, key: &CacheKey) -> Result<bool, ObjError> {
+        match self.store.head(&self.entry_path(ns, key)).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(ctx(format!("HEAD entry {key}"))(e)),
+        }
+    }
+
+    /// Creates the entry object unless one exists (first writer wins
+    /// across replicas).
+    pub async fn create_entry(
+        &self,
+        ns: &Namespace,
+        key: &CacheKey,
+        object: &EntryObject,
+    ) -> Result<EntryCreate, ObjError> {
+        let path = self.entry_path(ns, key);
+        let body = serde_json::to_vec(object).map_err(|e| ObjError::Corrupt {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(body.clone()), create)
+            .await
+        {
+            Ok(_) => Ok(EntryCreate::Created),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => self.existing(ns, key).await,
+            Err(object_store::Error::NotImplemented { .. }) => {
+                // No conditional writes on this store: check, then write.
+                // Two replicas racing on one key inside this window both
+                // "win" and the later object stays.
+                if let Some(existing) = self.read_entry(ns, key).await? {
+                    return Ok(EntryCreate::Exists(existing));
+                }
+                self.store
+                    .put(&path, PutPayload::from(body))
+                    .await
+                    .map_err(ctx(format!("PUT entry {key}")))?;
+                Ok(EntryCreate::Created)
+            }
+            Err(e) => Err(ctx(format!("PUT entry {key}"))(e)),
+        }
+    }
+
+    async fn existing(&self, ns: &Namespace, key: &CacheKey) -> Result<EntryCreate, ObjError> {
+        match self.read_entry(ns, key).await? {
+            Some(existing) => Ok(EntryCreate::Exists(existing)),
+            // Deleted between our failed create and the read (GC): the
+            // caller may simply try again.
+            None => Err(ObjError::Conflict(format!(
+                "entry {key} changed while it was being written; try again"
+            ))),
+        }
+    }
+
+    /// Removes an entry object; false when it was already gone.
+    pub async fn delete_entry(&self, ns: &Namespace, key: &CacheKey) -> Result<bool, ObjError> {
+        self.delete(&self.entry_path(ns, key), &format!("entry {key}"))
+            .await
+    }
+
+    /// Every entry object with its last-modified time (its creation: entry
+    /// objects are never rewritten).
+    pub async fn list_entries(&self) -> Result<Vec<ListedEntry>, ObjError> {
+        let metas = self.list("entries").await?;
+        let mut out = Vec::with_capacity(metas.len());
+        for meta in metas {
+            let rel = self.relative(&meta.location);
+            let parsed = rel.strip_prefix("entries/").and_then(|rest| {
+                let (ns, key) = rest.split_once('/')?;
+                Some((parse_ns(ns)?, key.parse::<CacheKey>().ok()?))
+            });
+            match parsed {
+                Some((ns, key)) => out.push(ListedEntry {
+                    ns,
+                    key,
+                    last_modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
+                }),
+                None => warn!(path = %meta.location, "ignoring an object that is not an entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- reference markers ---------------------------------------------
+
+    /// Records that the entry `(ns, key)` names `blob`; GC keeps a blob
+    /// while any marker for it exists.
+    pub async fn put_ref(
+        &self,
+        blob: &Digest,
+        ns: &Namespace,
+        key: &CacheKey,
+    ) -> Result<(), ObjError> {
+        self.store
+            .put(&self.ref_path(blob, ns, key), PutPayload::new())
+            .await
+            .map_err(ctx(format!("PUT reference {blob} <- {key}")))?;
+        Ok(())
+    }
+
+    pub async fn delete_ref(
+        &self,
+        blob: &Digest,
+        ns: &Namespace,
+        key: &CacheKey,
+    ) -> Result<bool, ObjError> {
+        self.delete(
+            &self.ref_path(blob, ns, key),
+            &format!("reference {blob} <- {key}"),
+        )
+        .await
+    }
+
+    /// Whether any marker names `blob` (one LIST, at most one page).
+    pub async fn has_refs(&self, blob: &Digest) -> Result<bool, ObjError> {
+        let prefix = self.path(&format!("refs/{}", blob.hex()));
+        let first = self.store.list(Some(&prefix)).next().await;
+        match first {
+            None => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(ctx(format!("LIST {prefix}"))(e)),
+        }
+    }
+
+    /// Every marker, with its last-modified time.
+    pub async fn list_refs(&self) -> Result<Vec<(RefMarker, u64)>, ObjError> {
+        let metas = self.list("refs").await?;
+        let mut out = Vec::with_capacity(metas.len());
+        for meta in metas {
+            let rel = self.relative(&meta.location);
+            let parsed = rel.strip_prefix("refs/").and_then(|rest| {
+                let mut parts = rest.split('/');
+                let blob = Digest::from_hex(parts.next()?).ok()?;
+                let ns = parse_ns(parts.next()?)?;
+                let key = parts.next()?.parse::<CacheKey>().ok()?;
+                parts.next().is_none().then_some(RefMarker { blob, ns, key })
+            });
+            match parsed {
+                Some(marker) => out.push((
+                    marker,
+                    meta.last_modified.timestamp_millis().max(0) as u64,
+                )),
+                None => warn!(path = %meta.location, "ignoring an object that is not a reference"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes many objects concurrently, counting the ones that existed.
+    pub async fn delete_many(&self, paths: Vec<Path>) -> Result<u64, ObjError> {
+        let results: Vec<Result<bool, ObjError>> = futures::stream::iter(paths)
+            .map(|p| async move {
+                let what = p.to_string();
+                self.delete(&p, &what).await
+            })
+            .buffer_unordered(DELETE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut n = 0;
+        for r in results {
+            n += u64::from(r?);
+        }
+        Ok(n)
+    }
+
+    pub fn ref_marker_path(&self, marker: &RefMarker) -> Path {
+        self.ref_path(&marker.blob, &marker.ns, &marker.key)
+    }
+
+    // ---- leases ----------------------------------------------------------
+
+    /// Takes or renews the lease `name` for `holder` until now + `ttl`.
+    /// True when `holder` holds it afterwards. Conditional writes make two
+    /// replicas that race for an expired lease end with exactly one holder.
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, ObjError> {
+        let path = self.lease_path(name);
+        let now = now_ms();
+        let body = serde_json::to_vec(&LeaseBody {
+            holder: holder.to_owned(),
+            expires_ms: now + ttl.as_millis() as u64,
+        })
+        .map_err(|e| ObjError::Corrupt {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        let mode = match self.store.get(&path).await {
+            Err(e) if is_not_found(&e) => PutMode::Create,
+            Err(e) => return Err(ctx(format!("GET lease {name}"))(e)),
+            Ok(result) => {
+                let version = UpdateVersion {
+                    e_tag: result.meta.e_tag.clone(),
+                    version: result.meta.version.clone(),
+                };
+                let bytes = result
+                    .bytes()
+                    .await
+                    .map_err(ctx(format!("GET lease {name}")))?;
+                // An unreadable lease is treated as expired: GC must not
+                // stop forever because of one bad object.
+                let current: Option<LeaseBody> = serde_json::from_slice(&bytes).ok();
+                if let Some(current) = &current
+                    && current.holder != holder
+                    && current.expires_ms > now
+                {
+                    return Ok(false);
+                }
+                PutMode::Update(version)
+            }
+        };
+        let options = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(body.clone()), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                // No conditional writes: the check above is all we have;
+                // docs/object-storage.md says to name one GC replica then.
+                self.store
+                    .put(&path, PutPayload::from(body))
+                    .await
+                    .map_err(ctx(format!("PUT lease {name}")))?;
+                Ok(true)
+            }
+            Err(e) => Err(ctx(format!("PUT lease {name}"))(e)),
+        }
+    }
+
+    /// Gives the lease up if `holder` has it (best effort).
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), ObjError> {
+        let path = self.lease_path(name);
+        let bytes = match self.store.get(&path).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map_err(ctx(format!("GET lease {name}")))?,
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(ctx(format!("GET lease {name}"))(e)),
+        };
+        let ours = serde_json::from_slice::<LeaseBody>(&bytes).is_ok_and(|l| l.holder == holder);
+        if ours {
+            self.delete(&path, &format!("lease {name}")).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A blob being read from the bucket.
+pub struct BlobRead {
+    /// Size of the whole blob.
+    pub size: u64,
+    /// The bytes `stream` yields (end exclusive).
+    pub range: std::ops::Range<u64>,
+    pub stream: BoxStream<'static, object_store::Result<Bytes>>,
+}
+
+/// An upload in progress: hashes every byte, sends full parts as they fill,
+/// and completes only after the digest matched (containerd's
+/// `writer.commit(expected)`). Dropped without commit, it aborts the
+/// multipart upload.
+pub struct BlobUpload {
+    bucket: Bucket,
+    expected: Digest,
+    hasher: Sha256,
+    size: u64,
+    /// The blob is already stored: only hash.
+    exists: bool,
+    buffer: PutPayloadMut,
+    multipart: Option<Box<dyn MultipartUpload>>,
+    in_flight: FuturesUnordered<UploadPart>,
+}
+
+impl BlobUpload {
+    /// Bytes received so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.size
+    }
+
+    /// Adds bytes; sends a part when one is full, waiting when
+    /// [`PARTS_IN_FLIGHT`] are already on their way (backpressure on the
+    /// client instead of memory growth).
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), ObjError> {
+        self.hasher.update(&chunk);
+        self.size += chunk.len() as u64;
+        if self.exists {
+            return Ok(());
+        }
+        self.buffer.push(chunk);
+        if self.buffer.content_length() >= self.bucket.part_size {
+            self.send_part().await?;
+        }
+        Ok(())
+    }
+
+    async fn send_part(&mut self) -> Result<(), ObjError> {
+        let part = std::mem::take(&mut self.buffer).freeze();
+        if self.multipart.is_none() {
+            let path = self.bucket.blob_path(&self.expected);
+            let upload = self
+                .bucket
+                .store
+                .put_multipart(&path)
+                .await
+                .map_err(ctx(format!("starting upload of {}", self.expected)))?;
+            self.multipart = Some(upload);
+        }
+        if let Some(upload) = &mut self.multipart {
+            self.in_flight.push(upload.put_part(part));
+        }
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.wait_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_one(&mut self) -> Result<(), ObjError> {
+        if let Some(result) = self.in_flight.next().await {
+            result.map_err(ctx(format!("uploading a part of {}", self.expected)))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the blob visible under its digest if the bytes hash to it;
+    /// otherwise aborts, leaving nothing in the bucket.
+    pub async fn commit(mut self) -> Result<BlobCommit, ObjError> {
+        let actual = Digest::from_sha256(std::mem::take(&mut self.hasher).finalize().into());
+        if actual != self.expected {
+            self.abort().await;
+            return Err(ObjError::DigestMismatch {
+                expected: self.expected.clone(),
+                actual,
+            });
+        }
+        if self.exists {
+            return Ok(BlobCommit::Existed);
+        }
+        let what = self.expected.to_string();
+        match self.multipart.is_some() {
+            false => {
+                let payload = std::mem::take(&mut self.buffer).freeze();
+                self.bucket
+                    .store
+                    .put(&self.bucket.blob_path(&self.expected), payload)
+                    .await
+                    .map_err(ctx(format!("PUT blob {what}")))?;
+            }
+            true => {
+                if self.buffer.content_length() > 0 {
+                    let part = std::mem::take(&mut self.buffer).freeze();
+                    if let Some(upload) = &mut self.multipart {
+                        self.in_flight.push(upload.put_part(part));
+                    }
+                }
+                while !self.in_flight.is_empty() {
+                    if let Err(e) = self.wait_one().await {
+                        self.abort().await;
+                        return Err(e);
+                    }
+                }
+                if let Some(mut upload) = self.multipart.take()
+                    && let Err(e) = upload.complete().await
+                {
+                    let _ = upload.abort().await;
+                    return Err(ctx(format!("completing upload of {what}"))(e));
+                }
+            }
+        }
+        Ok(BlobCommit::Created)
+    }
+
+    async fn abort(&mut self) {
+        self.in_flight.clear();
+        if let Some(mut upload) = self.multipart.take()
+            && let Err(e) = upload.abort().await
+        {
+            warn!(digest = %self.expected, error = %e,
+                "could not abort a multipart upload; a bucket lifecycle rule will reap its parts");
+        }
+    }
+}
+
+impl Drop for BlobUpload {
+    fn drop(&mut self) {
+        // Client went away mid-upload: abort on the runtime, since Drop
+        // cannot wait. Without a runtime the parts stay invisible until a
+        // lifecycle rule removes them.
+        if let Some(mut upload) = self.multipart.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let digest = self.expected.clone();
+            handle.spawn(async move {
+                if let Err(e) = upload.abort().await {
+                    warn!(%digest, error = %e, "could not abort an abandoned multipart upload");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use std::collections::BTreeMap;
+
+    fn bucket() -> (Bucket, Arc<InMemory>) {
+        let mem = Arc::new(InMemory::new());
+        (Bucket::new(mem.clone(), "cache/v1", MIN_PART_SIZE), mem)
+    }
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey::from_bytes([n; 32])
+    }
+
+    fn entry(by: &str) -> EntryObject {
+        EntryObject {
+            created_ms: 1,
+            entry: CacheEntry {
+                layer: None,
+                created_by: by.into(),
+                created: "2026-11-24T12:00:00Z".into(),
+                extra: BTreeMap::new(),
+            },
+        }
+    }
+
+    fn pseudo_random(len: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    async fn upload(b: &Bucket, expected: &Digest, data: &[u8]) -> Result<BlobCommit, ObjError> {
+        let mut up = b.blob_upload(expected).await?;
+        for chunk in data.chunks(64 << 10) {
+            up.write(Bytes::copy_from_slice(chunk)).await?;
+        }
+        up.commit().await
+    }
+
+    #[tokio::test]
+    async fn small_and_multipart_blobs_round_trip_under_their_digest() {
+        let (b, _) = bucket();
+        for len in [0, 1000, MIN_PART_SIZE * 2 + 12345] {
+            let data = pseudo_random(len);
+            let d = Digest::of_bytes(&data);
+            assert_eq!(upload(&b, &d, &data).await.unwrap(), BlobCommit::Created);
+            assert_eq!(b.blob_size(&d).await.unwrap(), Some(len as u64));
+            let read = b.get_blob(&d, None).await.unwrap().unwrap();
+            let got: Vec<Bytes> = read.stream.try_collect().await.unwrap();
+            assert_eq!(got.concat(), data);
+            assert_eq!(upload(&b, &d, &data).await.unwrap(), BlobCommit::Existed);
+        }
+        let (d, meta) = &b.list_blobs().await.unwrap()[0];
+        assert!(meta.location.as_ref().starts_with("cache/v1/blobs/sha256/"));
+        assert!(b.blob_size(d).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_leaves_no_object_at_all() {
+        let (b, mem) = bucket();
+        for len in [10, MIN_PART_SIZE * 2 + 1] {
+            let data = pseudo_random(len);
+            let wrong = Digest::of_bytes(b"something else");
+            let err = upload(&b, &wrong, &data).await.unwrap_err();
+            assert!(matches!(err, ObjError::DigestMismatch { .. }), "{err}");
+        }
+        let all: Vec<ObjectMeta> = mem.list(None).try_collect().await.unwrap();
+        assert!(all.is_empty(), "{all:?}");
+    }
+
+    #[tokio::test]
+    async fn an_existing_blob_still_refuses_wrong_bytes() {
+        let (b, _) = bucket();
+        let data = pseudo_random(100);
+        let d = Digest::of_bytes(&data);
+        upload(&b, &d, &data).await.unwrap();
+        let err = upload(&b, &d, b"not it").await.unwrap_err();
+        assert!(matches!(err, ObjError::DigestMismatch { .. }));
+    }
+
+    #[tokio::test]
+    async fn ranges_are_served_from_the_object() {
+        let (b, _) = bucket();
+        let data = pseudo_random(1000);
+        let d = Digest::of_bytes(&data);
+        upload(&b, &d, &data).await.unwrap();
+        let read = b.get_blob(&d, Some(10..20)).await.unwrap().unwrap();
+        assert_eq!((read.size, read.range.clone()), (1000, 10..20));
+        let got: Vec<Bytes> = read.stream.try_collect().await.unwrap();
+        assert_eq!(got.concat(), &data[10..20]);
+        assert!(b.get_blob(&Digest::of_bytes(b"x"), None).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_first_entry_written_wins_and_later_ones_see_it() {
+        let (b, _) = bucket();
+        let ns = Namespace::default();
+        assert_eq!(
+            b.create_entry(&ns, &key(1), &entry("first")).await.unwrap(),
+            EntryCreate::Created
+        );
+        assert_eq!(
+            b.create_entry(&ns, &key(1), &entry("second")).await.unwrap(),
+            EntryCreate::Exists(entry("first"))
+        );
+        assert_eq!(b.read_entry(&ns, &key(1)).await.unwrap(), Some(entry("first")));
+        let other = Namespace::new("team-a").unwrap();
+        assert_eq!(b.read_entry(&other, &key(1)).await.unwrap(), None);
+        let listed = b.list_entries().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].ns.clone(), listed[0].key), (ns, key(1)));
+    }
+
+    #[tokio::test]
+    async fn reference_markers_list_and_parse_back() {
+        let (b, _) = bucket();
+        let d = Digest::of_bytes(b"blob");
+        let ns = Namespace::new("team-a").unwrap();
+        assert!(!b.has_refs(&d).await.unwrap());
+        b.put_ref(&d, &ns, &key(7)).await.unwrap();
+        assert!(b.has_refs(&d).await.unwrap());
+        let refs = b.list_refs().await.unwrap();
+        assert_eq!(
+            refs[0].0,
+            RefMarker {
+                blob: d.clone(),
+                ns: ns.clone(),
+                key: key(7)
+            }
+        );
+        assert!(b.delete_ref(&d, &ns, &key(7)).await.unwrap());
+        assert!(!b.has_refs(&d).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_lease_has_one_holder_until_it_expires_or_is_released() {
+        let (b, _) = bucket();
+        let ttl = Duration::from_secs(60);
+        assert!(b.acquire_lease("gc", "a", ttl).await.unwrap());
+        assert!(!b.acquire_lease("gc", "b", ttl).await.unwrap());
+        assert!(b.acquire_lease("gc", "a", ttl).await.unwrap(), "renewal");
+        b.release_lease("gc", "b").await.unwrap();
+        assert!(!b.acquire_lease("gc", "b", ttl).await.unwrap(), "not b's to release");
+        b.release_lease("gc", "a").await.unwrap();
+        assert!(b.acquire_lease("gc", "b", ttl).await.unwrap());
+        // An expired lease goes to whoever asks next.
+        assert!(b.acquire_lease("gc2", "a", Duration::ZERO).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(b.acquire_lease("gc2", "b", ttl).await.unwrap());
+    }
+}

@@ -1,0 +1,533 @@
+//! The HTTP API (docs/cache-api.md) over a [`Replica`]: the same routes,
+//! statuses and error bodies as the local mode, so executors and
+//! `kiln-cache` cannot tell the two apart.
+//!
+//! Blob bodies stream in both directions between the client and the bucket
+//! (upload parts are bounded, see [`crate::objstore::bucket::BlobUpload`]);
+//! nothing is spooled on local disk. With `--presign-ttl`, blob GETs answer
+//! `307` to a signed bucket URL instead of carrying the bytes. Failures of
+//! the bucket answer `503 storage_unavailable`, so an executor with several
+//! `--cache-server` URLs moves on to the next one.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{StreamExt, TryStreamExt};
+use kiln_common::wire::MAX_LOOKUP_KEYS;
+use kiln_common::{CacheEntry, CacheKey, Digest, ErrorBody, LookupRequest, LookupResponse};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tracing::{error, warn};
+
+use super::{ObjError, Replica, ReplicaGcReport};
+use crate::api::{MAX_JSON_BODY, RangeRequest, parse_range};
+use crate::auth::{Auth, AuthError, Principal, Scope};
+use crate::store::{BlobCommit, PutOutcome};
+use crate::telemetry as t;
+
+/// Shared state of the handlers.
+pub struct ReplicaState {
+    pub replica: Arc<Replica>,
+    pub auth: Auth,
+    pub metrics: PrometheusHandle,
+}
+
+/// The router of object-storage mode.
+pub fn router(state: Arc<ReplicaState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .route("/v1/lookup", post(lookup))
+        .route(
+            "/v1/entries/{key}",
+            get(get_entry).put(put_entry).delete(delete_entry),
+        )
+        .route(
+            "/v1/blobs/{digest}",
+            get(get_blob).head(head_blob).put(put_blob),
+        )
+        .route("/v1/admin/stats", get(admin_stats))
+        .route("/v1/admin/gc", post(admin_gc))
+        .route_layer(middleware::from_fn(track))
+        .fallback(not_found_route)
+        .with_state(state)
+}
+
+/// An error answer, `{"error":{"code","message"}}`.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl HttpError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn internal(message: impl std::fmt::Display) -> Self {
+        error!(error = %message, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            message.to_string(),
+        )
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status, Json(ErrorBody::new(self.code, self.message))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<ObjError> for HttpError {
+    fn from(e: ObjError) -> Self {
+        let message = e.to_string();
+        match e {
+            ObjError::DigestMismatch { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "digest_mismatch", message)
+            }
+            ObjError::MissingBlob(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_blob", message)
+            }
+            ObjError::LayerSizeMismatch { .. } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "size_mismatch", message)
+            }
+            ObjError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", message),
+            ObjError::Store { .. } => {
+                warn!(error = %message, "object storage request failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    message,
+                )
+            }
+            _ => Self::internal(message),
+        }
+    }
+}
+
+impl From<AuthError> for HttpError {
+    fn from(e: AuthError) -> Self {
+        let message = e.to_string();
+        match e {
+            AuthError::Missing | AuthError::BadToken => {
+                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+            }
+            AuthError::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
+            AuthError::Read { .. } | AuthError::Invalid { .. } => Self::internal(message),
+        }
+    }
+}
+
+type HttpResult<T> = Result<T, HttpError>;
+
+fn authorize(state: &ReplicaState, headers: &HeaderMap, scope: Scope) -> HttpResult<Principal> {
+    let value = match headers.get(header::AUTHORIZATION) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| HttpError::from(AuthError::BadToken))?,
+        ),
+        None => None,
+    };
+    Ok(state.auth.require(value, scope)?)
+}
+
+fn parse_key(text: &str) -> HttpResult<CacheKey> {
+    text.parse().map_err(|_| {
+        HttpError::bad_request(format!(
+            "{text:?} is not a cache key (expected 64 lowercase hex characters)"
+        ))
+    })
+}
+
+fn parse_digest(text: &str) -> HttpResult<Digest> {
+    text.parse()
+        .map_err(|e| HttpError::bad_request(format!("{e}")))
+}
+
+async fn read_json_body<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> HttpResult<T> {
+    let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
+        .await
+        .map_err(|_| {
+            HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("{what} body is larger than {MAX_JSON_BODY} bytes (or was cut short)"),
+            )
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| HttpError::bad_request(format!("invalid {what} JSON: {e}")))
+}
+
+async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+    let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    counter!(t::HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
+        .increment(1);
+    histogram!(t::HTTP_DURATION, "route" => route, "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+async fn not_found_route() -> HttpError {
+    HttpError::not_found("no such route (see docs/cache-api.md)")
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<ReplicaState>>) -> Response {
+    match state.replica.check_ready().await {
+        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(e) => HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("object storage does not answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn render_metrics(State(state): State<Arc<ReplicaState>>) -> Response {
+    let stats = state.replica.stats();
+    gauge!(t::ENTRIES).set(stats.entries as f64);
+    gauge!(t::BLOBS).set(stats.blobs as f64);
+    gauge!(t::BLOB_BYTES).set(stats.blob_bytes as f64);
+    counter!(t::EVICTIONS).absolute(stats.entries_evicted);
+    counter!(t::EXPIRATIONS).absolute(stats.entries_expired);
+    counter!(t::BLOBS_REMOVED).absolute(stats.blobs_removed);
+    counter!(t::GC_RUNS).absolute(stats.gc_runs);
+    state.metrics.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+// ---- entries -----------------------------------------------------------------
+
+async fn lookup(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResult<Json<LookupResponse>> {
+    let principal = authorize(&state, &headers, Scope::Read)?;
+    let request: LookupRequest = read_json_body(body, "lookup").await?;
+    if request.keys.len() > MAX_LOOKUP_KEYS {
+        return Err(HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_keys",
+            format!(
+                "a lookup may carry at most {MAX_LOOKUP_KEYS} keys, this one has {}",
+                request.keys.len()
+            ),
+        ));
+    }
+    let entries = state
+        .replica
+        .lookup(&principal.namespace, &request.keys)
+        .await?;
+    let hits = entries.len() as u64;
+    counter!(t::LOOKUP_KEYS, "result" => "hit").increment(hits);
+    counter!(t::LOOKUP_KEYS, "result" => "miss").increment(request.keys.len() as u64 - hits);
+    Ok(Json(LookupResponse { entries }))
+}
+
+async fn get_entry(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> HttpResult<Json<CacheEntry>> {
+    let principal = authorize(&state, &headers, Scope::Read)?;
+    let key = parse_key(&key)?;
+    let mut found = state
+        .replica
+        .lookup(&principal.namespace, std::slice::from_ref(&key))
+        .await?;
+    let found = found.remove(&key);
+    counter!(t::LOOKUP_KEYS, "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
+    found
+        .map(Json)
+        .ok_or_else(|| HttpError::not_found(format!("no entry for key {key}")))
+}
+
+async fn put_entry(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    body: Body,
+) -> HttpResult<Response> {
+    let principal = authorize(&state, &headers, Scope::Write)?;
+    let key = parse_key(&key)?;
+    let entry: CacheEntry = read_json_body(body, "entry").await?;
+    match state
+        .replica
+        .put_entry(&principal.namespace, &key, &entry)
+        .await?
+    {
+        PutOutcome::Created => Ok((StatusCode::CREATED, Json(entry)).into_response()),
+        PutOutcome::Identical => Ok((StatusCode::OK, Json(entry)).into_response()),
+        PutOutcome::Conflict { .. } => Err(HttpError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("key {key} already holds a different entry; entries are immutable"),
+        )),
+    }
+}
+
+async fn delete_entry(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> HttpResult<StatusCode> {
+    let principal = authorize(&state, &headers, Scope::Admin)?;
+    let key = parse_key(&key)?;
+    if state
+        .replica
+        .delete_entry(&principal.namespace, &key)
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(HttpError::not_found(format!("no entry for key {key}")))
+    }
+}
+
+// ---- blobs -----------------------------------------------------------------
+
+fn blob_headers(h: &mut HeaderMap, digest: &Digest) -> HttpResult<()> {
+    let digest_value = HeaderValue::try_from(digest.to_string()).map_err(HttpError::internal)?;
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::ETAG,
+        HeaderValue::try_from(format!("\"{digest}\"")).map_err(HttpError::internal)?,
+    );
+    h.insert(
+        header::HeaderName::from_static("docker-content-digest"),
+        digest_value,
+    );
+    Ok(())
+}
+
+async fn head_blob(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> HttpResult<Response> {
+    authorize(&state, &headers, Scope::Read)?;
+    let digest = parse_digest(&digest)?;
+    match state.replica.blob_size(&digest).await? {
+        Some(size) => {
+            let mut response = StatusCode::OK.into_response();
+            blob_headers(response.headers_mut(), &digest)?;
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+            Ok(response)
+        }
+        None => Ok(StatusCode::NOT_FOUND.into_response()),
+    }
+}
+
+async fn get_blob(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> HttpResult<Response> {
+    authorize(&state, &headers, Scope::Read)?;
+    let digest = parse_digest(&digest)?;
+    if let Some(url) = state.replica.presigned_get(&digest).await? {
+        if state.replica.blob_size(&digest).await?.is_none() {
+            return Err(HttpError::not_found(format!("no blob {digest}")));
+        }
+        let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+        response.headers_mut().insert(
+            header::LOCATION,
+            HeaderValue::try_from(url).map_err(HttpError::internal)?,
+        );
+        return Ok(response);
+    }
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    // Without a Range header one GET does it; with one, the size decides
+    // what the range means (suffixes, 416) before the bytes are fetched.
+    let range = match range_header {
+        None => None,
+        Some(value) => {
+            let Some(size) = state.replica.blob_size(&digest).await? else {
+                return Err(HttpError::not_found(format!("no blob {digest}")));
+            };
+            match parse_range(Some(value), size) {
+                RangeRequest::Full => None,
+                RangeRequest::Partial(first, last) => Some(first..last + 1),
+                RangeRequest::Unsatisfiable => {
+                    let mut response = HttpError::new(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "range_not_satisfiable",
+                        format!("blob {digest} has {size} bytes"),
+                    )
+                    .into_response();
+                    response.headers_mut().insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::try_from(format!("bytes */{size}"))
+                            .map_err(HttpError::internal)?,
+                    );
+                    return Ok(response);
+                }
+            }
+        }
+    };
+    let partial = range.is_some();
+    let Some(read) = state.replica.get_blob(&digest, range).await? else {
+        return Err(HttpError::not_found(format!("no blob {digest}")));
+    };
+    let (size, served) = (read.size, read.range.clone());
+    let stream = read
+        .stream
+        .inspect_ok(|chunk| counter!(t::BYTES_SENT).increment(chunk.len() as u64))
+        .map_err(std::io::Error::other);
+    let mut response = Response::new(Body::from_stream(stream));
+    blob_headers(response.headers_mut(), &digest)?;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(served.end - served.start),
+    );
+    if partial {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::try_from(format!(
+                "bytes {}-{}/{size}",
+                served.start,
+                served.end.saturating_sub(1)
+            ))
+            .map_err(HttpError::internal)?,
+        );
+    }
+    Ok(response)
+}
+
+#[derive(Serialize)]
+struct BlobPutResponse {
+    digest: Digest,
+    size: u64,
+}
+
+/// Decrements the uploads-in-flight gauge however the handler ends.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        gauge!(t::UPLOADS_IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!(t::UPLOADS_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+async fn put_blob(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+    body: Body,
+) -> HttpResult<Response> {
+    authorize(&state, &headers, Scope::Write)?;
+    let digest = parse_digest(&digest)?;
+    let _in_flight = InFlight::start();
+    let mut upload = state.replica.blob_upload(&digest).await?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                counter!(t::BYTES_RECEIVED).increment(chunk.len() as u64);
+                upload.write(chunk).await?;
+            }
+            // Dropping the upload aborts it: nothing reaches the bucket.
+            Err(e) => {
+                return Err(HttpError::bad_request(format!(
+                    "upload of {digest} was cut short: {e}"
+                )));
+            }
+        }
+    }
+    let size = upload.bytes_written();
+    let status = match upload.commit().await? {
+        BlobCommit::Created => StatusCode::CREATED,
+        BlobCommit::Existed => StatusCode::OK,
+    };
+    let mut response = (
+        status,
+        Json(BlobPutResponse {
+            digest: digest.clone(),
+            size,
+        }),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::HeaderName::from_static("docker-content-digest"),
+        HeaderValue::try_from(digest.to_string()).map_err(HttpError::internal)?,
+    );
+    Ok(response)
+}
+
+// ---- admin -------------------------------------------------------------------
+
+async fn admin_stats(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+) -> HttpResult<Json<crate::store::Stats>> {
+    authorize(&state, &headers, Scope::Admin)?;
+    Ok(Json(state.replica.stats()))
+}
+
+async fn admin_gc(
+    State(state): State<Arc<ReplicaState>>,
+    headers: HeaderMap,
+) -> HttpResult<Json<ReplicaGcReport>> {
+    authorize(&state, &headers, Scope::Admin)?;
+    Ok(Json(state.replica.gc().await?))
+}
