@@ -20,6 +20,8 @@
 #   KILN_E2E_BASE_DIR keep the base images' OCI layouts here between runs
 #                     (default: inside the temporary directory, rebuilt each time)
 #   KILN_E2E_TIMEOUT  seconds allowed to each build or push (default 1800)
+#   KILN_E2E_FS_SIZE  size of the sparse ext4 image holding all build state
+#                     (default 30G; KILN_E2E_NO_LOOP=1 uses the directory as is)
 #
 # For every repetition: a new docker-registry (Debian's Distribution) with
 # empty storage on a free 127.0.0.1 port, into which make-base.sh pushes the
@@ -64,7 +66,7 @@ log() { echo "[e2e $(date +%H:%M:%S)] $*" >&2; }
 die() { echo "run.sh: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (overlay mounts, namespaces, umoci unpack)"
-for tool in docker-registry skopeo umoci jq curl findmnt ss timeout /usr/bin/time; do
+for tool in docker-registry skopeo umoci jq curl findmnt ss timeout mkfs.ext4 /usr/bin/time; do
   command -v "$tool" >/dev/null || die "$tool not found"
 done
 if [ "$BUILDAH" -eq 1 ]; then command -v buildah >/dev/null || die "buildah not found (or use --no-buildah)"; fi
@@ -111,11 +113,23 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-mkdir -p "$T/bin" "$T/tmp" "$T/bases"
-cp "$KILN_BIN_DIR/kiln-executor" "$KILN_BIN_DIR/kiln-cache-server" "$T/bin/"
-KILN="$T/bin/kiln-executor"
-KILN_CS="$T/bin/kiln-cache-server"
-BASE_DIR=${KILN_E2E_BASE_DIR:-$T/bases}
+# All build state lives on a private ext4 file system in a sparse file,
+# mounted without discard: deleting a 64k-file tree between measurements on a
+# file system mounted with "discard" (this machine's root) took minutes and
+# kept the disk busy during the next measurement. Both tools use it alike.
+W=$T
+if [ -z "${KILN_E2E_NO_LOOP:-}" ]; then
+  W="$T/w"
+  mkdir -p "$W"
+  truncate -s "${KILN_E2E_FS_SIZE:-30G}" "$T/fs.img"
+  mkfs.ext4 -q -E nodiscard -O ^has_journal "$T/fs.img"
+  mount -o loop,nodiscard "$T/fs.img" "$W"
+fi
+mkdir -p "$W/bin" "$W/tmp" "$W/bases"
+cp "$KILN_BIN_DIR/kiln-executor" "$KILN_BIN_DIR/kiln-cache-server" "$W/bin/"
+KILN="$W/bin/kiln-executor"
+KILN_CS="$W/bin/kiln-cache-server"
+BASE_DIR=${KILN_E2E_BASE_DIR:-$W/bases}
 RESULTS="$T/results.jsonl"
 : >"$RESULTS"
 
@@ -321,7 +335,7 @@ START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 log "temporary directory $T; runs: $RUNS; Dockerfiles: $ONLY; buildah: $BUILDAH"
 
 for run in $(seq 1 "$RUNS"); do
-  RDIR="$T/run$run"
+  RDIR="$W/run$run"
   mkdir -p "$RDIR"
   start_registry "$RDIR/registry"
   log "run $run: registry $REG; making bases"

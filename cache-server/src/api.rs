@@ -578,21 +578,24 @@ async fn put_blob(
     let _in_flight = InFlight::start();
     let _pin = state.store.pin(&digest);
 
-    // `None` tells the writer the client aborted: drop, do not commit.
+    // `Some(batch)` carries data, `None` says the body is complete. If the
+    // channel closes without `None` (the client went away and this handler
+    // was dropped, or the body failed) the writer drops the upload.
     let (tx, mut rx) = mpsc::channel::<Option<Vec<Bytes>>>(4);
     let store = state.store.clone();
     let expected = digest.clone();
     let writer = tokio::task::spawn_blocking(move || -> Result<(BlobCommit, u64), StoreError> {
         let mut w = store.blob_writer()?;
-        while let Some(message) = rx.blocking_recv() {
-            match message {
-                Some(chunks) => {
+        loop {
+            match rx.blocking_recv() {
+                Some(Some(chunks)) => {
                     for chunk in chunks {
                         w.write_all(&chunk).map_err(|e| {
                             StoreError::io(format!("writing upload of {expected}"), e)
                         })?;
                     }
                 }
+                Some(None) => break,
                 None => {
                     return Err(StoreError::io(
                         format!("upload of {expected}"),
@@ -642,10 +645,12 @@ async fn put_blob(
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 aborted = Some(e.to_string());
+                break;
+            }
+            None => {
                 let _ = tx.send(None).await;
                 break;
             }
-            None => break,
         }
     }
     drop(tx);

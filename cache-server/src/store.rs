@@ -708,6 +708,27 @@ impl Store {
         key: &CacheKey,
         entry: &CacheEntry,
     ) -> Result<PutOutcome, StoreError> {
+        let outcome = self.put_entry_unsynced(ns, key, entry)?;
+        if !matches!(outcome, PutOutcome::Conflict { .. }) {
+            // Identical too: the first writer may not have synced yet.
+            self.sync_wal()?;
+        }
+        Ok(outcome)
+    }
+
+    /// Syncs the WAL. Called after the write lock is released, so
+    /// concurrent writers share fsyncs (group commit) instead of queueing
+    /// one fsync each behind the lock; nothing is acknowledged before it.
+    fn sync_wal(&self) -> Result<(), StoreError> {
+        self.inner.db.flush_wal(true).map_err(db_err)
+    }
+
+    fn put_entry_unsynced(
+        &self,
+        ns: &Namespace,
+        key: &CacheKey,
+        entry: &CacheEntry,
+    ) -> Result<PutOutcome, StoreError> {
         let json = serde_json::to_vec(entry)
             .map_err(|e| StoreError::Corrupt(format!("serializing entry: {e}")))?;
         let ik = ns.index_key(key);
@@ -765,7 +786,7 @@ impl Store {
         self.apply_ref_deltas(&mut batch, cf_blobs, &deltas)?;
         batch.put_cf(cf_entries, &ik, encode_entry(now, now, &json));
         batch.put_cf(cf_lru, lru_key(now, &ik), b"");
-        self.inner.db.write_opt(batch, &durable()).map_err(db_err)?;
+        self.inner.db.write(batch).map_err(db_err)?;
         if !replaced {
             self.inner.entries.fetch_add(1, Ordering::Relaxed);
         }
@@ -1008,14 +1029,12 @@ impl Store {
                 refs: 0,
             },
         };
+        // No WAL sync needed: the file itself is durable (fsynced, renamed,
+        // directory fsynced), and recovery adopts a blob file whose index
+        // record was lost.
         self.inner
             .db
-            .put_cf_opt(
-                self.cf(CF_BLOBS)?,
-                digest_key(digest)?,
-                meta.encode(),
-                &durable(),
-            )
+            .put_cf(self.cf(CF_BLOBS)?, digest_key(digest)?, meta.encode())
             .map_err(db_err)?;
         if existing.is_none() {
             self.inner.blobs.fetch_add(1, Ordering::Relaxed);
@@ -1135,39 +1154,7 @@ impl Store {
         })?;
 
         if let Some(max) = self.inner.config.max_size {
-            let mut lru_iter = self.inner.db.iterator_cf(cf_lru, IteratorMode::Start);
-            while self.inner.bytes.load(Ordering::Relaxed) > max {
-                let Some(item) = lru_iter.next() else { break };
-                let (lk, _) = item.map_err(db_err)?;
-                if lk.len() < 8 {
-                    continue;
-                }
-                let ik = &lk[8..];
-                let mut batch = WriteBatch::default();
-                match self.inner.db.get_cf(cf_entries, ik).map_err(db_err)? {
-                    Some(raw) => {
-                        let value = decode_entry(&raw)?;
-                        if lru_key(value.accessed_ms, ik) != lk.as_ref() {
-                            batch.delete_cf(cf_lru, &lk);
-                        } else {
-                            self.remove_entry_into(
-                                &mut batch, cf_entries, cf_lru, cf_blobs, ik, &value,
-                            )?;
-                            report.entries_evicted += 1;
-                            self.inner.entries.fetch_sub(1, Ordering::Relaxed);
-                            self.inner.evicted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        self.inner.db.write(batch).map_err(db_err)?;
-                        if let Some(layer) = &value.entry.layer {
-                            self.remove_blob_if_unreferenced(&layer.digest, &mut report)?;
-                        }
-                    }
-                    None => {
-                        batch.delete_cf(cf_lru, &lk);
-                        self.inner.db.write(batch).map_err(db_err)?;
-                    }
-                }
-            }
+            self.evict_locked(max, &mut report)?;
             // Still over? What is left is unreferenced blobs within their
             // grace period (uploads whose entries have not arrived yet) and
             // pinned ones: they are kept, the limit is exceeded briefly.
@@ -1177,6 +1164,57 @@ impl Store {
         self.inner.db.flush_wal(true).map_err(db_err)?;
         info!(?report, "gc finished");
         Ok(report)
+    }
+
+    /// Evicts least-recently-used entries, and the blobs only they
+    /// referenced, until stored blob bytes are at most `max_bytes` (or no
+    /// entry is left). Pinned blobs stay until a later pass.
+    pub fn evict(&self, max_bytes: u64) -> Result<GcReport, StoreError> {
+        let _guard = self.write_lock();
+        let mut report = GcReport::default();
+        self.evict_locked(max_bytes, &mut report)?;
+        self.inner.db.flush_wal(true).map_err(db_err)?;
+        Ok(report)
+    }
+
+    /// Caller holds the write lock.
+    fn evict_locked(&self, max: u64, report: &mut GcReport) -> Result<(), StoreError> {
+        let (cf_entries, cf_lru, cf_blobs) =
+            (self.cf(CF_ENTRIES)?, self.cf(CF_LRU)?, self.cf(CF_BLOBS)?);
+        let mut lru_iter = self.inner.db.iterator_cf(cf_lru, IteratorMode::Start);
+        while self.inner.bytes.load(Ordering::Relaxed) > max {
+            let Some(item) = lru_iter.next() else { break };
+            let (lk, _) = item.map_err(db_err)?;
+            if lk.len() < 8 {
+                continue;
+            }
+            let ik = &lk[8..];
+            let mut batch = WriteBatch::default();
+            match self.inner.db.get_cf(cf_entries, ik).map_err(db_err)? {
+                Some(raw) => {
+                    let value = decode_entry(&raw)?;
+                    if lru_key(value.accessed_ms, ik) != lk.as_ref() {
+                        batch.delete_cf(cf_lru, &lk);
+                    } else {
+                        self.remove_entry_into(
+                            &mut batch, cf_entries, cf_lru, cf_blobs, ik, &value,
+                        )?;
+                        report.entries_evicted += 1;
+                        self.inner.entries.fetch_sub(1, Ordering::Relaxed);
+                        self.inner.evicted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.inner.db.write(batch).map_err(db_err)?;
+                    if let Some(layer) = &value.entry.layer {
+                        self.remove_blob_if_unreferenced(&layer.digest, report)?;
+                    }
+                }
+                None => {
+                    batch.delete_cf(cf_lru, &lk);
+                    self.inner.db.write(batch).map_err(db_err)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn collect_blobs(
@@ -1716,6 +1754,29 @@ mod tests {
                 .join(digests[1].sharded_path())
                 .exists()
         );
+    }
+
+    #[test]
+    fn evict_on_demand_frees_down_to_the_given_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        let ns = Namespace::default();
+        for i in 0..3u8 {
+            let d = put_blob(&store, &[i; 100]);
+            store
+                .put_entry(&ns, &key(i), &entry_for(Some(&d), 100, "RUN"))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        let report = store.evict(150).unwrap();
+        assert_eq!(report.entries_evicted, 2);
+        assert_eq!(report.bytes_freed, 200);
+        assert_eq!(store.stats().blob_bytes, 100);
+        assert!(
+            store.get_entry(&ns, &key(2)).unwrap().is_some(),
+            "newest stays"
+        );
+        assert!(store.get_entry(&ns, &key(0)).unwrap().is_none());
     }
 
     #[test]

@@ -543,3 +543,44 @@ async fn flags_beat_environment_which_beats_the_config_file() {
     );
     assert_eq!(max_size(&from_flag).await, 3 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_cut_short_by_the_client_leaves_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path(), &[]);
+    let blob = bytes(11, 1 << 20);
+    let digest = Digest::of_bytes(&blob);
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT /v1/blobs/{digest} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n\r\n",
+        blob.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&blob[..300_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        files_below(&data.path().join("tmp")).len(),
+        1,
+        "upload in progress"
+    );
+    drop(conn);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !files_below(&data.path().join("tmp")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "temp file left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let head = client()
+        .head(format!("{}/v1/blobs/{digest}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+    assert!(files_below(&data.path().join("blobs")).is_empty());
+}

@@ -94,6 +94,23 @@ async fn a_full_disk_answers_507_and_reads_keep_working() {
         "a failed upload left its temporary file"
     );
 
+    // Fill what the failed upload gave back, so the volume is truly full.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(fs.path().join("filler")).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while filler.write_all(&chunk).is_ok() {}
+    }
+    let ready = c
+        .get(format!("{}/readyz", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(ready).await, "not_ready");
+    let (status, _) = put_blob(&c, &server.url, None, &bytes(99, 256 << 10)).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+
     // Still serving: health, lookups and blob reads.
     let h = c
         .get(format!("{}/healthz", server.url))

@@ -613,6 +613,14 @@ impl Unpacker {
         xattrs: &[(String, Vec<u8>)],
     ) -> Result<(), UnpackError> {
         for (name, value) in xattrs {
+            // overlayfs reads its own xattrs (opaque, redirect, metacopy)
+            // from lower directories; a layer must not forge them.
+            if name.starts_with("trusted.overlay.") {
+                let msg = format!("ignored xattr {name} on {}", lossy(raw));
+                tracing::warn!("{msg}");
+                self.stats.warnings.push(msg);
+                continue;
+            }
             if let Err(err) = lsetxattr(path, name, value) {
                 let msg = format!("could not set xattr {name} on {}: {err}", lossy(raw));
                 tracing::warn!("{msg}");
@@ -982,6 +990,60 @@ mod tests {
         let tar = TarBuilder::new().file("lnk/x", b"x").bytes();
         sb.unpack(&tar).unwrap();
         sb.assert_outside_untouched();
+    }
+
+    #[test]
+    fn symlink_loop_in_parent_path_is_an_error_not_a_hang() {
+        let sb = Sandbox::new();
+        let tar = TarBuilder::new()
+            .symlink("a", "b")
+            .symlink("b", "a")
+            .file("a/x", b"x")
+            .bytes();
+        let err = sb.unpack(&tar).unwrap_err();
+        assert!(err.to_string().contains("too many levels"), "{err}");
+    }
+
+    #[test]
+    fn forged_overlay_xattrs_are_not_applied() {
+        let sb = Sandbox::new();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h.set_path("d").unwrap();
+        h.set_cksum();
+        b.append_pax_extensions([
+            ("SCHILY.xattr.trusted.overlay.redirect", &b"/elsewhere"[..]),
+            ("SCHILY.xattr.user.kiln", &b"ok"[..]),
+        ])
+        .unwrap();
+        b.append(&h, io::empty()).unwrap();
+        let stats = unpack_layer(
+            &b.into_inner().unwrap()[..],
+            &sb.root,
+            &UnpackOptions::overlay_lower(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(stats.warnings.len(), 1, "{:?}", stats.warnings);
+        let c = cpath(&sb.root.join("d")).unwrap();
+        let name = CString::new("trusted.overlay.redirect").unwrap();
+        let mut buf = [0u8; 32];
+        // SAFETY: valid pointers and length.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert_eq!(n, -1, "overlay xattr must not be set");
     }
 
     #[test]

@@ -25,7 +25,9 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let client = RegistryClient::new(opts)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
 
     let start = Instant::now();
     let pulled = rt
@@ -34,10 +36,19 @@ fn main() -> Result<()> {
     let pulled_at = start.elapsed();
 
     std::fs::create_dir_all(&root)?;
-    let paths: Vec<_> = pulled.image.manifest.layers.iter().map(|l| store.path(&l.digest)).collect();
+    let paths: Vec<_> = pulled
+        .image
+        .manifest
+        .layers
+        .iter()
+        .map(|l| store.path(&l.digest))
+        .collect();
     let diff_ids = &pulled.image.config.rootfs.diff_ids;
     let stats = apply_layers(
-        paths.iter().map(|p| p.as_path()).zip(diff_ids.iter().map(Some)),
+        paths
+            .iter()
+            .map(|p| p.as_path())
+            .zip(diff_ids.iter().map(Some)),
         &root,
         &UnpackOptions::default(),
     )?;

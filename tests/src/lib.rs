@@ -24,6 +24,129 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 
+/// Path of one of the workspace's binaries next to the running test
+/// (`target/<profile>/<name>`). `cargo test --workspace` builds them;
+/// `scripts/test-all.sh` builds them first with the executor's embedded cache.
+pub fn kiln_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (scripts/test-all.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A running `kiln-cache-server` on a free loopback port with its data in
+/// a temporary directory; killed on drop.
+pub struct CacheServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl CacheServer {
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut server = CacheServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        server.restart()?;
+        Ok(server)
+    }
+
+    /// (Re)starts the server on the same port and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let log = std::fs::File::create(self.dir.path().join("server.log"))?;
+        let child = Command::new(kiln_bin("kiln-cache-server"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data")
+            .arg(self.dir.path().join("data"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting kiln-cache-server")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(self.port, "/healthz").is_ok_and(|(status, _)| status == 200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("kiln-cache-server did not become healthy: {}", self.log())
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The value of one Prometheus sample (`name{labels}` as printed), 0 if absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let Ok((_, body)) = http_get(self.port, "/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter_map(|l| l.strip_prefix(sample))
+            .filter_map(|rest| rest.trim().parse::<f64>().ok())
+            .sum()
+    }
+
+    /// GET a path; returns status and body.
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.port, path)
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback (enough for health and metrics).
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// A port nobody listens on right now (the OS picks it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -90,7 +213,23 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry speaking plain HTTP.
     pub fn start(auth: RegistryAuth) -> Result<Self> {
+        Self::start_inner(auth, false)
+    }
+
+    /// A registry speaking HTTPS with a certificate for `127.0.0.1` issued
+    /// by a fresh test CA ([`Registry::ca_certificate`]).
+    pub fn start_tls(auth: RegistryAuth) -> Result<Self> {
+        Self::start_inner(auth, true)
+    }
+
+    /// The PEM CA certificate that signed a TLS registry's certificate.
+    pub fn ca_certificate(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_inner(auth: RegistryAuth, tls: bool) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let data = dir.path().join("data");
@@ -120,8 +259,18 @@ impl Registry {
                 yaml
             }
         };
+        let tls_yaml = if tls {
+            make_test_certificates(dir.path())?;
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("server.pem").display(),
+                dir.path().join("server.key").display()
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth_yaml}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls_yaml}{auth_yaml}",
             data.display()
         );
         let config_path = dir.path().join("config.yml");
@@ -234,6 +383,49 @@ impl Registry {
             .arg(format!("docker://{}", self.reference(repo_tag)));
         run(&mut cmd).map(|_| ())
     }
+}
+
+/// A CA (`ca.pem`) and a server certificate for IP 127.0.0.1 signed by it
+/// (`server.pem`, `server.key`), made with the `openssl` CLI in `dir`.
+fn make_test_certificates(dir: &Path) -> Result<()> {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-days", "2", "-subj", "/CN=kiln-test-ca"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(dir.join("ca.key"))
+        .arg("-out")
+        .arg(dir.join("ca.pem")))?;
+    run(Command::new("openssl")
+        .args(["req", "-subj", "/CN=127.0.0.1"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(dir.join("server.key"))
+        .arg("-out")
+        .arg(dir.join("server.csr")))?;
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+        .arg(dir.join("server.csr"))
+        .arg("-CA")
+        .arg(dir.join("ca.pem"))
+        .arg("-CAkey")
+        .arg(dir.join("ca.key"))
+        .arg("-out")
+        .arg(dir.join("server.pem"))
+        .arg("-extfile")
+        .arg(&ext))?;
+    Ok(())
 }
 
 impl Drop for Registry {

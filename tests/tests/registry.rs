@@ -654,3 +654,153 @@ fn docker_archive_made_by_skopeo_is_a_base_image_that_unpacks_with_kiln() {
     fs::create_dir(&root).unwrap();
     unpack_and_check(&store, &image, &root);
 }
+
+/// Unmounts on drop, so a failing assertion does not leave a mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn layer_tar(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        match data {
+            Some(d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(d.len() as u64);
+                h.set_path(name).unwrap();
+                h.set_cksum();
+                b.append(&h, *d).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_path(name).unwrap();
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn overlay_lower_dirs_mount_as_overlayfs_with_whiteouts_honoured() {
+    let work = tempfile::tempdir().unwrap();
+    let lower = layer_tar(&[
+        ("etc/", None),
+        ("etc/a", Some(b"a")),
+        ("etc/b", Some(b"b")),
+        ("opq/", None),
+        ("opq/old", Some(b"old")),
+    ]);
+    let upper = layer_tar(&[
+        ("etc/.wh.a", Some(b"")),
+        ("opq/.wh..wh..opq", Some(b"")),
+        ("opq/new", Some(b"new")),
+    ]);
+    let (l1, l2, merged) = (
+        work.path().join("l1"),
+        work.path().join("l2"),
+        work.path().join("merged"),
+    );
+    for d in [&l1, &l2, &merged] {
+        fs::create_dir(d).unwrap();
+    }
+    let opts = UnpackOptions::overlay_lower();
+    kiln_executor::unpack::unpack_layer(&lower[..], &l1, &opts, None).unwrap();
+    kiln_executor::unpack::unpack_layer(&upper[..], &l2, &opts, None).unwrap();
+
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={}:{}", l2.display(), l1.display()))
+        .arg(&merged))
+    .unwrap();
+    let _guard = Mounted(merged.clone());
+    assert_eq!(fs::read(merged.join("etc/b")).unwrap(), b"b");
+    assert!(
+        !merged.join("etc/a").exists(),
+        "whiteout hides the lower file"
+    );
+    assert_eq!(fs::read(merged.join("opq/new")).unwrap(), b"new");
+    assert!(
+        !merged.join("opq/old").exists(),
+        "opaque directory hides lower content"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_registry_is_trusted_through_an_extra_ca_or_skip_tls_verify_only() {
+    let reg = Registry::start_tls(RegistryAuth::basic("t", "ls")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    push_busybox(&reg, work.path(), "busybox:latest", &[]).unwrap();
+    let r = ImageRef::parse(&reg.reference("busybox")).unwrap();
+    let https = |o: RegistryOptions| RegistryOptions {
+        insecure_registries: vec![],
+        pull_retries: 0,
+        ..o
+    };
+
+    let untrusted = RegistryClient::new(https(options_for(&reg))).unwrap();
+    let err = untrusted.resolve(&r, &platform()).await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("https://{}", reg.host())),
+        "{err}"
+    );
+
+    let with_ca = RegistryClient::new(RegistryOptions {
+        ca_certificates: vec![reg.ca_certificate()],
+        ..https(options_for(&reg))
+    })
+    .unwrap();
+    let store = LocalStore::new(work.path().join("store")).unwrap();
+    let pulled = with_ca.pull(&r, &platform(), &store).await.unwrap();
+    let root = work.path().join("root");
+    fs::create_dir(&root).unwrap();
+    unpack_and_check(&store, &pulled.image, &root);
+
+    for opts in [
+        RegistryOptions {
+            skip_tls_verify: true,
+            ..https(options_for(&reg))
+        },
+        RegistryOptions {
+            skip_tls_verify_registries: vec![reg.host()],
+            ..https(options_for(&reg))
+        },
+    ] {
+        let client = RegistryClient::new(opts).unwrap();
+        assert_eq!(
+            client
+                .resolve(&r, &platform())
+                .await
+                .unwrap()
+                .image
+                .manifest_digest,
+            pulled.image.manifest_digest
+        );
+    }
+    // Pull-only skipping does not cover pushes.
+    let pull_only = RegistryClient::new(RegistryOptions {
+        skip_tls_verify_pull: true,
+        ..https(options_for(&reg))
+    })
+    .unwrap();
+    pull_only.resolve(&r, &platform()).await.unwrap();
+    let dest = ImageRef::parse(&reg.reference("pushed:v1")).unwrap();
+    assert!(
+        pull_only
+            .push_image(&pulled.image, &[dest], &store, &[])
+            .await
+            .is_err()
+    );
+}

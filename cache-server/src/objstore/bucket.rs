@@ -240,11 +240,7 @@ impl Bucket {
             return Ok(None);
         };
         let url = signer
-            .signed_url(
-                http::Method::GET,
-                &self.blob_path(digest),
-                expires_in,
-            )
+            .signed_url(http::Method::GET, &self.blob_path(digest), expires_in)
             .await
             .map_err(ctx(format!("signing a URL for blob {digest}")))?;
         Ok(Some(url.to_string()))
@@ -490,13 +486,15 @@ impl Bucket {
                 let blob = Digest::from_hex(parts.next()?).ok()?;
                 let ns = parse_ns(parts.next()?)?;
                 let key = parts.next()?.parse::<CacheKey>().ok()?;
-                parts.next().is_none().then_some(RefMarker { blob, ns, key })
+                parts
+                    .next()
+                    .is_none()
+                    .then_some(RefMarker { blob, ns, key })
             });
             match parsed {
-                Some(marker) => out.push((
-                    marker,
-                    meta.last_modified.timestamp_millis().max(0) as u64,
-                )),
+                Some(marker) => {
+                    out.push((marker, meta.last_modified.timestamp_millis().max(0) as u64))
+                }
                 None => warn!(path = %meta.location, "ignoring an object that is not a reference"),
             }
         }
@@ -863,7 +861,12 @@ mod tests {
         assert_eq!((read.size, read.range.clone()), (1000, 10..20));
         let got: Vec<Bytes> = read.stream.try_collect().await.unwrap();
         assert_eq!(got.concat(), &data[10..20]);
-        assert!(b.get_blob(&Digest::of_bytes(b"x"), None).await.unwrap().is_none());
+        assert!(
+            b.get_blob(&Digest::of_bytes(b"x"), None)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -875,10 +878,15 @@ mod tests {
             EntryCreate::Created
         );
         assert_eq!(
-            b.create_entry(&ns, &key(1), &entry("second")).await.unwrap(),
+            b.create_entry(&ns, &key(1), &entry("second"))
+                .await
+                .unwrap(),
             EntryCreate::Exists(entry("first"))
         );
-        assert_eq!(b.read_entry(&ns, &key(1)).await.unwrap(), Some(entry("first")));
+        assert_eq!(
+            b.read_entry(&ns, &key(1)).await.unwrap(),
+            Some(entry("first"))
+        );
         let other = Namespace::new("team-a").unwrap();
         assert_eq!(b.read_entry(&other, &key(1)).await.unwrap(), None);
         let listed = b.list_entries().await.unwrap();
@@ -915,7 +923,10 @@ mod tests {
         assert!(!b.acquire_lease("gc", "b", ttl).await.unwrap());
         assert!(b.acquire_lease("gc", "a", ttl).await.unwrap(), "renewal");
         b.release_lease("gc", "b").await.unwrap();
-        assert!(!b.acquire_lease("gc", "b", ttl).await.unwrap(), "not b's to release");
+        assert!(
+            !b.acquire_lease("gc", "b", ttl).await.unwrap(),
+            "not b's to release"
+        );
         b.release_lease("gc", "a").await.unwrap();
         assert!(b.acquire_lease("gc", "b", ttl).await.unwrap());
         // An expired lease goes to whoever asks next.

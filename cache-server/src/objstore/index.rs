@@ -176,7 +176,9 @@ mod tests {
             index.put(&ns, &key, &object("RUN x"), 42).unwrap();
         }
         let index = LocalIndex::open(dir.path()).unwrap();
-        let got = index.get(&ns, &[key, CacheKey::from_bytes([4; 32])]).unwrap();
+        let got = index
+            .get(&ns, &[key, CacheKey::from_bytes([4; 32])])
+            .unwrap();
         assert_eq!(
             got,
             vec![

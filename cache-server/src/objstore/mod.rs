@@ -13,12 +13,14 @@
 //!   blob uploads, first-writer-wins entries, reference markers, leases);
 //! - [`index`]: the local index cache;
 //! - [`replica`]: lookups with bounded staleness, entry writes, GC;
-//! - [`http`]: the HTTP routes over a replica.
+//! - [`http`]: the HTTP routes over a replica;
+//! - [`serve`]: the `--storage`/`--s3-*` flags and starting a replica.
 
 pub mod bucket;
 pub mod http;
 pub mod index;
 pub mod replica;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -617,7 +617,10 @@ mod tests {
         assert!(b.lookup(&ns, &[key(1)]).await.unwrap().is_empty());
         let d = put_blob(&a, b"layer").await;
         let e = entry(&d, 5, "RUN a");
-        assert_eq!(a.put_entry(&ns, &key(1), &e).await.unwrap(), PutOutcome::Created);
+        assert_eq!(
+            a.put_entry(&ns, &key(1), &e).await.unwrap(),
+            PutOutcome::Created
+        );
         let found = b.lookup(&ns, &[key(1), key(2)]).await.unwrap();
         assert_eq!(found.get(&key(1)), Some(&e));
         assert_eq!(found.len(), 1);
@@ -627,7 +630,10 @@ mod tests {
             b.put_entry(&ns, &key(1), &other).await.unwrap(),
             PutOutcome::Conflict { .. }
         ));
-        assert_eq!(b.put_entry(&ns, &key(1), &e).await.unwrap(), PutOutcome::Identical);
+        assert_eq!(
+            b.put_entry(&ns, &key(1), &e).await.unwrap(),
+            PutOutcome::Identical
+        );
     }
 
     #[tokio::test]
@@ -644,7 +650,9 @@ mod tests {
         let ns = Namespace::default();
         assert!(b.lookup(&ns, &[key(1)]).await.unwrap().is_empty());
         let d = put_blob(&a, b"x").await;
-        a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN")).await.unwrap();
+        a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN"))
+            .await
+            .unwrap();
         assert!(
             b.lookup(&ns, &[key(1)]).await.unwrap().is_empty(),
             "remembered miss"
@@ -676,7 +684,9 @@ mod tests {
         let ns = Namespace::default();
         let kept = put_blob(&a, b"kept").await;
         let orphan = put_blob(&b, b"orphan").await;
-        a.put_entry(&ns, &key(1), &entry(&kept, 4, "RUN")).await.unwrap();
+        a.put_entry(&ns, &key(1), &entry(&kept, 4, "RUN"))
+            .await
+            .unwrap();
 
         // b holds the lease: a's pass does nothing.
         assert!(
@@ -755,7 +765,9 @@ mod tests {
         );
         let ns = Namespace::default();
         let d = put_blob(&a, b"x").await;
-        a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN")).await.unwrap();
+        a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN"))
+            .await
+            .unwrap();
         assert_eq!(b.lookup(&ns, &[key(1)]).await.unwrap().len(), 1);
         assert!(a.delete_entry(&ns, &key(1)).await.unwrap());
         assert!(b.lookup(&ns, &[key(1)]).await.unwrap().is_empty());

@@ -123,6 +123,10 @@ pub enum LayerError {
     },
     #[error("compressing layer: {0}")]
     Compress(#[source] io::Error),
+    /// The tar stream could not be handed on (the compressor stopped; its
+    /// own error is reported instead when there is one).
+    #[error("writing the layer stream: {0}")]
+    Stream(#[source] io::Error),
 }
 
 /// Writes `change` as a compressed layer into `out_dir`. Returns `None`
@@ -161,11 +165,16 @@ pub fn write_layer(
     let compressed = compressor
         .join()
         .map_err(|_| LayerError::Compress(io::Error::other("compressor thread panicked")))?;
-    // A tar error is the root cause when both fail: the compressor only
-    // sees its input end early.
-    tar_result?;
-    let (digest, size) = compressed.map_err(LayerError::Compress)?;
-    flush_result.map_err(LayerError::Compress)?;
+    // Report the root cause: a source-file error stops the tar writer and
+    // the compressor only sees its input end; a compressor error (disk
+    // full) makes the tar writer's sends fail.
+    let (digest, size) = match (tar_result, compressed) {
+        (Err(LayerError::Stream(_)), Err(c)) => return Err(LayerError::Compress(c)),
+        (Err(e), _) => return Err(e),
+        (Ok(()), Err(c)) => return Err(LayerError::Compress(c)),
+        (Ok(()), Ok(v)) => v,
+    };
+    flush_result.map_err(LayerError::Stream)?;
 
     let path = out_dir.join(digest.hex());
     tmp.persist(&path).map_err(|e| out_err(e.error))?;
@@ -305,7 +314,7 @@ pub fn write_tar<W: Write>(
 }
 
 fn tw_out_err(source: io::Error) -> LayerError {
-    LayerError::Compress(source)
+    LayerError::Stream(source)
 }
 
 struct TarWriter<'a, W: Write> {

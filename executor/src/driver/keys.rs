@@ -64,9 +64,14 @@ pub fn step_key(
     options: &str,
 ) -> StepKey {
     let filesystem = is_filesystem_step(ins);
-    let mut b = CacheKeyBuilder::new()
-        .key("parent", parent)
-        .str("instruction", &ins.expanded);
+    // An ARG's value matters where it is used (RUN sees it, a COPY path
+    // expands it), not where it is declared: as Docker, a new --build-arg
+    // value misses from its first use on, not from the ARG line.
+    let text = match &ins.instruction {
+        Instruction::Arg(_) => &ins.original,
+        _ => &ins.expanded,
+    };
+    let mut b = CacheKeyBuilder::new().key("parent", parent).str("instruction", text);
     let heredocs: Vec<&str> = ins.heredocs.iter().map(|h| h.content.as_str()).collect();
     match &ins.instruction {
         Instruction::Run(_) => {

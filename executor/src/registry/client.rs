@@ -178,6 +178,9 @@ impl RegistryClient {
         let build = |b: reqwest::ClientBuilder| {
             b.user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(Duration::from_secs(30))
+                // No total timeout (a layer may take minutes), but a
+                // connection that stalls this long is retried.
+                .read_timeout(Duration::from_secs(120))
                 .build()
                 .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
         };

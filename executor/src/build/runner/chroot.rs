@@ -74,7 +74,6 @@ struct ChildPlan {
     ns_flags: libc::c_int,
     rootfs: CString,
     ops: Vec<Op>,
-    /// Human descriptions of `ops`, for the parent's error message.
     net_none: bool,
     hostname: CString,
     workdir_chain: Vec<CString>,

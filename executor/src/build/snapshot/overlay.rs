@@ -120,22 +120,20 @@ impl Snapshotter for OverlaySnapshotter {
                 .map(|l| format!("{prefix}{l}"))
                 .collect::<Vec<_>>()
                 .join(":");
-            format!(
-                "lowerdir={lower},upperdir={prefix}upper,workdir={prefix}work,index=off,redirect_dir=off,metacopy=off"
-            )
+            format!("lowerdir={lower},upperdir={prefix}upper,workdir={prefix}work")
         };
         let absolute = opts(&format!("{}/", scratch.display()), &top_first);
-        let result = if absolute.len() <= MAX_MOUNT_DATA {
-            mount_overlay(None, &merged, &absolute)
+        let result = if absolute.len() + COMPLETE_UPPER.len() <= MAX_MOUNT_DATA {
+            mount_complete(None, &merged, &absolute)
         } else {
             let relative = opts("", &top_first);
-            if relative.len() > MAX_MOUNT_DATA {
+            if relative.len() + COMPLETE_UPPER.len() > MAX_MOUNT_DATA {
                 return Err(SnapshotError::Invalid(format!(
                     "{} lower layers do not fit in one overlay mount",
                     stack.len()
                 )));
             }
-            mount_overlay(Some(scratch), &merged, &relative)
+            mount_complete(Some(scratch), &merged, &relative)
         };
         result.map_err(|source| SnapshotError::Mount {
             target: merged.clone(),
@@ -271,6 +269,20 @@ fn lower_meta(lowers: &[PathBuf], rel: &Path) -> Option<std::fs::Metadata> {
         }
     }
     None
+}
+
+/// Options that keep the upper directory a complete layer (module doc).
+const COMPLETE_UPPER: &str = ",index=off,redirect_dir=off,metacopy=off";
+
+/// Mounts with [`COMPLETE_UPPER`]; kernels older than those features
+/// (index 4.13, redirect_dir 4.10, metacopy 4.19) reject the unknown option
+/// with EINVAL and never redirect or metacopy, so the plain mount is the
+/// same thing there.
+fn mount_complete(cwd: Option<&Path>, target: &Path, base: &str) -> io::Result<()> {
+    match mount_overlay(cwd, target, &format!("{base}{COMPLETE_UPPER}")) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => mount_overlay(cwd, target, base),
+        other => other,
+    }
 }
 
 /// Mounts overlayfs on `target` with `data`. With `cwd`, the mount happens

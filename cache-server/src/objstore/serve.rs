@@ -1,0 +1,207 @@
+//! Flags of object-storage mode and starting a replica inside the server:
+//! [`ObjectArgs`] is flattened into the server's command line, and [`start`]
+//! gives the server its router and GC task when `--storage s3://...` is
+//! set. Credentials never come from flags: the usual `AWS_*` environment
+//! (or the instance/pod identity object_store finds) supplies them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use super::http::{self, ReplicaState};
+use super::replica::default_holder;
+use super::{
+    DEFAULT_PART_SIZE, DEFAULT_PRESIGN_TTL, ObjError, ObjectStorageConfig, Replica, ReplicaConfig,
+};
+use crate::auth::Auth;
+use crate::store::StoreConfig;
+use crate::telemetry;
+use crate::units::{parse_duration, parse_size};
+
+/// Flags of object-storage mode (all also `KILN_CACHE_*` variables).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ObjectArgs {
+    /// Where blobs and entries live: `local` (the --data directory, the
+    /// default) or `s3://bucket[/prefix]` to share one bucket between
+    /// replicas. Credentials come from AWS_ACCESS_KEY_ID /
+    /// AWS_SECRET_ACCESS_KEY (or the pod's identity).
+    #[arg(long, env = "KILN_CACHE_STORAGE", value_name = "URL")]
+    pub storage: Option<String>,
+    /// Endpoint of an S3-compatible store, e.g. http://minio:9000
+    /// [default: AWS_ENDPOINT_URL, else AWS].
+    #[arg(long, env = "KILN_CACHE_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Region of the bucket [default: AWS_REGION, else us-east-1].
+    #[arg(long, env = "KILN_CACHE_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Multipart upload part size, at least 5MiB [default: 16MiB].
+    #[arg(long, env = "KILN_CACHE_S3_PART_SIZE", value_name = "SIZE")]
+    pub s3_part_size: Option<String>,
+    /// A key this replica found missing is looked up in the bucket again
+    /// after this long; 0 asks every time [default: 2s].
+    #[arg(long, env = "KILN_CACHE_MISS_RECHECK", value_name = "DURATION")]
+    pub miss_recheck: Option<String>,
+    /// An entry this replica has cached is confirmed in the bucket again
+    /// after this long [default: 60s].
+    #[arg(long, env = "KILN_CACHE_HIT_RECHECK", value_name = "DURATION")]
+    pub hit_recheck: Option<String>,
+    /// How long the GC lease lasts without renewal [default: 5m].
+    #[arg(long, env = "KILN_CACHE_GC_LEASE_TTL", value_name = "DURATION")]
+    pub gc_lease_ttl: Option<String>,
+    /// Answer blob GETs with a redirect to a URL signed for this long
+    /// (clients then download straight from the bucket). Off by default.
+    #[arg(long, env = "KILN_CACHE_PRESIGN_TTL", value_name = "DURATION")]
+    pub presign_ttl: Option<String>,
+    /// This replica's name in the GC lease [default: hostname-pid].
+    #[arg(long, env = "KILN_CACHE_REPLICA_ID", value_name = "NAME")]
+    pub replica_id: Option<String>,
+}
+
+fn duration(setting: &str, value: Option<&String>) -> Result<Option<Duration>, ObjError> {
+    value
+        .map(|v| parse_duration(v).map_err(|e| ObjError::Config(format!("--{setting}: {e}"))))
+        .transpose()
+}
+
+impl ObjectArgs {
+    /// `None` for the local store; the object-storage settings otherwise.
+    /// `store` supplies the settings both modes share (size limit, TTL,
+    /// blob grace).
+    pub fn resolve(&self, store: &StoreConfig) -> Result<Option<ObjectStorageConfig>, ObjError> {
+        let url = match self.storage.as_deref() {
+            None | Some("local") | Some("") => return Ok(None),
+            Some(url) => url.to_owned(),
+        };
+        super::parse_storage_url(&url)?;
+        let part_size = match &self.s3_part_size {
+            Some(v) => {
+                let size =
+                    parse_size(v).map_err(|e| ObjError::Config(format!("--s3-part-size: {e}")))?;
+                if size < super::bucket::MIN_PART_SIZE as u64 {
+                    return Err(ObjError::Config(format!(
+                        "--s3-part-size {v}: S3 needs parts of at least 5MiB"
+                    )));
+                }
+                size as usize
+            }
+            None => DEFAULT_PART_SIZE,
+        };
+        let defaults = ReplicaConfig::default();
+        let presign = duration("presign-ttl", self.presign_ttl.as_ref())?
+            .map(|d| if d.is_zero() { DEFAULT_PRESIGN_TTL } else { d });
+        Ok(Some(ObjectStorageConfig {
+            url,
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            part_size,
+            replica: ReplicaConfig {
+                miss_recheck: duration("miss-recheck", self.miss_recheck.as_ref())?
+                    .unwrap_or(defaults.miss_recheck),
+                hit_recheck: duration("hit-recheck", self.hit_recheck.as_ref())?
+                    .unwrap_or(defaults.hit_recheck),
+                entry_ttl: store.entry_ttl,
+                max_size: store.max_size,
+                blob_grace: store.blob_grace,
+                lease_ttl: duration("gc-lease-ttl", self.gc_lease_ttl.as_ref())?
+                    .unwrap_or(defaults.lease_ttl),
+                holder: self.replica_id.clone().unwrap_or_else(default_holder),
+                presign,
+            },
+        }))
+    }
+}
+
+/// Connects to the bucket, opens the local index cache in `data`, and
+/// returns the router and the GC task (which stops when `stop` changes).
+pub async fn start(
+    config: &ObjectStorageConfig,
+    data: &Path,
+    auth: Auth,
+    gc_interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> Result<(Router, JoinHandle<()>), ObjError> {
+    let bucket = super::connect(config)?;
+    let data = data.to_owned();
+    let replica_config = config.replica.clone();
+    let replica = tokio::task::spawn_blocking(move || Replica::open(bucket, &data, replica_config))
+        .await
+        .map_err(|e| ObjError::Config(format!("opening the local index cache: {e}")))??;
+    let replica = Arc::new(replica);
+    // Not fatal: the bucket may come up after the pods; /readyz says so.
+    match replica.check_ready().await {
+        Ok(()) => {
+            info!(storage = %config.url, replica = %config.replica.holder, "object storage reachable")
+        }
+        Err(e) => warn!(storage = %config.url, error = %e, "object storage does not answer yet"),
+    }
+    let state = Arc::new(ReplicaState {
+        replica: replica.clone(),
+        auth,
+        metrics: telemetry::metrics_handle(),
+    });
+    let gc = tokio::spawn(gc_loop(replica, gc_interval, stop));
+    Ok((http::router(state), gc))
+}
+
+async fn gc_loop(replica: Arc<Replica>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    if interval.is_zero() {
+        // On demand only (POST /v1/admin/gc).
+        let _ = stop.changed().await;
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        // Every replica tries; the lease lets one of them do the pass.
+        if let Err(e) = replica.gc().await {
+            error!(error = %e, "gc failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        object: ObjectArgs,
+    }
+
+    #[test]
+    fn local_is_the_default_and_s3_settings_resolve() {
+        let store = StoreConfig::default();
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert!(cli.object.resolve(&store).unwrap().is_none());
+        let cli = Cli::try_parse_from([
+            "x",
+            "--storage",
+            "s3://kiln-cache/ci",
+            "--miss-recheck",
+            "0s",
+            "--presign-ttl",
+            "2m",
+            "--replica-id",
+            "r1",
+        ])
+        .unwrap();
+        let cfg = cli.object.resolve(&store).unwrap().unwrap();
+        assert_eq!(cfg.replica.miss_recheck, Duration::ZERO);
+        assert_eq!(cfg.replica.presign, Some(Duration::from_secs(120)));
+        assert_eq!(cfg.replica.holder, "r1");
+        assert_eq!(cfg.part_size, DEFAULT_PART_SIZE);
+        let cli = Cli::try_parse_from(["x", "--storage", "s3://b1c/x", "--s3-part-size", "1MiB"])
+            .unwrap();
+        let err = cli.object.resolve(&store).unwrap_err().to_string();
+        assert!(err.contains("5MiB"), "{err}");
+    }
+}

@@ -1,0 +1,271 @@
+//! The shared cache end to end: real `kiln-executor` processes with separate
+//! local state against one real `kiln-cache-server`, checked through the
+//! build reports, the server's metrics and the registry.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_e2e::{CacheServer, Registry, RegistryAuth, kiln_bin, push_busybox};
+
+struct Env {
+    registry: Registry,
+    server: CacheServer,
+    work: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let registry = Registry::start(RegistryAuth::None).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        push_busybox(&registry, work.path(), "library/busybox:latest", &[]).unwrap();
+        let server = CacheServer::start().unwrap();
+        Env {
+            registry,
+            server,
+            work,
+        }
+    }
+
+    fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.work.path().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let base = self.registry.reference("library/busybox:latest");
+        fs::write(dir.join("Dockerfile"), dockerfile.replace("BASE", &base)).unwrap();
+        for (rel, content) in files {
+            let p = dir.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, content).unwrap();
+        }
+        dir
+    }
+
+    /// Runs one build with fresh or given state; returns the process output
+    /// and the parsed report.
+    fn build(&self, ctx: &Path, state: &Path, dest: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+        let report = state.with_extension("report.json");
+        let out = Command::new(kiln_bin("kiln-executor"))
+            .arg("--context")
+            .arg(ctx)
+            .arg("--destination")
+            .arg(self.registry.reference(dest))
+            .args(["--insecure-registry", &self.registry.host()])
+            .args(["--cache-server", &self.server.url(), "--reproducible"])
+            .arg("--cache-dir")
+            .arg(state)
+            .arg("--report")
+            .arg(&report)
+            .args(extra)
+            .output()
+            .unwrap();
+        let parsed = fs::read(&report)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        (out, parsed)
+    }
+
+    fn build_ok(&self, ctx: &Path, state: &Path, dest: &str, extra: &[&str]) -> serde_json::Value {
+        let (out, report) = self.build(ctx, state, dest, extra);
+        assert!(
+            out.status.success(),
+            "build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        report
+    }
+
+    fn fresh_state(&self, name: &str) -> PathBuf {
+        self.work.path().join(format!("state-{name}"))
+    }
+}
+
+/// Keys of the filesystem steps by Dockerfile line.
+fn keys(report: &serde_json::Value) -> BTreeMap<u64, String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| Some((s["line"].as_u64()?, s["key"].as_str()?.to_string())))
+        .collect()
+}
+
+#[test]
+fn a_fresh_executor_rebuilds_everything_from_the_server_without_downloading_layers() {
+    let env = Env::new();
+    let ctx = env.context(
+        "share",
+        "FROM BASE\nCOPY app /app\nRUN cat /app/main.txt > /app/built\nRUN echo more > /more\n",
+        &[("app/main.txt", "hello\n")],
+    );
+    let first = env.build_ok(&ctx, &env.fresh_state("one"), "share:v1", &[]);
+    assert_eq!(first["summary"]["misses"], 3);
+    let gets_before = env
+        .server
+        .metric(r#"kiln_cache_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#);
+    let second = env.build_ok(&ctx, &env.fresh_state("two"), "share:v1", &[]);
+    assert_eq!(second["summary"]["hits"], 3, "{second}");
+    assert_eq!(second["summary"]["misses"], 0);
+    assert_eq!(second["image"]["digest"], first["image"]["digest"]);
+    assert_eq!(second["summary"]["bytes_downloaded"], 0);
+    let gets_after = env
+        .server
+        .metric(r#"kiln_cache_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#);
+    assert_eq!(gets_before, gets_after, "the second executor downloaded blobs");
+}
+
+#[test]
+fn exactly_the_expected_keys_change_under_each_mutation() {
+    let env = Env::new();
+    let dockerfile = "FROM BASE\nARG SEEN=1\nCOPY data/file.txt /file.txt\nENV MODE=a\nRUN echo $SEEN $MODE > /out\n";
+    let build_keys = |name: &str, df: &str, setup: &dyn Fn(&Path)| {
+        let ctx = env.context(name, df, &[("data/file.txt", "content\n"), ("data/other.txt", "x")]);
+        setup(&ctx);
+        let report = env.build_ok(&ctx, &env.fresh_state(name), "mut:v1", &["--no-push", "--cache=false"]);
+        keys(&report)
+    };
+    let with_args = |name: &str, args: &[&str]| {
+        let ctx = env.context(name, dockerfile, &[("data/file.txt", "content\n"), ("data/other.txt", "x")]);
+        let report = env.build_ok(&ctx, &env.fresh_state(name), "mut:v1", &[&["--no-push", "--cache=false"], args].concat());
+        keys(&report)
+    };
+    let none = |_: &Path| {};
+    let base = build_keys("base", dockerfile, &none);
+    let (copy_line, run_line) = (3u64, 5u64);
+    let changed = |other: &BTreeMap<u64, String>| -> Vec<u64> {
+        base.iter().filter(|(l, k)| other.get(l) != Some(k)).map(|(l, _)| *l).collect()
+    };
+
+    let content = build_keys("content", dockerfile, &|c| fs::write(c.join("data/file.txt"), "changed\n").unwrap());
+    assert_eq!(changed(&content), [copy_line, run_line], "content");
+    let mode = build_keys(
+        "mode",
+        dockerfile,
+        &|c| fs::set_permissions(c.join("data/file.txt"), fs::Permissions::from_mode(0o600)).unwrap(),
+    );
+    assert_eq!(changed(&mode), [copy_line, run_line], "mode");
+    let owner = build_keys(
+        "owner",
+        dockerfile,
+        &|c| std::os::unix::fs::chown(c.join("data/file.txt"), Some(4242), Some(4242)).unwrap(),
+    );
+    assert_eq!(changed(&owner), [copy_line, run_line], "owner");
+    let mtime = build_keys(
+        "mtime",
+        dockerfile,
+        &|c| {
+            let f = fs::File::options().write(true).open(c.join("data/file.txt")).unwrap();
+            f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        },
+    );
+    assert_eq!(changed(&mtime), Vec::<u64>::new(), "mtime");
+    // An ignore rule for a file no COPY names changes no key.
+    let unrelated = build_keys(
+        "ignore-unrelated",
+        dockerfile,
+        &|c| fs::write(c.join(".dockerignore"), "data/other.txt\n").unwrap(),
+    );
+    assert_eq!(changed(&unrelated), Vec::<u64>::new(), ".dockerignore of an unused file");
+    let env_change = build_keys("env", &dockerfile.replace("MODE=a", "MODE=b"), &none);
+    assert_eq!(changed(&env_change), [run_line], "ENV before RUN");
+    let seen = with_args("seen-arg", &["--build-arg", "SEEN=2"]);
+    assert_eq!(changed(&seen), [run_line], "a build arg the RUN sees");
+    let unused = with_args("unused-arg", &["--build-arg", "UNUSED=2"]);
+    assert_eq!(changed(&unused), Vec::<u64>::new(), "an unused build arg");
+    let moved = {
+        let ctx = env.context("somewhere/else/entirely", dockerfile, &[("data/file.txt", "content\n"), ("data/other.txt", "x")]);
+        keys(&env.build_ok(&ctx, &env.fresh_state("moved"), "mut:v1", &["--no-push", "--cache=false"]))
+    };
+    assert_eq!(changed(&moved), Vec::<u64>::new(), "the context's path");
+    // A different base image digest changes every key.
+    env.registry
+        .skopeo_copy_in(
+            &format!("docker://{}", env.registry.reference("library/busybox:latest")),
+            "library/busybox:latest",
+            &["--src-tls-verify=false", "--format", "v2s2"],
+        )
+        .unwrap();
+    let rebased = build_keys("rebased", dockerfile, &none);
+    assert_eq!(changed(&rebased), [copy_line, run_line], "base image digest");
+}
+
+#[test]
+fn four_executors_at_once_all_succeed_with_one_entry_per_key() {
+    let env = Env::new();
+    let ctx = env.context(
+        "race",
+        "FROM BASE\nRUN echo racing > /r\nCOPY f /f\n",
+        &[("f", "same")],
+    );
+    let reports: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let env = &env;
+                let ctx = &ctx;
+                s.spawn(move || env.build_ok(ctx, &env.fresh_state(&format!("racer{i}")), &format!("race:{i}"), &[]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let first = &reports[0]["image"]["digest"];
+    for r in &reports {
+        assert_eq!(&r["image"]["digest"], first);
+    }
+    for (line, key) in keys(&reports[0]) {
+        let (status, body) = env.server.get(&format!("/v1/entries/{key}")).unwrap();
+        assert_eq!(status, 200, "line {line}: {body}");
+        let entry: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let layer = &entry["layer"]["digest"];
+        let built = reports[0]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["line"] == line)
+            .unwrap();
+        assert_eq!(&built["layer"], layer, "the entry names the layer the image has");
+    }
+}
+
+#[test]
+fn a_cache_server_that_goes_away_mid_build_only_costs_a_warning() {
+    let mut env = Env::new();
+    let ctx = env.context(
+        "degraded",
+        "FROM BASE\nRUN sleep 2 && echo slow > /slow\nRUN echo after > /after\n",
+        &[],
+    );
+    let state = env.fresh_state("degraded");
+    let handle = {
+        let ctx = ctx.clone();
+        let state = state.clone();
+        let url = env.server.url();
+        let host = env.registry.host();
+        let dest = env.registry.reference("degraded:v1");
+        std::thread::spawn(move || {
+            Command::new(kiln_bin("kiln-executor"))
+                .arg("--context")
+                .arg(&ctx)
+                .args(["--destination", &dest, "--insecure-registry", &host, "--cache-server", &url])
+                .arg("--cache-dir")
+                .arg(&state)
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    env.server.stop();
+    let out = handle.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning"), "{stderr}");
+
+    // And a server that is not there at all: one warning, an uncached build.
+    let (out, report) = env.build(&ctx, &env.fresh_state("no-server"), "degraded:v2", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: the cache is unavailable"), "{stderr}");
+    assert_eq!(report["summary"]["misses"], 2);
+    env.server.restart().unwrap();
+}
