@@ -9,7 +9,7 @@ packages=(
   skopeo umoci buildah      # real peers the end-to-end tests compare against
   busybox-static            # base images are made offline from it
   apache2-utils             # htpasswd for the Basic-auth registry test
-  openssl jq time zstd
+  openssl jq time zstd attr
 )
 
 missing=()

@@ -334,3 +334,37 @@ async fn gc_by_the_lease_holder_while_another_replica_writes_loses_nothing_refer
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_gets_can_redirect_to_a_presigned_bucket_url() {
+    let Some(s3) = S3Server::start("blob_gets_can_redirect_to_a_presigned_bucket_url") else {
+        return;
+    };
+    let replica = Replica::start(&s3, "presign", &["--presign-ttl", "5m"]);
+    let c = client();
+    let data = bytes(9, 70_000);
+    let (status, digest) = put_blob(&c, &replica.url, None, &data).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_follow
+        .get(format!("{}/v1/blobs/{digest}", replica.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&s3.endpoint), "{location}");
+    assert!(location.contains("X-Amz-Signature"), "{location}");
+
+    // Following it, a client gets the bytes straight from the bucket.
+    let (status, body) = get_blob(&c, &replica.url, &digest).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == data);
+    let missing = Digest::of_bytes(b"never uploaded");
+    let (status, _) = get_blob(&c, &replica.url, &missing).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

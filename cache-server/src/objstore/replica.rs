@@ -8,7 +8,9 @@
 //!   again once that long has passed since it last asked for that key; 0
 //!   asks every time);
 //! - an entry removed from the bucket (GC, `DELETE`) stops being served by
-//!   other replicas at most `hit_recheck` later.
+//!   other replicas at most `hit_recheck` later;
+//! - a lookup never fails because the bucket does not answer: keys it could
+//!   not ask about are misses, cached entries it could not confirm are hits.
 //!
 //! GC safety: an entry's blob gets a `refs/` marker *before* the entry is
 //! created, and the GC lease holder deletes a blob only when it has no
@@ -189,7 +191,13 @@ impl Replica {
                 .collect()
                 .await;
         for (key, object, exists) in confirmed {
-            if exists? {
+            // The bucket not answering is no reason to fail a lookup: the
+            // cached entry was true a moment ago, serve it.
+            let exists = exists.unwrap_or_else(|e| {
+                warn!(%key, error = %e, "could not confirm a cached entry; serving it");
+                true
+            });
+            if exists {
                 self.index.put(ns, &key, &object, now)?;
                 if !self.expired(object.created_ms, now) {
                     found.insert(key, object.entry);
@@ -207,7 +215,17 @@ impl Replica {
                 .collect()
                 .await;
         for (key, object) in fetched {
-            match object? {
+            // A lookup is a cache question: when the bucket does not answer,
+            // the honest answer is a miss (the build runs the step), not an
+            // error that fails the build.
+            let object = match object {
+                Ok(object) => object,
+                Err(e) => {
+                    warn!(%key, error = %e, "bucket lookup failed; answering a miss");
+                    continue;
+                }
+            };
+            match object {
                 Some(object) => {
                     self.index.put(ns, &key, &object, now)?;
                     if !self.expired(object.created_ms, now) {
