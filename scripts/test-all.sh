@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/prereqs.sh
 # One optimised profile for everything, so RocksDB's C++ is compiled once.
+# The end-to-end tests run the real binaries: build them first.
+cargo build --release --workspace --locked --bins
 exec cargo test --release --workspace --locked "$@"

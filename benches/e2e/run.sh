@@ -130,7 +130,7 @@ cp "$KILN_BIN_DIR/kiln-executor" "$KILN_BIN_DIR/kiln-cache-server" "$W/bin/"
 KILN="$W/bin/kiln-executor"
 KILN_CS="$W/bin/kiln-cache-server"
 BASE_DIR=${KILN_E2E_BASE_DIR:-$W/bases}
-RESULTS="$T/results.jsonl"
+RESULTS="${JSON_OUT%.json}.raw.jsonl"
 : >"$RESULTS"
 
 # Buildah configuration private to this run.
@@ -229,6 +229,10 @@ measure() {
   M_WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
   M_RSS=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$logf.time")
   M_RSS=${M_RSS:-0}
+  M_USER=$(awk -F': ' '/User time/ { print $2 }' "$logf.time")
+  M_SYS=$(awk -F': ' '/System time/ { print $2 }' "$logf.time")
+  M_USER=${M_USER:-0}
+  M_SYS=${M_SYS:-0}
   if [ "$M_RC" -ne 0 ]; then
     log "FAILED (exit $M_RC): $*"
     tail -n 20 "$logf" >&2 || true
@@ -300,7 +304,7 @@ kiln_phase() {
   fi
   left=$(mounts_under "$cdir")
   record dockerfile="$name" run="$run" tool=kiln phase="$phase" ok="$([ "$M_RC" -eq 0 ] && echo true || echo false)" \
-    rc="$M_RC" wall_s="$M_WALL" max_rss_kb="$M_RSS" steps="$steps" hits="$hits" misses="$misses" \
+    rc="$M_RC" wall_s="$M_WALL" user_s="$M_USER" sys_s="$M_SYS" max_rss_kb="$M_RSS" steps="$steps" hits="$hits" misses="$misses" \
     bytes_uploaded="$up" bytes_downloaded="$down" layers="$layers" mounts_left="$left" push=included
   log "  kiln $phase: ${M_WALL}s, max RSS ${M_RSS} KiB, hits $hits/$steps, up $up B, down $down B, mounts left $left"
 }
@@ -313,12 +317,14 @@ buildah_phase() {
   log "$name run $run: buildah $phase (build)"
   TMPDIR="$bdir/tmp" measure "$dir/buildah-$phase-build.log" "${b[@]}" build --layers --isolation chroot \
     --tls-verify=false --signature-policy "$T/policy.json" -f "$ctx/Dockerfile" -t "localhost/$name:bench" "$ctx"
-  local bwall=$M_WALL brss=$M_RSS brc=$M_RC pwall=0 prss=0 prc=1 layers=0
+  local bwall=$M_WALL brss=$M_RSS brc=$M_RC bcpu pwall=0 prss=0 prc=1 pcpu=0 layers=0
+  bcpu=$(awk -v a="$M_USER" -v b="$M_SYS" 'BEGIN { printf "%.2f", a + b }')
   if [ "$brc" -eq 0 ]; then
     log "$name run $run: buildah $phase (push)"
     TMPDIR="$bdir/tmp" measure "$dir/buildah-$phase-push.log" "${b[@]}" push --tls-verify=false \
       --signature-policy "$T/policy.json" "localhost/$name:bench" "docker://$dest"
     pwall=$M_WALL prss=$M_RSS prc=$M_RC
+    pcpu=$(awk -v a="$M_USER" -v b="$M_SYS" 'BEGIN { printf "%.2f", a + b }')
     [ "$prc" -eq 0 ] && layers=$(layers_of "$dest")
   fi
   local ok=false total rss
@@ -326,7 +332,7 @@ buildah_phase() {
   total=$(awk -v a="$bwall" -v b="$pwall" 'BEGIN { printf "%.3f", a + b }')
   rss=$(( brss > prss ? brss : prss ))
   record dockerfile="$name" run="$run" tool=buildah phase="$phase" ok="$ok" rc="$brc" push_rc="$prc" \
-    wall_s="$total" build_s="$bwall" push_s="$pwall" max_rss_kb="$rss" build_max_rss_kb="$brss" \
+    wall_s="$total" build_s="$bwall" push_s="$pwall" build_cpu_s="$bcpu" push_cpu_s="$pcpu" max_rss_kb="$rss" build_max_rss_kb="$brss" \
     push_max_rss_kb="$prss" layers="$layers" push=included
   log "  buildah $phase: build ${bwall}s + push ${pwall}s = ${total}s, max RSS ${rss} KiB"
 }
@@ -385,54 +391,8 @@ for run in $(seq 1 "$RUNS"); do
 done
 END=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
-# Raw numbers and medians.
-jq -s --arg start "$START" --arg finish "$END" --argjson runs "$RUNS" --argjson quick "$QUICK" \
-  --arg kernel "$(uname -r)" --arg nproc "$(nproc)" \
-  --arg mem "$(awk '/MemTotal/ { print $2 }' /proc/meminfo)" \
-  --arg kiln "$(sha256sum "$KILN" | cut -c1-16)" \
-  --arg buildah "$( [ "$BUILDAH" -eq 1 ] && buildah --version || echo none)" '
-  def median: map(select(. != null)) | sort
-    | if length == 0 then null
-      elif length % 2 == 1 then .[length / 2 | floor]
-      else (.[length / 2 - 1] + .[length / 2]) / 2 end;
-  {
-    started: $start, finished: $finish, runs: $runs, quick: ($quick == 1),
-    machine: {nproc: ($nproc | tonumber), mem_kb: ($mem | tonumber), kernel: $kernel},
-    kiln_executor_sha256_prefix: $kiln, buildah: $buildah,
-    results: .,
-    medians: (group_by([.dockerfile, .tool, .phase]) | map({
-      dockerfile: .[0].dockerfile, tool: .[0].tool, phase: .[0].phase,
-      ok_runs: (map(select(.ok == "true" or .ok == true)) | length), runs: length,
-      wall_s: (map(select(.ok == "true" or .ok == true) | .wall_s) | median),
-      build_s: (map(select(.ok == "true" or .ok == true) | .build_s) | median),
-      push_s: (map(select(.ok == "true" or .ok == true) | .push_s) | median),
-      max_rss_kb: (map(select(.ok == "true" or .ok == true) | .max_rss_kb) | median),
-      bytes_downloaded: (map(.bytes_downloaded) | median),
-      bytes_uploaded: (map(.bytes_uploaded) | median),
-      hits: (map(.hits) | median), steps: (map(.steps) | median)
-    }))
-  }' "$RESULTS" >"$JSON_OUT"
-
-# Markdown table.
-jq -r --arg only "$ONLY" '
-  def f: if . == null then "fail" else (. * 10 | round / 10 | tostring) + " s" end;
-  def mb: if . == null then "–" else (. / 1024 | round | tostring) + " MiB" end;
-  def ratio(a; b): if a == null or b == null or b == 0 then "–" else (a / b * 100 | round / 100 | tostring) end;
-  .medians as $m
-  | def get(d; t; p): ($m | map(select(.dockerfile == d and .tool == t and .phase == p)) | .[0]) // {};
-  "Medians of \(.runs) run(s); wall time, push included for both tools.\n",
-  "| Dockerfile | kiln cold | kiln rebuild (1-line change) | kiln fresh executor, warm cache | buildah cold (build + push) | buildah rebuild (build + push) | cold kiln/buildah | rebuild kiln/buildah |",
-  "|---|---|---|---|---|---|---|---|",
-  ($only | split(" ") | map(select(. != ""))[] as $d
-    | get($d; "kiln"; "cold") as $kc | get($d; "kiln"; "rebuild") as $kr | get($d; "kiln"; "fresh") as $kf
-    | get($d; "buildah"; "cold") as $bc | get($d; "buildah"; "rebuild") as $br
-    | "| \($d) | \($kc.wall_s | f) | \($kr.wall_s | f) | \($kf.wall_s | f) (\($kf.hits // "?")/\($kf.steps // "?") hits, \($kf.bytes_downloaded // "?") B downloaded) | \($bc.wall_s | f) (\($bc.build_s | f) + \($bc.push_s | f)) | \($br.wall_s | f) (\($br.build_s | f) + \($br.push_s | f)) | \(ratio($kc.wall_s; $bc.wall_s)) | \(ratio($kr.wall_s; $br.wall_s)) |"),
-  "",
-  "| Dockerfile | kiln cold RSS | kiln rebuild RSS | kiln fresh RSS | buildah cold RSS (max of build, push) | buildah rebuild RSS | cold RSS kiln/buildah |",
-  "|---|---|---|---|---|---|---|",
-  ($only | split(" ") | map(select(. != ""))[] as $d
-    | get($d; "kiln"; "cold") as $kc | get($d; "kiln"; "rebuild") as $kr | get($d; "kiln"; "fresh") as $kf
-    | get($d; "buildah"; "cold") as $bc | get($d; "buildah"; "rebuild") as $br
-    | "| \($d) | \($kc.max_rss_kb | mb) | \($kr.max_rss_kb | mb) | \($kf.max_rss_kb | mb) | \($bc.max_rss_kb | mb) | \($br.max_rss_kb | mb) | \(ratio($kc.max_rss_kb; $bc.max_rss_kb)) |")
-' "$JSON_OUT"
-log "raw results: $JSON_OUT"
+# Raw numbers, medians and the Markdown tables.
+E2E_RUNS=$RUNS E2E_QUICK=$QUICK E2E_KILN_SHA="$(sha256sum "$KILN" | cut -c1-16)" \
+  E2E_BUILDAH="$( [ "$BUILDAH" -eq 1 ] && buildah --version || echo none)" \
+  "$HERE/summarize.sh" "$RESULTS" "$JSON_OUT" "$ONLY" "$START" "$END"
+log "raw results: $JSON_OUT (one line per measurement: $RESULTS)"

@@ -425,7 +425,11 @@ struct Inner {
     blobs_removed: AtomicU64,
     gc_runs: AtomicU64,
     recovery: Mutex<RecoveryReport>,
+    /// Accesses seen while the lock was busy, not yet recorded.
+    pending_touches: Mutex<Vec<(Vec<u8>, u64)>>,
 }
+
+const MAX_PENDING_TOUCHES: usize = 100_000;
 
 fn open_db(path: &Path, config: &StoreConfig) -> Result<DB, StoreError> {
     // One LRU block cache for all column families: entries are read on
@@ -525,6 +529,7 @@ impl Store {
                 blobs_removed: AtomicU64::new(0),
                 gc_runs: AtomicU64::new(0),
                 recovery: Mutex::new(RecoveryReport::default()),
+                pending_touches: Mutex::new(Vec::new()),
             }),
         };
         let report = store.recover()?;
@@ -845,7 +850,7 @@ impl Store {
                 continue;
             }
             if self.stale(value.accessed_ms, now) {
-                to_touch.push((ik.clone(), value.accessed_ms));
+                to_touch.push(ik.clone());
             }
             found.insert(*key, value.entry);
         }
@@ -855,36 +860,61 @@ impl Store {
             .misses
             .fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
         if !to_touch.is_empty() {
-            self.touch_entries(&to_touch, now)?;
+            self.touch_entries(to_touch, now)?;
         }
         Ok(found)
     }
 
-    fn touch_entries(&self, keys: &[(Vec<u8>, u64)], now: u64) -> Result<(), StoreError> {
-        // Access times only steer eviction: when a GC pass or a write holds
-        // the lock, skip recording rather than stall a lookup behind it.
+    fn touch_entries(&self, keys: Vec<Vec<u8>>, now: u64) -> Result<(), StoreError> {
+        // When a GC pass or a write holds the lock, park the accesses
+        // instead of stalling the lookup; whoever takes the lock next (the
+        // next touch, or eviction before it picks victims) records them.
         let _guard = match self.inner.lock.try_lock() {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let mut pending = lock(&self.inner.pending_touches);
+                // Bounded: beyond this, accesses are dropped (they only
+                // refine the LRU order).
+                if pending.len() < MAX_PENDING_TOUCHES {
+                    pending.extend(keys.into_iter().map(|ik| (ik, now)));
+                }
+                return Ok(());
+            }
         };
+        let mut touches: Vec<(Vec<u8>, u64)> = keys.into_iter().map(|ik| (ik, now)).collect();
+        touches.append(&mut lock(&self.inner.pending_touches));
+        self.record_touches_locked(touches)
+    }
+
+    /// Records accesses (index key, time); caller holds the write lock.
+    fn record_touches_locked(&self, touches: Vec<(Vec<u8>, u64)>) -> Result<(), StoreError> {
+        if touches.is_empty() {
+            return Ok(());
+        }
         let (cf_entries, cf_lru) = (self.cf(CF_ENTRIES)?, self.cf(CF_LRU)?);
+        // Latest time per entry; one rewrite each.
+        let mut latest: HashMap<Vec<u8>, u64> = HashMap::new();
+        for (ik, at) in touches {
+            let t = latest.entry(ik).or_default();
+            *t = (*t).max(at);
+        }
         let mut batch = WriteBatch::default();
-        for (ik, seen_access) in keys {
-            // Re-read under the lock: the entry may have been deleted or
-            // touched since the unlocked read, and must not be resurrected.
-            let Some(raw) = self.inner.db.get_cf(cf_entries, ik).map_err(db_err)? else {
+        for (ik, at) in latest {
+            // Re-read under the lock: the entry may have been deleted since
+            // the unlocked read and must not be resurrected.
+            let Some(raw) = self.inner.db.get_cf(cf_entries, &ik).map_err(db_err)? else {
                 continue;
             };
             let value = decode_entry(&raw)?;
-            if value.accessed_ms != *seen_access {
+            if value.accessed_ms >= at {
                 continue;
             }
             let mut updated = raw;
-            updated[9..17].copy_from_slice(&now.to_be_bytes());
-            batch.delete_cf(cf_lru, lru_key(value.accessed_ms, ik));
-            batch.put_cf(cf_lru, lru_key(now, ik), b"");
-            batch.put_cf(cf_entries, ik, updated);
+            updated[9..17].copy_from_slice(&at.to_be_bytes());
+            batch.delete_cf(cf_lru, lru_key(value.accessed_ms, &ik));
+            batch.put_cf(cf_lru, lru_key(at, &ik), b"");
+            batch.put_cf(cf_entries, &ik, updated);
         }
         // Access times are a hint for eviction; losing the last few to a
         // crash is harmless, so no fsync here.
@@ -1179,6 +1209,9 @@ impl Store {
 
     /// Caller holds the write lock.
     fn evict_locked(&self, max: u64, report: &mut GcReport) -> Result<(), StoreError> {
+        // The LRU order must include accesses parked while the lock was busy.
+        let parked = std::mem::take(&mut *lock(&self.inner.pending_touches));
+        self.record_touches_locked(parked)?;
         let (cf_entries, cf_lru, cf_blobs) =
             (self.cf(CF_ENTRIES)?, self.cf(CF_LRU)?, self.cf(CF_BLOBS)?);
         let mut lru_iter = self.inner.db.iterator_cf(cf_lru, IteratorMode::Start);
@@ -1777,6 +1810,37 @@ mod tests {
             "newest stays"
         );
         assert!(store.get_entry(&ns, &key(0)).unwrap().is_none());
+    }
+
+    #[test]
+    fn accesses_seen_while_the_lock_is_busy_still_count_for_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            access_granularity: Duration::ZERO,
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), config).unwrap();
+        let ns = Namespace::default();
+        for i in 0..3u8 {
+            let d = put_blob(&store, &[i; 100]);
+            store
+                .put_entry(&ns, &key(i), &entry_for(Some(&d), 100, "RUN"))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        {
+            let _busy = store.write_lock();
+            assert_eq!(store.lookup(&ns, &[key(0)]).unwrap().len(), 1);
+        }
+        assert_eq!(store.evict(200).unwrap().entries_evicted, 1);
+        assert!(
+            store.get_entry(&ns, &key(0)).unwrap().is_some(),
+            "recently read"
+        );
+        assert!(
+            store.get_entry(&ns, &key(1)).unwrap().is_none(),
+            "least recently used"
+        );
     }
 
     #[test]

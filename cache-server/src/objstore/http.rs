@@ -531,3 +531,152 @@ async fn admin_gc(
     authorize(&state, &headers, Scope::Admin)?;
     Ok(Json(state.replica.gc().await?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objstore::bucket::{Bucket, MIN_PART_SIZE};
+    use crate::objstore::{Replica, ReplicaConfig};
+    use object_store::memory::InMemory;
+    use std::time::Duration;
+
+    /// The router over an in-memory bucket on 127.0.0.1; the server task
+    /// ends with the test's runtime.
+    async fn serve(dir: &std::path::Path) -> String {
+        let bucket = Bucket::new(Arc::new(InMemory::new()), "", MIN_PART_SIZE);
+        let config = ReplicaConfig {
+            miss_recheck: Duration::ZERO,
+            blob_grace: Duration::ZERO,
+            ..Default::default()
+        };
+        let replica = Arc::new(Replica::open(bucket, dir, config).unwrap());
+        let state = Arc::new(ReplicaState {
+            replica,
+            auth: Auth::Open,
+            metrics: crate::telemetry::metrics_handle(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        url
+    }
+
+    fn entry_json(digest: &Digest, size: usize, by: &str) -> serde_json::Value {
+        serde_json::json!({
+            "layer": {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": digest, "size": size, "diffId": digest,
+            },
+            "createdBy": by,
+            "created": "2026-11-24T12:00:00Z",
+        })
+    }
+
+    #[tokio::test]
+    async fn the_api_answers_like_the_local_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = serve(dir.path()).await;
+        let c = reqwest::Client::new();
+        let data = vec![7u8; 1000];
+        let digest = Digest::of_bytes(&data);
+        let key = CacheKey::from_bytes([1; 32]);
+
+        let wrong = c
+            .put(format!("{url}/v1/blobs/{}", Digest::of_bytes(b"x")))
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), StatusCode::BAD_REQUEST);
+        let body: serde_json::Value = wrong.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "digest_mismatch");
+
+        let early = c
+            .put(format!("{url}/v1/entries/{key}"))
+            .json(&entry_json(&digest, 1000, "RUN a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(early.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+        let put = |body: Vec<u8>| c.put(format!("{url}/v1/blobs/{digest}")).body(body).send();
+        assert_eq!(
+            put(data.clone()).await.unwrap().status(),
+            StatusCode::CREATED
+        );
+        assert_eq!(put(data.clone()).await.unwrap().status(), StatusCode::OK);
+
+        let put_entry = |by: &'static str| {
+            c.put(format!("{url}/v1/entries/{key}"))
+                .json(&entry_json(&digest, 1000, by))
+                .send()
+        };
+        assert_eq!(
+            put_entry("RUN a").await.unwrap().status(),
+            StatusCode::CREATED
+        );
+        assert_eq!(put_entry("RUN a").await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            put_entry("RUN b").await.unwrap().status(),
+            StatusCode::CONFLICT
+        );
+
+        let found: serde_json::Value = c
+            .post(format!("{url}/v1/lookup"))
+            .json(&serde_json::json!({"keys": [key, CacheKey::from_bytes([2; 32])]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(found["entries"][key.to_hex()]["createdBy"], "RUN a");
+        assert_eq!(found["entries"].as_object().unwrap().len(), 1);
+
+        let range = c
+            .get(format!("{url}/v1/blobs/{digest}"))
+            .header("range", "bytes=-10")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(range.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(range.headers()["content-range"], "bytes 990-999/1000");
+        assert_eq!(range.bytes().await.unwrap().len(), 10);
+        let beyond = c
+            .get(format!("{url}/v1/blobs/{digest}"))
+            .header("range", "bytes=5000-")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        let missing = c
+            .head(format!("{url}/v1/blobs/{}", Digest::of_bytes(b"none")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+        let deleted = c
+            .delete(format!("{url}/v1/entries/{key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+        let gc: serde_json::Value = c
+            .post(format!("{url}/v1/admin/gc"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(gc["lease_held"], true);
+        assert_eq!(gc["blobs_removed"], 1);
+        let gone = c
+            .get(format!("{url}/v1/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+    }
+}

@@ -1,7 +1,7 @@
 //! Flags of object-storage mode and starting a replica inside the server:
-//! [`ObjectArgs`] is flattened into the server's command line, and [`start`]
-//! gives the server its router and GC task when `--storage s3://...` is
-//! set. Credentials never come from flags: the usual `AWS_*` environment
+//! [`ObjectArgs`] is flattened into the server's command line; when
+//! `--storage s3://...` is set, [`open`] connects the replica and [`run`]
+//! gives the server its router and GC task. Credentials never come from flags: the usual `AWS_*` environment
 //! (or the instance/pod identity object_store finds) supplies them.
 
 use std::path::Path;
@@ -116,22 +116,14 @@ impl ObjectArgs {
     }
 }
 
-/// Connects to the bucket, opens the local index cache in `data`, and
-/// returns the router and the GC task (which stops when `stop` changes).
-pub async fn start(
-    config: &ObjectStorageConfig,
-    data: &Path,
-    auth: Auth,
-    gc_interval: Duration,
-    stop: watch::Receiver<bool>,
-) -> Result<(Router, JoinHandle<()>), ObjError> {
+/// Connects to the bucket and opens the local index cache in `data`.
+pub async fn open(config: &ObjectStorageConfig, data: &Path) -> Result<Arc<Replica>, ObjError> {
     let bucket = super::connect(config)?;
     let data = data.to_owned();
     let replica_config = config.replica.clone();
     let replica = tokio::task::spawn_blocking(move || Replica::open(bucket, &data, replica_config))
         .await
         .map_err(|e| ObjError::Config(format!("opening the local index cache: {e}")))??;
-    let replica = Arc::new(replica);
     // Not fatal: the bucket may come up after the pods; /readyz says so.
     match replica.check_ready().await {
         Ok(()) => {
@@ -139,13 +131,24 @@ pub async fn start(
         }
         Err(e) => warn!(storage = %config.url, error = %e, "object storage does not answer yet"),
     }
+    Ok(Arc::new(replica))
+}
+
+/// The router over `replica` and its GC task, which stops when `stop`
+/// changes.
+pub fn run(
+    replica: Arc<Replica>,
+    auth: Auth,
+    gc_interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> (Router, JoinHandle<()>) {
     let state = Arc::new(ReplicaState {
         replica: replica.clone(),
         auth,
         metrics: telemetry::metrics_handle(),
     });
     let gc = tokio::spawn(gc_loop(replica, gc_interval, stop));
-    Ok((http::router(state), gc))
+    (http::router(state), gc)
 }
 
 async fn gc_loop(replica: Arc<Replica>, interval: Duration, mut stop: watch::Receiver<bool>) {

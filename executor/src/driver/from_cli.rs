@@ -121,9 +121,11 @@ impl ExecutorArgs {
                 cli::Isolation::Chroot => Isolation::Chroot,
                 cli::Isolation::None => Isolation::None,
             },
-            snapshotter: Some(match self.snapshotter {
-                cli::SnapshotterKind::Overlay => SnapshotterKind::Overlay,
-                cli::SnapshotterKind::Walk => SnapshotterKind::Walk,
+            // In place there is nothing to mount an overlay on: `/` is the
+            // rootfs, so --isolation none always walks.
+            snapshotter: Some(match (self.isolation, self.snapshotter) {
+                (cli::Isolation::None, _) | (_, cli::SnapshotterKind::Walk) => SnapshotterKind::Walk,
+                (cli::Isolation::Chroot, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
             }),
             state_dir: self.cache_dir.clone().unwrap_or_else(default_state_dir),
             registry,
