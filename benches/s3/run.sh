@@ -15,6 +15,7 @@ duration=${1:-5}
 concurrency=${2:-16}
 blob_mb=${3:-100}
 target=${CARGO_TARGET_DIR:-target}/release
+server_bin=${KILN_CACHE_SERVER_BIN:-$target/kiln-cache-server}
 s3s=${KILN_S3S_FS:-/opt/kiln-tools/bin/s3s-fs}
 [[ -x "$s3s" ]] || { echo "s3s-fs not found at $s3s" >&2; exit 1; }
 
@@ -34,7 +35,7 @@ wait_port() { # FILE
 
 server() { # NAME EXTRA_ARGS... ; prints the URL
   local name=$1; shift
-  RUST_LOG=warn "$target/kiln-cache-server" --listen 127.0.0.1:0 --gc-interval 0 \
+  RUST_LOG=warn "$server_bin" --listen 127.0.0.1:0 --gc-interval 0 \
     --data "$work/$name" --port-file "$work/$name.port" "$@" 2>"$work/$name.log" &
   pids+=($!)
   echo "http://127.0.0.1:$(wait_port "$work/$name.port")"

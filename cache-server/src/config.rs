@@ -49,7 +49,7 @@ pub enum ConfigError {
 )]
 pub struct ServerArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is
-    /// logged as "listening on ADDR:PORT").
+    /// logged as "listening on ADDR:PORT") [default: 0.0.0.0:8080].
     #[arg(long, env = "KILN_CACHE_LISTEN", value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
     /// Data directory: RocksDB index, blobs, temporary uploads.

@@ -159,6 +159,15 @@ fn compile(pattern: &str) -> Result<Vec<Token>, &'static str> {
     Ok(tokens)
 }
 
+/// Whether one `/`-separated path matches one pattern, with the rules of a
+/// `.dockerignore` line (Go's `filepath.Match` plus `**`). COPY and ADD
+/// source wildcards use it too, so both agree on what a pattern means.
+pub fn pattern_matches(pattern: &str, path: &str) -> Result<bool, &'static str> {
+    let tokens = compile(pattern)?;
+    let path: Vec<char> = path.chars().collect();
+    Ok(matches(&tokens, &path))
+}
+
 /// Whether `tokens` match the whole of `path`. Memoised on (token, char)
 /// positions so hostile patterns such as `*a*a*a*a*b` stay polynomial.
 fn matches(tokens: &[Token], path: &[char]) -> bool {

@@ -22,7 +22,10 @@ fn executor(args: &[&str], state: &Path) -> Output {
 fn executor_ok(args: &[&str], state: &Path) -> String {
     let out = executor(args, state);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "kiln-executor {args:?} failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "kiln-executor {args:?} failed:\n{stderr}"
+    );
     stderr
 }
 
@@ -44,9 +47,12 @@ fn buildah_run(image: &str, script: &str) -> String {
         "--storage-driver".to_string(),
         "vfs".to_string(),
     ];
-    let container = run(Command::new("buildah")
-        .args(&storage)
-        .args(["from", "--tls-verify=false", "--pull-always", image]))
+    let container = run(Command::new("buildah").args(&storage).args([
+        "from",
+        "--tls-verify=false",
+        "--pull-always",
+        image,
+    ]))
     .expect("buildah from")
     .trim()
     .to_string();
@@ -60,8 +66,12 @@ fn buildah_run(image: &str, script: &str) -> String {
         "-c",
         script,
     ]));
-    let _ = run(Command::new("buildah").args(&storage).args(["rm", &container]));
-    let _ = run(Command::new("buildah").args(&storage).args(["rmi", "--all", "--force"]));
+    let _ = run(Command::new("buildah")
+        .args(&storage)
+        .args(["rm", &container]));
+    let _ = run(Command::new("buildah")
+        .args(&storage)
+        .args(["rmi", "--all", "--force"]));
     out.expect("buildah run")
 }
 
@@ -85,7 +95,11 @@ impl Fixture {
     fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf {
         let dir = self.work.path().join(name);
         fs::create_dir_all(&dir).unwrap();
-        write(&dir, "Dockerfile", &dockerfile.replace("BASE", &self.base()));
+        write(
+            &dir,
+            "Dockerfile",
+            &dockerfile.replace("BASE", &self.base()),
+        );
         for (rel, content) in files {
             write(&dir, rel, content);
         }
@@ -128,21 +142,28 @@ fn metadata_only_build_pushes_an_image_skopeo_reads_with_the_same_digest() {
     let inspect = f.registry.skopeo_inspect("meta:v1").unwrap();
     assert_eq!(inspect["Labels"]["org.example.x"], "y");
     let env: Vec<String> = serde_json::from_value(inspect["Env"].clone()).unwrap();
-    assert!(env.contains(&"A=1".to_string()) && env.contains(&"B=two words".to_string()), "{env:?}");
-    let config: serde_json::Value = serde_json::from_str(&run(Command::new("skopeo").args([
-        "inspect",
-        "--config",
-        "--tls-verify=false",
-        &format!("docker://{}", f.registry.reference("meta:v1")),
-    ]))
-    .unwrap())
+    assert!(
+        env.contains(&"A=1".to_string()) && env.contains(&"B=two words".to_string()),
+        "{env:?}"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &run(Command::new("skopeo").args([
+            "inspect",
+            "--config",
+            "--tls-verify=false",
+            &format!("docker://{}", f.registry.reference("meta:v1")),
+        ]))
+        .unwrap(),
+    )
     .unwrap();
     let c = &config["config"];
     assert_eq!(c["User"], "nobody");
     assert_eq!(c["WorkingDir"], "/srv");
     assert_eq!(c["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
     assert_eq!(c["Cmd"], serde_json::json!(["echo hi"]));
-    assert!(c["ExposedPorts"].get("8080/tcp").is_some() && c["ExposedPorts"].get("53/udp").is_some());
+    assert!(
+        c["ExposedPorts"].get("8080/tcp").is_some() && c["ExposedPorts"].get("53/udp").is_some()
+    );
     assert!(c["Volumes"].get("/data").is_some());
     let raw = f.registry.skopeo_raw_manifest("meta:v1").unwrap();
     let pulled = kiln_common::Digest::of_bytes(&raw).to_string();
@@ -176,7 +197,11 @@ fn run_and_copy_produce_files_owners_and_modes_that_buildah_sees() {
          test -e /opt/src/a.txt && echo still-there || echo deleted; cat /tmp/whoami",
     );
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines, ["1000:1000 640", "A", "B", "4755", "deleted", "1000"], "{out}");
+    assert_eq!(
+        lines,
+        ["1000:1000 640", "A", "B", "4755", "deleted", "1000"],
+        "{out}"
+    );
 }
 
 #[test]
@@ -199,7 +224,10 @@ fn oci_layout_and_tarball_outputs_are_read_by_skopeo_and_umoci() {
         .args(["unpack", "--image", &format!("{l}:v1")])
         .arg(&bundle))
     .unwrap();
-    assert_eq!(fs::read_to_string(bundle.join("rootfs/layered")).unwrap(), "layered\n");
+    assert_eq!(
+        fs::read_to_string(bundle.join("rootfs/layered")).unwrap(),
+        "layered\n"
+    );
     assert!(bundle.join("rootfs/bin/busybox").is_file());
 }
 
@@ -217,7 +245,12 @@ fn reproducible_builds_in_different_directories_have_the_same_digest() {
             ctx,
             &f.state(name),
             &format!("{name}:v1"),
-            &["--reproducible", "--digest-file", &file_arg, "--cache=false"],
+            &[
+                "--reproducible",
+                "--digest-file",
+                &file_arg,
+                "--cache=false",
+            ],
         );
         fs::read_to_string(file).unwrap()
     };
@@ -242,9 +275,22 @@ fn multi_stage_builds_only_needed_stages_and_copies_between_them() {
 #[test]
 fn a_failing_run_names_its_line_and_exit_code() {
     let f = Fixture::new();
-    let ctx = f.context("fail", "FROM BASE\nRUN echo before\nRUN echo oops >&2; exit 7\n", &[]);
+    let ctx = f.context(
+        "fail",
+        "FROM BASE\nRUN echo before\nRUN echo oops >&2; exit 7\n",
+        &[],
+    );
     let c = ctx.display().to_string();
-    let out = executor(&["--context", &c, "--no-push", "--insecure-registry", &f.registry.host()], &f.state("fail"));
+    let out = executor(
+        &[
+            "--context",
+            &c,
+            "--no-push",
+            "--insecure-registry",
+            &f.registry.host(),
+        ],
+        &f.state("fail"),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Dockerfile:3"), "{stderr}");
@@ -260,7 +306,16 @@ fn a_context_symlink_pointing_outside_is_refused() {
     let ctx = f.context("escape-ctx", "FROM BASE\nCOPY link /stolen\n", &[]);
     std::os::unix::fs::symlink(&outside, ctx.join("link")).unwrap();
     let c = ctx.display().to_string();
-    let out = executor(&["--context", &c, "--no-push", "--insecure-registry", &f.registry.host()], &f.state("escape"));
+    let out = executor(
+        &[
+            "--context",
+            &c,
+            "--no-push",
+            "--insecure-registry",
+            &f.registry.host(),
+        ],
+        &f.state("escape"),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("outside the build context"), "{stderr}");
@@ -286,7 +341,10 @@ fn steps_cannot_write_outside_the_rootfs() {
     );
     f.build(&ctx, &f.state("escape-run"), "escape:v1", &["--no-push"]);
     assert!(!marker.exists(), "a step wrote {m} on the host");
-    assert!(fs::read_dir(marker_dir.path()).unwrap().next().is_none(), "host directory changed");
+    assert!(
+        fs::read_dir(marker_dir.path()).unwrap().next().is_none(),
+        "host directory changed"
+    );
 }
 
 #[test]
@@ -299,7 +357,10 @@ fn an_oci_layout_made_by_umoci_is_a_valid_base() {
     write(
         &ctx,
         "Dockerfile",
-        &format!("FROM oci-layout://{}:base\nRUN echo ok > /ok\n", layout.display()),
+        &format!(
+            "FROM oci-layout://{}:base\nRUN echo ok > /ok\n",
+            layout.display()
+        ),
     );
     f.build(&ctx, &f.state("layout"), "fromlayout:v1", &[]);
     let out = buildah_run(&f.registry.reference("fromlayout:v1"), "cat /ok");

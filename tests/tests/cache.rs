@@ -44,7 +44,13 @@ impl Env {
 
     /// Runs one build with fresh or given state; returns the process output
     /// and the parsed report.
-    fn build(&self, ctx: &Path, state: &Path, dest: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    fn build(
+        &self,
+        ctx: &Path,
+        state: &Path,
+        dest: &str,
+        extra: &[&str],
+    ) -> (Output, serde_json::Value) {
         let report = state.with_extension("report.json");
         let out = Command::new(kiln_bin("kiln-executor"))
             .arg("--context")
@@ -102,18 +108,21 @@ fn a_fresh_executor_rebuilds_everything_from_the_server_without_downloading_laye
     );
     let first = env.build_ok(&ctx, &env.fresh_state("one"), "share:v1", &[]);
     assert_eq!(first["summary"]["misses"], 3);
-    let gets_before = env
-        .server
-        .metric(r#"kiln_cache_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#);
+    let gets_before = env.server.metric(
+        r#"kiln_cache_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#,
+    );
     let second = env.build_ok(&ctx, &env.fresh_state("two"), "share:v1", &[]);
     assert_eq!(second["summary"]["hits"], 3, "{second}");
     assert_eq!(second["summary"]["misses"], 0);
     assert_eq!(second["image"]["digest"], first["image"]["digest"]);
     assert_eq!(second["summary"]["bytes_downloaded"], 0);
-    let gets_after = env
-        .server
-        .metric(r#"kiln_cache_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#);
-    assert_eq!(gets_before, gets_after, "the second executor downloaded blobs");
+    let gets_after = env.server.metric(
+        r#"kiln_cache_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#,
+    );
+    assert_eq!(
+        gets_before, gets_after,
+        "the second executor downloaded blobs"
+    );
 }
 
 #[test]
@@ -121,53 +130,73 @@ fn exactly_the_expected_keys_change_under_each_mutation() {
     let env = Env::new();
     let dockerfile = "FROM BASE\nARG SEEN=1\nCOPY data/file.txt /file.txt\nENV MODE=a\nRUN echo $SEEN $MODE > /out\n";
     let build_keys = |name: &str, df: &str, setup: &dyn Fn(&Path)| {
-        let ctx = env.context(name, df, &[("data/file.txt", "content\n"), ("data/other.txt", "x")]);
+        let ctx = env.context(
+            name,
+            df,
+            &[("data/file.txt", "content\n"), ("data/other.txt", "x")],
+        );
         setup(&ctx);
-        let report = env.build_ok(&ctx, &env.fresh_state(name), "mut:v1", &["--no-push", "--cache=false"]);
+        let report = env.build_ok(
+            &ctx,
+            &env.fresh_state(name),
+            "mut:v1",
+            &["--no-push", "--cache=false"],
+        );
         keys(&report)
     };
     let with_args = |name: &str, args: &[&str]| {
-        let ctx = env.context(name, dockerfile, &[("data/file.txt", "content\n"), ("data/other.txt", "x")]);
-        let report = env.build_ok(&ctx, &env.fresh_state(name), "mut:v1", &[&["--no-push", "--cache=false"], args].concat());
+        let ctx = env.context(
+            name,
+            dockerfile,
+            &[("data/file.txt", "content\n"), ("data/other.txt", "x")],
+        );
+        let report = env.build_ok(
+            &ctx,
+            &env.fresh_state(name),
+            "mut:v1",
+            &[&["--no-push", "--cache=false"], args].concat(),
+        );
         keys(&report)
     };
     let none = |_: &Path| {};
     let base = build_keys("base", dockerfile, &none);
     let (copy_line, run_line) = (3u64, 5u64);
     let changed = |other: &BTreeMap<u64, String>| -> Vec<u64> {
-        base.iter().filter(|(l, k)| other.get(l) != Some(k)).map(|(l, _)| *l).collect()
+        base.iter()
+            .filter(|(l, k)| other.get(l) != Some(k))
+            .map(|(l, _)| *l)
+            .collect()
     };
 
-    let content = build_keys("content", dockerfile, &|c| fs::write(c.join("data/file.txt"), "changed\n").unwrap());
+    let content = build_keys("content", dockerfile, &|c| {
+        fs::write(c.join("data/file.txt"), "changed\n").unwrap()
+    });
     assert_eq!(changed(&content), [copy_line, run_line], "content");
-    let mode = build_keys(
-        "mode",
-        dockerfile,
-        &|c| fs::set_permissions(c.join("data/file.txt"), fs::Permissions::from_mode(0o600)).unwrap(),
-    );
+    let mode = build_keys("mode", dockerfile, &|c| {
+        fs::set_permissions(c.join("data/file.txt"), fs::Permissions::from_mode(0o600)).unwrap()
+    });
     assert_eq!(changed(&mode), [copy_line, run_line], "mode");
-    let owner = build_keys(
-        "owner",
-        dockerfile,
-        &|c| std::os::unix::fs::chown(c.join("data/file.txt"), Some(4242), Some(4242)).unwrap(),
-    );
+    let owner = build_keys("owner", dockerfile, &|c| {
+        std::os::unix::fs::chown(c.join("data/file.txt"), Some(4242), Some(4242)).unwrap()
+    });
     assert_eq!(changed(&owner), [copy_line, run_line], "owner");
-    let mtime = build_keys(
-        "mtime",
-        dockerfile,
-        &|c| {
-            let f = fs::File::options().write(true).open(c.join("data/file.txt")).unwrap();
-            f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
-        },
-    );
+    let mtime = build_keys("mtime", dockerfile, &|c| {
+        let f = fs::File::options()
+            .write(true)
+            .open(c.join("data/file.txt"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    });
     assert_eq!(changed(&mtime), Vec::<u64>::new(), "mtime");
     // An ignore rule for a file no COPY names changes no key.
-    let unrelated = build_keys(
-        "ignore-unrelated",
-        dockerfile,
-        &|c| fs::write(c.join(".dockerignore"), "data/other.txt\n").unwrap(),
+    let unrelated = build_keys("ignore-unrelated", dockerfile, &|c| {
+        fs::write(c.join(".dockerignore"), "data/other.txt\n").unwrap()
+    });
+    assert_eq!(
+        changed(&unrelated),
+        Vec::<u64>::new(),
+        ".dockerignore of an unused file"
     );
-    assert_eq!(changed(&unrelated), Vec::<u64>::new(), ".dockerignore of an unused file");
     let env_change = build_keys("env", &dockerfile.replace("MODE=a", "MODE=b"), &none);
     assert_eq!(changed(&env_change), [run_line], "ENV before RUN");
     let seen = with_args("seen-arg", &["--build-arg", "SEEN=2"]);
@@ -175,20 +204,36 @@ fn exactly_the_expected_keys_change_under_each_mutation() {
     let unused = with_args("unused-arg", &["--build-arg", "UNUSED=2"]);
     assert_eq!(changed(&unused), Vec::<u64>::new(), "an unused build arg");
     let moved = {
-        let ctx = env.context("somewhere/else/entirely", dockerfile, &[("data/file.txt", "content\n"), ("data/other.txt", "x")]);
-        keys(&env.build_ok(&ctx, &env.fresh_state("moved"), "mut:v1", &["--no-push", "--cache=false"]))
+        let ctx = env.context(
+            "somewhere/else/entirely",
+            dockerfile,
+            &[("data/file.txt", "content\n"), ("data/other.txt", "x")],
+        );
+        keys(&env.build_ok(
+            &ctx,
+            &env.fresh_state("moved"),
+            "mut:v1",
+            &["--no-push", "--cache=false"],
+        ))
     };
     assert_eq!(changed(&moved), Vec::<u64>::new(), "the context's path");
     // A different base image digest changes every key.
     env.registry
         .skopeo_copy_in(
-            &format!("docker://{}", env.registry.reference("library/busybox:latest")),
+            &format!(
+                "docker://{}",
+                env.registry.reference("library/busybox:latest")
+            ),
             "library/busybox:latest",
             &["--src-tls-verify=false", "--format", "v2s2"],
         )
         .unwrap();
     let rebased = build_keys("rebased", dockerfile, &none);
-    assert_eq!(changed(&rebased), [copy_line, run_line], "base image digest");
+    assert_eq!(
+        changed(&rebased),
+        [copy_line, run_line],
+        "base image digest"
+    );
 }
 
 #[test]
@@ -204,7 +249,14 @@ fn four_executors_at_once_all_succeed_with_one_entry_per_key() {
             .map(|i| {
                 let env = &env;
                 let ctx = &ctx;
-                s.spawn(move || env.build_ok(ctx, &env.fresh_state(&format!("racer{i}")), &format!("race:{i}"), &[]))
+                s.spawn(move || {
+                    env.build_ok(
+                        ctx,
+                        &env.fresh_state(&format!("racer{i}")),
+                        &format!("race:{i}"),
+                        &[],
+                    )
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -224,7 +276,10 @@ fn four_executors_at_once_all_succeed_with_one_entry_per_key() {
             .iter()
             .find(|s| s["line"] == line)
             .unwrap();
-        assert_eq!(&built["layer"], layer, "the entry names the layer the image has");
+        assert_eq!(
+            &built["layer"], layer,
+            "the entry names the layer the image has"
+        );
     }
 }
 
@@ -247,7 +302,14 @@ fn a_cache_server_that_goes_away_mid_build_only_costs_a_warning() {
             Command::new(kiln_bin("kiln-executor"))
                 .arg("--context")
                 .arg(&ctx)
-                .args(["--destination", &dest, "--insecure-registry", &host, "--cache-server", &url])
+                .args([
+                    "--destination",
+                    &dest,
+                    "--insecure-registry",
+                    &host,
+                    "--cache-server",
+                    &url,
+                ])
                 .arg("--cache-dir")
                 .arg(&state)
                 .output()
@@ -265,7 +327,10 @@ fn a_cache_server_that_goes_away_mid_build_only_costs_a_warning() {
     let (out, report) = env.build(&ctx, &env.fresh_state("no-server"), "degraded:v2", &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("warning: the cache is unavailable"), "{stderr}");
+    assert!(
+        stderr.contains("warning: the cache is unavailable"),
+        "{stderr}"
+    );
     assert_eq!(report["summary"]["misses"], 2);
     env.server.restart().unwrap();
 }

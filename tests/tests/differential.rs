@@ -30,21 +30,31 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
         let meta = fs::symlink_metadata(&entry).unwrap();
         let ft = meta.file_type();
         let (kind, content, link) = if ft.is_symlink() {
-            ("symlink", None, Some(fs::read_link(&entry).unwrap().display().to_string()))
+            (
+                "symlink",
+                None,
+                Some(fs::read_link(&entry).unwrap().display().to_string()),
+            )
         } else if ft.is_dir() {
             ("dir", None, None)
         } else if ft.is_file() {
             let bytes = fs::read(&entry).unwrap();
-            ("file", Some(kiln_common::Digest::of_bytes(&bytes).to_string()), None)
+            (
+                "file",
+                Some(kiln_common::Digest::of_bytes(&bytes).to_string()),
+                None,
+            )
         } else {
             ("special", None, None)
         };
-        let xattrs = run(Command::new("getfattr").args(["-h", "-d", "-m", "-", "--absolute-names"]).arg(&entry))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(str::to_string)
-            .collect();
+        let xattrs = run(Command::new("getfattr")
+            .args(["-h", "-d", "-m", "-", "--absolute-names"])
+            .arg(&entry))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(str::to_string)
+        .collect();
         out.insert(
             rel,
             Node {
@@ -65,7 +75,10 @@ fn walkdir_sorted(root: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let mut children: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut children: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         children.sort();
         for c in children {
             if fs::symlink_metadata(&c).unwrap().is_dir() {
@@ -93,23 +106,27 @@ fn buildah_build(ctx: &Path, layout: &Path, storage: &Path) {
         "--storage-driver".to_string(),
         "vfs".to_string(),
     ];
-    run(Command::new("buildah").args(&store).args([
-        "build",
-        "--isolation",
-        "chroot",
-        "--tls-verify=false",
-        "--layers=false",
-        "-t",
-        "localhost/diff:latest",
-    ])
-    .arg(ctx))
+    run(Command::new("buildah")
+        .args(&store)
+        .args([
+            "build",
+            "--isolation",
+            "chroot",
+            "--tls-verify=false",
+            "--layers=false",
+            "-t",
+            "localhost/diff:latest",
+        ])
+        .arg(ctx))
     .unwrap();
     run(Command::new("buildah")
         .args(&store)
         .args(["push", "localhost/diff:latest"])
         .arg(format!("oci:{}:latest", layout.display())))
     .unwrap();
-    let _ = run(Command::new("buildah").args(&store).args(["rmi", "--all", "--force"]));
+    let _ = run(Command::new("buildah")
+        .args(&store)
+        .args(["rmi", "--all", "--force"]));
 }
 
 const DOCKERFILE: &str = r#"FROM BASE
@@ -163,12 +180,19 @@ fn kiln_and_buildah_produce_the_same_root_filesystem() {
         .arg(work.path().join("kiln-state"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let buildah_layout = work.path().join("buildah-layout");
     buildah_build(&ctx, &buildah_layout, &work.path().join("buildah-storage"));
 
-    let (kb, bb) = (work.path().join("kiln-bundle"), work.path().join("buildah-bundle"));
+    let (kb, bb) = (
+        work.path().join("kiln-bundle"),
+        work.path().join("buildah-bundle"),
+    );
     unpack(&kiln_layout, "latest", &kb);
     unpack(&buildah_layout, "latest", &bb);
     let (k, b) = (snapshot(&kb.join("rootfs")), snapshot(&bb.join("rootfs")));
@@ -176,11 +200,22 @@ fn kiln_and_buildah_produce_the_same_root_filesystem() {
     // image (/dev, /proc, /sys, /run and empty /etc/{hostname,hosts,
     // resolv.conf}); kiln, like BuildKit, removes what it created. Those
     // placeholders are the only difference allowed, and only while empty.
-    const BUILDAH_PLACEHOLDERS: [&str; 7] =
-        ["dev", "proc", "sys", "run", "etc/hostname", "etc/hosts", "etc/resolv.conf"];
+    const BUILDAH_PLACEHOLDERS: [&str; 7] = [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "etc/hostname",
+        "etc/hosts",
+        "etc/resolv.conf",
+    ];
     let empty_file = kiln_common::Digest::of_bytes(b"").to_string();
     let mut differences = Vec::new();
-    for path in k.keys().chain(b.keys()).collect::<std::collections::BTreeSet<_>>() {
+    for path in k
+        .keys()
+        .chain(b.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
         match (k.get(path), b.get(path)) {
             (Some(x), Some(y)) if x == y => {}
             (None, Some(y))
@@ -189,5 +224,9 @@ fn kiln_and_buildah_produce_the_same_root_filesystem() {
             (x, y) => differences.push(format!("{path}: kiln {x:?} / buildah {y:?}")),
         }
     }
-    assert!(differences.is_empty(), "root filesystems differ:\n{}", differences.join("\n"));
+    assert!(
+        differences.is_empty(),
+        "root filesystems differ:\n{}",
+        differences.join("\n")
+    );
 }

@@ -74,7 +74,11 @@ fn in_place_builds_in_a_throwaway_root_contain_only_the_image() {
         .env("PATH", "/bin")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bundle = work.path().join("bundle");
     run(Command::new("umoci")
@@ -84,10 +88,30 @@ fn in_place_builds_in_a_throwaway_root_contain_only_the_image() {
     .unwrap();
     let image = bundle.join("rootfs");
     assert_eq!(fs::read_to_string(image.join("ran.txt")).unwrap(), "ran\n");
-    assert_eq!(fs::read_to_string(image.join("opt/payload.txt")).unwrap(), "copied\n");
-    assert!(image.join("bin/busybox").is_file(), "the base image is in the result");
-    assert!(!image.join("bin/ls").exists(), "a deletion is a whiteout in the result");
-    for leaked in ["kiln", "ctx", "base-layout", "lib", "lib64", "usr/lib", "proc"] {
-        assert!(!image.join(leaked).exists(), "/{leaked} leaked into the image");
+    assert_eq!(
+        fs::read_to_string(image.join("opt/payload.txt")).unwrap(),
+        "copied\n"
+    );
+    assert!(
+        image.join("bin/busybox").is_file(),
+        "the base image is in the result"
+    );
+    assert!(
+        !image.join("bin/ls").exists(),
+        "a deletion is a whiteout in the result"
+    );
+    for leaked in [
+        "kiln",
+        "ctx",
+        "base-layout",
+        "lib",
+        "lib64",
+        "usr/lib",
+        "proc",
+    ] {
+        assert!(
+            !image.join(leaked).exists(),
+            "/{leaked} leaked into the image"
+        );
     }
 }

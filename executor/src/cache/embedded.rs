@@ -53,7 +53,9 @@ impl Cache for EmbeddedCache {
     }
 
     fn lookup(&self, keys: &[CacheKey]) -> Result<BTreeMap<CacheKey, CacheEntry>, CacheError> {
-        self.store.lookup(&self.namespace, keys).map_err(|e| self.err(e))
+        self.store
+            .lookup(&self.namespace, keys)
+            .map_err(|e| self.err(e))
     }
 
     fn fetch_blob(&self, digest: &Digest, local: &LocalStore) -> Result<PathBuf, CacheError> {
@@ -78,14 +80,19 @@ impl Cache for EmbeddedCache {
     }
 
     fn has_blob(&self, digest: &Digest) -> Result<bool, CacheError> {
-        Ok(self.store.stat_blob(digest).map_err(|e| self.err(e))?.is_some())
+        Ok(self
+            .store
+            .stat_blob(digest)
+            .map_err(|e| self.err(e))?
+            .is_some())
     }
 
     fn put_blob(&self, digest: &Digest, path: &Path) -> Result<(), CacheError> {
         if self.has_blob(digest)? {
             return Ok(());
         }
-        let mut file = fs::File::open(path).map_err(|e| self.err(format!("{}: {e}", path.display())))?;
+        let mut file =
+            fs::File::open(path).map_err(|e| self.err(format!("{}: {e}", path.display())))?;
         let mut writer = self.store.blob_writer().map_err(|e| self.err(e))?;
         io::copy(&mut file, &mut writer).map_err(|e| self.err(e))?;
         writer.commit(digest).map_err(|e| self.err(e))?;

@@ -29,7 +29,11 @@ pub struct HttpCache {
 }
 
 impl HttpCache {
-    pub fn new(servers: Vec<String>, token: Option<String>, runtime: Handle) -> Result<Self, CacheError> {
+    pub fn new(
+        servers: Vec<String>,
+        token: Option<String>,
+        runtime: Handle,
+    ) -> Result<Self, CacheError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .read_timeout(Duration::from_secs(30))
@@ -60,10 +64,7 @@ impl HttpCache {
     }
 
     /// Runs `call` against the preferred server, then the others.
-    fn with_failover<T>(
-        &self,
-        call: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<T, CacheError> {
+    fn with_failover<T>(&self, call: impl Fn(&str) -> Result<T, String>) -> Result<T, CacheError> {
         let n = self.servers.len();
         let start = self.preferred.load(Ordering::Relaxed);
         let mut errors = Vec::new();
@@ -103,7 +104,9 @@ impl Cache for HttpCache {
     fn lookup(&self, keys: &[CacheKey]) -> Result<BTreeMap<CacheKey, CacheEntry>, CacheError> {
         let mut found = BTreeMap::new();
         for chunk in keys.chunks(kiln_common::wire::MAX_LOOKUP_KEYS) {
-            let body = LookupRequest { keys: chunk.to_vec() };
+            let body = LookupRequest {
+                keys: chunk.to_vec(),
+            };
             let answer: LookupResponse = self.with_failover(|base| {
                 self.block_on(async {
                     let resp = self
@@ -116,7 +119,9 @@ impl Cache for HttpCache {
                     if !resp.status().is_success() {
                         return Err(error_text(resp).await);
                     }
-                    resp.json::<LookupResponse>().await.map_err(|e| e.to_string())
+                    resp.json::<LookupResponse>()
+                        .await
+                        .map_err(|e| e.to_string())
                 })
             })?;
             found.extend(answer.entries);
@@ -179,7 +184,9 @@ impl Cache for HttpCache {
         }
         self.with_failover(|base| {
             self.block_on(async {
-                let file = tokio::fs::File::open(path).await.map_err(|e| e.to_string())?;
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let len = file.metadata().await.map_err(|e| e.to_string())?.len();
                 let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
                 let resp = self

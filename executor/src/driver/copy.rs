@@ -132,11 +132,10 @@ pub fn copy_into(
             } else {
                 base.join(&item.relative)
             };
-            copy_item(rootfs, &item.host, &target, opts)
-                .map_err(|e| match e {
-                    ItemError::Io(source) => io_err(&item.host, &target, source),
-                    ItemError::Directory(p) => CopyError::WouldReplaceDirectory(p),
-                })?;
+            copy_item(rootfs, &item.host, &target, opts).map_err(|e| match e {
+                ItemError::Io(source) => io_err(&item.host, &target, source),
+                ItemError::Directory(p) => CopyError::WouldReplaceDirectory(p),
+            })?;
         }
     }
     Ok(())
@@ -208,7 +207,12 @@ pub fn ensure_dir(rootfs: &Path, dir: &Path, owner: (u32, u32), mode: u32) -> io
     resolve_in_root(rootfs, &current)
 }
 
-fn copy_item(rootfs: &Path, source: &Path, target: &Path, opts: &CopyOptions) -> Result<(), ItemError> {
+fn copy_item(
+    rootfs: &Path,
+    source: &Path,
+    target: &Path,
+    opts: &CopyOptions,
+) -> Result<(), ItemError> {
     let owner = opts.owner.unwrap_or((0, 0));
     let meta = fs::symlink_metadata(source)?;
     let name = target.file_name();
@@ -230,7 +234,11 @@ fn copy_item(rootfs: &Path, source: &Path, target: &Path, opts: &CopyOptions) ->
         let mode = opts.chmod.unwrap_or(meta.mode() & 0o7777);
         std::os::unix::fs::lchown(&host, Some(owner.0), Some(owner.1))?;
         fs::set_permissions(&host, fs::Permissions::from_mode(mode))?;
-        set_times_nofollow(&host, (meta.atime(), meta.atime_nsec()), (meta.mtime(), meta.mtime_nsec()))?;
+        set_times_nofollow(
+            &host,
+            (meta.atime(), meta.atime_nsec()),
+            (meta.mtime(), meta.mtime_nsec()),
+        )?;
         return Ok(());
     }
     if let Some(m) = &existing {
@@ -243,7 +251,11 @@ fn copy_item(rootfs: &Path, source: &Path, target: &Path, opts: &CopyOptions) ->
         let link = fs::read_link(source)?;
         symlink(&link, &host)?;
         std::os::unix::fs::lchown(&host, Some(owner.0), Some(owner.1))?;
-        set_times_nofollow(&host, (meta.atime(), meta.atime_nsec()), (meta.mtime(), meta.mtime_nsec()))?;
+        set_times_nofollow(
+            &host,
+            (meta.atime(), meta.atime_nsec()),
+            (meta.mtime(), meta.mtime_nsec()),
+        )?;
     } else if ft.is_file() {
         let mut input = fs::File::open(source)?;
         let mut output = fs::OpenOptions::new()
@@ -255,7 +267,11 @@ fn copy_item(rootfs: &Path, source: &Path, target: &Path, opts: &CopyOptions) ->
         std::os::unix::fs::lchown(&host, Some(owner.0), Some(owner.1))?;
         let mode = opts.chmod.unwrap_or(meta.mode() & 0o7777);
         fs::set_permissions(&host, fs::Permissions::from_mode(mode))?;
-        set_times_nofollow(&host, (meta.atime(), meta.atime_nsec()), (meta.mtime(), meta.mtime_nsec()))?;
+        set_times_nofollow(
+            &host,
+            (meta.atime(), meta.atime_nsec()),
+            (meta.mtime(), meta.mtime_nsec()),
+        )?;
     }
     // FIFOs, sockets and devices from a context are not copied (BuildKit
     // skips them too).
@@ -278,8 +294,18 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let rootfs = tempfile::tempdir().unwrap();
         let root = file_root(src.path(), "a.txt", "A");
-        copy_into(rootfs.path(), Path::new("/"), "/opt/app/", &[root], &Default::default()).unwrap();
-        assert_eq!(fs::read_to_string(rootfs.path().join("opt/app/a.txt")).unwrap(), "A");
+        copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/opt/app/",
+            &[root],
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(rootfs.path().join("opt/app/a.txt")).unwrap(),
+            "A"
+        );
     }
 
     #[test]
@@ -287,8 +313,18 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let rootfs = tempfile::tempdir().unwrap();
         let root = file_root(src.path(), "a.txt", "A");
-        copy_into(rootfs.path(), Path::new("/work"), "b.txt", &[root], &Default::default()).unwrap();
-        assert_eq!(fs::read_to_string(rootfs.path().join("work/b.txt")).unwrap(), "A");
+        copy_into(
+            rootfs.path(),
+            Path::new("/work"),
+            "b.txt",
+            &[root],
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(rootfs.path().join("work/b.txt")).unwrap(),
+            "A"
+        );
     }
 
     #[test]
@@ -298,8 +334,18 @@ mod tests {
         fs::write(src.path().join("d/sub/x"), "x").unwrap();
         let rootfs = tempfile::tempdir().unwrap();
         let root = walk_root(&src.path().join("d"), "d").unwrap();
-        copy_into(rootfs.path(), Path::new("/"), "/dst", &[root], &Default::default()).unwrap();
-        assert_eq!(fs::read_to_string(rootfs.path().join("dst/sub/x")).unwrap(), "x");
+        copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/dst",
+            &[root],
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(rootfs.path().join("dst/sub/x")).unwrap(),
+            "x"
+        );
         assert!(!rootfs.path().join("dst/d").exists());
     }
 
@@ -309,9 +355,22 @@ mod tests {
         let rootfs = tempfile::tempdir().unwrap();
         let a = file_root(src.path(), "a", "A");
         let b = file_root(src.path(), "b", "B");
-        let err = copy_into(rootfs.path(), Path::new("/"), "/x", &[a.clone(), b.clone()], &Default::default());
+        let err = copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/x",
+            &[a.clone(), b.clone()],
+            &Default::default(),
+        );
         assert!(matches!(err, Err(CopyError::DestinationNotDirectory(_))));
-        copy_into(rootfs.path(), Path::new("/"), "/x/", &[a, b], &Default::default()).unwrap();
+        copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/x/",
+            &[a, b],
+            &Default::default(),
+        )
+        .unwrap();
         assert!(rootfs.path().join("x/a").is_file() && rootfs.path().join("x/b").is_file());
     }
 
@@ -340,11 +399,34 @@ mod tests {
         symlink(outside.path(), rootfs.path().join("evil")).unwrap();
         symlink("../../../../..", rootfs.path().join("up")).unwrap();
         let root = file_root(src.path(), "payload", "P");
-        copy_into(rootfs.path(), Path::new("/"), "/evil/", &[root.clone()], &Default::default()).unwrap();
-        copy_into(rootfs.path(), Path::new("/"), "/up/tmp/", &[root], &Default::default()).unwrap();
-        assert!(fs::read_dir(outside.path()).unwrap().next().is_none(), "wrote outside the rootfs");
-        let inside = rootfs.path().join(outside.path().strip_prefix("/").unwrap()).join("payload");
-        assert!(inside.is_file(), "absolute symlink must resolve inside the rootfs");
+        copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/evil/",
+            std::slice::from_ref(&root),
+            &Default::default(),
+        )
+        .unwrap();
+        copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/up/tmp/",
+            &[root],
+            &Default::default(),
+        )
+        .unwrap();
+        assert!(
+            fs::read_dir(outside.path()).unwrap().next().is_none(),
+            "wrote outside the rootfs"
+        );
+        let inside = rootfs
+            .path()
+            .join(outside.path().strip_prefix("/").unwrap())
+            .join("payload");
+        assert!(
+            inside.is_file(),
+            "absolute symlink must resolve inside the rootfs"
+        );
         assert!(rootfs.path().join("tmp/payload").is_file());
     }
 
@@ -355,14 +437,34 @@ mod tests {
         fs::write(rootfs.path().join("target"), "keep").unwrap();
         symlink("/target", rootfs.path().join("link")).unwrap();
         let root = file_root(src.path(), "link", "new");
-        copy_into(rootfs.path(), Path::new("/"), "/link", &[root], &Default::default()).unwrap();
-        assert_eq!(fs::read_to_string(rootfs.path().join("target")).unwrap(), "keep");
-        assert!(fs::symlink_metadata(rootfs.path().join("link")).unwrap().is_file());
+        copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/link",
+            &[root],
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(rootfs.path().join("target")).unwrap(),
+            "keep"
+        );
+        assert!(
+            fs::symlink_metadata(rootfs.path().join("link"))
+                .unwrap()
+                .is_file()
+        );
     }
 
     #[test]
     fn relative_destinations_cannot_climb_above_root() {
-        assert_eq!(absolute_in_image(Path::new("/app"), "../../../etc/x"), PathBuf::from("/etc/x"));
-        assert_eq!(absolute_in_image(Path::new("/app"), "."), PathBuf::from("/app"));
+        assert_eq!(
+            absolute_in_image(Path::new("/app"), "../../../etc/x"),
+            PathBuf::from("/etc/x")
+        );
+        assert_eq!(
+            absolute_in_image(Path::new("/app"), "."),
+            PathBuf::from("/app")
+        );
     }
 }

@@ -22,7 +22,10 @@ pub enum OptionsError {
     #[error("SOURCE_DATE_EPOCH={0:?} is not a whole number of seconds")]
     SourceDateEpoch(String),
     #[error("--compression-level {level} is out of range for {compression}")]
-    CompressionLevel { level: i32, compression: &'static str },
+    CompressionLevel {
+        level: i32,
+        compression: &'static str,
+    },
     #[error("--secret {0:?}: expected id=ID,src=FILE or id=ID,env=VARIABLE")]
     Secret(String),
     #[error("--cache-ttl {0:?}: expected a duration such as 336h, 30m or 7d")]
@@ -124,7 +127,9 @@ impl ExecutorArgs {
             // In place there is nothing to mount an overlay on: `/` is the
             // rootfs, so --isolation none always walks.
             snapshotter: Some(match (self.isolation, self.snapshotter) {
-                (cli::Isolation::None, _) | (_, cli::SnapshotterKind::Walk) => SnapshotterKind::Walk,
+                (cli::Isolation::None, _) | (_, cli::SnapshotterKind::Walk) => {
+                    SnapshotterKind::Walk
+                }
                 (cli::Isolation::Chroot, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
             }),
             state_dir: self.cache_dir.clone().unwrap_or_else(default_state_dir),
@@ -216,7 +221,9 @@ mod tests {
     fn secrets_parse_from_files_and_environment() {
         let s = parse_secret("id=npm,src=/tmp/npmrc").unwrap();
         assert_eq!(s.id, "npm");
-        assert!(matches!(s.source, SecretSource::File(p) if p == std::path::Path::new("/tmp/npmrc")));
+        assert!(
+            matches!(s.source, SecretSource::File(p) if p == std::path::Path::new("/tmp/npmrc"))
+        );
         let e = parse_secret("id=tok,env=API_TOKEN").unwrap();
         assert!(matches!(e.source, SecretSource::Env(v) if v == "API_TOKEN"));
         assert!(parse_secret("src=/x").is_err());
@@ -225,8 +232,14 @@ mod tests {
 
     #[test]
     fn durations_parse_like_kaniko_flags() {
-        assert_eq!(parse_duration("336h"), Some(std::time::Duration::from_secs(336 * 3600)));
-        assert_eq!(parse_duration("7d"), Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!(
+            parse_duration("336h"),
+            Some(std::time::Duration::from_secs(336 * 3600))
+        );
+        assert_eq!(
+            parse_duration("7d"),
+            Some(std::time::Duration::from_secs(7 * 86_400))
+        );
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("h"), None);
         assert_eq!(parse_duration("5w"), None);

@@ -71,13 +71,18 @@ pub fn step_key(
         Instruction::Arg(_) => &ins.original,
         _ => &ins.expanded,
     };
-    let mut b = CacheKeyBuilder::new().key("parent", parent).str("instruction", text);
+    let mut b = CacheKeyBuilder::new()
+        .key("parent", parent)
+        .str("instruction", text);
     let heredocs: Vec<&str> = ins.heredocs.iter().map(|h| h.content.as_str()).collect();
     match &ins.instruction {
         Instruction::Run(_) => {
             let env: Vec<(&String, &String)> = ins.env.iter().collect();
             let args: Vec<(&String, &String)> = ins.args.iter().collect();
-            b = b.pairs("env", &env).pairs("build args", &args).list("heredocs", &heredocs);
+            b = b
+                .pairs("env", &env)
+                .pairs("build args", &args)
+                .list("heredocs", &heredocs);
             if let Some(SourceIdentity::Context(digest)) = sources {
                 b = b.bytes("bind-mounted sources", digest);
             }
@@ -113,7 +118,10 @@ mod tests {
     fn keys_of(dockerfile: &str, build_args: &[(&str, &str)]) -> Vec<CacheKey> {
         let opts = PlanOptions {
             context: ".".into(),
-            build_args: build_args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            build_args: build_args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             build_platform: Some("linux/amd64".into()),
             platform: Some("linux/amd64".into()),
             ..Default::default()
@@ -163,7 +171,8 @@ mod tests {
                 .iter()
                 .map(|ins| {
                     let source = SourceIdentity::Context(digest);
-                    let sources = matches!(ins.instruction, Instruction::Copy(_)).then_some(&source);
+                    let sources =
+                        matches!(ins.instruction, Instruction::Copy(_)).then_some(&source);
                     let k = step_key(&parent, ins, sources, "gzip").key;
                     parent = k;
                     k

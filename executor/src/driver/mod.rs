@@ -260,11 +260,13 @@ struct Driver {
 
 impl Driver {
     fn new(opts: BuildOptions, runtime: tokio::runtime::Runtime) -> Result<Self, BuildError> {
-        let setup = |what: &str, e: &dyn std::fmt::Display| BuildError::Setup(format!("{what}: {e}"));
-        if opts.isolation == Isolation::None && !opts.force {
-            if let Some(reason) = refuse_in_place() {
-                return Err(BuildError::Setup(reason));
-            }
+        let setup =
+            |what: &str, e: &dyn std::fmt::Display| BuildError::Setup(format!("{what}: {e}"));
+        if opts.isolation == Isolation::None
+            && !opts.force
+            && let Some(reason) = refuse_in_place()
+        {
+            return Err(BuildError::Setup(reason));
         }
         let store = LocalStore::new(opts.state_dir.join("store"))
             .map_err(|e| setup("opening the local store", &e))?;
@@ -360,7 +362,9 @@ impl Driver {
         // part in variable expansion (e.g. `ENV PATH=$PATH:/x`).
         let mut plan_opts = self.opts.plan.clone();
         for (name, base) in &self.bases {
-            plan_opts.base_env.insert(name.clone(), env_map(&base.config));
+            plan_opts
+                .base_env
+                .insert(name.clone(), env_map(&base.config));
         }
         let plan = crate::plan::plan(&plan_opts)?;
         for warning in &plan.warnings {
@@ -425,7 +429,8 @@ impl Driver {
                 "cache": self.cache.as_ref().map(|c| c.location()),
             },
         });
-        let text = serde_json::to_vec_pretty(&report).map_err(|e| BuildError::Output(e.to_string()))?;
+        let text =
+            serde_json::to_vec_pretty(&report).map_err(|e| BuildError::Output(e.to_string()))?;
         fs::write(path, text).map_err(|e| BuildError::Output(format!("{}: {e}", path.display())))
     }
 
@@ -442,7 +447,10 @@ impl Driver {
         let base = if name.eq_ignore_ascii_case("scratch") {
             BaseImage {
                 identity: format!("scratch {}", self.platform),
-                config: image_config::ImageConfig::scratch(&self.platform.os, &self.platform.architecture),
+                config: image_config::ImageConfig::scratch(
+                    &self.platform.os,
+                    &self.platform.architecture,
+                ),
                 layers: Vec::new(),
                 registry_ref: None,
             }
@@ -453,7 +461,10 @@ impl Driver {
                 .resolve(reference.as_deref(), &self.platform)
                 .map_err(|e| base_err(e.to_string()))?;
             let layers = self.layers_of(&docs, |d| layout.path(d))?;
-            let mut extra = self.extra_blobs.lock().map_err(|_| base_err("lock poisoned".into()))?;
+            let mut extra = self
+                .extra_blobs
+                .lock()
+                .map_err(|_| base_err("lock poisoned".into()))?;
             for l in &layers {
                 extra.insert(l.desc.digest.clone(), l.blob.clone());
             }
@@ -518,10 +529,14 @@ impl Driver {
     fn build_stage(&mut self, plan: &Plan, stage: &Stage) -> Result<(), BuildError> {
         let mut state = match &stage.source {
             StageSource::Image(name) => {
-                let base = self.bases.get(name).cloned().ok_or_else(|| BuildError::Base {
-                    reference: name.clone(),
-                    message: "was not resolved".into(),
-                })?;
+                let base = self
+                    .bases
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| BuildError::Base {
+                        reference: name.clone(),
+                        message: "was not resolved".into(),
+                    })?;
                 StageState {
                     config: base.config,
                     layers: base.layers,
@@ -531,7 +546,10 @@ impl Driver {
             }
             StageSource::Stage(parent) => {
                 let mut parent = self.stages.get(parent).cloned().ok_or_else(|| {
-                    BuildError::Setup(format!("stage {parent} was not built before stage {}", stage.index))
+                    BuildError::Setup(format!(
+                        "stage {parent} was not built before stage {}",
+                        stage.index
+                    ))
                 })?;
                 if self.snapshotter.lower_layout() == LowerLayout::Flattened {
                     // A flattened rootfs is modified in place: the child
@@ -559,7 +577,14 @@ impl Driver {
             let started = Instant::now();
             let step_key = self.keys.get(&(stage.index, position)).cloned();
             let (cache, layer) = self
-                .cached_or_run(plan, stage, ins, step_key.as_ref(), &mut builder, &mut state)
+                .cached_or_run(
+                    plan,
+                    stage,
+                    ins,
+                    step_key.as_ref(),
+                    &mut builder,
+                    &mut state,
+                )
                 .map_err(|message| BuildError::Step {
                     file: self.dockerfile_name.clone(),
                     line: ins.line,
@@ -658,11 +683,12 @@ impl Driver {
             Instruction::Workdir(dir) => {
                 builder.set_workdir(dir);
                 let workdir = workdir_of(builder.config());
-                let layer = self.filesystem_step(stage, ins, builder, state, &created_by, |_, rootfs| {
-                    copy::ensure_dir(rootfs, &workdir, (0, 0), 0o755)
-                        .map(|_| ())
-                        .map_err(|e| format!("creating {}: {e}", workdir.display()))
-                })?;
+                let layer =
+                    self.filesystem_step(stage, ins, builder, state, &created_by, |_, rootfs| {
+                        copy::ensure_dir(rootfs, &workdir, (0, 0), 0o755)
+                            .map(|_| ())
+                            .map_err(|e| format!("creating {}: {e}", workdir.display()))
+                    })?;
                 return Ok(("run", layer));
             }
             Instruction::Run(run) => {
@@ -680,29 +706,36 @@ impl Driver {
                 env.extend(secret_env);
                 let log = self.opts.log.clone();
                 let prefix = format!("[stage {} line {}] ", stage.index, ins.line);
-                let layer = self.filesystem_step(stage, ins, builder, state, &created_by, move |driver, rootfs| {
-                    let mut spec = RunSpec::new(rootfs, argv);
-                    spec.env = env;
-                    spec.user = user;
-                    spec.workdir = workdir;
-                    spec.network = network;
-                    spec.mounts = mounts;
-                    spec.output = OutputSink {
-                        prefix,
-                        writer: Some(log),
-                        ..OutputSink::default()
-                    };
-                    let outcome = driver.runner.run(&spec).map_err(|e| e.to_string())?;
-                    if outcome.success() {
-                        Ok(())
-                    } else {
-                        Err(format!(
-                            "the command exited with {:?}; last output:\n{}",
-                            outcome.status,
-                            outcome.tail.join("\n")
-                        ))
-                    }
-                })?;
+                let layer = self.filesystem_step(
+                    stage,
+                    ins,
+                    builder,
+                    state,
+                    &created_by,
+                    move |driver, rootfs| {
+                        let mut spec = RunSpec::new(rootfs, argv);
+                        spec.env = env;
+                        spec.user = user;
+                        spec.workdir = workdir;
+                        spec.network = network;
+                        spec.mounts = mounts;
+                        spec.output = OutputSink {
+                            prefix,
+                            writer: Some(log),
+                            ..OutputSink::default()
+                        };
+                        let outcome = driver.runner.run(&spec).map_err(|e| e.to_string())?;
+                        if outcome.success() {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "the command exited with {:?}; last output:\n{}",
+                                outcome.status,
+                                outcome.tail.join("\n")
+                            ))
+                        }
+                    },
+                )?;
                 return Ok(("run", layer));
             }
             Instruction::Copy(c) => {
@@ -714,43 +747,65 @@ impl Driver {
                 let heredocs = ins.heredocs.clone();
                 let workdir = workdir_of(builder.config());
                 let source_stage = ins.stage_refs.first().copied();
-                let layer = self.filesystem_step(stage, ins, builder, state, &created_by, move |driver, rootfs| {
-                    let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
-                    let roots = match (&from, source_stage) {
-                        (Some(_), Some(index)) => driver.stage_sources(index, &sources)?,
-                        (Some(image), None) => driver.image_sources(image, &sources)?,
-                        (None, _) => driver.context_sources(&sources, &excludes, &heredocs)?,
-                    };
-                    copy_into(rootfs, &workdir, &dest, &roots, &copy_opts).map_err(|e| e.to_string())
-                })?;
+                let layer = self.filesystem_step(
+                    stage,
+                    ins,
+                    builder,
+                    state,
+                    &created_by,
+                    move |driver, rootfs| {
+                        let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
+                        let roots = match (&from, source_stage) {
+                            (Some(_), Some(index)) => driver.stage_sources(index, &sources)?,
+                            (Some(image), None) => driver.image_sources(image, &sources)?,
+                            (None, _) => driver.context_sources(&sources, &excludes, &heredocs)?,
+                        };
+                        copy_into(rootfs, &workdir, &dest, &roots, &copy_opts)
+                            .map_err(|e| e.to_string())
+                    },
+                )?;
                 let _ = plan;
                 return Ok(("run", layer));
             }
             Instruction::Add(a) => {
-                let (remote_sources, sources): (Vec<String>, Vec<String>) =
-                    a.sources.iter().cloned().partition(|s| remote::is_remote(s));
+                let (remote_sources, sources): (Vec<String>, Vec<String>) = a
+                    .sources
+                    .iter()
+                    .cloned()
+                    .partition(|s| remote::is_remote(s));
                 let mut fetched = Vec::new();
                 for source in &remote_sources {
-                    fetched.push(self.fetch_remote(source, a.checksum.as_deref(), a.keep_git_dir)?);
+                    fetched.push(self.fetch_remote(
+                        source,
+                        a.checksum.as_deref(),
+                        a.keep_git_dir,
+                    )?);
                 }
                 let excludes = a.exclude.clone();
                 let dest = a.dest.clone();
                 let (chown, chmod) = (a.chown.clone(), a.chmod.clone());
                 let heredocs = ins.heredocs.clone();
                 let workdir = workdir_of(builder.config());
-                let layer = self.filesystem_step(stage, ins, builder, state, &created_by, move |driver, rootfs| {
-                    let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
-                    let roots = if sources.is_empty() {
-                        Vec::new()
-                    } else {
-                        driver.context_sources(&sources, &excludes, &heredocs)?
-                    };
-                    let mut as_is = Vec::new();
-                    for r in &fetched {
-                        as_is.push(walk_root(&r.path, &r.name).map_err(|e| e.to_string())?);
-                    }
-                    add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts)
-                })?;
+                let layer = self.filesystem_step(
+                    stage,
+                    ins,
+                    builder,
+                    state,
+                    &created_by,
+                    move |driver, rootfs| {
+                        let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
+                        let roots = if sources.is_empty() {
+                            Vec::new()
+                        } else {
+                            driver.context_sources(&sources, &excludes, &heredocs)?
+                        };
+                        let mut as_is = Vec::new();
+                        for r in &fetched {
+                            as_is.push(walk_root(&r.path, &r.name).map_err(|e| e.to_string())?);
+                        }
+                        add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts)
+                    },
+                )?;
                 return Ok(("run", layer));
             }
         }
@@ -771,9 +826,10 @@ impl Driver {
     ) -> Result<Option<LayerRef>, String> {
         let lowers = self.ensure_lowers(state, stage.index)?;
         self.scratch_counter += 1;
-        let scratch = self
-            .work
-            .join(format!("step-{}-{}-{}", stage.index, ins.line, self.scratch_counter));
+        let scratch = self.work.join(format!(
+            "step-{}-{}-{}",
+            stage.index, ins.line, self.scratch_counter
+        ));
         fs::create_dir_all(&scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
         let mounted = self
             .snapshotter
@@ -807,32 +863,39 @@ impl Driver {
             }
         };
         let Some(layer) = written else {
-            self.snapshotter.release(mounted).map_err(|e| e.to_string())?;
+            self.snapshotter
+                .release(mounted)
+                .map_err(|e| e.to_string())?;
             state.lowers = Some(lowers);
             builder.add_empty_history(created_by);
             return Ok(None);
         };
         let blob = self.store.path(&layer.digest);
         if let Some(parent) = blob.parent() {
-            fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
         }
-        fs::rename(&layer.path, &blob).map_err(|e| format!("storing layer {}: {e}", layer.digest))?;
+        fs::rename(&layer.path, &blob)
+            .map_err(|e| format!("storing layer {}: {e}", layer.digest))?;
         let unpacked = self.layers_dir.join(layer.diff_id.hex());
-        let new_lowers = if self.snapshotter.lower_layout() == LowerLayout::Stacked && unpacked.exists() {
-            self.snapshotter.release(mounted).map_err(|e| e.to_string())?;
-            let mut l = lowers;
-            l.push(unpacked);
-            l
-        } else {
-            let dest = if self.snapshotter.lower_layout() == LowerLayout::Stacked {
-                unpacked
+        let new_lowers =
+            if self.snapshotter.lower_layout() == LowerLayout::Stacked && unpacked.exists() {
+                self.snapshotter
+                    .release(mounted)
+                    .map_err(|e| e.to_string())?;
+                let mut l = lowers;
+                l.push(unpacked);
+                l
             } else {
-                scratch.join("committed")
+                let dest = if self.snapshotter.lower_layout() == LowerLayout::Stacked {
+                    unpacked
+                } else {
+                    scratch.join("committed")
+                };
+                self.snapshotter
+                    .commit(mounted, &dest)
+                    .map_err(|e| e.to_string())?
             };
-            self.snapshotter
-                .commit(mounted, &dest)
-                .map_err(|e| e.to_string())?
-        };
         state.lowers = Some(new_lowers);
         let layer_ref = LayerRef {
             desc: Descriptor::new(layer.media_type, layer.digest.clone(), layer.size),
@@ -849,7 +912,11 @@ impl Driver {
     }
 
     /// The snapshotter's lower stack for the stage's current layers.
-    fn ensure_lowers(&mut self, state: &mut StageState, stage: usize) -> Result<Vec<PathBuf>, String> {
+    fn ensure_lowers(
+        &mut self,
+        state: &mut StageState,
+        stage: usize,
+    ) -> Result<Vec<PathBuf>, String> {
         if let Some(l) = &state.lowers {
             return Ok(l.clone());
         }
@@ -865,15 +932,21 @@ impl Driver {
                 let root = if self.opts.isolation == Isolation::None {
                     PathBuf::from("/")
                 } else {
-                    let dir = self.work.join(format!("rootfs-{stage}-{}", self.scratch_counter));
-                    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                    let dir = self
+                        .work
+                        .join(format!("rootfs-{stage}-{}", self.scratch_counter));
+                    fs::create_dir_all(&dir)
+                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
                     dir
                 };
                 for layer in &state.layers {
                     self.ensure_blob(layer)?;
                 }
-                let files: Vec<(PathBuf, Digest)> =
-                    state.layers.iter().map(|l| (l.blob.clone(), l.diff_id.clone())).collect();
+                let files: Vec<(PathBuf, Digest)> = state
+                    .layers
+                    .iter()
+                    .map(|l| (l.blob.clone(), l.diff_id.clone()))
+                    .collect();
                 apply_layers(
                     files.iter().map(|(p, d)| (p.as_path(), Some(d))),
                     &root,
@@ -894,11 +967,20 @@ impl Driver {
             return Ok(dir);
         }
         self.ensure_blob(layer)?;
-        let tmp = self.layers_dir.join(format!(".tmp-{}-{}", layer.diff_id.hex(), std::process::id()));
+        let tmp = self.layers_dir.join(format!(
+            ".tmp-{}-{}",
+            layer.diff_id.hex(),
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-        let file = fs::File::open(&layer.blob)
-            .map_err(|e| format!("opening layer {} at {}: {e}", layer.desc.digest, layer.blob.display()))?;
+        let file = fs::File::open(&layer.blob).map_err(|e| {
+            format!(
+                "opening layer {} at {}: {e}",
+                layer.desc.digest,
+                layer.blob.display()
+            )
+        })?;
         let opts = UnpackOptions {
             mode: UnpackMode::OverlayLower,
             ..UnpackOptions::default()
@@ -915,7 +997,6 @@ impl Driver {
             Err(e) => Err(format!("moving unpacked layer into {}: {e}", dir.display())),
         }
     }
-
 
     // ------------------------------------------------------------ cache
 
@@ -949,24 +1030,31 @@ impl Driver {
                 };
                 let sources = match &ins.instruction {
                     Instruction::Copy(c) => Some(match (&c.from, ins.stage_refs.first()) {
-                        (Some(_), Some(i)) => SourceIdentity::Stage(
-                            *self
-                                .stage_last_key
-                                .get(i)
-                                .ok_or_else(|| step_err(format!("stage {i} is not built before it is used")))?,
-                        ),
+                        (Some(_), Some(i)) => {
+                            SourceIdentity::Stage(*self.stage_last_key.get(i).ok_or_else(|| {
+                                step_err(format!("stage {i} is not built before it is used"))
+                            })?)
+                        }
                         (Some(image), None) => {
                             self.resolve_base(image)?;
-                            let identity = self.bases.get(image).map(|b| b.identity.clone()).unwrap_or_default();
+                            let identity = self
+                                .bases
+                                .get(image)
+                                .map(|b| b.identity.clone())
+                                .unwrap_or_default();
                             SourceIdentity::Image(identity)
                         }
                         (None, _) => SourceIdentity::Context(
-                            self.context_digest(&c.sources, &c.exclude).map_err(step_err)?,
+                            self.context_digest(&c.sources, &c.exclude)
+                                .map_err(step_err)?,
                         ),
                     }),
                     Instruction::Add(a) => {
-                        let (remote_sources, local): (Vec<String>, Vec<String>) =
-                            a.sources.iter().cloned().partition(|s| remote::is_remote(s));
+                        let (remote_sources, local): (Vec<String>, Vec<String>) = a
+                            .sources
+                            .iter()
+                            .cloned()
+                            .partition(|s| remote::is_remote(s));
                         let mut hasher = blake3::Hasher::new();
                         hasher.update(&self.context_digest(&local, &a.exclude).map_err(step_err)?);
                         for source in &remote_sources {
@@ -977,29 +1065,45 @@ impl Driver {
                         }
                         Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
                     }
-                    Instruction::Run(run) if run.mounts.iter().any(|m| m.kind == dockerfile::MountType::Bind) => {
+                    Instruction::Run(run)
+                        if run
+                            .mounts
+                            .iter()
+                            .any(|m| m.kind == dockerfile::MountType::Bind) =>
+                    {
                         let mut hasher = blake3::Hasher::new();
-                        for m in run.mounts.iter().filter(|m| m.kind == dockerfile::MountType::Bind) {
+                        for m in run
+                            .mounts
+                            .iter()
+                            .filter(|m| m.kind == dockerfile::MountType::Bind)
+                        {
                             let source = m.source.clone().unwrap_or_else(|| ".".into());
                             hasher.update(source.as_bytes());
                             match &m.from {
                                 None => {
-                                    hasher.update(&self.context_digest(&[source], &[]).map_err(step_err)?);
+                                    hasher.update(
+                                        &self.context_digest(&[source], &[]).map_err(step_err)?,
+                                    );
                                 }
-                                Some(from) => match stage_index(plan, from) {
-                                    Some(i) => {
-                                        let key = self.stage_last_key.get(&i).ok_or_else(|| {
+                                Some(from) => {
+                                    match stage_index(plan, from) {
+                                        Some(i) => {
+                                            let key = self.stage_last_key.get(&i).ok_or_else(|| {
                                             step_err(format!("stage {from} is not built before it is mounted"))
                                         })?;
-                                        hasher.update(key.as_bytes());
+                                            hasher.update(key.as_bytes());
+                                        }
+                                        None => {
+                                            self.resolve_base(from)?;
+                                            let identity = self
+                                                .bases
+                                                .get(from)
+                                                .map(|b| b.identity.clone())
+                                                .unwrap_or_default();
+                                            hasher.update(identity.as_bytes());
+                                        }
                                     }
-                                    None => {
-                                        self.resolve_base(from)?;
-                                        let identity =
-                                            self.bases.get(from).map(|b| b.identity.clone()).unwrap_or_default();
-                                        hasher.update(identity.as_bytes());
-                                    }
-                                },
+                                }
                             }
                         }
                         Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
@@ -1023,7 +1127,12 @@ impl Driver {
         if !self.opts.cache.mode.reads() {
             return;
         }
-        let mut wanted: Vec<CacheKey> = self.keys.values().filter(|k| k.filesystem).map(|k| k.key).collect();
+        let mut wanted: Vec<CacheKey> = self
+            .keys
+            .values()
+            .filter(|k| k.filesystem)
+            .map(|k| k.key)
+            .collect();
         wanted.sort();
         wanted.dedup();
         let started = Instant::now();
@@ -1039,7 +1148,9 @@ impl Driver {
                 self.hits = hits;
             }
             Err(e) => {
-                self.log(&format!("warning: the cache is unavailable, building without it: {e}"));
+                self.log(&format!(
+                    "warning: the cache is unavailable, building without it: {e}"
+                ));
                 self.cache = None;
             }
         }
@@ -1098,7 +1209,9 @@ impl Driver {
             ),
             extra: BTreeMap::new(),
         };
-        let blob = layer.as_ref().map(|l| (l.desc.digest.clone(), l.blob.clone()));
+        let blob = layer
+            .as_ref()
+            .map(|l| (l.desc.digest.clone(), l.blob.clone()));
         self.upload(step_key.key, entry, blob);
         Ok((if cache == "none" { "none" } else { "miss" }, layer))
     }
@@ -1139,10 +1252,12 @@ impl Driver {
         if layer.blob.is_file() {
             return Ok(());
         }
-        let cache = self
-            .cache
-            .clone()
-            .ok_or_else(|| format!("layer {} is not available locally and there is no cache", layer.desc.digest))?;
+        let cache = self.cache.clone().ok_or_else(|| {
+            format!(
+                "layer {} is not available locally and there is no cache",
+                layer.desc.digest
+            )
+        })?;
         cache
             .fetch_blob(&layer.desc.digest, &self.store)
             .map_err(|e| format!("fetching layer {} from the cache: {e}", layer.desc.digest))?;
@@ -1150,8 +1265,16 @@ impl Driver {
         Ok(())
     }
 
-    fn context_digest(&mut self, sources: &[String], excludes: &[String]) -> Result<[u8; 32], String> {
-        let from_context: Vec<String> = sources.iter().filter(|s| !s.starts_with("<<")).cloned().collect();
+    fn context_digest(
+        &mut self,
+        sources: &[String],
+        excludes: &[String],
+    ) -> Result<[u8; 32], String> {
+        let from_context: Vec<String> = sources
+            .iter()
+            .filter(|s| !s.starts_with("<<"))
+            .cloned()
+            .collect();
         if from_context.is_empty() {
             return Ok([0; 32]);
         }
@@ -1162,11 +1285,18 @@ impl Driver {
 
     /// COPY/ADD sources in the context, minus `--exclude` patterns (matched
     /// against paths relative to each source, with .dockerignore rules).
-    fn select_context(&mut self, sources: &[String], excludes: &[String]) -> Result<Vec<crate::context::Selection>, String> {
+    fn select_context(
+        &mut self,
+        sources: &[String],
+        excludes: &[String],
+    ) -> Result<Vec<crate::context::Selection>, String> {
         let exclude = if excludes.is_empty() {
             None
         } else {
-            Some(DockerIgnore::parse(&excludes.join("\n"), Path::new("--exclude")).map_err(|e| e.to_string())?)
+            Some(
+                DockerIgnore::parse(&excludes.join("\n"), Path::new("--exclude"))
+                    .map_err(|e| e.to_string())?,
+            )
         };
         let ctx = self.context()?;
         let mut selections = ctx.select(sources).map_err(|e| e.to_string())?;
@@ -1175,7 +1305,10 @@ impl Driver {
                 let root = sel.root.clone();
                 sel.entries.retain(|&i| {
                     let path = &ctx.entry(i).path;
-                    let relative = path.strip_prefix(&root).unwrap_or(path).trim_start_matches('/');
+                    let relative = path
+                        .strip_prefix(&root)
+                        .unwrap_or(path)
+                        .trim_start_matches('/');
                     let relative = if relative.is_empty() {
                         root.rsplit('/').next().unwrap_or("")
                     } else {
@@ -1198,35 +1331,45 @@ impl Driver {
         plan: &Plan,
         mounts: &[dockerfile::Mount],
         workdir: &Path,
-    ) -> Result<(Vec<MountSpec>, Vec<(String, String)>), String> {
+    ) -> Result<RunMounts, String> {
         use dockerfile::MountType;
         let mut specs = Vec::new();
         let mut env = Vec::new();
         for m in mounts {
-            let target = m.target.as_deref().map(|t| copy::absolute_in_image(workdir, t));
+            let target = m
+                .target
+                .as_deref()
+                .map(|t| copy::absolute_in_image(workdir, t));
             match m.kind {
                 MountType::Bind => {
                     let target = target.ok_or("--mount=type=bind needs a target")?;
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     let host = match &m.from {
                         None => {
-                            let rel = crate::context::clean_relative(&source)
-                                .ok_or_else(|| format!("--mount source {source:?} is outside the build context"))?;
+                            let rel = crate::context::clean_relative(&source).ok_or_else(|| {
+                                format!("--mount source {source:?} is outside the build context")
+                            })?;
                             let host = self.opts.plan.context.join(rel);
                             if fs::symlink_metadata(&host).is_err() {
-                                return Err(format!("--mount source {source:?}: not found in the build context"));
+                                return Err(format!(
+                                    "--mount source {source:?}: not found in the build context"
+                                ));
                             }
                             host
                         }
                         Some(from) => {
                             let roots = match stage_index(plan, from) {
-                                Some(index) => self.stage_sources(index, std::slice::from_ref(&source))?,
+                                Some(index) => {
+                                    self.stage_sources(index, std::slice::from_ref(&source))?
+                                }
                                 None => self.image_sources(from, std::slice::from_ref(&source))?,
                             };
                             roots
                                 .first()
                                 .map(|r| r.entries[0].host.clone())
-                                .ok_or_else(|| format!("--mount source {source:?} not found in {from}"))?
+                                .ok_or_else(|| {
+                                    format!("--mount source {source:?} not found in {from}")
+                                })?
                         }
                     };
                     specs.push(MountSpec::Bind {
@@ -1244,12 +1387,20 @@ impl Driver {
                         .join("run-cache")
                         .join(blake3::hash(id.as_bytes()).to_hex().as_str());
                     if !dir.is_dir() {
-                        fs::create_dir_all(&dir).map_err(|e| format!("creating cache mount {id}: {e}"))?;
+                        fs::create_dir_all(&dir)
+                            .map_err(|e| format!("creating cache mount {id}: {e}"))?;
                         use std::os::unix::fs::PermissionsExt;
-                        fs::set_permissions(&dir, fs::Permissions::from_mode(m.mode.unwrap_or(0o755)))
-                            .map_err(|e| format!("cache mount {id}: {e}"))?;
-                        std::os::unix::fs::chown(&dir, Some(m.uid.unwrap_or(0)), Some(m.gid.unwrap_or(0)))
-                            .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        fs::set_permissions(
+                            &dir,
+                            fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
+                        )
+                        .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        std::os::unix::fs::chown(
+                            &dir,
+                            Some(m.uid.unwrap_or(0)),
+                            Some(m.gid.unwrap_or(0)),
+                        )
+                        .map_err(|e| format!("cache mount {id}: {e}"))?;
                     }
                     specs.push(MountSpec::Bind {
                         source: dir,
@@ -1265,24 +1416,26 @@ impl Driver {
                     });
                 }
                 MountType::Secret => {
-                    let id = m
-                        .id
-                        .clone()
-                        .or_else(|| {
-                            target
-                                .as_ref()
-                                .and_then(|t| t.file_name())
-                                .map(|n| n.to_string_lossy().into_owned())
-                        })
-                        .ok_or("--mount=type=secret needs an id or a target")?;
+                    let id =
+                        m.id.clone()
+                            .or_else(|| {
+                                target
+                                    .as_ref()
+                                    .and_then(|t| t.file_name())
+                                    .map(|n| n.to_string_lossy().into_owned())
+                            })
+                            .ok_or("--mount=type=secret needs an id or a target")?;
                     let Some(path) = self.secret_file(&id)? else {
                         if m.required {
-                            return Err(format!("secret {id} is required but no --secret id={id} was given"));
+                            return Err(format!(
+                                "secret {id} is required but no --secret id={id} was given"
+                            ));
                         }
                         continue;
                     };
                     if let Some(var) = &m.env {
-                        let value = fs::read_to_string(&path).map_err(|e| format!("reading secret {id}: {e}"))?;
+                        let value = fs::read_to_string(&path)
+                            .map_err(|e| format!("reading secret {id}: {e}"))?;
                         env.push((var.clone(), value));
                         if m.target.is_none() {
                             continue;
@@ -1295,7 +1448,10 @@ impl Driver {
                     });
                 }
                 MountType::Ssh => {
-                    return Err("RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding".into());
+                    return Err(
+                        "RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding"
+                            .into(),
+                    );
                 }
             }
         }
@@ -1341,11 +1497,13 @@ impl Driver {
         match secret.source {
             SecretSource::File(path) => Ok(Some(path)),
             SecretSource::Env(var) => {
-                let value = std::env::var(&var).map_err(|_| format!("secret {id}: ${var} is not set"))?;
+                let value =
+                    std::env::var(&var).map_err(|_| format!("secret {id}: ${var} is not set"))?;
                 let dir = self.work.join("secrets");
                 fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
                 use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| e.to_string())?;
                 let path = dir.join(blake3::hash(id.as_bytes()).to_hex().as_str());
                 fs::write(&path, value).map_err(|e| e.to_string())?;
                 Ok(Some(path))
@@ -1358,7 +1516,8 @@ impl Driver {
     fn context(&mut self) -> Result<&BuildContext, String> {
         if self.context.is_none() {
             let dockerfile = self.opts.plan.dockerfile_path();
-            let ignore = DockerIgnore::load(&self.opts.plan.context, &dockerfile).map_err(|e| e.to_string())?;
+            let ignore = DockerIgnore::load(&self.opts.plan.context, &dockerfile)
+                .map_err(|e| e.to_string())?;
             let visibility = |path: &str, is_dir: bool| {
                 if !ignore.is_excluded(path) {
                     Visibility::Included
@@ -1368,10 +1527,13 @@ impl Driver {
                     Visibility::Excluded
                 }
             };
-            let ctx = BuildContext::scan(&self.opts.plan.context, &visibility).map_err(|e| e.to_string())?;
+            let ctx = BuildContext::scan(&self.opts.plan.context, &visibility)
+                .map_err(|e| e.to_string())?;
             self.context = Some(ctx);
         }
-        self.context.as_ref().ok_or_else(|| "no build context".to_string())
+        self.context
+            .as_ref()
+            .ok_or_else(|| "no build context".to_string())
     }
 
     fn context_sources(
@@ -1383,8 +1545,14 @@ impl Driver {
         let mut roots = Vec::new();
         let mut from_context = Vec::new();
         for s in sources {
-            let name = s.trim_start_matches("<<").trim_start_matches('-').trim_matches(['"', '\'']);
-            match heredocs.iter().find(|h| s.starts_with("<<") && h.name == name) {
+            let name = s
+                .trim_start_matches("<<")
+                .trim_start_matches('-')
+                .trim_matches(['"', '\'']);
+            match heredocs
+                .iter()
+                .find(|h| s.starts_with("<<") && h.name == name)
+            {
                 Some(h) => {
                     self.scratch_counter += 1;
                     let dir = self.work.join(format!("heredoc-{}", self.scratch_counter));
@@ -1437,8 +1605,12 @@ impl Driver {
             .get(&index)
             .cloned()
             .ok_or_else(|| format!("stage {index} has not been built"))?;
-        if self.snapshotter.lower_layout() == LowerLayout::Flattened && self.opts.isolation == Isolation::None {
-            return Err("COPY --from another stage is not supported with --isolation none yet".into());
+        if self.snapshotter.lower_layout() == LowerLayout::Flattened
+            && self.opts.isolation == Isolation::None
+        {
+            return Err(
+                "COPY --from another stage is not supported with --isolation none yet".into(),
+            );
         }
         let lowers = self.ensure_lowers(&mut state, index)?;
         let roots = self.sources_from_lowers(&lowers, sources);
@@ -1463,11 +1635,18 @@ impl Driver {
         self.sources_from_lowers(&lowers, sources)
     }
 
-    fn sources_from_lowers(&mut self, lowers: &[PathBuf], sources: &[String]) -> Result<Vec<CopyRoot>, String> {
+    fn sources_from_lowers(
+        &mut self,
+        lowers: &[PathBuf],
+        sources: &[String],
+    ) -> Result<Vec<CopyRoot>, String> {
         self.scratch_counter += 1;
         let scratch = self.work.join(format!("from-{}", self.scratch_counter));
         fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
-        let mounted = self.snapshotter.prepare(lowers, &scratch).map_err(|e| e.to_string())?;
+        let mounted = self
+            .snapshotter
+            .prepare(lowers, &scratch)
+            .map_err(|e| e.to_string())?;
         // The view is copied out of before it is released: sources are
         // copied into scratch space so the mount can go now.
         let result = (|| {
@@ -1476,7 +1655,9 @@ impl Driver {
             for (n, source) in sources.iter().enumerate() {
                 let matches = glob_in_root(&mounted.rootfs, source)?;
                 if matches.is_empty() {
-                    return Err(format!("{source}: no such file or directory in the source stage"));
+                    return Err(format!(
+                        "{source}: no such file or directory in the source stage"
+                    ));
                 }
                 for host in matches {
                     let name = host
@@ -1484,7 +1665,8 @@ impl Driver {
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     let staged = copy_dir.join(n.to_string()).join(&name);
-                    fs::create_dir_all(staged.parent().unwrap_or(&copy_dir)).map_err(|e| e.to_string())?;
+                    fs::create_dir_all(staged.parent().unwrap_or(&copy_dir))
+                        .map_err(|e| e.to_string())?;
                     let status = std::process::Command::new("cp")
                         .arg("-a")
                         .arg("--")
@@ -1493,14 +1675,19 @@ impl Driver {
                         .status()
                         .map_err(|e| format!("running cp: {e}"))?;
                     if !status.success() {
-                        return Err(format!("copying {} out of the source stage failed", host.display()));
+                        return Err(format!(
+                            "copying {} out of the source stage failed",
+                            host.display()
+                        ));
                     }
                     roots.push(walk_root(&staged, &name).map_err(|e| e.to_string())?);
                 }
             }
             Ok(roots)
         })();
-        self.snapshotter.release(mounted).map_err(|e| e.to_string())?;
+        self.snapshotter
+            .release(mounted)
+            .map_err(|e| e.to_string())?;
         result
     }
 
@@ -1540,7 +1727,11 @@ impl Driver {
         let destinations: Vec<ImageRef> = if self.opts.no_push {
             Vec::new()
         } else {
-            self.opts.destinations.iter().filter_map(|d| ImageRef::parse(d).ok()).collect()
+            self.opts
+                .destinations
+                .iter()
+                .filter_map(|d| ImageRef::parse(d).ok())
+                .collect()
         };
         for layer in missing {
             let mut needed = local_output;
@@ -1580,12 +1771,17 @@ impl Driver {
         for l in &target.layers {
             blobs.insert(l.desc.digest.clone(), l.blob.clone());
         }
-        let source = Blobs { store: self.store.clone(), extra: blobs };
+        let source = Blobs {
+            store: self.store.clone(),
+            extra: blobs,
+        };
         let destinations: Vec<ImageRef> = self
             .opts
             .destinations
             .iter()
-            .map(|d| ImageRef::parse(d).map_err(|e| BuildError::Output(format!("destination {d}: {e}"))))
+            .map(|d| {
+                ImageRef::parse(d).map_err(|e| BuildError::Output(format!("destination {d}: {e}")))
+            })
             .collect::<Result<_, _>>()?;
         if let Some(path) = &self.opts.oci_layout_path {
             let layout = if path.join("oci-layout").exists() {
@@ -1594,8 +1790,13 @@ impl Driver {
                 OciLayout::create(path)
             }
             .map_err(|e| out_err(&e))?;
-            let ref_name = destinations.first().and_then(|d| d.tag().map(str::to_owned)).unwrap_or_else(|| "latest".into());
-            layout.add_image(&docs, &source, Some(&ref_name)).map_err(|e| out_err(&e))?;
+            let ref_name = destinations
+                .first()
+                .and_then(|d| d.tag().map(str::to_owned))
+                .unwrap_or_else(|| "latest".into());
+            layout
+                .add_image(&docs, &source, Some(&ref_name))
+                .map_err(|e| out_err(&e))?;
             self.log(&format!("wrote OCI layout {} ({ref_name})", path.display()));
         }
         if let Some(path) = &self.opts.tar_path {
@@ -1607,14 +1808,18 @@ impl Driver {
             let hints: Vec<ImageRef> = target.registry_ref.iter().cloned().collect();
             let digest = self
                 .runtime
-                .block_on(self.client.push_image(&docs, &destinations, &source, &hints))
+                .block_on(
+                    self.client
+                        .push_image(&docs, &destinations, &source, &hints),
+                )
                 .map_err(|e| out_err(&e))?;
             for d in &destinations {
                 self.log(&format!("pushed {d}@{digest}"));
             }
         }
         if let Some(path) = &self.opts.digest_file {
-            fs::write(path, docs.manifest_digest.to_string()).map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
+            fs::write(path, docs.manifest_digest.to_string())
+                .map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
         }
         if let Some(path) = &self.opts.image_name_with_digest_file {
             let lines: String = destinations
@@ -1669,7 +1874,10 @@ fn env_map(config: &image_config::ImageConfig) -> BTreeMap<String, String> {
         .config
         .env
         .iter()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
         .collect()
 }
 
@@ -1706,7 +1914,11 @@ fn command_argv(c: &Command, shell: &[String]) -> Vec<String> {
 /// RUN's argv. A heredoc that is the whole command is the script itself;
 /// otherwise the shell gets the command line followed by the heredoc bodies,
 /// which it reads as the here-documents they are.
-fn run_argv(run: &dockerfile::Run, shell: &[String], heredocs: &[dockerfile::Heredoc]) -> Vec<String> {
+fn run_argv(
+    run: &dockerfile::Run,
+    shell: &[String],
+    heredocs: &[dockerfile::Heredoc],
+) -> Vec<String> {
     let Command::Shell(line) = &run.command else {
         return command_argv(&run.command, shell);
     };
@@ -1717,7 +1929,11 @@ fn run_argv(run: &dockerfile::Run, shell: &[String], heredocs: &[dockerfile::Her
     let trimmed = line.trim();
     let only_heredoc = heredocs.len() == 1
         && trimmed.starts_with("<<")
-        && trimmed.trim_start_matches("<<").trim_start_matches('-').trim_matches(['"', '\'']) == heredocs[0].name;
+        && trimmed
+            .trim_start_matches("<<")
+            .trim_start_matches('-')
+            .trim_matches(['"', '\''])
+            == heredocs[0].name;
     if only_heredoc {
         argv.push(heredocs[0].content.clone());
         return argv;
@@ -1740,7 +1956,10 @@ fn run_env(config: &image_config::ImageConfig, ins: &PlannedInstruction) -> Vec<
         .config
         .env
         .iter()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
         .collect();
     for (k, v) in &ins.args {
         if !env.iter().any(|(ek, _)| ek == k) {
@@ -1793,7 +2012,11 @@ fn history_text(ins: &PlannedInstruction) -> String {
     }
 }
 
-fn copy_options(rootfs: &Path, chown: Option<&str>, chmod: Option<&str>) -> Result<CopyOptions, String> {
+fn copy_options(
+    rootfs: &Path,
+    chown: Option<&str>,
+    chmod: Option<&str>,
+) -> Result<CopyOptions, String> {
     let owner = match chown {
         None => None,
         Some(spec) => Some(resolve_owner(rootfs, spec)?),
@@ -1875,7 +2098,11 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
     let has_glob = pattern.contains(['*', '?', '[']);
     if !has_glob {
         let host = resolve_in_root(rootfs, &clean).map_err(|e| e.to_string())?;
-        return Ok(if fs::symlink_metadata(&host).is_ok() { vec![host] } else { vec![] });
+        return Ok(if fs::symlink_metadata(&host).is_ok() {
+            vec![host]
+        } else {
+            vec![]
+        });
     }
     let mut current = vec![rootfs.to_path_buf()];
     for component in clean.components().skip(1) {
@@ -1883,18 +2110,28 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
         let mut next = Vec::new();
         for dir in &current {
             if part.contains(['*', '?', '[']) {
-                let Ok(read) = fs::read_dir(dir) else { continue };
-                let mut names: Vec<String> =
-                    read.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+                let Ok(read) = fs::read_dir(dir) else {
+                    continue;
+                };
+                let mut names: Vec<String> = read
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
                 names.sort();
                 for name in names {
-                    if crate::context::go_match(&part, &name).map_err(|_| format!("bad pattern {pattern}"))? {
+                    if crate::context::source_matches(&part, &name)
+                        .map_err(|e| format!("bad pattern {pattern}: {e}"))?
+                    {
                         next.push(dir.join(name));
                     }
                 }
             } else {
-                let rel = dir.strip_prefix(rootfs).unwrap_or(Path::new("")).join(&part);
-                let host = resolve_in_root(rootfs, &Path::new("/").join(rel)).map_err(|e| e.to_string())?;
+                let rel = dir
+                    .strip_prefix(rootfs)
+                    .unwrap_or(Path::new(""))
+                    .join(&part);
+                let host = resolve_in_root(rootfs, &Path::new("/").join(rel))
+                    .map_err(|e| e.to_string())?;
                 if fs::symlink_metadata(&host).is_ok() {
                     next.push(host);
                 }
@@ -1905,6 +2142,9 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
     Ok(current)
 }
 
+/// The mounts of a RUN step and the environment its secrets add.
+type RunMounts = (Vec<MountSpec>, Vec<(String, String)>);
+
 /// A stage named by `from=`: its name (case-insensitive) or index.
 fn stage_index(plan: &Plan, from: &str) -> Option<usize> {
     if let Ok(i) = from.parse::<usize>() {
@@ -1912,7 +2152,11 @@ fn stage_index(plan: &Plan, from: &str) -> Option<usize> {
     }
     plan.stages
         .iter()
-        .find(|s| s.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(from)))
+        .find(|s| {
+            s.name
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case(from))
+        })
         .map(|s| s.index)
 }
 
@@ -1926,11 +2170,16 @@ fn open_cache(
     if !opts.cache.enabled {
         return None;
     }
-    let opened: Result<Arc<dyn Cache>, crate::cache::CacheError> = if opts.cache.servers.is_empty() {
+    let opened: Result<Arc<dyn Cache>, crate::cache::CacheError> = if opts.cache.servers.is_empty()
+    {
         open_embedded(opts)
     } else {
-        crate::cache::http::HttpCache::new(opts.cache.servers.clone(), opts.cache.token.clone(), runtime)
-            .map(|c| Arc::new(c) as Arc<dyn Cache>)
+        crate::cache::http::HttpCache::new(
+            opts.cache.servers.clone(),
+            opts.cache.token.clone(),
+            runtime,
+        )
+        .map(|c| Arc::new(c) as Arc<dyn Cache>)
     };
     match opened {
         Ok(c) => Some(c),
@@ -2005,12 +2254,18 @@ mod tests {
             chomp: false,
             fd: None,
         };
-        assert_eq!(run_argv(&run, &[], std::slice::from_ref(&h)), ["/bin/sh", "-c", "echo hi\n"]);
+        assert_eq!(
+            run_argv(&run, &[], std::slice::from_ref(&h)),
+            ["/bin/sh", "-c", "echo hi\n"]
+        );
         let run2 = dockerfile::Run {
             command: Command::Shell("cat <<EOF > /x".into()),
             ..run.clone()
         };
-        assert_eq!(run_argv(&run2, &[], &[h])[2], "cat <<EOF > /x\necho hi\nEOF\n");
+        assert_eq!(
+            run_argv(&run2, &[], &[h])[2],
+            "cat <<EOF > /x\necho hi\nEOF\n"
+        );
         let exec = dockerfile::Run {
             command: Command::Exec(vec!["/bin/true".into()]),
             ..run

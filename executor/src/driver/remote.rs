@@ -51,7 +51,10 @@ pub async fn download(
     dir: &Path,
 ) -> Result<RemoteSource, String> {
     let expected = checksum
-        .map(|c| c.parse::<Digest>().map_err(|e| format!("--checksum={c}: {e}")))
+        .map(|c| {
+            c.parse::<Digest>()
+                .map_err(|e| format!("--checksum={c}: {e}"))
+        })
         .transpose()?;
     let resp = client
         .get(url)
@@ -79,7 +82,9 @@ pub async fn download(
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let (mut inner, digest, _) = writer.finish();
-    inner.flush().map_err(|e| format!("{}: {e}", path.display()))?;
+    inner
+        .flush()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     drop(inner);
     if let Some(expected) = expected
         && expected != digest
@@ -140,8 +145,14 @@ pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSourc
     let target = checkout.to_string_lossy().into_owned();
     git(&["clone", "--quiet", "--no-checkout", url, &target], None)?;
     let wanted = reference.unwrap_or("HEAD");
-    git(&["checkout", "--quiet", "--detach", wanted], Some(&checkout))?;
-    git(&["submodule", "update", "--init", "--recursive", "--quiet"], Some(&checkout))?;
+    git(
+        &["checkout", "--quiet", "--detach", wanted],
+        Some(&checkout),
+    )?;
+    git(
+        &["submodule", "update", "--init", "--recursive", "--quiet"],
+        Some(&checkout),
+    )?;
     let commit = git(&["rev-parse", "HEAD"], Some(&checkout))?;
     if !keep_git_dir {
         fs::remove_dir_all(checkout.join(".git")).map_err(|e| format!("removing .git: {e}"))?;
@@ -157,7 +168,10 @@ pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSourc
     Ok(RemoteSource {
         path,
         name: String::new(),
-        identity: format!("git {url} {commit} {} keep-git-dir={keep_git_dir}", subdir.unwrap_or("")),
+        identity: format!(
+            "git {url} {commit} {} keep-git-dir={keep_git_dir}",
+            subdir.unwrap_or("")
+        ),
         is_git: true,
     })
 }
@@ -255,13 +269,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("http://{addr}/files/tool.bin");
         let good = Digest::of_bytes(b"payload").to_string();
-        let src = download(&client, &url, Some(&good), dir.path()).await.unwrap();
+        let src = download(&client, &url, Some(&good), dir.path())
+            .await
+            .unwrap();
         assert_eq!(fs::read_to_string(&src.path).unwrap(), "payload");
         assert_eq!(src.name, "tool.bin");
         let mtime = fs::metadata(&src.path).unwrap().modified().unwrap();
-        assert_eq!(mtime, SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480));
+        assert_eq!(
+            mtime,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480)
+        );
         let bad = Digest::of_bytes(b"other").to_string();
-        let err = download(&client, &url, Some(&bad), dir.path()).await.unwrap_err();
+        let err = download(&client, &url, Some(&bad), dir.path())
+            .await
+            .unwrap_err();
         assert!(err.contains("checksum mismatch"), "{err}");
         server.await.unwrap();
     }
