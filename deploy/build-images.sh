@@ -1,27 +1,38 @@
 #!/usr/bin/env bash
-# Builds kiln's own images with kiln: no Docker daemon, no base image.
+# Builds kiln's own images with kiln: no Docker daemon, no Buildah, no base
+# image.
 #
 #   deploy/build-images.sh --oci-layout DIR   [options]   # DIR/<image>/ layouts
 #   deploy/build-images.sh --registry HOST/REPO [options] # push HOST/REPO/<image>:VERSION
 #
 # Images: executor, executor-debug (with busybox, for CI systems that need a
-# shell in the job image) and cache-server. Every build is --reproducible.
+# shell in the job image) and cache-server. Every build is --reproducible:
+# the same sources and binaries give the same digests, so running the script
+# again is harmless. With --oci-layout each image gets its own layout,
+# DIR/executor, DIR/executor-debug and DIR/cache-server, tagged VERSION
+# (VERSION-debug for the debug image), replaced as a whole on every run;
+# `skopeo inspect oci:DIR/executor:VERSION` must accept each one.
 #
-# The binaries are built beforehand (this script never compiles). The
-# executor must be statically linked: with `--isolation none` it unpacks the
-# image being built over /, so it may not depend on anything outside /kiln.
-# The cache server may be dynamic; its shared libraries are then copied into
-# its image at their host paths. See docs/decisions.md ("Images of kiln").
+# Binaries (built here with cargo first, unless --no-build; cargo does
+# nothing when they are up to date):
+#   - the builder and the cache server: the normal release build,
+#     `cargo build --release --workspace --locked --bins` in
+#     $CARGO_TARGET_DIR (default: target/);
+#   - the executor inside the image: static glibc, without the embedded cache
+#     (RocksDB), in its own target directory so that its RUSTFLAGS do not
+#     invalidate the main one: $KILN_STATIC_TARGET_DIR, default
+#     ${CARGO_TARGET_DIR}-static, else target/static.
+# The image's executor must have no ELF interpreter: with `--isolation none`
+# it unpacks the image being built over /. The cache server may be dynamic;
+# its loader and libraries (from ldd) are copied into its image at their host
+# paths. See docs/decisions.md ("Images of kiln").
 #
 # Options:
 #   --oci-layout DIR     write one OCI image layout per image under DIR
 #   --registry HOST/REPO push to HOST/REPO/executor:VERSION, ...:VERSION-debug
 #                        and HOST/REPO/cache-server:VERSION
-#   --bin-dir DIR        where kiln-executor, kiln-cache-server and kiln-cache
-#                        are (default: $CARGO_TARGET_DIR/release, else
-#                        target/release)
-#   --builder FILE       the kiln-executor that runs the builds (default: the
-#                        one in --bin-dir)
+#   --check              after --oci-layout, run deploy/check-images.sh on DIR
+#   --no-build           do not run cargo; use the binaries already built
 #   --version V          image version (default: the workspace version)
 #   --keep-context       keep the prepared build contexts and print where
 #   -h, --help           this text
@@ -31,13 +42,14 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 die() { echo "build-images: $*" >&2; exit 1; }
+say() { echo "build-images: $*" >&2; }
 
 repo_root=$(cd "$(dirname "$0")/.." && pwd)
 oci_layout=""
 registry=""
-bin_dir="${CARGO_TARGET_DIR:-$repo_root/target}/release"
-builder=""
 version=""
+check=false
+build=true
 keep_context=false
 extra=()
 
@@ -45,8 +57,8 @@ while (($#)); do
   case "$1" in
     --oci-layout) oci_layout=${2:?--oci-layout needs a directory}; shift 2 ;;
     --registry) registry=${2:?--registry needs HOST/REPO}; shift 2 ;;
-    --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift 2 ;;
-    --builder) builder=${2:?--builder needs a file}; shift 2 ;;
+    --check) check=true; shift ;;
+    --no-build) build=false; shift ;;
     --version) version=${2:?--version needs a value}; shift 2 ;;
     --keep-context) keep_context=true; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -58,11 +70,9 @@ done
 if [[ -n "$oci_layout" && -n "$registry" ]] || [[ -z "$oci_layout" && -z "$registry" ]]; then
   die "give exactly one of --oci-layout DIR or --registry HOST/REPO"
 fi
-[[ -n "$builder" ]] || builder="$bin_dir/kiln-executor"
-[[ -x "$builder" ]] || die "no kiln-executor to build with at $builder (use --builder)"
-for b in kiln-executor kiln-cache-server kiln-cache; do
-  [[ -x "$bin_dir/$b" ]] || die "missing $bin_dir/$b: build the release binaries first"
-done
+if $check && [[ -z "$oci_layout" ]]; then
+  die "--check needs --oci-layout (check a registry's images with skopeo/buildah yourself)"
+fi
 if [[ -z "$version" ]]; then
   version=$(sed -n '/^\[workspace.package\]/,/^\[/{s/^version *= *"\(.*\)"/\1/p}' "$repo_root/Cargo.toml")
   [[ -n "$version" ]] || die "cannot read the workspace version from Cargo.toml; use --version"
@@ -70,29 +80,72 @@ fi
 revision=$(git -C "$repo_root" rev-parse HEAD 2>/dev/null || echo unknown)
 ca_bundle=/etc/ssl/certs/ca-certificates.crt
 [[ -s "$ca_bundle" ]] || die "no CA bundle at $ca_bundle (apt-get install ca-certificates)"
+for tool in readelf ldd; do
+  command -v "$tool" >/dev/null || die "$tool not found (apt-get install binutils libc-bin)"
+done
+busybox_bin=$(command -v busybox || true)
+[[ -n "$busybox_bin" ]] || die "busybox not found (scripts/prereqs.sh installs busybox-static)"
+if [[ -n "$oci_layout" ]]; then
+  command -v skopeo >/dev/null || die "skopeo is needed to check the layouts (scripts/prereqs.sh)"
+fi
 
-is_dynamic() { readelf -lW "$1" 2>/dev/null | grep -q 'Requesting program interpreter'; }
+# --- binaries ---------------------------------------------------------------
+main_target=${CARGO_TARGET_DIR:-$repo_root/target}
+main_target=${main_target%/}
+if [[ -n "${KILN_STATIC_TARGET_DIR:-}" ]]; then
+  static_target=${KILN_STATIC_TARGET_DIR%/}
+elif [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
+  static_target=$main_target-static
+else
+  static_target=$repo_root/target/static
+fi
+triple="$(uname -m)-unknown-linux-gnu"
+builder="$main_target/release/kiln-executor"
+static_exe="$static_target/$triple/release/kiln-executor"
+
+if $build; then
+  command -v cargo >/dev/null || die "cargo not found (install Rust, see README.md)"
+  say "cargo build: builder and cache server in $main_target"
+  (cd "$repo_root" && CARGO_TARGET_DIR="$main_target" \
+    cargo build --release --workspace --locked --bins)
+  say "cargo build: static executor in $static_target"
+  mkdir -p "$static_target"
+  (cd "$repo_root" && env -u CARGO_ENCODED_RUSTFLAGS CARGO_TARGET_DIR="$static_target" \
+    RUSTFLAGS='-C target-feature=+crt-static' \
+    cargo build --release --locked -p kiln-executor --no-default-features --target "$triple")
+fi
+for b in "$builder" "$static_exe" "$main_target/release/kiln-cache-server" \
+  "$main_target/release/kiln-cache"; do
+  [[ -x "$b" ]] || die "missing $b (run without --no-build to build it)"
+done
+
+has_interp() { readelf -lW "$1" 2>/dev/null | grep -q 'Requesting program interpreter'; }
+needs_libs() { readelf -dW "$1" 2>/dev/null | grep -q '(NEEDED)'; }
+
+if has_interp "$static_exe" || needs_libs "$static_exe"; then
+  die "$static_exe is dynamically linked; the executor image needs a static binary"
+fi
+"$static_exe" --version >/dev/null 2>&1 || die "$static_exe does not run"
+"$static_exe" --help 2>/dev/null | grep -q '^Usage: kiln-executor' \
+  || die "$static_exe --help does not print its usage"
+if has_interp "$busybox_bin" || needs_libs "$busybox_bin"; then
+  die "$busybox_bin is dynamic; install busybox-static"
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-images.XXXXXX")
+partial=""
 cleanup() {
+  [[ -z "$partial" ]] || rm -rf "$partial"
   if $keep_context; then echo "build contexts kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
 # --- executor context -------------------------------------------------------
 exe_ctx="$work/executor"
-if is_dynamic "$bin_dir/kiln-executor"; then
-  die "$bin_dir/kiln-executor is dynamically linked; the executor image needs a static binary
-  (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu -p kiln-executor,
-  then --bin-dir target/x86_64-unknown-linux-gnu/release)"
-fi
 install -d "$exe_ctx/kiln/.docker" "$exe_ctx/kiln/ssl/certs" "$exe_ctx/etc" "$exe_ctx/busybox"
-install -m 0755 "$bin_dir/kiln-executor" "$exe_ctx/kiln/kiln-executor"
+install -m 0755 "$static_exe" "$exe_ctx/kiln/kiln-executor"
 install -m 0644 "$ca_bundle" "$exe_ctx/kiln/ssl/certs/ca-certificates.crt"
 printf 'hosts: files dns\n' >"$exe_ctx/etc/nsswitch.conf"
-busybox_bin=$(command -v busybox || true)
-[[ -n "$busybox_bin" ]] || die "busybox not found (apt-get install busybox-static)"
-is_dynamic "$busybox_bin" && die "$busybox_bin is dynamic; install busybox-static"
 install -m 0755 "$busybox_bin" "$exe_ctx/busybox/busybox"
 while read -r applet; do
   [[ "$applet" == busybox ]] || ln -s busybox "$exe_ctx/busybox/$applet"
@@ -102,13 +155,14 @@ done < <("$busybox_bin" --list)
 srv_ctx="$work/cache-server"
 install -d "$srv_ctx/rootfs/usr/local/bin" "$srv_ctx/rootfs/etc/ssl/certs" "$srv_ctx/data"
 for b in kiln-cache-server kiln-cache; do
-  install -m 0755 "$bin_dir/$b" "$srv_ctx/rootfs/usr/local/bin/$b"
-  if is_dynamic "$bin_dir/$b"; then
+  install -m 0755 "$main_target/release/$b" "$srv_ctx/rootfs/usr/local/bin/$b"
+  if has_interp "$main_target/release/$b"; then
     # Copy the loader and every library ldd resolves, at their host paths.
     while read -r lib; do
       [[ -n "$lib" ]] || continue
       install -D -m 0755 "$(readlink -f "$lib")" "$srv_ctx/rootfs$lib"
-    done < <(ldd "$bin_dir/$b" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
+    done < <(ldd "$main_target/release/$b" \
+      | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
   fi
 done
 install -m 0644 "$ca_bundle" "$srv_ctx/rootfs/etc/ssl/certs/ca-certificates.crt"
@@ -117,37 +171,60 @@ printf 'root:x:0:0:root:/root:/sbin/nologin\nkiln:x:65532:65532:kiln cache serve
 printf 'root:x:0:\nkiln:x:65532:\n' >"$srv_ctx/rootfs/etc/group"
 printf 'hosts: files dns\n' >"$srv_ctx/rootfs/etc/nsswitch.conf"
 
+# The builder's own state (layer store, embedded cache) lives in $work: the
+# builds only COPY, so a cold cache costs seconds, and nothing is left in
+# ~/.cache/kiln.
+state="$work/state"
+
 # --- builds -----------------------------------------------------------------
 # build NAME CONTEXT DOCKERFILE [TARGET]
 build() {
   local name=$1 ctx=$2 dockerfile=$3 target=${4:-}
+  local repo_name=${name%-debug} tag=$version
+  [[ "$name" != executor-debug ]] || tag="$version-debug"
   local args=(--context "$ctx" --dockerfile "$dockerfile" --reproducible
     --build-arg "KILN_VERSION=$version" --build-arg "KILN_REVISION=$revision"
-    --digest-file "$work/$name.digest")
+    --cache-dir "$state" --digest-file "$work/$name.digest")
   [[ -z "$target" ]] || args+=(--target "$target")
-  local tag=$version
-  [[ "$name" != executor-debug ]] || tag="$version-debug"
+  local out=""
   if [[ -n "$oci_layout" ]]; then
-    args+=(--no-push --oci-layout-path "$oci_layout/$name")
+    # Write a fresh layout beside the old one and swap them afterwards, so
+    # the layout holds exactly this image and a failed run leaves the
+    # previous one in place.
+    out="$oci_layout/.$name.partial"
+    rm -rf "$out"
+    partial=$out
+    args+=(--no-push --oci-layout-path "$out" --destination "kiln/$repo_name:$tag")
   else
-    local repo_name=${name%-debug}
     args+=(--destination "$registry/$repo_name:$tag")
   fi
-  echo "== $name" >&2
+  say "building $name ($tag)"
   "$builder" "${args[@]}" "${extra[@]}"
+  local digest
+  digest=$(cat "$work/$name.digest")
   if [[ -n "$oci_layout" ]]; then
-    # An independent reader must accept what we wrote.
-    skopeo inspect "oci:$oci_layout/$name" >"$work/$name.inspect.json" \
-      || die "skopeo cannot read the OCI layout $oci_layout/$name"
-    echo "   layout $oci_layout/$name" >&2
+    # An independent reader must accept what we wrote, with the same digest.
+    local seen
+    seen=$(skopeo inspect --format '{{.Digest}}' "oci:$out:$tag") \
+      || die "skopeo cannot read the OCI layout $out ($tag)"
+    [[ "$seen" == "$digest" ]] || die "skopeo sees $seen in $out, kiln wrote $digest"
+    rm -rf "$oci_layout/$name"
+    mv "$out" "$oci_layout/$name"
+    partial=""
+    echo "$name oci:$oci_layout/$name:$tag $digest"
+  else
+    echo "$name $registry/$repo_name:$tag $digest"
   fi
-  echo "   digest $(cat "$work/$name.digest")" >&2
 }
 
 if [[ -n "$oci_layout" ]]; then
-  command -v skopeo >/dev/null || die "skopeo is needed to check the layouts (apt-get install skopeo)"
   mkdir -p "$oci_layout"
+  oci_layout=$(cd "$oci_layout" && pwd)
 fi
 build executor "$exe_ctx" "$repo_root/deploy/executor/Dockerfile" executor
 build executor-debug "$exe_ctx" "$repo_root/deploy/executor/Dockerfile" debug
 build cache-server "$srv_ctx" "$repo_root/deploy/cache-server/Dockerfile"
+
+if $check; then
+  "$repo_root/deploy/check-images.sh" --version "$version" "$oci_layout"
+fi

@@ -334,3 +334,47 @@ fn a_cache_server_that_goes_away_mid_build_only_costs_a_warning() {
     assert_eq!(report["summary"]["misses"], 2);
     env.server.restart().unwrap();
 }
+
+#[test]
+fn base_layers_are_pulled_from_the_registry_once_then_served_by_the_cache() {
+    let env = Env::new();
+    let one = env.context("base-one", "FROM BASE\nRUN echo one > /one\n", &[]);
+    let two = env.context("base-two", "FROM BASE\nRUN echo two > /two\n", &[]);
+    let layer = env
+        .registry
+        .skopeo_inspect("library/busybox:latest")
+        .unwrap()["Layers"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let layer_gets = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains(&format!("GET /v2/library/busybox/blobs/{layer}")) && l.contains(" 200 ")
+            })
+            .count()
+    };
+    env.build_ok(
+        &one,
+        &env.fresh_state("base-one"),
+        "baseone:v1",
+        &["--no-push"],
+    );
+    assert_eq!(
+        layer_gets(&env.registry.log()),
+        1,
+        "the first executor pulls the base layer"
+    );
+    let second = env.build_ok(
+        &two,
+        &env.fresh_state("base-two"),
+        "basetwo:v1",
+        &["--no-push"],
+    );
+    assert_eq!(
+        layer_gets(&env.registry.log()),
+        1,
+        "the second executor got the base layer from the cache, not the registry"
+    );
+    assert!(second["summary"]["bytes_downloaded"].as_u64().unwrap() > 0);
+}

@@ -48,6 +48,15 @@ pub fn base_key(identity: &str) -> CacheKey {
         .finish()
 }
 
+/// The entry that keeps a pulled base-image layer in the cache (so LRU
+/// eviction treats it like any layer) is keyed by the layer's digest.
+pub fn base_layer_key(digest: &kiln_common::Digest) -> CacheKey {
+    CacheKeyBuilder::new()
+        .str("kind", "base image layer")
+        .digest("layer", digest)
+        .finish()
+}
+
 pub fn is_filesystem_step(ins: &PlannedInstruction) -> bool {
     matches!(
         ins.instruction,

@@ -252,6 +252,9 @@ struct Driver {
     stage_last_key: HashMap<usize, CacheKey>,
     hits: BTreeMap<CacheKey, CacheEntry>,
     uploads: Vec<std::thread::JoinHandle<Result<u64, String>>>,
+    /// Base-image layers by digest, with the image they come from, so they
+    /// can be fetched lazily from the cache or the registry.
+    base_layers: HashMap<Digest, (crate::registry::client::PulledImage, LayerRef)>,
     /// Remote ADD sources, fetched once per build.
     remote: HashMap<String, remote::RemoteSource>,
     bytes_downloaded: u64,
@@ -295,6 +298,14 @@ impl Driver {
                     ignored.push(opts.state_dir.clone());
                     ignored.push(opts.plan.context.clone());
                     if let Ok(exe) = std::env::current_exe() {
+                        // Like Kaniko's /kaniko: when the executor lives in
+                        // its own /kiln directory, none of it is the image's.
+                        if let Some(dir) = exe
+                            .parent()
+                            .filter(|d| d.file_name().is_some_and(|n| n == "kiln"))
+                        {
+                            ignored.push(dir.to_path_buf());
+                        }
                         ignored.push(exe);
                     }
                 }
@@ -314,6 +325,7 @@ impl Driver {
             hits: BTreeMap::new(),
             uploads: Vec::new(),
             remote: HashMap::new(),
+            base_layers: HashMap::new(),
             bytes_downloaded: 0,
             started: Instant::now(),
             platform: Platform::host(),
@@ -477,13 +489,20 @@ impl Driver {
             }
         } else {
             let reference = ImageRef::parse(name).map_err(|e| base_err(e.to_string()))?;
-            self.log(&format!("pulling {reference}"));
+            self.log(&format!("resolving {reference}"));
+            // Only the manifest and config now: layers are fetched when a
+            // step needs the filesystem or an output needs their bytes, from
+            // the cache when it has them, from the registry otherwise.
             let pulled = self
                 .runtime
-                .block_on(self.client.pull(&reference, &self.platform, &self.store))
+                .block_on(self.client.resolve(&reference, &self.platform))
                 .map_err(|e| base_err(e.to_string()))?;
             let store = self.store.clone();
             let layers = self.layers_of(&pulled.image, |d| store.path(d))?;
+            for layer in &layers {
+                self.base_layers
+                    .insert(layer.desc.digest.clone(), (pulled.clone(), layer.clone()));
+            }
             BaseImage {
                 identity: format!("{} {}", pulled.image.manifest_digest, self.platform),
                 config: config_from_bytes(&pulled.image.config_bytes).map_err(base_err)?,
@@ -1248,20 +1267,58 @@ impl Driver {
     }
 
     /// Makes sure a layer's blob is in the local store, from the cache.
+    /// A base-image layer is tried in the cache first and otherwise pulled
+    /// from its registry, then shared through the cache so the cluster pulls
+    /// each base layer from outside once.
     fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), String> {
         if layer.blob.is_file() {
             return Ok(());
         }
-        let cache = self.cache.clone().ok_or_else(|| {
-            format!(
-                "layer {} is not available locally and there is no cache",
-                layer.desc.digest
+        let digest = layer.desc.digest.clone();
+        let mut cache_error = None;
+        if let Some(cache) = self.cache.clone().filter(|_| self.opts.cache.mode.reads()) {
+            match cache.fetch_blob(&digest, &self.store) {
+                Ok(_) => {
+                    self.bytes_downloaded += layer.desc.size;
+                    return Ok(());
+                }
+                Err(e) => cache_error = Some(e.to_string()),
+            }
+        }
+        let Some((pulled, base_layer)) = self.base_layers.get(&digest).cloned() else {
+            return Err(match cache_error {
+                Some(e) => format!("fetching layer {digest} from the cache: {e}"),
+                None => format!("layer {digest} is not available locally and there is no cache"),
+            });
+        };
+        self.log(&format!(
+            "pulling layer {digest} ({} bytes)",
+            layer.desc.size
+        ));
+        self.runtime
+            .block_on(
+                self.client
+                    .fetch_blob(&pulled, &base_layer.desc, &self.store),
             )
-        })?;
-        cache
-            .fetch_blob(&layer.desc.digest, &self.store)
-            .map_err(|e| format!("fetching layer {} from the cache: {e}", layer.desc.digest))?;
-        self.bytes_downloaded += layer.desc.size;
+            .map_err(|e| format!("pulling base layer {digest}: {e}"))?;
+        let entry = CacheEntry {
+            layer: Some(LayerDescriptor {
+                media_type: base_layer.desc.media_type.clone(),
+                digest: digest.clone(),
+                size: base_layer.desc.size,
+                diff_id: base_layer.diff_id.clone(),
+            }),
+            created_by: format!("base layer of {}", pulled.reference),
+            created: rfc3339(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
+            extra: BTreeMap::new(),
+        };
+        let blob = Some((digest.clone(), self.store.path(&digest)));
+        self.upload(keys::base_layer_key(&digest), entry, blob);
         Ok(())
     }
 
