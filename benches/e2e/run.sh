@@ -20,8 +20,8 @@
 #   KILN_E2E_BASE_DIR keep the base images' OCI layouts here between runs
 #                     (default: inside the temporary directory, rebuilt each time)
 #   KILN_E2E_TIMEOUT  seconds allowed to each build or push (default 1800)
-#   KILN_E2E_FS_SIZE  size of the sparse ext4 image holding all build state
-#                     (default 30G; KILN_E2E_NO_LOOP=1 uses the directory as is)
+#   KILN_E2E_FS_SIZE  size of each sparse ext4 image holding build state
+#                     (default 30G; KILN_E2E_NO_LOOP=1 uses plain directories)
 #
 # For every repetition: a new docker-registry (Debian's Distribution) with
 # empty storage on a free 127.0.0.1 port, into which make-base.sh pushes the
@@ -106,6 +106,12 @@ cleanup() {
   stop_pid "$CS_PID"
   stop_pid "$REG_PID"
   unmount_under "$T"
+  if [ -f "$T/loop-devices" ]; then
+    local dev
+    while read -r dev; do
+      { losetup "$dev" 2>/dev/null | grep -q "$T/" && losetup -d "$dev"; } 2>/dev/null || true
+    done <"$T/loop-devices" || true
+  fi
   rm -rf "$T"
   exit "$rc"
 }
@@ -113,18 +119,46 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# All build state lives on a private ext4 file system in a sparse file,
-# mounted without discard: deleting a 64k-file tree between measurements on a
-# file system mounted with "discard" (this machine's root) took minutes and
-# kept the disk busy during the next measurement. Both tools use it alike.
-W=$T
-if [ -z "${KILN_E2E_NO_LOOP:-}" ]; then
-  W="$T/w"
-  mkdir -p "$W"
-  truncate -s "${KILN_E2E_FS_SIZE:-30G}" "$T/fs.img"
-  mkfs.ext4 -q -E nodiscard -O ^has_journal "$T/fs.img"
-  mount -o loop,nodiscard "$T/fs.img" "$W"
-fi
+# Build state lives on private ext4 file systems, each in a sparse file on a
+# loop device (direct I/O, so the host does not cache the image a second
+# time; no discard; no journal, like this machine's root). Deleting a
+# 64k-file tree on a file system mounted with "discard" (the root here) took
+# minutes and kept the disk busy during the next measurement, and a cold
+# build started after another tool had filled the page cache and freed
+# gigabytes on the same file system spent up to 30 s more in the kernel.
+# So each tool gets a new file system for each Dockerfile and run, dropped
+# (unmounted, detached, deleted) afterwards.
+declare -A FS_DEV FS_IMG
+FS_SEQ=0
+new_fs() {
+  local dir=$1 img dev
+  mkdir -p "$dir"
+  [ -z "${KILN_E2E_NO_LOOP:-}" ] || return 0
+  FS_SEQ=$((FS_SEQ + 1))
+  img="$T/fs-$FS_SEQ.img"
+  truncate -s "${KILN_E2E_FS_SIZE:-30G}" "$img"
+  mkfs.ext4 -q -E nodiscard -O ^has_journal "$img"
+  dev=$(losetup --direct-io=on --show -f "$img")
+  echo "$dev" >>"$T/loop-devices"
+  mount -o nodiscard "$dev" "$dir"
+  FS_DEV[$dir]=$dev
+  FS_IMG[$dir]=$img
+}
+drop_fs() {
+  local dir=$1
+  unmount_under "$dir"
+  if [ -n "${FS_DEV[$dir]:-}" ]; then
+    umount "$dir" 2>/dev/null || umount -l "$dir"
+    losetup -d "${FS_DEV[$dir]}" 2>/dev/null || true
+    rm -f "${FS_IMG[$dir]}"
+    unset "FS_DEV[$dir]" "FS_IMG[$dir]"
+  fi
+  rm -rf "$dir"
+  sync
+  sleep 1
+}
+W="$T/w"
+new_fs "$W"
 mkdir -p "$W/bin" "$W/tmp" "$W/bases"
 cp "$KILN_BIN_DIR/kiln-executor" "$KILN_BIN_DIR/kiln-cache-server" "$W/bin/"
 KILN="$W/bin/kiln-executor"
@@ -359,25 +393,26 @@ for run in $(seq 1 "$RUNS"); do
     CTX="$D/context"
 
     # kiln: cold, rebuild after a one-line change, fresh executor.
+    new_fs "$D/kiln"
     start_cache_server "$D/cache-server"
     prepare_context "$name" "$CTX"
-    kiln_phase "$name" "$run" cold "$CTX" "$D/kiln-state-a" "$D"
+    kiln_phase "$name" "$run" cold "$CTX" "$D/kiln/state-a" "$D"
     if [ "$M_RC" -eq 0 ]; then
       change_line "$CTX" "$run"
-      kiln_phase "$name" "$run" rebuild "$CTX" "$D/kiln-state-a" "$D"
-      kiln_phase "$name" "$run" fresh "$CTX" "$D/kiln-state-b" "$D"
+      kiln_phase "$name" "$run" rebuild "$CTX" "$D/kiln/state-a" "$D"
+      kiln_phase "$name" "$run" fresh "$CTX" "$D/kiln/state-b" "$D"
     fi
     stop_pid "$CS_PID"
     CS_PID=""
-    drop_tree "$D/kiln-state-a"
-    drop_tree "$D/kiln-state-b"
+    drop_fs "$D/kiln"
 
     if [ "$BUILDAH" -eq 1 ]; then
       prepare_context "$name" "$CTX"
+      new_fs "$D/buildah"
       buildah_phase "$name" "$run" cold "$CTX" "$D/buildah" "$D"
       change_line "$CTX" "$run"
       buildah_phase "$name" "$run" rebuild "$CTX" "$D/buildah" "$D"
-      drop_tree "$D/buildah"
+      drop_fs "$D/buildah"
     fi
     # Keep the logs and reports of the last run for inspection on failure.
     if [ -n "${KILN_E2E_KEEP_LOGS:-}" ]; then

@@ -45,11 +45,15 @@ jq -s --arg start "$START" --arg finish "$END" --argjson runs "$RUNS" --argjson 
 
 # Markdown tables.
 jq -r --arg only "$ONLY" '
-  def f: if . == null then "fail" else (. * 10 | round / 10 | tostring) + " s" end;
-  def mb: if . == null then "–" else (. / 1024 | round | tostring) + " MiB" end;
-  def ratio(a; b): if a == null or b == null or b == 0 then "–" else (a / b * 100 | round / 100 | tostring) end;
+  def f: if . == null then "failed" elif type == "string" then . elif . < 10 then (. * 100 | round / 100 | tostring) + " s"
+    else (. * 10 | round / 10 | tostring) + " s" end;
+  def mb: if . == null or type == "string" then "–" else (. / 1024 | round | tostring) + " MiB" end;
+  def ratio(a; b): if a == null or b == null or (a | type) == "string" or (b | type) == "string" or b == 0 or a == 0 then "–"
+    elif a / b >= 0.1 then (a / b * 100 | round / 100 | tostring)
+    else (a / b * 10000 | round / 10000 | tostring) + " (1/" + (b / a | round | tostring) + ")" end;
   .medians as $m
-  | def get(d; t; p): ($m | map(select(.dockerfile == d and .tool == t and .phase == p)) | .[0]) // {};
+  | def get(d; t; p): ($m | map(select(.dockerfile == d and .tool == t and .phase == p)) | .[0])
+      // {wall_s: "not run", build_s: "not run", push_s: "not run"};
   "Medians of \(.runs) run(s); wall time, push included for both tools.\n",
   "| Dockerfile | kiln cold | kiln rebuild (1-line change) | kiln fresh executor, warm cache | buildah cold (build + push) | buildah rebuild (build + push) | cold kiln/buildah | rebuild kiln/buildah |",
   "|---|---|---|---|---|---|---|---|",

@@ -33,13 +33,13 @@ wait_port() { # FILE
   echo "no port in $1" >&2; exit 1
 }
 
-server() { # NAME EXTRA_ARGS... ; prints the URL
+start_server() { # NAME EXTRA_ARGS... (in this shell, so cleanup knows the pid)
   local name=$1; shift
   RUST_LOG=warn "$server_bin" --listen 127.0.0.1:0 --gc-interval 0 \
-    --data "$work/$name" --port-file "$work/$name.port" "$@" 2>"$work/$name.log" &
+    --data "$work/$name" --port-file "$work/$name.port" "$@" >/dev/null 2>"$work/$name.log" &
   pids+=($!)
-  echo "http://127.0.0.1:$(wait_port "$work/$name.port")"
 }
+url_of() { echo "http://127.0.0.1:$(wait_port "$work/$1.port")"; }
 
 load() { # URL LABEL
   echo "== $2"
@@ -48,19 +48,22 @@ load() { # URL LABEL
 }
 
 echo "## load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-local_url=$(server local)
+start_server local
+local_url=$(url_of local)
 load "$local_url" "local disk, one server"
 
 mkdir -p "$work/s3/kiln"
 NO_COLOR=1 RUST_LOG=info "$s3s" --host 127.0.0.1 --port 0 --access-key bench --secret-key bench-secret \
-  "$work/s3" >"$work/s3s.log" 2>&1 &
+  "$work/s3" >"$work/s3s.log" 2>&1 </dev/null &
 pids+=($!)
 for _ in $(seq 1 100); do grep -q 'http://127.0.0.1:' "$work/s3s.log" && break; sleep 0.1; done
 endpoint=$(grep -o 'http://127.0.0.1:[0-9]*' "$work/s3s.log" | head -1)
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret
 s3_args=(--storage s3://kiln/bench --s3-endpoint "$endpoint" --s3-region us-east-1)
-r1=$(server r1 "${s3_args[@]}")
-r2=$(server r2 "${s3_args[@]}")
+start_server r1 "${s3_args[@]}"
+start_server r2 "${s3_args[@]}"
+r1=$(url_of r1)
+r2=$(url_of r2)
 load "$r1" "object storage, one replica"
 echo "== object storage, two replicas at once (sum the two)"
 load "$r1" "  replica 1" >"$work/r1.out" 2>&1 &

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Checks the images deploy/build-images.sh wrote as OCI layouts, with tools
+# that are not kiln: skopeo reads each layout, its config and its layers, and
+# buildah runs the binaries inside each image.
+#
+#   deploy/check-images.sh [--version V] LAYOUT_DIR
+#
+# LAYOUT_DIR holds executor/, executor-debug/ and cache-server/, tagged
+# VERSION (VERSION-debug), as `build-images.sh --oci-layout LAYOUT_DIR`
+# writes them. Buildah uses private storage (vfs) and run directories in a
+# temporary directory that is removed on exit, with its containers; nothing
+# touches the host's container storage. Runs as root (as CI does).
+#
+# Options:
+#   --version V   the tag to check (default: the workspace version)
+#   -h, --help    this text
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+die() { echo "check-images: $*" >&2; exit 1; }
+ok() { echo "check-images: ok  $*" >&2; }
+
+repo_root=$(cd "$(dirname "$0")/.." && pwd)
+version=""
+layout_dir=""
+while (($#)); do
+  case "$1" in
+    --version) version=${2:?--version needs a value}; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    -*) usage >&2; die "unknown option: $1" ;;
+    *) [[ -z "$layout_dir" ]] || die "one LAYOUT_DIR only"; layout_dir=$1; shift ;;
+  esac
+done
+[[ -n "$layout_dir" ]] || { usage >&2; die "give the LAYOUT_DIR"; }
+[[ -d "$layout_dir" ]] || die "no directory $layout_dir"
+layout_dir=$(cd "$layout_dir" && pwd)
+if [[ -z "$version" ]]; then
+  version=$(sed -n '/^\[workspace.package\]/,/^\[/{s/^version *= *"\(.*\)"/\1/p}' "$repo_root/Cargo.toml")
+  [[ -n "$version" ]] || die "cannot read the workspace version from Cargo.toml; use --version"
+fi
+for tool in skopeo buildah jq tar; do
+  command -v "$tool" >/dev/null || die "$tool not found (scripts/prereqs.sh installs it)"
+done
+case "$(uname -m)" in
+  x86_64) arch=amd64 ;;
+  aarch64) arch=arm64 ;;
+  *) arch=$(uname -m) ;;
+esac
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/kiln-check-images.XXXXXX")
+bah=(buildah --storage-driver vfs --root "$tmp/root" --runroot "$tmp/runroot")
+cleanup() {
+  "${bah[@]}" rm --all >/dev/null 2>&1 || true
+  # Whatever buildah may have left mounted under our directory, innermost
+  # first, before removing it.
+  local m
+  while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done < <(awk -v t="$tmp" 'index($5, t) == 1 {print $5}' /proc/self/mountinfo | sort -r)
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+# Local layouts only: no signatures to verify, whatever the host's policy.
+printf '{"default":[{"type":"insecureAcceptAnything"}]}\n' >"$tmp/policy.json"
+
+# expect WHAT ACTUAL WANTED
+expect() {
+  [[ "$2" == "$3" ]] || die "$1: got '$2', want '$3'"
+}
+
+# files NAME TAG: every path in the image's layers, one a line, without a
+# leading ./ or /.
+files() {
+  local dir=$layout_dir/$1 tag=$2 manifest layer
+  manifest=$(jq -r --arg t "$tag" \
+    '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' \
+    "$dir/index.json")
+  [[ -n "$manifest" ]] || die "$1: no image tagged $tag in $dir/index.json"
+  while read -r layer; do
+    tar -tf "$dir/blobs/${layer/://}"
+  done < <(jq -r '.layers[].digest' "$dir/blobs/${manifest/://}") | sed 's|^\./||; s|^/||; /^$/d' | sort -u
+}
+
+# run NAME TAG -- COMMAND...: runs COMMAND in a fresh container of the image
+# (as the image's user), prints its standard output.
+run() {
+  local ref="oci:$layout_dir/$1:$2" ctr
+  shift 3
+  ctr=$("${bah[@]}" from --quiet --pull-always --signature-policy "$tmp/policy.json" "$ref") \
+    || die "buildah cannot make a container of $ref"
+  "${bah[@]}" run --isolation chroot "$ctr" -- "$@" || die "$ref: '$*' failed"
+  "${bah[@]}" rm "$ctr" >/dev/null
+}
+
+# common NAME TAG TITLE: what skopeo sees; prints the image config.
+common() {
+  local name=$1 tag=$2 title=$3 ref="oci:$layout_dir/$1:$2" info
+  info=$(skopeo inspect "$ref") || die "skopeo cannot read $ref"
+  expect "$name os" "$(jq -r .Os <<<"$info")" linux
+  expect "$name architecture" "$(jq -r .Architecture <<<"$info")" "$arch"
+  expect "$name title" "$(jq -r '.Labels["org.opencontainers.image.title"]' <<<"$info")" "$title"
+  expect "$name version" "$(jq -r '.Labels["org.opencontainers.image.version"]' <<<"$info")" "$version"
+  ok "$name: skopeo inspect $ref ($(jq -r .Digest <<<"$info"))"
+  skopeo inspect --config "$ref" | jq -c .config
+}
+
+# --- executor ---------------------------------------------------------------
+tag=$version
+config=$(common executor "$tag" kiln-executor)
+expect "executor entrypoint" "$(jq -c .Entrypoint <<<"$config")" '["/kiln/kiln-executor"]'
+expect "executor user" "$(jq -r '.User // ""' <<<"$config")" ""
+expect "executor workdir" "$(jq -r .WorkingDir <<<"$config")" /workspace
+jq -e '.Env | index("DOCKER_CONFIG=/kiln/.docker/")' <<<"$config" >/dev/null \
+  || die "executor: DOCKER_CONFIG is not /kiln/.docker/"
+# Nothing outside /kiln but nsswitch.conf: no loader, no libraries, no shell.
+listing=$(files executor "$tag")
+stray=$(grep -Ev '^(kiln|kiln/.*|etc/?|etc/nsswitch\.conf|workspace/?)$' <<<"$listing" || true)
+[[ -z "$stray" ]] || die "executor: unexpected files in the image: $stray"
+grep -qx 'kiln/ssl/certs/ca-certificates.crt' <<<"$listing" || die "executor: no CA bundle"
+ok "executor: only /kiln, /etc/nsswitch.conf and /workspace"
+out=$(run executor "$tag" -- /kiln/kiln-executor --help)
+grep -q '^Usage: kiln-executor' <<<"$out" || die "executor: --help does not print the usage"
+ok "executor: buildah run /kiln/kiln-executor --help"
+
+# --- executor-debug ---------------------------------------------------------
+tag=$version-debug
+config=$(common executor-debug "$tag" kiln-executor-debug)
+expect "executor-debug entrypoint" "$(jq -c .Entrypoint <<<"$config")" '["/kiln/kiln-executor"]'
+jq -e '.Env | index("PATH=/usr/local/bin:/kiln:/busybox")' <<<"$config" >/dev/null \
+  || die "executor-debug: PATH does not hold /busybox"
+out=$(run executor-debug "$tag" -- /busybox/sh -c 'kiln-executor --help && ls /kiln/kiln-executor')
+grep -q '^Usage: kiln-executor' <<<"$out" || die "executor-debug: kiln-executor --help from the shell failed"
+ok "executor-debug: buildah run /busybox/sh -c 'kiln-executor --help'"
+
+# --- cache-server -----------------------------------------------------------
+tag=$version
+config=$(common cache-server "$tag" kiln-cache-server)
+expect "cache-server entrypoint" "$(jq -c .Entrypoint <<<"$config")" '["/usr/local/bin/kiln-cache-server"]'
+expect "cache-server user" "$(jq -r .User <<<"$config")" 65532:65532
+expect "cache-server port" "$(jq -c '.ExposedPorts | keys' <<<"$config")" '["7070/tcp"]'
+expect "cache-server volume" "$(jq -c '.Volumes | keys' <<<"$config")" '["/data"]'
+out=$(run cache-server "$tag" -- /usr/local/bin/kiln-cache-server --help)
+grep -qi '^usage' <<<"$out" || die "cache-server: kiln-cache-server --help does not print the usage"
+ok "cache-server: buildah run /usr/local/bin/kiln-cache-server --help (as 65532)"
+out=$(run cache-server "$tag" -- /usr/local/bin/kiln-cache --help)
+grep -qi '^usage' <<<"$out" || die "cache-server: kiln-cache --help does not print the usage"
+ok "cache-server: buildah run /usr/local/bin/kiln-cache --help (as 65532)"
+
+echo "check-images: all images in $layout_dir are good" >&2

@@ -1,0 +1,101 @@
+//! Resolving base images: `scratch`, `oci-layout://` directories and registry
+//! images (manifest and config only; layers are fetched when needed).
+
+use super::*;
+
+impl Driver {
+    pub(super) fn resolve_base(&mut self, name: &str) -> Result<(), BuildError> {
+        if self.bases.contains_key(name) {
+            return Ok(());
+        }
+        let base_err = |message: String| BuildError::Base {
+            reference: name.to_owned(),
+            message,
+        };
+        let base = if name.eq_ignore_ascii_case("scratch") {
+            BaseImage {
+                identity: format!("scratch {}", self.platform),
+                config: image_config::ImageConfig::scratch(
+                    &self.platform.os,
+                    &self.platform.architecture,
+                ),
+                layers: Vec::new(),
+                registry_ref: None,
+            }
+        } else if let Some(rest) = name.strip_prefix("oci-layout://") {
+            let (path, reference) = parse_layout_reference(rest);
+            let layout = OciLayout::open(&path).map_err(|e| base_err(e.to_string()))?;
+            let docs = layout
+                .resolve(reference.as_deref(), &self.platform)
+                .map_err(|e| base_err(e.to_string()))?;
+            let layers = self.layers_of(&docs, |d| layout.path(d))?;
+            let mut extra = self
+                .extra_blobs
+                .lock()
+                .map_err(|_| base_err("lock poisoned".into()))?;
+            for l in &layers {
+                extra.insert(l.desc.digest.clone(), l.blob.clone());
+            }
+            drop(extra);
+            BaseImage {
+                identity: format!("{} {}", docs.manifest_digest, self.platform),
+                config: config_from_bytes(&docs.config_bytes).map_err(base_err)?,
+                layers,
+                registry_ref: None,
+            }
+        } else {
+            let reference = ImageRef::parse(name).map_err(|e| base_err(e.to_string()))?;
+            self.log(&format!("resolving {reference}"));
+            // Only the manifest and config now: layers are fetched when a
+            // step needs the filesystem or an output needs their bytes, from
+            // the cache when it has them, from the registry otherwise.
+            let pulled = self
+                .runtime
+                .block_on(self.client.resolve(&reference, &self.platform))
+                .map_err(|e| base_err(e.to_string()))?;
+            let store = self.store.clone();
+            let layers = self.layers_of(&pulled.image, |d| store.path(d))?;
+            for layer in &layers {
+                self.base_layers
+                    .insert(layer.desc.digest.clone(), (pulled.clone(), layer.clone()));
+            }
+            BaseImage {
+                identity: format!("{} {}", pulled.image.manifest_digest, self.platform),
+                config: config_from_bytes(&pulled.image.config_bytes).map_err(base_err)?,
+                layers,
+                registry_ref: Some(pulled.reference.clone()),
+            }
+        };
+        self.bases.insert(name.to_owned(), base);
+        Ok(())
+    }
+
+    pub(super) fn layers_of(
+        &self,
+        docs: &ImageDocuments,
+        path_of: impl Fn(&Digest) -> PathBuf,
+    ) -> Result<Vec<LayerRef>, BuildError> {
+        let diff_ids = &docs.config.rootfs.diff_ids;
+        if diff_ids.len() != docs.manifest.layers.len() {
+            return Err(BuildError::Base {
+                reference: docs.manifest_digest.to_string(),
+                message: format!(
+                    "manifest has {} layers but the config lists {} diff_ids",
+                    docs.manifest.layers.len(),
+                    diff_ids.len()
+                ),
+            });
+        }
+        Ok(docs
+            .manifest
+            .layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(desc, diff_id)| LayerRef {
+                desc: desc.clone(),
+                diff_id: diff_id.clone(),
+                blob: path_of(&desc.digest),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,561 @@
+//! The cache around the steps: keys for every step, one batch lookup,
+//! descriptor-only hits, background uploads, and fetching layer blobs from
+//! the cache (or, for base layers, the registry) only when needed.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn compute_keys(&mut self, plan: &Plan) -> Result<(), BuildError> {
+        let options = format!(
+            "{:?} reproducible={} epoch={:?}",
+            self.opts.compression, self.opts.reproducible, self.opts.source_date_epoch
+        );
+        for &index in &plan.stages_to_build {
+            let stage = &plan.stages[index];
+            let mut parent = match &stage.source {
+                StageSource::Image(name) => {
+                    let base = self.bases.get(name).ok_or_else(|| BuildError::Base {
+                        reference: name.clone(),
+                        message: "was not resolved".into(),
+                    })?;
+                    keys::base_key(&base.identity)
+                }
+                StageSource::Stage(i) => *self
+                    .stage_last_key
+                    .get(i)
+                    .ok_or_else(|| BuildError::Setup(format!("stage {i} has no key")))?,
+            };
+            for (position, ins) in stage.instructions.iter().enumerate() {
+                let file = self.dockerfile_name.clone();
+                let step_err = |message: String| BuildError::Step {
+                    file: file.clone(),
+                    line: ins.line,
+                    instruction: ins.original.clone(),
+                    message,
+                };
+                let sources = match &ins.instruction {
+                    Instruction::Copy(c) => Some(match (&c.from, ins.stage_refs.first()) {
+                        (Some(_), Some(i)) => {
+                            SourceIdentity::Stage(*self.stage_last_key.get(i).ok_or_else(|| {
+                                step_err(format!("stage {i} is not built before it is used"))
+                            })?)
+                        }
+                        (Some(image), None) => {
+                            self.resolve_base(image)?;
+                            let identity = self
+                                .bases
+                                .get(image)
+                                .map(|b| b.identity.clone())
+                                .unwrap_or_default();
+                            SourceIdentity::Image(identity)
+                        }
+                        (None, _) => SourceIdentity::Context(
+                            self.context_digest(&c.sources, &c.exclude)
+                                .map_err(step_err)?,
+                        ),
+                    }),
+                    Instruction::Add(a) => {
+                        let (remote_sources, local): (Vec<String>, Vec<String>) = a
+                            .sources
+                            .iter()
+                            .cloned()
+                            .partition(|s| remote::is_remote(s));
+                        let mut hasher = blake3::Hasher::new();
+                        hasher.update(&self.context_digest(&local, &a.exclude).map_err(step_err)?);
+                        for source in &remote_sources {
+                            let fetched = self
+                                .fetch_remote(source, a.checksum.as_deref(), a.keep_git_dir)
+                                .map_err(step_err)?;
+                            hasher.update(fetched.identity.as_bytes());
+                        }
+                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
+                    }
+                    Instruction::Run(run)
+                        if run
+                            .mounts
+                            .iter()
+                            .any(|m| m.kind == dockerfile::MountType::Bind) =>
+                    {
+                        let mut hasher = blake3::Hasher::new();
+                        for m in run
+                            .mounts
+                            .iter()
+                            .filter(|m| m.kind == dockerfile::MountType::Bind)
+                        {
+                            let source = m.source.clone().unwrap_or_else(|| ".".into());
+                            hasher.update(source.as_bytes());
+                            match &m.from {
+                                None => {
+                                    hasher.update(
+                                        &self.context_digest(&[source], &[]).map_err(step_err)?,
+                                    );
+                                }
+                                Some(from) => {
+                                    match stage_index(plan, from) {
+                                        Some(i) => {
+                                            let key = self.stage_last_key.get(&i).ok_or_else(|| {
+                                            step_err(format!("stage {from} is not built before it is mounted"))
+                                        })?;
+                                            hasher.update(key.as_bytes());
+                                        }
+                                        None => {
+                                            self.resolve_base(from)?;
+                                            let identity = self
+                                                .bases
+                                                .get(from)
+                                                .map(|b| b.identity.clone())
+                                                .unwrap_or_default();
+                                            hasher.update(identity.as_bytes());
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
+                    }
+                    _ => None,
+                };
+                let key = keys::step_key(&parent, ins, sources.as_ref(), &options);
+                parent = key.key;
+                self.keys.insert((index, position), key);
+            }
+            self.stage_last_key.insert(index, parent);
+        }
+        Ok(())
+    }
+
+    /// One batch lookup for every filesystem step of the build.
+    pub(super) fn lookup_keys(&mut self) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if !self.opts.cache.mode.reads() {
+            return;
+        }
+        let mut wanted: Vec<CacheKey> = self
+            .keys
+            .values()
+            .filter(|k| k.filesystem)
+            .map(|k| k.key)
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        let started = Instant::now();
+        match cache.lookup(&wanted) {
+            Ok(hits) => {
+                self.log(&format!(
+                    "cache: {} of {} steps found in {} ({} ms)",
+                    hits.len(),
+                    wanted.len(),
+                    cache.location(),
+                    started.elapsed().as_millis()
+                ));
+                self.hits = hits;
+            }
+            Err(e) => {
+                self.log(&format!(
+                    "warning: the cache is unavailable, building without it: {e}"
+                ));
+                self.cache = None;
+            }
+        }
+    }
+
+    /// A filesystem step whose key hit takes the cached layer (descriptor
+    /// only: nothing is downloaded until a later step needs the files);
+    /// otherwise the step runs and its result is uploaded in the background.
+    pub(super) fn cached_or_run(
+        &mut self,
+        plan: &Plan,
+        stage: &Stage,
+        ins: &PlannedInstruction,
+        step_key: Option<&StepKey>,
+        builder: &mut ConfigBuilder,
+        state: &mut StageState,
+    ) -> Result<(&'static str, Option<LayerRef>), String> {
+        let Some(step_key) = step_key.filter(|k| k.filesystem) else {
+            return self.instruction(plan, stage, ins, builder, state);
+        };
+        let created_by = history_text(ins);
+        if let Some(entry) = self.hits.get(&step_key.key).cloned() {
+            if let Instruction::Workdir(dir) = &ins.instruction {
+                builder.set_workdir(dir);
+            }
+            let Some(layer) = entry.layer else {
+                builder.add_empty_history(&created_by);
+                return Ok(("hit", None));
+            };
+            let layer_ref = LayerRef {
+                desc: Descriptor::new(&layer.media_type, layer.digest.clone(), layer.size),
+                diff_id: layer.diff_id.clone(),
+                blob: self.store.path(&layer.digest),
+            };
+            state.layers.push(layer_ref.clone());
+            // The stack is rebuilt from the layers when a later step needs
+            // it (unpacked layers are reused by diff_id).
+            state.lowers = None;
+            builder.add_layer(layer.diff_id, &created_by);
+            return Ok(("hit", Some(layer_ref)));
+        }
+        let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
+        let entry = CacheEntry {
+            layer: layer.as_ref().map(|l| LayerDescriptor {
+                media_type: l.desc.media_type.clone(),
+                digest: l.desc.digest.clone(),
+                size: l.desc.size,
+                diff_id: l.diff_id.clone(),
+            }),
+            created_by,
+            created: rfc3339(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
+            extra: BTreeMap::new(),
+        };
+        let blob = layer
+            .as_ref()
+            .map(|l| (l.desc.digest.clone(), l.blob.clone()));
+        self.upload(step_key.key, entry, blob);
+        Ok((if cache == "none" { "none" } else { "miss" }, layer))
+    }
+
+    pub(super) fn upload(
+        &mut self,
+        key: CacheKey,
+        entry: CacheEntry,
+        blob: Option<(Digest, PathBuf)>,
+    ) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if !self.opts.cache.mode.writes() {
+            return;
+        }
+        self.uploads.push(std::thread::spawn(move || {
+            let mut bytes = 0;
+            if let Some((digest, path)) = &blob {
+                cache.put_blob(digest, path).map_err(|e| e.to_string())?;
+                bytes = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            }
+            cache.put_entry(&key, &entry).map_err(|e| e.to_string())?;
+            Ok(bytes)
+        }));
+    }
+
+    /// Waits for the background uploads; a failed upload is a warning.
+    pub(super) fn wait_uploads(&mut self) -> u64 {
+        let mut total = 0;
+        for handle in std::mem::take(&mut self.uploads) {
+            match handle.join() {
+                Ok(Ok(bytes)) => total += bytes,
+                Ok(Err(e)) => self.log(&format!("warning: uploading to the cache failed: {e}")),
+                Err(_) => self.log("warning: a cache upload panicked"),
+            }
+        }
+        total
+    }
+
+    /// Makes sure a layer's blob is in the local store, from the cache.
+    /// A base-image layer is tried in the cache first and otherwise pulled
+    /// from its registry, then shared through the cache so the cluster pulls
+    /// each base layer from outside once.
+    pub(super) fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), String> {
+        if layer.blob.is_file() {
+            return Ok(());
+        }
+        let digest = layer.desc.digest.clone();
+        let mut cache_error = None;
+        if let Some(cache) = self.cache.clone().filter(|_| self.opts.cache.mode.reads()) {
+            match cache.fetch_blob(&digest, &self.store) {
+                Ok(_) => {
+                    self.bytes_downloaded += layer.desc.size;
+                    return Ok(());
+                }
+                Err(e) => cache_error = Some(e.to_string()),
+            }
+        }
+        let Some((pulled, base_layer)) = self.base_layers.get(&digest).cloned() else {
+            return Err(match cache_error {
+                Some(e) => format!("fetching layer {digest} from the cache: {e}"),
+                None => format!("layer {digest} is not available locally and there is no cache"),
+            });
+        };
+        self.log(&format!(
+            "pulling layer {digest} ({} bytes)",
+            layer.desc.size
+        ));
+        self.runtime
+            .block_on(
+                self.client
+                    .fetch_blob(&pulled, &base_layer.desc, &self.store),
+            )
+            .map_err(|e| format!("pulling base layer {digest}: {e}"))?;
+        let entry = CacheEntry {
+            layer: Some(LayerDescriptor {
+                media_type: base_layer.desc.media_type.clone(),
+                digest: digest.clone(),
+                size: base_layer.desc.size,
+                diff_id: base_layer.diff_id.clone(),
+            }),
+            created_by: format!("base layer of {}", pulled.reference),
+            created: rfc3339(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
+            extra: BTreeMap::new(),
+        };
+        let blob = Some((digest.clone(), self.store.path(&digest)));
+        self.upload(keys::base_layer_key(&digest), entry, blob);
+        Ok(())
+    }
+
+    pub(super) fn context_digest(
+        &mut self,
+        sources: &[String],
+        excludes: &[String],
+    ) -> Result<[u8; 32], String> {
+        let from_context: Vec<String> = sources
+            .iter()
+            .filter(|s| !s.starts_with("<<"))
+            .cloned()
+            .collect();
+        if from_context.is_empty() {
+            return Ok([0; 32]);
+        }
+        let selections = self.select_context(&from_context, excludes)?;
+        let ctx = self.context()?;
+        ctx.digest(&selections).map_err(|e| e.to_string())
+    }
+
+    /// COPY/ADD sources in the context, minus `--exclude` patterns (matched
+    /// against paths relative to each source, with .dockerignore rules).
+    pub(super) fn select_context(
+        &mut self,
+        sources: &[String],
+        excludes: &[String],
+    ) -> Result<Vec<crate::context::Selection>, String> {
+        let exclude = if excludes.is_empty() {
+            None
+        } else {
+            Some(
+                DockerIgnore::parse(&excludes.join("\n"), Path::new("--exclude"))
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        let ctx = self.context()?;
+        let mut selections = ctx.select(sources).map_err(|e| e.to_string())?;
+        if let Some(exclude) = exclude {
+            for sel in &mut selections {
+                let root = sel.root.clone();
+                sel.entries.retain(|&i| {
+                    let path = &ctx.entry(i).path;
+                    let relative = path
+                        .strip_prefix(&root)
+                        .unwrap_or(path)
+                        .trim_start_matches('/');
+                    let relative = if relative.is_empty() {
+                        root.rsplit('/').next().unwrap_or("")
+                    } else {
+                        relative
+                    };
+                    relative.is_empty() || !exclude.is_excluded(relative)
+                });
+            }
+            selections.retain(|s| !s.entries.is_empty());
+        }
+        Ok(selections)
+    }
+
+    /// RUN --mount: what to mount where, and environment variables for
+    /// secrets exposed with `env=`. Secret values never reach a layer (the
+    /// runner removes the mount points it created) nor a cache key (only the
+    /// mount's options are part of the instruction text).
+    pub(super) fn run_mounts(
+        &mut self,
+        plan: &Plan,
+        mounts: &[dockerfile::Mount],
+        workdir: &Path,
+    ) -> Result<RunMounts, String> {
+        use dockerfile::MountType;
+        let mut specs = Vec::new();
+        let mut env = Vec::new();
+        for m in mounts {
+            let target = m
+                .target
+                .as_deref()
+                .map(|t| copy::absolute_in_image(workdir, t));
+            match m.kind {
+                MountType::Bind => {
+                    let target = target.ok_or("--mount=type=bind needs a target")?;
+                    let source = m.source.clone().unwrap_or_else(|| ".".into());
+                    let host = match &m.from {
+                        None => {
+                            let rel = crate::context::clean_relative(&source).ok_or_else(|| {
+                                format!("--mount source {source:?} is outside the build context")
+                            })?;
+                            let host = self.opts.plan.context.join(rel);
+                            if fs::symlink_metadata(&host).is_err() {
+                                return Err(format!(
+                                    "--mount source {source:?}: not found in the build context"
+                                ));
+                            }
+                            host
+                        }
+                        Some(from) => {
+                            let roots = match stage_index(plan, from) {
+                                Some(index) => {
+                                    self.stage_sources(index, std::slice::from_ref(&source))?
+                                }
+                                None => self.image_sources(from, std::slice::from_ref(&source))?,
+                            };
+                            roots
+                                .first()
+                                .map(|r| r.entries[0].host.clone())
+                                .ok_or_else(|| {
+                                    format!("--mount source {source:?} not found in {from}")
+                                })?
+                        }
+                    };
+                    specs.push(MountSpec::Bind {
+                        source: host,
+                        target,
+                        readonly: m.readonly,
+                    });
+                }
+                MountType::Cache => {
+                    let target = target.ok_or("--mount=type=cache needs a target")?;
+                    let id = m.id.clone().unwrap_or_else(|| target.display().to_string());
+                    let dir = self
+                        .opts
+                        .state_dir
+                        .join("run-cache")
+                        .join(blake3::hash(id.as_bytes()).to_hex().as_str());
+                    if !dir.is_dir() {
+                        fs::create_dir_all(&dir)
+                            .map_err(|e| format!("creating cache mount {id}: {e}"))?;
+                        use std::os::unix::fs::PermissionsExt;
+                        fs::set_permissions(
+                            &dir,
+                            fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
+                        )
+                        .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        std::os::unix::fs::chown(
+                            &dir,
+                            Some(m.uid.unwrap_or(0)),
+                            Some(m.gid.unwrap_or(0)),
+                        )
+                        .map_err(|e| format!("cache mount {id}: {e}"))?;
+                    }
+                    specs.push(MountSpec::Bind {
+                        source: dir,
+                        target,
+                        readonly: m.readonly,
+                    });
+                }
+                MountType::Tmpfs => {
+                    let target = target.ok_or("--mount=type=tmpfs needs a target")?;
+                    specs.push(MountSpec::Tmpfs {
+                        target,
+                        size_bytes: m.size,
+                    });
+                }
+                MountType::Secret => {
+                    let id =
+                        m.id.clone()
+                            .or_else(|| {
+                                target
+                                    .as_ref()
+                                    .and_then(|t| t.file_name())
+                                    .map(|n| n.to_string_lossy().into_owned())
+                            })
+                            .ok_or("--mount=type=secret needs an id or a target")?;
+                    let Some(path) = self.secret_file(&id)? else {
+                        if m.required {
+                            return Err(format!(
+                                "secret {id} is required but no --secret id={id} was given"
+                            ));
+                        }
+                        continue;
+                    };
+                    if let Some(var) = &m.env {
+                        let value = fs::read_to_string(&path)
+                            .map_err(|e| format!("reading secret {id}: {e}"))?;
+                        env.push((var.clone(), value));
+                        if m.target.is_none() {
+                            continue;
+                        }
+                    }
+                    specs.push(MountSpec::Bind {
+                        source: path,
+                        target: target.unwrap_or_else(|| PathBuf::from("/run/secrets").join(&id)),
+                        readonly: true,
+                    });
+                }
+                MountType::Ssh => {
+                    return Err(
+                        "RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok((specs, env))
+    }
+
+    /// Downloads or clones a remote ADD source once per build.
+    pub(super) fn fetch_remote(
+        &mut self,
+        source: &str,
+        checksum: Option<&str>,
+        keep_git_dir: bool,
+    ) -> Result<remote::RemoteSource, String> {
+        if let Some(r) = self.remote.get(source) {
+            return Ok(r.clone());
+        }
+        self.scratch_counter += 1;
+        let dir = self.work.join(format!("remote-{}", self.scratch_counter));
+        let fetched = if remote::is_git(source) {
+            if checksum.is_some() {
+                return Err("ADD --checksum applies to URLs, not git repositories".into());
+            }
+            self.log(&format!("cloning {source}"));
+            remote::clone(source, keep_git_dir, &dir)?
+        } else {
+            self.log(&format!("downloading {source}"));
+            let client = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(30))
+                .build()
+                .map_err(|e| e.to_string())?;
+            self.runtime
+                .block_on(remote::download(&client, source, checksum, &dir))?
+        };
+        self.remote.insert(source.to_owned(), fetched.clone());
+        Ok(fetched)
+    }
+
+    /// The file holding secret `id` (`--secret id=..,src=..` or `env=..`).
+    pub(super) fn secret_file(&mut self, id: &str) -> Result<Option<PathBuf>, String> {
+        let Some(secret) = self.opts.secrets.iter().find(|s| s.id == id).cloned() else {
+            return Ok(None);
+        };
+        match secret.source {
+            SecretSource::File(path) => Ok(Some(path)),
+            SecretSource::Env(var) => {
+                let value =
+                    std::env::var(&var).map_err(|_| format!("secret {id}: ${var} is not set"))?;
+                let dir = self.work.join("secrets");
+                fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| e.to_string())?;
+                let path = dir.join(blake3::hash(id.as_bytes()).to_hex().as_str());
+                fs::write(&path, value).map_err(|e| e.to_string())?;
+                Ok(Some(path))
+            }
+        }
+    }
+}

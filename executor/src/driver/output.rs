@@ -1,0 +1,153 @@
+//! Writing the image: registries, OCI layout, docker archive, digest files,
+//! and the build summary and report.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn timestamp(&self) -> String {
+        let secs = if self.opts.reproducible {
+            self.opts.source_date_epoch.unwrap_or(0)
+        } else {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        rfc3339(secs)
+    }
+
+    /// Layers that came from the cache are downloaded only if an output
+    /// needs their bytes: a layout or tarball always does, a push only when
+    /// some destination registry does not have the blob yet.
+    pub(super) fn fetch_missing_blobs(&mut self, target: &StageState) -> Result<(), BuildError> {
+        let extra = self
+            .extra_blobs
+            .lock()
+            .map_err(|_| BuildError::Output("lock poisoned".into()))?
+            .clone();
+        let missing: Vec<LayerRef> = target
+            .layers
+            .iter()
+            .filter(|l| !l.blob.is_file() && !extra.contains_key(&l.desc.digest))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let local_output = self.opts.oci_layout_path.is_some() || self.opts.tar_path.is_some();
+        let destinations: Vec<ImageRef> = if self.opts.no_push {
+            Vec::new()
+        } else {
+            self.opts
+                .destinations
+                .iter()
+                .filter_map(|d| ImageRef::parse(d).ok())
+                .collect()
+        };
+        for layer in missing {
+            let mut needed = local_output;
+            if !needed {
+                for dest in &destinations {
+                    let present = self
+                        .runtime
+                        .block_on(self.client.blob_exists(dest, &layer.desc.digest))
+                        .ok()
+                        .flatten()
+                        .is_some();
+                    if !present {
+                        needed = true;
+                        break;
+                    }
+                }
+            }
+            if needed {
+                self.ensure_blob(&layer).map_err(BuildError::Output)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn finish(
+        &mut self,
+        plan: &Plan,
+        target: StageState,
+    ) -> Result<BuildOutcome, BuildError> {
+        let out_err = |e: &dyn std::fmt::Display| BuildError::Output(e.to_string());
+        let config: crate::oci::ImageConfig =
+            serde_json::from_slice(&target.config.to_json()).map_err(|e| out_err(&e))?;
+        let layers: Vec<Descriptor> = target.layers.iter().map(|l| l.desc.clone()).collect();
+        let docs = ImageDocuments::build(&config, layers, false);
+        self.fetch_missing_blobs(&target)?;
+        let mut blobs: HashMap<Digest, PathBuf> = self
+            .extra_blobs
+            .lock()
+            .map_err(|_| BuildError::Output("lock poisoned".into()))?
+            .clone();
+        for l in &target.layers {
+            blobs.insert(l.desc.digest.clone(), l.blob.clone());
+        }
+        let source = Blobs {
+            store: self.store.clone(),
+            extra: blobs,
+        };
+        let destinations: Vec<ImageRef> = self
+            .opts
+            .destinations
+            .iter()
+            .map(|d| {
+                ImageRef::parse(d).map_err(|e| BuildError::Output(format!("destination {d}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        if let Some(path) = &self.opts.oci_layout_path {
+            let layout = if path.join("oci-layout").exists() {
+                OciLayout::open(path)
+            } else {
+                OciLayout::create(path)
+            }
+            .map_err(|e| out_err(&e))?;
+            let ref_name = destinations
+                .first()
+                .and_then(|d| d.tag().map(str::to_owned))
+                .unwrap_or_else(|| "latest".into());
+            layout
+                .add_image(&docs, &source, Some(&ref_name))
+                .map_err(|e| out_err(&e))?;
+            self.log(&format!("wrote OCI layout {} ({ref_name})", path.display()));
+        }
+        if let Some(path) = &self.opts.tar_path {
+            crate::oci::archive::write_docker_archive_file(path, &docs, &source, &destinations)
+                .map_err(|e| out_err(&e))?;
+            self.log(&format!("wrote docker archive {}", path.display()));
+        }
+        if !self.opts.no_push && !destinations.is_empty() {
+            let hints: Vec<ImageRef> = target.registry_ref.iter().cloned().collect();
+            let digest = self
+                .runtime
+                .block_on(
+                    self.client
+                        .push_image(&docs, &destinations, &source, &hints),
+                )
+                .map_err(|e| out_err(&e))?;
+            for d in &destinations {
+                self.log(&format!("pushed {d}@{digest}"));
+            }
+        }
+        if let Some(path) = &self.opts.digest_file {
+            fs::write(path, docs.manifest_digest.to_string())
+                .map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
+        }
+        if let Some(path) = &self.opts.image_name_with_digest_file {
+            let lines: String = destinations
+                .iter()
+                .map(|d| format!("{}@{}\n", d.name(), docs.manifest_digest))
+                .collect();
+            fs::write(path, lines).map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
+        }
+        let _ = plan;
+        Ok(BuildOutcome {
+            manifest_digest: docs.manifest_digest.clone(),
+            image: docs,
+            steps: std::mem::take(&mut self.steps),
+        })
+    }
+}

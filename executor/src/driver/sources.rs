@@ -1,0 +1,192 @@
+//! Where COPY, ADD and RUN --mount read from: the build context, another
+//! stage, an image, secrets and remote (URL, git) sources.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn context(&mut self) -> Result<&BuildContext, String> {
+        if self.context.is_none() {
+            let dockerfile = self.opts.plan.dockerfile_path();
+            let ignore = DockerIgnore::load(&self.opts.plan.context, &dockerfile)
+                .map_err(|e| e.to_string())?;
+            let visibility = |path: &str, is_dir: bool| {
+                if !ignore.is_excluded(path) {
+                    Visibility::Included
+                } else if is_dir && ignore.may_contain_included(path) {
+                    Visibility::ExcludedButDescend
+                } else {
+                    Visibility::Excluded
+                }
+            };
+            let ctx = BuildContext::scan(&self.opts.plan.context, &visibility)
+                .map_err(|e| e.to_string())?;
+            self.context = Some(ctx);
+        }
+        self.context
+            .as_ref()
+            .ok_or_else(|| "no build context".to_string())
+    }
+
+    pub(super) fn context_sources(
+        &mut self,
+        sources: &[String],
+        excludes: &[String],
+        heredocs: &[dockerfile::Heredoc],
+    ) -> Result<Vec<CopyRoot>, String> {
+        let mut roots = Vec::new();
+        let mut from_context = Vec::new();
+        for s in sources {
+            let name = s
+                .trim_start_matches("<<")
+                .trim_start_matches('-')
+                .trim_matches(['"', '\'']);
+            match heredocs
+                .iter()
+                .find(|h| s.starts_with("<<") && h.name == name)
+            {
+                Some(h) => {
+                    self.scratch_counter += 1;
+                    let dir = self.work.join(format!("heredoc-{}", self.scratch_counter));
+                    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                    let file = dir.join(&h.name);
+                    fs::write(&file, &h.content).map_err(|e| e.to_string())?;
+                    let mut root = walk_root(&file, &h.name).map_err(|e| e.to_string())?;
+                    root.name = h.name.clone();
+                    roots.push(root);
+                }
+                None => from_context.push(s.clone()),
+            }
+        }
+        if from_context.is_empty() {
+            return Ok(roots);
+        }
+        let selections = self.select_context(&from_context, excludes)?;
+        let ctx = self.context()?;
+        for sel in selections {
+            let name = sel.root.rsplit('/').next().unwrap_or("").to_owned();
+            let entries = sel
+                .entries
+                .iter()
+                .map(|&i| {
+                    let e = ctx.entry(i);
+                    let relative = e
+                        .path
+                        .strip_prefix(&sel.root)
+                        .unwrap_or("")
+                        .trim_start_matches('/');
+                    CopyItem {
+                        relative: PathBuf::from(relative),
+                        host: ctx.absolute(e),
+                    }
+                })
+                .collect();
+            roots.push(CopyRoot {
+                name,
+                is_dir: sel.is_dir,
+                entries,
+            });
+        }
+        Ok(roots)
+    }
+
+    /// Sources of `COPY --from=<stage>`: read from a view of that stage.
+    pub(super) fn stage_sources(
+        &mut self,
+        index: usize,
+        sources: &[String],
+    ) -> Result<Vec<CopyRoot>, String> {
+        let mut state = self
+            .stages
+            .get(&index)
+            .cloned()
+            .ok_or_else(|| format!("stage {index} has not been built"))?;
+        if self.snapshotter.lower_layout() == LowerLayout::Flattened
+            && self.opts.isolation == Isolation::None
+        {
+            return Err(
+                "COPY --from another stage is not supported with --isolation none yet".into(),
+            );
+        }
+        let lowers = self.ensure_lowers(&mut state, index)?;
+        let roots = self.sources_from_lowers(&lowers, sources);
+        if let Some(s) = self.stages.get_mut(&index) {
+            s.lowers = Some(lowers);
+        }
+        roots
+    }
+
+    /// Sources of `COPY --from=<image>`.
+    pub(super) fn image_sources(
+        &mut self,
+        image: &str,
+        sources: &[String],
+    ) -> Result<Vec<CopyRoot>, String> {
+        self.resolve_base(image).map_err(|e| e.to_string())?;
+        let base = self.bases.get(image).cloned().ok_or("image not resolved")?;
+        let mut state = StageState {
+            config: base.config,
+            layers: base.layers,
+            lowers: None,
+            registry_ref: None,
+        };
+        self.scratch_counter += 1;
+        let lowers = self.ensure_lowers(&mut state, 10_000 + self.scratch_counter)?;
+        self.sources_from_lowers(&lowers, sources)
+    }
+
+    pub(super) fn sources_from_lowers(
+        &mut self,
+        lowers: &[PathBuf],
+        sources: &[String],
+    ) -> Result<Vec<CopyRoot>, String> {
+        self.scratch_counter += 1;
+        let scratch = self.work.join(format!("from-{}", self.scratch_counter));
+        fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+        let mounted = self
+            .snapshotter
+            .prepare(lowers, &scratch)
+            .map_err(|e| e.to_string())?;
+        // The view is copied out of before it is released: sources are
+        // copied into scratch space so the mount can go now.
+        let result = (|| {
+            let copy_dir = scratch.join("sources");
+            let mut roots = Vec::new();
+            for (n, source) in sources.iter().enumerate() {
+                let matches = glob_in_root(&mounted.rootfs, source)?;
+                if matches.is_empty() {
+                    return Err(format!(
+                        "{source}: no such file or directory in the source stage"
+                    ));
+                }
+                for host in matches {
+                    let name = host
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let staged = copy_dir.join(n.to_string()).join(&name);
+                    fs::create_dir_all(staged.parent().unwrap_or(&copy_dir))
+                        .map_err(|e| e.to_string())?;
+                    let status = std::process::Command::new("cp")
+                        .arg("-a")
+                        .arg("--")
+                        .arg(&host)
+                        .arg(&staged)
+                        .status()
+                        .map_err(|e| format!("running cp: {e}"))?;
+                    if !status.success() {
+                        return Err(format!(
+                            "copying {} out of the source stage failed",
+                            host.display()
+                        ));
+                    }
+                    roots.push(walk_root(&staged, &name).map_err(|e| e.to_string())?);
+                }
+            }
+            Ok(roots)
+        })();
+        self.snapshotter
+            .release(mounted)
+            .map_err(|e| e.to_string())?;
+        result
+    }
+}

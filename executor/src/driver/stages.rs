@@ -1,0 +1,479 @@
+//! Building a stage: metadata instructions edit the config, filesystem steps
+//! run in a snapshotter's writable rootfs and become layers; the lower
+//! stack is materialised once per layer and reused.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn build_stage(&mut self, plan: &Plan, stage: &Stage) -> Result<(), BuildError> {
+        let mut state = match &stage.source {
+            StageSource::Image(name) => {
+                let base = self
+                    .bases
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| BuildError::Base {
+                        reference: name.clone(),
+                        message: "was not resolved".into(),
+                    })?;
+                StageState {
+                    config: base.config,
+                    layers: base.layers,
+                    lowers: None,
+                    registry_ref: base.registry_ref,
+                }
+            }
+            StageSource::Stage(parent) => {
+                let mut parent = self.stages.get(parent).cloned().ok_or_else(|| {
+                    BuildError::Setup(format!(
+                        "stage {parent} was not built before stage {}",
+                        stage.index
+                    ))
+                })?;
+                if self.snapshotter.lower_layout() == LowerLayout::Flattened {
+                    // A flattened rootfs is modified in place: the child
+                    // stage gets its own copy.
+                    parent.lowers = None;
+                }
+                parent
+            }
+        };
+        let mut builder = ConfigBuilder::new(state.config.clone());
+        builder.set_timestamp(Some(self.timestamp()));
+        if builder.config().env("PATH").is_none() {
+            // BuildKit gives every Linux image a PATH, scratch included.
+            builder.apply_env("PATH", crate::build::runner::DEFAULT_PATH);
+        }
+        let triggers = builder.take_base_onbuild();
+        if !triggers.is_empty() {
+            self.log(&format!(
+                "warning: stage {}: the base image's ONBUILD triggers are not run ({})",
+                stage.index,
+                triggers.join("; ")
+            ));
+        }
+        for (position, ins) in stage.instructions.iter().enumerate() {
+            let started = Instant::now();
+            let step_key = self.keys.get(&(stage.index, position)).cloned();
+            let (cache, layer) = self
+                .cached_or_run(
+                    plan,
+                    stage,
+                    ins,
+                    step_key.as_ref(),
+                    &mut builder,
+                    &mut state,
+                )
+                .map_err(|message| BuildError::Step {
+                    file: self.dockerfile_name.clone(),
+                    line: ins.line,
+                    instruction: ins.original.clone(),
+                    message,
+                })?;
+            if cache != "none" {
+                self.log(&format!(
+                    "[stage {} line {}] cache {cache}: {}",
+                    stage.index, ins.line, ins.original
+                ));
+            }
+            self.steps.push(StepRecord {
+                stage: stage.index,
+                line: ins.line,
+                instruction: ins.original.clone(),
+                key: step_key.as_ref().filter(|k| k.filesystem).map(|k| k.key),
+                inputs: step_key.map(|k| k.inputs).unwrap_or_default(),
+                cache,
+                layer_size: layer.as_ref().map(|l| l.desc.size),
+                layer: layer.map(|l| l.desc.digest),
+                duration_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        if stage.index == plan.target {
+            for (k, v) in &self.opts.labels {
+                builder.add_label(k, v);
+            }
+        }
+        state.config = builder.build();
+        self.stages.insert(stage.index, state);
+        Ok(())
+    }
+
+    /// Applies one instruction; returns the report's cache column and the
+    /// layer it added, if any. Errors are messages: the caller adds the line.
+    pub(super) fn instruction(
+        &mut self,
+        plan: &Plan,
+        stage: &Stage,
+        ins: &PlannedInstruction,
+        builder: &mut ConfigBuilder,
+        state: &mut StageState,
+    ) -> Result<(&'static str, Option<LayerRef>), String> {
+        let created_by = history_text(ins);
+        match &ins.instruction {
+            Instruction::Env(pairs) => {
+                for kv in pairs {
+                    builder.apply_env(&kv.key, &kv.value);
+                }
+            }
+            Instruction::Label(pairs) => {
+                for kv in pairs {
+                    builder.add_label(&kv.key, &kv.value);
+                }
+            }
+            Instruction::Maintainer(name) => {
+                builder.set_author(name);
+            }
+            Instruction::Expose(ports) => {
+                for p in ports {
+                    builder.expose(p).map_err(|e| e.to_string())?;
+                }
+            }
+            Instruction::User(user) => {
+                builder.set_user(user);
+            }
+            Instruction::Cmd(c) => {
+                let argv = command_argv(c, shell_of(builder.config()));
+                builder.set_cmd(argv);
+            }
+            Instruction::Entrypoint(c) => {
+                let argv = command_argv(c, shell_of(builder.config()));
+                builder.set_entrypoint(argv);
+            }
+            Instruction::Volume(vols) => {
+                for v in vols {
+                    builder.add_volume(v);
+                }
+            }
+            Instruction::Stopsignal(s) => {
+                builder.set_stop_signal(s);
+            }
+            Instruction::Healthcheck(h) => {
+                builder.set_healthcheck(healthcheck(h, shell_of(builder.config())));
+            }
+            Instruction::Shell(shell) => {
+                builder.set_shell(shell.clone());
+            }
+            Instruction::Onbuild { trigger, .. } => {
+                builder.add_onbuild(trigger);
+            }
+            Instruction::Arg(_) => return Ok(("none", None)),
+            // The stage's own FROM line: the base was applied before the loop.
+            Instruction::From(_) => return Ok(("none", None)),
+            Instruction::Workdir(dir) => {
+                builder.set_workdir(dir);
+                let workdir = workdir_of(builder.config());
+                let layer =
+                    self.filesystem_step(stage, ins, builder, state, &created_by, |_, rootfs| {
+                        copy::ensure_dir(rootfs, &workdir, (0, 0), 0o755)
+                            .map(|_| ())
+                            .map_err(|e| format!("creating {}: {e}", workdir.display()))
+                    })?;
+                return Ok(("run", layer));
+            }
+            Instruction::Run(run) => {
+                let argv = run_argv(run, shell_of(builder.config()), &ins.heredocs);
+                let env = run_env(builder.config(), ins);
+                let user = Some(builder.config().config.user.clone()).filter(|u| !u.is_empty());
+                let workdir = workdir_of(builder.config());
+                let network = match run.network {
+                    Some(dockerfile::Network::None) => NetworkMode::None,
+                    Some(dockerfile::Network::Host) => NetworkMode::Host,
+                    _ => self.opts.network,
+                };
+                let (mounts, secret_env) = self.run_mounts(plan, &run.mounts, &workdir)?;
+                let mut env = env;
+                env.extend(secret_env);
+                let log = self.opts.log.clone();
+                let prefix = format!("[stage {} line {}] ", stage.index, ins.line);
+                let layer = self.filesystem_step(
+                    stage,
+                    ins,
+                    builder,
+                    state,
+                    &created_by,
+                    move |driver, rootfs| {
+                        let mut spec = RunSpec::new(rootfs, argv);
+                        spec.env = env;
+                        spec.user = user;
+                        spec.workdir = workdir;
+                        spec.network = network;
+                        spec.mounts = mounts;
+                        spec.output = OutputSink {
+                            prefix,
+                            writer: Some(log),
+                            ..OutputSink::default()
+                        };
+                        let outcome = driver.runner.run(&spec).map_err(|e| e.to_string())?;
+                        if outcome.success() {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "the command exited with {:?}; last output:\n{}",
+                                outcome.status,
+                                outcome.tail.join("\n")
+                            ))
+                        }
+                    },
+                )?;
+                return Ok(("run", layer));
+            }
+            Instruction::Copy(c) => {
+                let from = c.from.clone();
+                let excludes = c.exclude.clone();
+                let sources = c.sources.clone();
+                let dest = c.dest.clone();
+                let (chown, chmod) = (c.chown.clone(), c.chmod.clone());
+                let heredocs = ins.heredocs.clone();
+                let workdir = workdir_of(builder.config());
+                let source_stage = ins.stage_refs.first().copied();
+                let layer = self.filesystem_step(
+                    stage,
+                    ins,
+                    builder,
+                    state,
+                    &created_by,
+                    move |driver, rootfs| {
+                        let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
+                        let roots = match (&from, source_stage) {
+                            (Some(_), Some(index)) => driver.stage_sources(index, &sources)?,
+                            (Some(image), None) => driver.image_sources(image, &sources)?,
+                            (None, _) => driver.context_sources(&sources, &excludes, &heredocs)?,
+                        };
+                        copy_into(rootfs, &workdir, &dest, &roots, &copy_opts)
+                            .map_err(|e| e.to_string())
+                    },
+                )?;
+                let _ = plan;
+                return Ok(("run", layer));
+            }
+            Instruction::Add(a) => {
+                let (remote_sources, sources): (Vec<String>, Vec<String>) = a
+                    .sources
+                    .iter()
+                    .cloned()
+                    .partition(|s| remote::is_remote(s));
+                let mut fetched = Vec::new();
+                for source in &remote_sources {
+                    fetched.push(self.fetch_remote(
+                        source,
+                        a.checksum.as_deref(),
+                        a.keep_git_dir,
+                    )?);
+                }
+                let excludes = a.exclude.clone();
+                let dest = a.dest.clone();
+                let (chown, chmod) = (a.chown.clone(), a.chmod.clone());
+                let heredocs = ins.heredocs.clone();
+                let workdir = workdir_of(builder.config());
+                let layer = self.filesystem_step(
+                    stage,
+                    ins,
+                    builder,
+                    state,
+                    &created_by,
+                    move |driver, rootfs| {
+                        let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
+                        let roots = if sources.is_empty() {
+                            Vec::new()
+                        } else {
+                            driver.context_sources(&sources, &excludes, &heredocs)?
+                        };
+                        let mut as_is = Vec::new();
+                        for r in &fetched {
+                            as_is.push(walk_root(&r.path, &r.name).map_err(|e| e.to_string())?);
+                        }
+                        add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts)
+                    },
+                )?;
+                return Ok(("run", layer));
+            }
+        }
+        builder.add_empty_history(&created_by);
+        Ok(("none", None))
+    }
+
+    /// Materialises the stage's rootfs, runs `action` in a writable view of
+    /// it, and records the change as a layer (none if nothing changed).
+    pub(super) fn filesystem_step(
+        &mut self,
+        stage: &Stage,
+        ins: &PlannedInstruction,
+        builder: &mut ConfigBuilder,
+        state: &mut StageState,
+        created_by: &str,
+        action: impl FnOnce(&mut Driver, &Path) -> Result<(), String>,
+    ) -> Result<Option<LayerRef>, String> {
+        let lowers = self.ensure_lowers(state, stage.index)?;
+        self.scratch_counter += 1;
+        let scratch = self.work.join(format!(
+            "step-{}-{}-{}",
+            stage.index, ins.line, self.scratch_counter
+        ));
+        fs::create_dir_all(&scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+        let mounted = self
+            .snapshotter
+            .prepare(&lowers, &scratch)
+            .map_err(|e| e.to_string())?;
+        let rootfs = mounted.rootfs.clone();
+        if let Err(e) = action(self, &rootfs) {
+            let _ = self.snapshotter.release(mounted);
+            return Err(e);
+        }
+        let change = match self.snapshotter.diff(&mounted) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.snapshotter.release(mounted);
+                return Err(e.to_string());
+            }
+        };
+        let layer_opts = LayerOptions {
+            compression: self.opts.compression,
+            mtime: if self.opts.reproducible {
+                MtimePolicy::Clamp(self.opts.source_date_epoch.unwrap_or(0))
+            } else {
+                MtimePolicy::Keep
+            },
+        };
+        let written = match write_layer(&change, &layer_opts, &self.work) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.snapshotter.release(mounted);
+                return Err(e.to_string());
+            }
+        };
+        let Some(layer) = written else {
+            self.snapshotter
+                .release(mounted)
+                .map_err(|e| e.to_string())?;
+            state.lowers = Some(lowers);
+            builder.add_empty_history(created_by);
+            return Ok(None);
+        };
+        let blob = self.store.path(&layer.digest);
+        if let Some(parent) = blob.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        fs::rename(&layer.path, &blob)
+            .map_err(|e| format!("storing layer {}: {e}", layer.digest))?;
+        let unpacked = self.layers_dir.join(layer.diff_id.hex());
+        let new_lowers =
+            if self.snapshotter.lower_layout() == LowerLayout::Stacked && unpacked.exists() {
+                self.snapshotter
+                    .release(mounted)
+                    .map_err(|e| e.to_string())?;
+                let mut l = lowers;
+                l.push(unpacked);
+                l
+            } else {
+                let dest = if self.snapshotter.lower_layout() == LowerLayout::Stacked {
+                    unpacked
+                } else {
+                    scratch.join("committed")
+                };
+                self.snapshotter
+                    .commit(mounted, &dest)
+                    .map_err(|e| e.to_string())?
+            };
+        state.lowers = Some(new_lowers);
+        let layer_ref = LayerRef {
+            desc: Descriptor::new(layer.media_type, layer.digest.clone(), layer.size),
+            diff_id: layer.diff_id.clone(),
+            blob,
+        };
+        state.layers.push(layer_ref.clone());
+        builder.add_layer(layer.diff_id, created_by);
+        self.log(&format!(
+            "[stage {} line {}] layer {} ({} bytes)",
+            stage.index, ins.line, layer_ref.desc.digest, layer_ref.desc.size
+        ));
+        Ok(Some(layer_ref))
+    }
+
+    /// The snapshotter's lower stack for the stage's current layers.
+    pub(super) fn ensure_lowers(
+        &mut self,
+        state: &mut StageState,
+        stage: usize,
+    ) -> Result<Vec<PathBuf>, String> {
+        if let Some(l) = &state.lowers {
+            return Ok(l.clone());
+        }
+        let lowers = match self.snapshotter.lower_layout() {
+            LowerLayout::Stacked => {
+                let mut dirs = Vec::with_capacity(state.layers.len());
+                for layer in &state.layers {
+                    dirs.push(self.unpacked_layer(layer)?);
+                }
+                dirs
+            }
+            LowerLayout::Flattened => {
+                let root = if self.opts.isolation == Isolation::None {
+                    PathBuf::from("/")
+                } else {
+                    let dir = self
+                        .work
+                        .join(format!("rootfs-{stage}-{}", self.scratch_counter));
+                    fs::create_dir_all(&dir)
+                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                    dir
+                };
+                for layer in &state.layers {
+                    self.ensure_blob(layer)?;
+                }
+                let files: Vec<(PathBuf, Digest)> = state
+                    .layers
+                    .iter()
+                    .map(|l| (l.blob.clone(), l.diff_id.clone()))
+                    .collect();
+                apply_layers(
+                    files.iter().map(|(p, d)| (p.as_path(), Some(d))),
+                    &root,
+                    &UnpackOptions::default(),
+                )
+                .map_err(|e| e.to_string())?;
+                vec![root]
+            }
+        };
+        state.lowers = Some(lowers.clone());
+        Ok(lowers)
+    }
+
+    /// Unpacks a layer once into `layers/<diff_id>` (overlay form).
+    pub(super) fn unpacked_layer(&mut self, layer: &LayerRef) -> Result<PathBuf, String> {
+        let dir = self.layers_dir.join(layer.diff_id.hex());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        self.ensure_blob(layer)?;
+        let tmp = self.layers_dir.join(format!(
+            ".tmp-{}-{}",
+            layer.diff_id.hex(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        let file = fs::File::open(&layer.blob).map_err(|e| {
+            format!(
+                "opening layer {} at {}: {e}",
+                layer.desc.digest,
+                layer.blob.display()
+            )
+        })?;
+        let opts = UnpackOptions {
+            mode: UnpackMode::OverlayLower,
+            ..UnpackOptions::default()
+        };
+        unpack_layer(file, &tmp, &opts, Some(&layer.diff_id))
+            .map_err(|e| format!("unpacking layer {}: {e}", layer.desc.digest))?;
+        match fs::rename(&tmp, &dir) {
+            Ok(()) => Ok(dir),
+            // Another build unpacked the same layer meanwhile.
+            Err(_) if dir.is_dir() => {
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(dir)
+            }
+            Err(e) => Err(format!("moving unpacked layer into {}: {e}", dir.display())),
+        }
+    }
+}
