@@ -33,6 +33,11 @@
 #                        and HOST/REPO/cache-server:VERSION
 #   --check              after --oci-layout, run deploy/check-images.sh on DIR
 #   --no-build           do not run cargo; use the binaries already built
+#   --bin-dir DIR        take kiln-executor (static, for the image),
+#                        kiln-cache-server and kiln-cache from DIR instead
+#                        (implies --no-build)
+#   --builder FILE       the kiln-executor that runs the builds (default: the
+#                        one of the main release build, or of --bin-dir)
 #   --version V          image version (default: the workspace version)
 #   --keep-context       keep the prepared build contexts and print where
 #   -h, --help           this text
@@ -51,6 +56,8 @@ version=""
 check=false
 build=true
 keep_context=false
+bin_dir=""
+builder=""
 extra=()
 
 while (($#)); do
@@ -59,6 +66,8 @@ while (($#)); do
     --registry) registry=${2:?--registry needs HOST/REPO}; shift 2 ;;
     --check) check=true; shift ;;
     --no-build) build=false; shift ;;
+    --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; build=false; shift 2 ;;
+    --builder) builder=${2:?--builder needs a file}; shift 2 ;;
     --version) version=${2:?--version needs a value}; shift 2 ;;
     --keep-context) keep_context=true; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -100,8 +109,14 @@ else
   static_target=$repo_root/target/static
 fi
 triple="$(uname -m)-unknown-linux-gnu"
-builder="$main_target/release/kiln-executor"
-static_exe="$static_target/$triple/release/kiln-executor"
+if [[ -n "$bin_dir" ]]; then
+  static_exe="$bin_dir/kiln-executor"
+  server_dir=$bin_dir
+else
+  static_exe="$static_target/$triple/release/kiln-executor"
+  server_dir=$main_target/release
+fi
+[[ -n "$builder" ]] || builder="$server_dir/kiln-executor"
 
 if $build; then
   command -v cargo >/dev/null || die "cargo not found (install Rust, see README.md)"
@@ -114,13 +129,14 @@ if $build; then
     RUSTFLAGS='-C target-feature=+crt-static' \
     cargo build --release --locked -p kiln-executor --no-default-features --target "$triple")
 fi
-for b in "$builder" "$static_exe" "$main_target/release/kiln-cache-server" \
-  "$main_target/release/kiln-cache"; do
+for b in "$builder" "$static_exe" "$server_dir/kiln-cache-server" "$server_dir/kiln-cache"; do
   [[ -x "$b" ]] || die "missing $b (run without --no-build to build it)"
 done
 
-has_interp() { readelf -lW "$1" 2>/dev/null | grep -q 'Requesting program interpreter'; }
-needs_libs() { readelf -dW "$1" 2>/dev/null | grep -q '(NEEDED)'; }
+# (grep reads all of readelf's output: with -q, an early exit could kill
+# readelf with SIGPIPE and pipefail would turn a match into a miss.)
+has_interp() { readelf -lW "$1" 2>/dev/null | grep 'Requesting program interpreter' >/dev/null; }
+needs_libs() { readelf -dW "$1" 2>/dev/null | grep '(NEEDED)' >/dev/null; }
 # put_binary SRC DEST: a copy without debug information (the release profile
 # keeps line tables: 400 MB instead of 20); symbols stay, for backtraces.
 put_binary() {
@@ -132,9 +148,12 @@ put_binary() {
 if has_interp "$static_exe" || needs_libs "$static_exe"; then
   die "$static_exe is dynamically linked; the executor image needs a static binary"
 fi
-"$static_exe" --version >/dev/null 2>&1 || die "$static_exe does not run"
-"$static_exe" --help 2>/dev/null | grep -q '^Usage: kiln-executor' \
-  || die "$static_exe --help does not print its usage"
+# The one cargo built must run (check-images.sh runs it inside the image
+# too); --bin-dir's are taken as they are.
+if [[ -z "$bin_dir" ]]; then
+  help=$("$static_exe" --help 2>&1) || die "$static_exe --help fails: $help"
+  grep -q '^Usage: kiln-executor' <<<"$help" || die "$static_exe --help does not print its usage"
+fi
 if has_interp "$busybox_bin" || needs_libs "$busybox_bin"; then
   die "$busybox_bin is dynamic; install busybox-static"
 fi
@@ -162,13 +181,13 @@ done < <("$busybox_bin" --list)
 srv_ctx="$work/cache-server"
 install -d "$srv_ctx/rootfs/usr/local/bin" "$srv_ctx/rootfs/etc/ssl/certs" "$srv_ctx/data"
 for b in kiln-cache-server kiln-cache; do
-  put_binary "$main_target/release/$b" "$srv_ctx/rootfs/usr/local/bin/$b"
-  if has_interp "$main_target/release/$b"; then
+  put_binary "$server_dir/$b" "$srv_ctx/rootfs/usr/local/bin/$b"
+  if has_interp "$server_dir/$b"; then
     # Copy the loader and every library ldd resolves, at their host paths.
     while read -r lib; do
       [[ -n "$lib" ]] || continue
       install -D -m 0755 "$(readlink -f "$lib")" "$srv_ctx/rootfs$lib"
-    done < <(ldd "$main_target/release/$b" \
+    done < <(ldd "$server_dir/$b" \
       | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}' | sort -u)
   fi
 done
@@ -205,7 +224,7 @@ build() {
   else
     args+=(--destination "$registry/$repo_name:$tag")
   fi
-  say "building $name ($tag)"
+  echo "== $name ($tag)" >&2
   "$builder" "${args[@]}" "${extra[@]}"
   local digest
   digest=$(cat "$work/$name.digest")

@@ -108,7 +108,7 @@ async fn pull_and_unpack_busybox_without_auth_then_reuse_local_blobs() {
     let skopeo_raw = reg.skopeo_raw_manifest("busybox:latest").unwrap();
     assert_eq!(Digest::of_bytes(&skopeo_raw), pulled.image.manifest_digest);
     assert_eq!(
-        pulled.image.config.config.as_ref().unwrap().cmd.as_deref(),
+        pulled.image.config.config.cmd.as_deref(),
         Some(&["sh".to_string()][..])
     );
     let root = work.path().join("rootfs");
@@ -221,9 +221,9 @@ async fn token_auth_pull_and_push_use_scoped_cached_tokens() {
 /// The image a metadata-only build makes: the base's layers, a new config.
 fn retagged_with_new_config(base: &ImageDocuments) -> ImageDocuments {
     let mut config = base.config.clone();
-    let cc = config.config.get_or_insert_with(Default::default);
-    cc.labels = Some([("org.example.built-by".to_string(), "kiln".to_string())].into());
-    cc.env = Some(vec!["PATH=/bin".into(), "GREETING=hello".into()]);
+    let cc = &mut config.config;
+    cc.labels = [("org.example.built-by".to_string(), "kiln".to_string())].into();
+    cc.env = vec!["PATH=/bin".into(), "GREETING=hello".into()];
     ImageDocuments::build(&config, base.manifest.layers.clone(), false)
 }
 

@@ -271,7 +271,21 @@ impl Replica {
             created_ms: now_ms(),
             entry: entry.clone(),
         };
-        match self.bucket.create_entry(ns, key, &object).await? {
+        let mut created = self.bucket.create_entry(ns, key, &object).await?;
+        if let EntryCreate::Exists(existing) = &created
+            && self.expired(existing.created_ms, object.created_ms)
+        {
+            // An expired entry is as good as absent (as in the local store):
+            // replace it. Two replicas doing this at once still end with
+            // one winner, through the conditional create.
+            self.remove_object(ns, key, existing).await?;
+            // The old entry's marker may have been ours too (same blob).
+            if let Some(layer) = &entry.layer {
+                self.bucket.put_ref(&layer.digest, ns, key).await?;
+            }
+            created = self.bucket.create_entry(ns, key, &object).await?;
+        }
+        match created {
             EntryCreate::Created => {
                 if let Some(layer) = &entry.layer
                     && self.bucket.blob_size(&layer.digest).await?.is_none()
@@ -312,11 +326,24 @@ impl Replica {
         let Some(existing) = existing else {
             return Ok(false);
         };
+        self.remove_object(ns, key, &existing).await?;
+        Ok(true)
+    }
+
+    /// Deletes an entry object, then its marker (never the other way
+    /// round: an entry must not outlive the marker protecting its blob).
+    async fn remove_object(
+        &self,
+        ns: &Namespace,
+        key: &CacheKey,
+        existing: &EntryObject,
+    ) -> Result<(), ObjError> {
         self.bucket.delete_entry(ns, key).await?;
+        self.index.remove(ns, key)?;
         if let Some(layer) = &existing.entry.layer {
             self.bucket.delete_ref(&layer.digest, ns, key).await?;
         }
-        Ok(true)
+        Ok(())
     }
 
     // ---- blobs ---------------------------------------------------------
@@ -768,6 +795,33 @@ mod tests {
         let d = put_blob(&a, b"just uploaded").await;
         assert_eq!(a.gc().await.unwrap().report.blobs_removed, 0);
         assert!(a.blob_size(&d).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_expired_entry_is_not_served_and_may_be_replaced() {
+        let mut f = Fixture::new();
+        let a = f.replica(
+            "a",
+            ReplicaConfig {
+                entry_ttl: Some(Duration::from_millis(1)),
+                ..no_grace()
+            },
+        );
+        let ns = Namespace::default();
+        let d = put_blob(&a, b"x").await;
+        a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN old"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(a.lookup(&ns, &[key(1)]).await.unwrap().is_empty());
+        let new = entry(&d, 1, "RUN new");
+        assert_eq!(
+            a.put_entry(&ns, &key(1), &new).await.unwrap(),
+            PutOutcome::Created
+        );
+        let stored = a.bucket.read_entry(&ns, &key(1)).await.unwrap().unwrap();
+        assert_eq!(stored.entry, new);
+        assert!(a.bucket.has_refs(&d).await.unwrap());
     }
 
     #[tokio::test]

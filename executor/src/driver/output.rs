@@ -73,10 +73,9 @@ impl Driver {
         target: StageState,
     ) -> Result<BuildOutcome, BuildError> {
         let out_err = |e: &dyn std::fmt::Display| BuildError::Output(e.to_string());
-        let config: crate::oci::ImageConfig =
-            serde_json::from_slice(&target.config.to_json()).map_err(|e| out_err(&e))?;
+        let config = &target.config;
         let layers: Vec<Descriptor> = target.layers.iter().map(|l| l.desc.clone()).collect();
-        let docs = ImageDocuments::build(&config, layers, false);
+        let docs = ImageDocuments::build(config, layers, false);
         self.fetch_missing_blobs(&target)?;
         let mut blobs: HashMap<Digest, PathBuf> = self
             .extra_blobs

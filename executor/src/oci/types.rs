@@ -143,25 +143,86 @@ impl Index {
     }
 }
 
-/// The `rootfs` section of an image config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// The image config: one type for reading base images and for building
+// new ones (edited through `build::config::ConfigBuilder`).
+
+/// Serialises as `{}` (the value type of ExposedPorts and Volumes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Healthcheck {
+    /// `["NONE"]` disables an inherited check; `["CMD", ...]`,
+    /// `["CMD-SHELL", "..."]` otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test: Vec<String>,
+    /// Durations in nanoseconds; 0 means "inherit the default".
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interval: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_period: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_interval: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerConfig {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exposed_ports: BTreeMap<String, Empty>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, Empty>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stop_signal: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_build: Vec<String>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootFs {
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(default)]
     pub diff_ids: Vec<Digest>,
 }
 
 impl Default for RootFs {
     fn default() -> Self {
         RootFs {
-            kind: "layers".to_string(),
+            kind: "layers".into(),
             diff_ids: Vec::new(),
         }
     }
 }
 
-/// One `history` entry of an image config.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct History {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
@@ -171,53 +232,17 @@ pub struct History {
     pub author: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub empty_layer: Option<bool>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub empty_layer: bool,
 }
 
-/// The runtime part of an image config (`config` in the JSON), with the
-/// Docker field names.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ContainerConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub env: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub working_dir: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<BTreeMap<String, String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_signal: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shell: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub healthcheck: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_build: Option<Vec<String>>,
-    #[serde(flatten)]
-    pub extra: Extra,
-}
-
-/// An image configuration (OCI `config.v1` / Docker `container.image.v1`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<String>,
-    #[serde(default)]
     pub architecture: String,
-    #[serde(default)]
     pub os: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
@@ -227,17 +252,39 @@ pub struct ImageConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub os_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<ContainerConfig>,
+    #[serde(default)]
+    pub config: ContainerConfig,
     #[serde(default)]
     pub rootfs: RootFs,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<History>,
     #[serde(flatten)]
-    pub extra: Extra,
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig::scratch("", "")
+    }
 }
 
 impl ImageConfig {
+    /// The config of `FROM scratch` for a platform.
+    pub fn scratch(os: &str, architecture: &str) -> Self {
+        ImageConfig {
+            created: None,
+            author: None,
+            architecture: architecture.into(),
+            os: os.into(),
+            variant: None,
+            os_version: None,
+            config: ContainerConfig::default(),
+            rootfs: RootFs::default(),
+            history: Vec::new(),
+            extra: BTreeMap::new(),
+        }
+    }
+
     /// The platform this config says the image is for.
     pub fn platform(&self) -> Platform {
         Platform {
@@ -247,6 +294,32 @@ impl ImageConfig {
             os_version: self.os_version.clone(),
             os_features: None,
         }
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The canonical bytes (compact JSON, stable field order).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain structs, string maps and JSON values cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn digest(&self) -> Digest {
+        Digest::of_bytes(&self.to_json())
+    }
+
+    /// The value of `key` in the config's environment.
+    pub fn env(&self, key: &str) -> Option<&str> {
+        self.config
+            .env
+            .iter()
+            .find_map(|e| match e.split_once('=') {
+                Some((k, v)) if k == key => Some(v),
+                None if e == key => Some(""),
+                _ => None,
+            })
     }
 }
 
@@ -266,11 +339,8 @@ mod tests {
     fn docker_config_with_nulls_and_unknown_fields_round_trips() {
         let json = r#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":null,"Image":"sha256:x"},"rootfs":{"type":"layers","diff_ids":["sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"]},"docker_version":"24"}"#;
         let c: ImageConfig = serde_json::from_str(json).unwrap();
-        assert_eq!(
-            c.config.as_ref().unwrap().env.as_ref().unwrap()[0],
-            "PATH=/bin"
-        );
-        assert_eq!(c.config.as_ref().unwrap().extra["Image"], "sha256:x");
+        assert_eq!(c.config.env[0], "PATH=/bin");
+        assert_eq!(c.config.extra["Image"], "sha256:x");
         assert_eq!(c.extra["docker_version"], "24");
         let back = serde_json::to_value(&c).unwrap();
         assert_eq!(back["docker_version"], "24");
