@@ -145,6 +145,7 @@ put_binary() {
   chmod 0755 "$2"
 }
 
+readelf -h "$static_exe" >/dev/null 2>&1 || die "$static_exe is not an ELF executable"
 if has_interp "$static_exe" || needs_libs "$static_exe"; then
   die "$static_exe is dynamically linked; the executor image needs a static binary"
 fi

@@ -32,6 +32,7 @@ impl Driver {
         sources: &[String],
         excludes: &[String],
         heredocs: &[dockerfile::Heredoc],
+        parents: bool,
     ) -> Result<Vec<CopyRoot>, String> {
         let mut roots = Vec::new();
         let mut from_context = Vec::new();
@@ -85,6 +86,17 @@ impl Driver {
                 is_dir: sel.is_dir,
                 entries,
             });
+            if parents {
+                // --parents: the source keeps its path from the context root
+                // under the destination (`a/b.txt` lands at `<dest>/a/b.txt`).
+                if let Some(root) = roots.last_mut() {
+                    let prefix = PathBuf::from(&sel.root);
+                    for item in &mut root.entries {
+                        item.relative = prefix.join(&item.relative);
+                    }
+                    root.is_dir = true;
+                }
+            }
         }
         Ok(roots)
     }

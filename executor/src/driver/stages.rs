@@ -208,7 +208,7 @@ impl Driver {
                             Ok(())
                         } else {
                             Err(format!(
-                                "the command exited with {:?}; last output:\n{}",
+                                "the command failed with {}; last output:\n{}",
                                 outcome.status,
                                 outcome.tail.join("\n")
                             ))
@@ -220,6 +220,7 @@ impl Driver {
             Instruction::Copy(c) => {
                 let from = c.from.clone();
                 let excludes = c.exclude.clone();
+                let parents = c.parents;
                 let sources = c.sources.clone();
                 let dest = c.dest.clone();
                 let (chown, chmod) = (c.chown.clone(), c.chmod.clone());
@@ -237,7 +238,9 @@ impl Driver {
                         let roots = match (&from, source_stage) {
                             (Some(_), Some(index)) => driver.stage_sources(index, &sources)?,
                             (Some(image), None) => driver.image_sources(image, &sources)?,
-                            (None, _) => driver.context_sources(&sources, &excludes, &heredocs)?,
+                            (None, _) => {
+                                driver.context_sources(&sources, &excludes, &heredocs, parents)?
+                            }
                         };
                         copy_into(rootfs, &workdir, &dest, &roots, &copy_opts)
                             .map_err(|e| e.to_string())
@@ -276,7 +279,7 @@ impl Driver {
                         let roots = if sources.is_empty() {
                             Vec::new()
                         } else {
-                            driver.context_sources(&sources, &excludes, &heredocs)?
+                            driver.context_sources(&sources, &excludes, &heredocs, false)?
                         };
                         let mut as_is = Vec::new();
                         for r in &fetched {
