@@ -254,6 +254,7 @@ measure() {
   shift
   local t0 t1
   sync
+  M_LOAD=$(cut -d' ' -f1 /proc/loadavg)
   t0=$(date +%s%N)
   set +e
   /usr/bin/time -v -o "$logf.time" timeout -k 30 "$TIMEOUT" "$@" >"$logf" 2>&1
@@ -338,7 +339,7 @@ kiln_phase() {
   fi
   left=$(mounts_under "$cdir")
   record dockerfile="$name" run="$run" tool=kiln phase="$phase" ok="$([ "$M_RC" -eq 0 ] && echo true || echo false)" \
-    rc="$M_RC" wall_s="$M_WALL" user_s="$M_USER" sys_s="$M_SYS" max_rss_kb="$M_RSS" steps="$steps" hits="$hits" misses="$misses" \
+    rc="$M_RC" load1_before="$M_LOAD" wall_s="$M_WALL" user_s="$M_USER" sys_s="$M_SYS" max_rss_kb="$M_RSS" steps="$steps" hits="$hits" misses="$misses" \
     bytes_uploaded="$up" bytes_downloaded="$down" layers="$layers" mounts_left="$left" push=included
   log "  kiln $phase: ${M_WALL}s, max RSS ${M_RSS} KiB, hits $hits/$steps, up $up B, down $down B, mounts left $left"
 }
@@ -351,7 +352,7 @@ buildah_phase() {
   log "$name run $run: buildah $phase (build)"
   TMPDIR="$bdir/tmp" measure "$dir/buildah-$phase-build.log" "${b[@]}" build --layers --isolation chroot \
     --tls-verify=false --signature-policy "$T/policy.json" -f "$ctx/Dockerfile" -t "localhost/$name:bench" "$ctx"
-  local bwall=$M_WALL brss=$M_RSS brc=$M_RC bcpu pwall=0 prss=0 prc=1 pcpu=0 layers=0
+  local bload=$M_LOAD bwall=$M_WALL brss=$M_RSS brc=$M_RC bcpu pwall=0 prss=0 prc=1 pcpu=0 layers=0
   bcpu=$(awk -v a="$M_USER" -v b="$M_SYS" 'BEGIN { printf "%.2f", a + b }')
   if [ "$brc" -eq 0 ]; then
     log "$name run $run: buildah $phase (push)"
@@ -366,7 +367,7 @@ buildah_phase() {
   total=$(awk -v a="$bwall" -v b="$pwall" 'BEGIN { printf "%.3f", a + b }')
   rss=$(( brss > prss ? brss : prss ))
   record dockerfile="$name" run="$run" tool=buildah phase="$phase" ok="$ok" rc="$brc" push_rc="$prc" \
-    wall_s="$total" build_s="$bwall" push_s="$pwall" build_cpu_s="$bcpu" push_cpu_s="$pcpu" max_rss_kb="$rss" build_max_rss_kb="$brss" \
+    load1_before="$bload" wall_s="$total" build_s="$bwall" push_s="$pwall" build_cpu_s="$bcpu" push_cpu_s="$pcpu" max_rss_kb="$rss" build_max_rss_kb="$brss" \
     push_max_rss_kb="$prss" layers="$layers" push=included
   log "  buildah $phase: build ${bwall}s + push ${pwall}s = ${total}s, max RSS ${rss} KiB"
 }

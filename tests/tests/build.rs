@@ -366,3 +366,29 @@ fn an_oci_layout_made_by_umoci_is_a_valid_base() {
     let out = buildah_run(&f.registry.reference("fromlayout:v1"), "cat /ok");
     assert_eq!(out.trim(), "ok");
 }
+
+#[test]
+fn a_docker_archive_made_by_skopeo_is_a_valid_base() {
+    let f = Fixture::new();
+    let archive = f.work.path().join("busybox.tar");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}", f.base()),
+        &format!("docker-archive:{}:kiln.test/busybox:1", archive.display()),
+    ]))
+    .unwrap();
+    let ctx = f.work.path().join("from-archive");
+    fs::create_dir_all(&ctx).unwrap();
+    write(
+        &ctx,
+        "Dockerfile",
+        &format!(
+            "FROM docker-archive://{}:kiln.test/busybox:1\nRUN echo ok > /ok\n",
+            archive.display()
+        ),
+    );
+    f.build(&ctx, &f.state("archive"), "fromarchive:v1", &[]);
+    let out = buildah_run(&f.registry.reference("fromarchive:v1"), "cat /ok");
+    assert_eq!(out.trim(), "ok");
+}

@@ -1,5 +1,6 @@
-//! Resolving base images: `scratch`, `oci-layout://` directories and registry
-//! images (manifest and config only; layers are fetched when needed).
+//! Resolving base images: `scratch`, `oci-layout://` directories,
+//! `docker-archive://` tarballs and registry images (manifest and config
+//! only; layers are fetched when needed).
 
 use super::*;
 
@@ -20,6 +21,26 @@ impl Driver {
                     &self.platform.architecture,
                 ),
                 layers: Vec::new(),
+                registry_ref: None,
+            }
+        } else if let Some(rest) = name.strip_prefix("docker-archive://") {
+            // `docker-archive://PATH[:TAG]`: a `docker save` tarball, read
+            // once into the local store. Tags contain `:` themselves
+            // (`repo:tag`), so the path ends at the first `:` that names
+            // an existing file.
+            let (path, tag) = rest
+                .match_indices(':')
+                .map(|(i, _)| (&rest[..i], Some(&rest[i + 1..])))
+                .find(|(p, _)| Path::new(p).is_file())
+                .unwrap_or((rest, None));
+            let docs = crate::oci::archive::read_docker_archive(Path::new(path), &self.store, tag)
+                .map_err(|e| base_err(e.to_string()))?;
+            let store = self.store.clone();
+            let layers = self.layers_of(&docs, |d| store.path(d))?;
+            BaseImage {
+                identity: format!("{} {}", docs.manifest_digest, self.platform),
+                config: docs.config.clone(),
+                layers,
                 registry_ref: None,
             }
         } else if let Some(rest) = name.strip_prefix("oci-layout://") {
