@@ -267,6 +267,9 @@ measure() {
   M_USER=$(awk -F': ' '/User time/ { print $2 }' "$logf.time")
   M_SYS=$(awk -F': ' '/System time/ { print $2 }' "$logf.time")
   M_USER=${M_USER:-0}
+  # "File system outputs" counts 512-byte blocks written by the process tree.
+  M_WRITTEN=$(awk -F': ' '/File system outputs/ { print $2 * 512 }' "$logf.time")
+  M_WRITTEN=${M_WRITTEN:-0}
   M_SYS=${M_SYS:-0}
   if [ "$M_RC" -ne 0 ]; then
     log "FAILED (exit $M_RC): $*"
@@ -339,9 +342,9 @@ kiln_phase() {
   fi
   left=$(mounts_under "$cdir")
   record dockerfile="$name" run="$run" tool=kiln phase="$phase" ok="$([ "$M_RC" -eq 0 ] && echo true || echo false)" \
-    rc="$M_RC" load1_before="$M_LOAD" wall_s="$M_WALL" user_s="$M_USER" sys_s="$M_SYS" max_rss_kb="$M_RSS" steps="$steps" hits="$hits" misses="$misses" \
+    rc="$M_RC" load1_before="$M_LOAD" wall_s="$M_WALL" user_s="$M_USER" sys_s="$M_SYS" fs_written_bytes="$M_WRITTEN" max_rss_kb="$M_RSS" steps="$steps" hits="$hits" misses="$misses" \
     bytes_uploaded="$up" bytes_downloaded="$down" layers="$layers" mounts_left="$left" push=included
-  log "  kiln $phase: ${M_WALL}s, max RSS ${M_RSS} KiB, hits $hits/$steps, up $up B, down $down B, mounts left $left"
+  log "  kiln $phase: ${M_WALL}s, max RSS ${M_RSS} KiB, hits $hits/$steps, up $up B, down $down B (from the cache), $M_WRITTEN B written to disk, mounts left $left"
 }
 
 buildah_phase() {

@@ -392,3 +392,39 @@ fn a_docker_archive_made_by_skopeo_is_a_valid_base() {
     let out = buildah_run(&f.registry.reference("fromarchive:v1"), "cat /ok");
     assert_eq!(out.trim(), "ok");
 }
+
+#[test]
+fn onbuild_triggers_of_the_base_run_in_the_child_and_are_not_inherited() {
+    let f = Fixture::new();
+    let parent = f.context(
+        "onbuild-parent",
+        "FROM BASE\nENV FLAVOUR=vanilla\nONBUILD RUN echo \"triggered $FLAVOUR\" > /triggered\nONBUILD COPY marker.txt /marker.txt\n",
+        &[],
+    );
+    f.build(&parent, &f.state("onbuild-parent"), "onbuild-base:v1", &[]);
+    let child = f.work.path().join("onbuild-child");
+    fs::create_dir_all(&child).unwrap();
+    write(
+        &child,
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN cat /triggered /marker.txt > /both\n",
+            f.registry.reference("onbuild-base:v1")
+        ),
+    );
+    write(&child, "marker.txt", "child context\n");
+    f.build(&child, &f.state("onbuild-child"), "onbuild-child:v1", &[]);
+    let out = buildah_run(&f.registry.reference("onbuild-child:v1"), "cat /both");
+    assert_eq!(out, "triggered vanilla\nchild context\n");
+    let config: serde_json::Value = serde_json::from_str(
+        &run(Command::new("skopeo").args([
+            "inspect",
+            "--config",
+            "--tls-verify=false",
+            &format!("docker://{}", f.registry.reference("onbuild-child:v1")),
+        ]))
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(config["config"].get("OnBuild").is_none(), "{config}");
+}

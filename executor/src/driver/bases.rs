@@ -119,4 +119,56 @@ impl Driver {
             })
             .collect())
     }
+
+    /// A base image's ONBUILD triggers run first in the stage built on it,
+    /// as Docker does: each is planned in the context of that base (its
+    /// environment, the build's args) and spliced in after the FROM line,
+    /// where its errors are reported. Keys cover them like any instruction.
+    pub(super) fn splice_onbuild_triggers(
+        &mut self,
+        plan: &mut Plan,
+        opts: &PlanOptions,
+    ) -> Result<(), BuildError> {
+        for index in plan.stages_to_build.clone() {
+            let StageSource::Image(name) = &plan.stages[index].source else {
+                continue;
+            };
+            let Some(base) = self.bases.get(name) else {
+                continue;
+            };
+            let triggers = base.config.config.on_build.clone();
+            if triggers.is_empty() {
+                continue;
+            }
+            let from_line = plan.stages[index].line;
+            let text = format!("FROM {name}\n{}\n", triggers.join("\n"));
+            let mut trigger_opts = opts.clone();
+            trigger_opts.target = None;
+            let triggers_plan =
+                crate::plan::plan_source(&text, &opts.dockerfile_path(), &trigger_opts).map_err(
+                    |e| BuildError::Step {
+                        file: self.dockerfile_name.clone(),
+                        line: from_line,
+                        instruction: format!("ONBUILD triggers of {name}"),
+                        message: e.to_string(),
+                    },
+                )?;
+            let mut spliced: Vec<PlannedInstruction> = triggers_plan.stages[0]
+                .instructions
+                .iter()
+                .filter(|i| !matches!(i.instruction, Instruction::From(_)))
+                .cloned()
+                .collect();
+            for ins in &mut spliced {
+                ins.line = from_line;
+                ins.original = format!("ONBUILD {}", ins.original);
+            }
+            self.log(&format!(
+                "stage {index}: running {} ONBUILD trigger(s) of {name}",
+                spliced.len()
+            ));
+            plan.stages[index].instructions.splice(1..1, spliced);
+        }
+        Ok(())
+    }
 }

@@ -383,7 +383,8 @@ impl Driver {
                 .base_env
                 .insert(name.clone(), env_map(&base.config));
         }
-        let plan = crate::plan::plan(&plan_opts)?;
+        let mut plan = crate::plan::plan(&plan_opts)?;
+        self.splice_onbuild_triggers(&mut plan, &plan_opts)?;
         for warning in &plan.warnings {
             self.log(&format!("warning: {warning}"));
         }

@@ -44,14 +44,9 @@ impl Driver {
             // BuildKit gives every Linux image a PATH, scratch included.
             builder.apply_env("PATH", crate::build::runner::DEFAULT_PATH);
         }
-        let triggers = builder.take_base_onbuild();
-        if !triggers.is_empty() {
-            self.log(&format!(
-                "warning: stage {}: the base image's ONBUILD triggers are not run ({})",
-                stage.index,
-                triggers.join("; ")
-            ));
-        }
+        // The triggers were spliced into the plan; the new image does not
+        // inherit them (Docker's rule).
+        builder.take_base_onbuild();
         for (position, ins) in stage.instructions.iter().enumerate() {
             let started = Instant::now();
             let step_key = self.keys.get(&(stage.index, position)).cloned();
