@@ -141,7 +141,9 @@ impl Driver {
         wanted.sort();
         wanted.dedup();
         let started = Instant::now();
-        match cache.lookup(&wanted) {
+        let answer = cache.lookup(&wanted);
+        self.lookup_ms = started.elapsed().as_millis() as u64;
+        match answer {
             Ok(hits) => {
                 self.log(&format!(
                     "cache: {} of {} steps found in {} ({} ms)",
@@ -234,13 +236,18 @@ impl Driver {
             return;
         }
         self.uploads.push(std::thread::spawn(move || {
+            let started = Instant::now();
             let mut bytes = 0;
             if let Some((digest, path)) = &blob {
                 cache.put_blob(digest, path).map_err(|e| e.to_string())?;
                 bytes = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             }
             cache.put_entry(&key, &entry).map_err(|e| e.to_string())?;
-            Ok(bytes)
+            Ok(UploadDone {
+                key,
+                bytes,
+                millis: started.elapsed().as_millis() as u64,
+            })
         }));
     }
 
@@ -249,7 +256,13 @@ impl Driver {
         let mut total = 0;
         for handle in std::mem::take(&mut self.uploads) {
             match handle.join() {
-                Ok(Ok(bytes)) => total += bytes,
+                Ok(Ok(done)) => {
+                    total += done.bytes;
+                    if let Some(step) = self.steps.iter_mut().find(|s| s.key == Some(done.key)) {
+                        step.upload_ms = Some(done.millis);
+                        step.uploaded_bytes = Some(done.bytes);
+                    }
+                }
                 Ok(Err(e)) => self.log(&format!("warning: uploading to the cache failed: {e}")),
                 Err(_) => self.log("warning: a cache upload panicked"),
             }

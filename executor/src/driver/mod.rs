@@ -168,6 +168,20 @@ pub struct StepRecord {
     pub layer: Option<Digest>,
     pub layer_size: Option<u64>,
     pub duration_ms: u64,
+    /// Time in the runner (RUN) or copying (COPY/ADD), for steps that ran.
+    pub run_ms: Option<u64>,
+    /// Time to diff the rootfs and write the compressed layer.
+    pub snapshot_ms: Option<u64>,
+    /// Background upload of the step's blob and entry (not on the critical path).
+    pub upload_ms: Option<u64>,
+    pub uploaded_bytes: Option<u64>,
+}
+
+/// Phase timings of the filesystem step that ran last.
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseTimes {
+    run_ms: Option<u64>,
+    snapshot_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +201,13 @@ pub enum BuildError {
     Setup(String),
     #[error("writing the image: {0}")]
     Output(String),
+}
+
+/// What a finished background upload reports.
+struct UploadDone {
+    key: CacheKey,
+    bytes: u64,
+    millis: u64,
 }
 
 /// A layer of an image being built: its descriptor, its diff_id and where
@@ -256,7 +277,9 @@ struct Driver {
     keys: HashMap<(usize, usize), StepKey>,
     stage_last_key: HashMap<usize, CacheKey>,
     hits: BTreeMap<CacheKey, CacheEntry>,
-    uploads: Vec<std::thread::JoinHandle<Result<u64, String>>>,
+    uploads: Vec<std::thread::JoinHandle<Result<UploadDone, String>>>,
+    last_phase: PhaseTimes,
+    lookup_ms: u64,
     /// Base-image layers by digest, with the image they come from, so they
     /// can be fetched lazily from the cache or the registry.
     base_layers: HashMap<Digest, (crate::registry::client::PulledImage, LayerRef)>,
@@ -329,6 +352,8 @@ impl Driver {
             stage_last_key: HashMap::new(),
             hits: BTreeMap::new(),
             uploads: Vec::new(),
+            last_phase: PhaseTimes::default(),
+            lookup_ms: 0,
             remote: HashMap::new(),
             base_layers: HashMap::new(),
             bytes_downloaded: 0,
@@ -403,8 +428,11 @@ impl Driver {
             .get(&plan.target)
             .cloned()
             .ok_or_else(|| BuildError::Setup("the target stage was not built".into()))?;
-        let outcome = self.finish(&plan, target)?;
+        let mut outcome = self.finish(&plan, target)?;
+        // Uploads ran in the background; their timings go into the steps.
+        self.steps = std::mem::take(&mut outcome.steps);
         let uploaded = self.wait_uploads();
+        outcome.steps = std::mem::take(&mut self.steps);
         self.report(&outcome, uploaded)?;
         Ok(outcome)
     }
@@ -433,8 +461,13 @@ impl Driver {
                 "inputs": s.inputs,
                 "cache": s.cache,
                 "layer": s.layer,
-                "durations_ms": {"total": s.duration_ms},
-                "bytes": {"layer": s.layer_size},
+                "durations_ms": {
+                    "total": s.duration_ms,
+                    "run": s.run_ms,
+                    "snapshot": s.snapshot_ms,
+                    "upload": s.upload_ms,
+                },
+                "bytes": {"layer": s.layer_size, "uploaded": s.uploaded_bytes},
             })).collect::<Vec<_>>(),
             "image": {"digest": outcome.manifest_digest},
             "summary": {
@@ -442,6 +475,7 @@ impl Driver {
                 "hits": hits,
                 "misses": misses,
                 "duration_ms": elapsed.as_millis() as u64,
+                "lookup_ms": self.lookup_ms,
                 "bytes_uploaded": uploaded,
                 "bytes_downloaded": self.bytes_downloaded,
                 "cache": self.cache.as_ref().map(|c| c.location()),

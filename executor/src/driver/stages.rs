@@ -50,6 +50,7 @@ impl Driver {
         for (position, ins) in stage.instructions.iter().enumerate() {
             let started = Instant::now();
             let step_key = self.keys.get(&(stage.index, position)).cloned();
+            self.last_phase = PhaseTimes::default();
             let (cache, layer) = self
                 .cached_or_run(
                     plan,
@@ -81,6 +82,10 @@ impl Driver {
                 layer_size: layer.as_ref().map(|l| l.desc.size),
                 layer: layer.map(|l| l.desc.digest),
                 duration_ms: started.elapsed().as_millis() as u64,
+                run_ms: self.last_phase.run_ms,
+                snapshot_ms: self.last_phase.snapshot_ms,
+                upload_ms: None,
+                uploaded_bytes: None,
             });
         }
         if stage.index == plan.target {
@@ -313,10 +318,13 @@ impl Driver {
             .prepare(&lowers, &scratch)
             .map_err(|e| e.to_string())?;
         let rootfs = mounted.rootfs.clone();
+        let run_started = Instant::now();
         if let Err(e) = action(self, &rootfs) {
             let _ = self.snapshotter.release(mounted);
             return Err(e);
         }
+        self.last_phase.run_ms = Some(run_started.elapsed().as_millis() as u64);
+        let snapshot_started = Instant::now();
         let change = match self.snapshotter.diff(&mounted) {
             Ok(c) => c,
             Err(e) => {
@@ -339,6 +347,7 @@ impl Driver {
                 return Err(e.to_string());
             }
         };
+        self.last_phase.snapshot_ms = Some(snapshot_started.elapsed().as_millis() as u64);
         let Some(layer) = written else {
             self.snapshotter
                 .release(mounted)
