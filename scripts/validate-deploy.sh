@@ -68,7 +68,7 @@ while IFS= read -r k; do
   kubectl kustomize "$dir" >"$file" || fail "kustomize cannot render $dir"
   rendered+=("$file")
 done < <(find deploy/kubernetes -name kustomization.yaml | sort)
-((${#rendered[@]} >= 4)) || fail "expected at least 4 kustomizations, rendered ${#rendered[@]}"
+((${#rendered[@]} >= 5)) || fail "expected at least 5 kustomizations, rendered ${#rendered[@]}"
 # Every component must be used by some overlay, so that it gets validated.
 while IFS= read -r c; do
   cname=$(basename "$(dirname "$c")")
@@ -76,6 +76,16 @@ while IFS= read -r c; do
     || fail "component $cname is used by no overlay, so it is never validated"
 done < <(grep -l '^kind: Component' -r deploy/kubernetes --include=kustomization.yaml)
 say "rendered ${#rendered[@]} kustomizations"
+# The object-storage overlay trades the StatefulSet for a Deployment of
+# replicas with a PodDisruptionBudget (docs/object-storage.md).
+s3_overlay="$out/overlays_s3.yaml"
+[[ -s "$s3_overlay" ]] || fail "overlays/s3 was not rendered"
+for kind in Deployment PodDisruptionBudget Secret; do
+  grep -q "^kind: $kind\$" "$s3_overlay" || fail "overlays/s3 renders no $kind"
+done
+if grep -q '^kind: StatefulSet$' "$s3_overlay"; then
+  fail "overlays/s3 still renders the StatefulSet"
+fi
 
 # --- 2. validate ---------------------------------------------------------------
 "${validator[@]}" "${rendered[@]}" || fail "invalid manifests (above)"

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::objstore::ObjectStorageConfig;
+use crate::objstore::serve::ObjectArgs;
 use crate::store::StoreConfig;
 use crate::telemetry::LogFormat;
 use crate::units::{parse_duration, parse_size};
@@ -33,6 +35,8 @@ pub enum ConfigError {
     MissingData,
     #[error("--tls-cert and --tls-key must be given together")]
     HalfTls,
+    #[error(transparent)]
+    Object(#[from] crate::objstore::ObjError),
 }
 
 /// Command line of `kiln-cache-server`.
@@ -99,6 +103,10 @@ pub struct ServerArgs {
     /// RocksDB block cache size [default: 64MiB].
     #[arg(long, env = "KILN_CACHE_BLOCK_CACHE", value_name = "SIZE")]
     pub block_cache: Option<String>,
+    /// Object-storage mode: --storage s3://bucket/prefix and its settings
+    /// (docs/object-storage.md). Flags and environment only.
+    #[command(flatten)]
+    pub object: ObjectArgs,
 }
 
 /// The config file: same names as the flags, snake_case.
@@ -133,6 +141,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     pub port_file: Option<PathBuf>,
     pub shutdown_timeout: Duration,
+    /// `None`: the local store in `data` (the default).
+    pub object: Option<ObjectStorageConfig>,
 }
 
 impl ServerArgs {
@@ -189,6 +199,7 @@ impl ServerArgs {
             )?
             .unwrap_or(defaults.access_granularity),
         };
+        let object = self.object.resolve(&store)?;
         let tls = match (
             self.tls_cert.or_else(|| rel(file.tls_cert)),
             self.tls_key.or_else(|| rel(file.tls_key)),
@@ -215,6 +226,7 @@ impl ServerArgs {
                 self.shutdown_timeout.or(file.shutdown_timeout),
             )?
             .unwrap_or(Duration::from_secs(30)),
+            object,
         })
     }
 }
@@ -258,6 +270,38 @@ mod tests {
         assert_eq!(cfg.data, dir.path().join("store"));
         assert_eq!(cfg.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(cfg.gc_interval, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn storage_selects_object_storage_which_shares_the_size_settings() {
+        let args = ServerArgs::try_parse_from([
+            "kiln-cache-server",
+            "--data",
+            "/x",
+            "--max-size",
+            "1GiB",
+            "--storage",
+            "s3://kiln-cache/ci",
+            "--miss-recheck",
+            "0",
+        ])
+        .unwrap();
+        let object = args.resolve().unwrap().object.unwrap();
+        assert_eq!(object.url, "s3://kiln-cache/ci");
+        assert_eq!(object.replica.max_size, Some(1 << 30));
+        assert_eq!(object.replica.miss_recheck, Duration::ZERO);
+        let local = ServerArgs::try_parse_from(["kiln-cache-server", "--data", "/x"]).unwrap();
+        assert!(local.resolve().unwrap().object.is_none());
+        let bad = ServerArgs::try_parse_from([
+            "kiln-cache-server",
+            "--data",
+            "/x",
+            "--storage",
+            "gs://b/p",
+        ])
+        .unwrap();
+        let err = bad.resolve().unwrap_err().to_string();
+        assert!(err.contains("gs://b/p"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Runs the service: opens the store, binds, serves HTTP/1.1 and HTTP/2
-//! (h2c by prior knowledge, or ALPN over TLS), runs GC in the background and
-//! shuts down gracefully.
+//! Runs the service: opens the storage backend (the local store in `--data`,
+//! or with `--storage s3://...` a replica over a shared bucket, see
+//! [`crate::objstore`]), binds, serves HTTP/1.1 and HTTP/2 (h2c by prior
+//! knowledge, or ALPN over TLS), runs GC in the background and shuts down
+//! gracefully.
 //!
 //! Shutdown is designed in: the future passed to [`serve`] stops the accept
 //! loop; connections then get [`ServerConfig::shutdown_timeout`] to finish
@@ -24,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, AppState};
 use crate::auth::{Auth, AuthError};
 use crate::config::ServerConfig;
+use crate::objstore::{self, Storage};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -47,6 +50,8 @@ pub enum ServerError {
     },
     #[error("flushing the store at shutdown: {0}")]
     Flush(StoreError),
+    #[error("object storage: {0}")]
+    Object(objstore::ObjError),
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -126,18 +131,30 @@ pub async fn serve(
         Some((cert, key)) => Some(load_tls(cert, key)?),
         None => None,
     };
-    let data = config.data.clone();
-    let store_config = config.store.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data, store_config))
-        .await
-        .map_err(|e| ServerError::Store {
-            path: config.data.display().to_string(),
-            source: StoreError::Corrupt(e.to_string()),
-        })?
-        .map_err(|source| ServerError::Store {
-            path: config.data.display().to_string(),
-            source,
-        })?;
+    // The storage backend: the local store in --data (the default), or a
+    // replica over a bucket shared with other replicas (--storage s3://...).
+    let storage = match &config.object {
+        None => {
+            let data = config.data.clone();
+            let store_config = config.store.clone();
+            let store = tokio::task::spawn_blocking(move || Store::open(&data, store_config))
+                .await
+                .map_err(|e| ServerError::Store {
+                    path: config.data.display().to_string(),
+                    source: StoreError::Corrupt(e.to_string()),
+                })?
+                .map_err(|source| ServerError::Store {
+                    path: config.data.display().to_string(),
+                    source,
+                })?;
+            Storage::Local(store)
+        }
+        Some(object) => Storage::Object(
+            objstore::serve::open(object, &config.data)
+                .await
+                .map_err(ServerError::Object)?,
+        ),
+    };
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -162,26 +179,34 @@ pub async fn serve(
     info!(
         data = %config.data.display(),
         max_size = ?config.store.max_size,
+        storage = config.object.as_ref().map_or("local", |o| o.url.as_str()),
         tls = tls.is_some(),
         "listening on {local}"
     );
 
-    let gc_wakeup = Arc::new(Notify::new());
-    let state = Arc::new(AppState {
-        store: store.clone(),
-        auth,
-        gc_wakeup: gc_wakeup.clone(),
-        metrics: telemetry::metrics_handle(),
-    });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let gc_task = tokio::spawn(gc_loop(
-        store.clone(),
-        config.gc_interval,
-        gc_wakeup,
-        stop_rx,
-    ));
-
-    let service = TowerToHyperService::new(api::router(state));
+    let (router, gc_task) = match &storage {
+        Storage::Local(store) => {
+            let gc_wakeup = Arc::new(Notify::new());
+            let state = Arc::new(AppState {
+                store: store.clone(),
+                auth,
+                gc_wakeup: gc_wakeup.clone(),
+                metrics: telemetry::metrics_handle(),
+            });
+            let gc_task = tokio::spawn(gc_loop(
+                store.clone(),
+                config.gc_interval,
+                gc_wakeup,
+                stop_rx,
+            ));
+            (api::router(state), gc_task)
+        }
+        Storage::Object(replica) => {
+            objstore::serve::run(replica.clone(), auth, config.gc_interval, stop_rx)
+        }
+    };
+    let service = TowerToHyperService::new(router);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Larger HTTP/2 windows: the defaults (64 KiB) cap a single blob stream
     // far below what the disk and loopback can do.
@@ -261,11 +286,16 @@ pub async fn serve(
     if let Err(e) = gc_task.await {
         error!(error = %e, "gc task failed");
     }
-    tokio::task::spawn_blocking(move || store.flush())
-        .await
-        .map_err(|e| ServerError::Flush(StoreError::Corrupt(e.to_string())))?
-        .map_err(ServerError::Flush)?;
-    info!("store flushed; bye");
+    if let Storage::Local(store) = storage {
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| ServerError::Flush(StoreError::Corrupt(e.to_string())))?
+            .map_err(ServerError::Flush)?;
+        info!("store flushed; bye");
+    } else {
+        // Everything acknowledged is in the bucket already.
+        info!("bye");
+    }
     Ok(())
 }
 

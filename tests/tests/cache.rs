@@ -88,6 +88,26 @@ impl Env {
     }
 }
 
+/// Every regular file below `dir` (none if it does not exist).
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// Keys of the filesystem steps by Dockerfile line.
 fn keys(report: &serde_json::Value) -> BTreeMap<u64, String> {
     report["steps"]
@@ -111,7 +131,14 @@ fn a_fresh_executor_rebuilds_everything_from_the_server_without_downloading_laye
     let gets_before = env.server.metric(
         r#"kiln_cache_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#,
     );
-    let second = env.build_ok(&ctx, &env.fresh_state("two"), "share:v1", &[]);
+    let second_state = env.fresh_state("two");
+    let second = env.build_ok(&ctx, &second_state, "share:v1", &[]);
+    // Nothing was pulled either: the base layer stays in the registry.
+    let stored_blobs = walk_files(&second_state.join("store/blobs"));
+    assert!(
+        stored_blobs.is_empty(),
+        "the fresh executor stored blobs: {stored_blobs:?}"
+    );
     assert_eq!(second["summary"]["hits"], 3, "{second}");
     assert_eq!(second["summary"]["misses"], 0);
     assert_eq!(second["image"]["digest"], first["image"]["digest"]);

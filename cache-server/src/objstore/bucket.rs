@@ -6,6 +6,7 @@
 //! entries/<ns>/<key hex>          {"createdMs": N, "entry": {...}}, created once
 //! refs/<blob hex>/<ns>/<key hex>  empty: "this entry names this blob" (for GC)
 //! leases/gc                       {"holder": "...", "expiresMs": N}
+//! gc/doomed/<blob hex>            empty: GC is about to delete this blob
 //! ```
 //! `<ns>` is the namespace, or `_` for the default one (a namespace never
 //! starts with `_`).
@@ -189,6 +190,10 @@ impl Bucket {
 
     fn lease_path(&self, name: &str) -> Path {
         self.path(&format!("leases/{name}"))
+    }
+
+    fn doomed_path(&self, blob: &Digest) -> Path {
+        self.path(&format!("gc/doomed/{}", blob.hex()))
     }
 
     // ---- blobs ---------------------------------------------------------
@@ -520,6 +525,45 @@ impl Bucket {
 
     pub fn ref_marker_path(&self, marker: &RefMarker) -> Path {
         self.ref_path(&marker.blob, &marker.ns, &marker.key)
+    }
+
+    // ---- deletion intents ------------------------------------------------
+
+    /// Announces that GC is about to delete `blob` (see
+    /// [`crate::objstore::replica`] for the protocol).
+    pub async fn put_doomed(&self, blob: &Digest) -> Result<(), ObjError> {
+        self.store
+            .put(&self.doomed_path(blob), PutPayload::new())
+            .await
+            .map_err(ctx(format!("PUT deletion intent for {blob}")))?;
+        Ok(())
+    }
+
+    pub async fn delete_doomed(&self, blob: &Digest) -> Result<bool, ObjError> {
+        self.delete(
+            &self.doomed_path(blob),
+            &format!("deletion intent for {blob}"),
+        )
+        .await
+    }
+
+    /// When GC announced the deletion of `blob`, if it did.
+    pub async fn doomed_since(&self, blob: &Digest) -> Result<Option<u64>, ObjError> {
+        match self.store.head(&self.doomed_path(blob)).await {
+            Ok(meta) => Ok(Some(meta.last_modified.timestamp_millis().max(0) as u64)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(ctx(format!("HEAD deletion intent for {blob}"))(e)),
+        }
+    }
+
+    /// Every deletion intent with its time (to clear ones a crashed GC left).
+    pub async fn list_doomed(&self) -> Result<Vec<(Path, u64)>, ObjError> {
+        Ok(self
+            .list("gc/doomed")
+            .await?
+            .into_iter()
+            .map(|m| (m.location, m.last_modified.timestamp_millis().max(0) as u64))
+            .collect())
     }
 
     // ---- leases ----------------------------------------------------------

@@ -12,12 +12,21 @@
 //! - a lookup never fails because the bucket does not answer: keys it could
 //!   not ask about are misses, cached entries it could not confirm are hits.
 //!
-//! GC safety: an entry's blob gets a `refs/` marker *before* the entry is
-//! created, and the GC lease holder deletes a blob only when it has no
-//! marker (checked again right before the delete) and is older than
-//! `blob_grace`. A writer also checks after creating its entry that the blob
-//! is still there, and withdraws the entry if not, so an entry never keeps
-//! naming a blob GC removed in the instant between that check and delete.
+//! GC safety, for blobs older than `blob_grace` that no entry named when GC
+//! listed the bucket (younger ones are never deleted):
+//! - GC: write the intent `gc/doomed/<blob>` (g0), LIST `refs/<blob>/` (g1),
+//!   delete the blob only if that found no marker (g2), remove the intent;
+//! - writer: put its marker `refs/<blob>/<ns>/<key>` (w0), then HEAD the
+//!   intent (w1) and the blob (w2), and create the entry only if there is
+//!   no fresh intent and the blob is there.
+//!
+//! If w0 < g1, GC sees the marker and keeps the blob. Otherwise g0 < g1 <
+//! w0 < w1: the writer sees the intent, or it was already removed, which
+//! happens after g2, so the blob is gone at w2. Either way no entry is
+//! created for a blob GC deletes (given the read-after-write consistency S3
+//! has had since 2020). A refused writer gets `422 missing_blob` and uploads
+//! again. Intents older than `lease_ttl` (a crashed GC) are ignored and
+//! cleared.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -252,6 +261,15 @@ impl Replica {
         entry: &CacheEntry,
     ) -> Result<PutOutcome, ObjError> {
         if let Some(layer) = &entry.layer {
+            // Marker first, then look: see the module docs for why this
+            // order makes GC and writers safe against each other. On a
+            // refusal the marker stays; GC drops it after `blob_grace`.
+            self.bucket.put_ref(&layer.digest, ns, key).await?;
+            if let Some(since) = self.bucket.doomed_since(&layer.digest).await?
+                && now_ms().saturating_sub(since) < self.config.lease_ttl.as_millis() as u64
+            {
+                return Err(ObjError::MissingBlob(layer.digest.clone()));
+            }
             let size = self
                 .bucket
                 .blob_size(&layer.digest)
@@ -264,8 +282,6 @@ impl Replica {
                     blob_size: size,
                 });
             }
-            // Marker first: from here on GC keeps the blob.
-            self.bucket.put_ref(&layer.digest, ns, key).await?;
         }
         let object = EntryObject {
             created_ms: now_ms(),
@@ -287,17 +303,6 @@ impl Replica {
         }
         match created {
             EntryCreate::Created => {
-                if let Some(layer) = &entry.layer
-                    && self.bucket.blob_size(&layer.digest).await?.is_none()
-                {
-                    // GC deleted the blob between its last check and our
-                    // marker: withdraw the entry rather than leave it
-                    // naming nothing.
-                    warn!(%key, digest = %layer.digest, "blob vanished while its entry was written; withdrawing the entry");
-                    self.bucket.delete_entry(ns, key).await?;
-                    self.bucket.delete_ref(&layer.digest, ns, key).await?;
-                    return Err(ObjError::MissingBlob(layer.digest.clone()));
-                }
                 self.index.put(ns, key, &object, now_ms())?;
                 Ok(PutOutcome::Created)
             }
@@ -514,22 +519,44 @@ impl Replica {
         }
 
         self.renew_lease().await?;
+        // Intents a crashed pass left behind would refuse writers forever.
+        let lease = self.config.lease_ttl.as_millis() as u64;
+        let stale_intents = self
+            .bucket
+            .list_doomed()
+            .await?
+            .into_iter()
+            .filter(|(_, at)| now.saturating_sub(*at) >= lease)
+            .map(|(path, _)| path)
+            .collect();
+        self.bucket.delete_many(stale_intents).await?;
+
         let mut remaining_bytes = 0u64;
         let mut remaining_blobs = 0u64;
+        let mut candidates = Vec::new();
         for (digest, meta) in &blobs {
             let referenced = referencing.get(digest).is_some_and(|s| !s.is_empty());
             let young =
                 now.saturating_sub(meta.last_modified.timestamp_millis().max(0) as u64) < grace;
-            // Re-check right before deleting: a writer may have put a
-            // marker since the listing.
-            if referenced || young || self.bucket.has_refs(digest).await? {
+            if referenced || young {
                 remaining_bytes += meta.size;
                 remaining_blobs += 1;
-                continue;
+            } else {
+                candidates.push((digest.clone(), meta.size));
             }
-            if self.bucket.delete_blob(digest).await? {
+        }
+        let outcomes: Vec<(u64, Result<bool, ObjError>)> = futures::stream::iter(candidates)
+            .map(|(digest, size)| async move { (size, self.collect_blob(&digest).await) })
+            .buffer_unordered(LOOKUP_CONCURRENCY)
+            .collect()
+            .await;
+        for (size, outcome) in outcomes {
+            if outcome? {
                 report.blobs_removed += 1;
-                report.bytes_freed += meta.size;
+                report.bytes_freed += size;
+            } else {
+                remaining_bytes += size;
+                remaining_blobs += 1;
             }
         }
         self.evicted
@@ -544,6 +571,23 @@ impl Replica {
             remaining_bytes,
         );
         Ok(report)
+    }
+
+    /// Deletes an unreferenced blob unless a writer has just claimed it:
+    /// announce, re-check markers, delete, withdraw the announcement.
+    async fn collect_blob(&self, digest: &Digest) -> Result<bool, ObjError> {
+        self.bucket.put_doomed(digest).await?;
+        let result = async {
+            if self.bucket.has_refs(digest).await? {
+                return Ok(false);
+            }
+            self.bucket.delete_blob(digest).await
+        }
+        .await;
+        // Withdrawn even after a failure: a leftover intent would make
+        // writers refuse this blob until it goes stale.
+        self.bucket.delete_doomed(digest).await?;
+        result
     }
 
     /// Counters; entry and blob totals are those of this replica's last GC
@@ -795,6 +839,42 @@ mod tests {
         let d = put_blob(&a, b"just uploaded").await;
         assert_eq!(a.gc().await.unwrap().report.blobs_removed, 0);
         assert!(a.blob_size(&d).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_writer_refuses_a_blob_gc_announced_until_the_intent_goes_or_is_stale() {
+        let mut f = Fixture::new();
+        let a = f.replica("a", no_grace());
+        let stale = f.replica(
+            "b",
+            ReplicaConfig {
+                lease_ttl: Duration::ZERO,
+                ..no_grace()
+            },
+        );
+        let ns = Namespace::default();
+        let d = put_blob(&a, b"x").await;
+        a.bucket.put_doomed(&d).await.unwrap();
+        assert!(matches!(
+            a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN")).await,
+            Err(ObjError::MissingBlob(_))
+        ));
+        assert!(a.bucket.has_refs(&d).await.unwrap(), "the marker stays");
+        // An intent older than the lease is a crashed GC's: ignored.
+        assert_eq!(
+            stale
+                .put_entry(&ns, &key(2), &entry(&d, 1, "RUN"))
+                .await
+                .unwrap(),
+            PutOutcome::Created
+        );
+        a.bucket.delete_doomed(&d).await.unwrap();
+        assert_eq!(
+            a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN"))
+                .await
+                .unwrap(),
+            PutOutcome::Created
+        );
     }
 
     #[tokio::test]
