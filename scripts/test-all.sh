@@ -5,6 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/prereqs.sh
+
+# A real S3-compatible server for the object-storage replica tests, built
+# once from crates.io and kept outside the clone (0.14.1: the newest release
+# that builds with our Rust toolchain).
+S3S_FS="${KILN_S3S_FS:-/opt/kiln-tools/bin/s3s-fs}"
+if [[ ! -x "$S3S_FS" ]]; then
+  cargo install --locked s3s-fs --version 0.14.1 --features binary --root /opt/kiln-tools
+fi
+export KILN_S3S_FS="$S3S_FS" KILN_REQUIRE_S3=1
 # One optimised profile for everything, so RocksDB's C++ is compiled once.
 # The end-to-end tests run the real binaries: build them first.
 cargo build --release --workspace --locked --bins

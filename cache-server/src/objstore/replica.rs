@@ -39,7 +39,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::ObjError;
-use super::bucket::{BlobRead, BlobUpload, Bucket, EntryCreate, EntryObject, ListedEntry};
+use super::bucket::{
+    BlobRead, BlobUpload, Bucket, EntryCreate, EntryObject, ListedEntry, RefMarker,
+};
 use super::index::LocalIndex;
 use crate::store::{GcReport, Namespace, PutOutcome, Stats, now_ms};
 
@@ -439,6 +441,10 @@ impl Replica {
         let mut referencing: HashMap<Digest, HashSet<(Namespace, CacheKey)>> = HashMap::new();
         let mut names: HashMap<(Namespace, CacheKey), Vec<Digest>> = HashMap::new();
         let mut stale_markers = Vec::new();
+        // A marker is written right before its entry; one whose entry is
+        // missing for longer than this belongs to a writer that is gone.
+        // Never shorter than the lease, whatever `blob_grace` says.
+        let marker_grace = grace.max(self.config.lease_ttl.as_millis() as u64);
         for (marker, modified_ms) in &refs {
             let entry = (marker.ns.clone(), marker.key);
             if live.contains(&entry) {
@@ -447,10 +453,12 @@ impl Replica {
                     .or_default()
                     .insert(entry.clone());
                 names.entry(entry).or_default().push(marker.blob.clone());
-            } else if now.saturating_sub(*modified_ms) >= grace {
-                // A writer that died between marker and entry, or an entry
-                // deleted before its marker: nothing names the blob here.
-                stale_markers.push(self.bucket.ref_marker_path(marker));
+            } else if now.saturating_sub(*modified_ms) >= marker_grace {
+                // A writer that died (or was refused) between marker and
+                // entry, or an entry deleted before its marker. Its entry
+                // may still have been created after the listing: checked
+                // again below before the marker goes.
+                stale_markers.push(marker.clone());
             } else {
                 // Young marker whose entry may be on its way: counts.
                 referencing
@@ -515,7 +523,22 @@ impl Replica {
                 .remove_many(doomed.iter().map(|e| (&e.ns, &e.key)))?;
         }
         if !stale_markers.is_empty() {
-            self.bucket.delete_many(stale_markers).await?;
+            let checked: Vec<(RefMarker, Result<bool, ObjError>)> =
+                futures::stream::iter(stale_markers)
+                    .map(|m| async move {
+                        let exists = self.bucket.entry_exists(&m.ns, &m.key).await;
+                        (m, exists)
+                    })
+                    .buffer_unordered(LOOKUP_CONCURRENCY)
+                    .collect()
+                    .await;
+            let mut orphaned = Vec::new();
+            for (marker, exists) in checked {
+                if !exists? {
+                    orphaned.push(self.bucket.ref_marker_path(&marker));
+                }
+            }
+            self.bucket.delete_many(orphaned).await?;
         }
 
         self.renew_lease().await?;
