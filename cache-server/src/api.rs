@@ -86,7 +86,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -94,15 +94,15 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    fn internal(message: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(message: impl std::fmt::Display) -> Self {
         error!(error = %message, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -165,9 +165,19 @@ impl From<AuthError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 fn authorize(state: &AppState, headers: &HeaderMap, scope: Scope) -> ApiResult<Principal> {
+    authorize_with(&state.auth, headers, scope)
+}
+
+/// Checks the request's bearer token against `auth` for `scope` (shared by
+/// the local and the object-storage routers).
+pub(crate) fn authorize_with(
+    auth: &Auth,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> ApiResult<Principal> {
     let value = match headers.get(header::AUTHORIZATION) {
         Some(v) => Some(
             v.to_str()
@@ -175,10 +185,10 @@ fn authorize(state: &AppState, headers: &HeaderMap, scope: Scope) -> ApiResult<P
         ),
         None => None,
     };
-    Ok(state.auth.require(value, scope)?)
+    Ok(auth.require(value, scope)?)
 }
 
-fn parse_key(text: &str) -> ApiResult<CacheKey> {
+pub(crate) fn parse_key(text: &str) -> ApiResult<CacheKey> {
     text.parse().map_err(|_| {
         ApiError::bad_request(format!(
             "{text:?} is not a cache key (expected 64 lowercase hex characters)"
@@ -186,12 +196,15 @@ fn parse_key(text: &str) -> ApiResult<CacheKey> {
     })
 }
 
-fn parse_digest(text: &str) -> ApiResult<Digest> {
+pub(crate) fn parse_digest(text: &str) -> ApiResult<Digest> {
     text.parse()
         .map_err(|e| ApiError::bad_request(format!("{e}")))
 }
 
-async fn read_json_body<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> ApiResult<T> {
+pub(crate) async fn read_json_body<T: serde::de::DeserializeOwned>(
+    body: Body,
+    what: &str,
+) -> ApiResult<T> {
     let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
         .await
         .map_err(|_| {

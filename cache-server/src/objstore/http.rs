@@ -21,15 +21,18 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{StreamExt, TryStreamExt};
 use kiln_common::wire::MAX_LOOKUP_KEYS;
-use kiln_common::{CacheEntry, CacheKey, Digest, ErrorBody, LookupRequest, LookupResponse};
+use kiln_common::{CacheEntry, Digest, LookupRequest, LookupResponse};
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use tracing::{error, warn};
+use tracing::warn;
 
 use super::{ObjError, Replica, ReplicaGcReport};
-use crate::api::{MAX_JSON_BODY, RangeRequest, parse_range};
-use crate::auth::{Auth, AuthError, Principal, Scope};
+use crate::api::{
+    ApiError as HttpError, ApiResult as HttpResult, RangeRequest, authorize_with, parse_digest,
+    parse_key, parse_range, read_json_body,
+};
+use crate::auth::{Auth, Principal, Scope};
 use crate::store::{BlobCommit, PutOutcome};
 use crate::telemetry as t;
 
@@ -62,54 +65,6 @@ pub fn router(state: Arc<ReplicaState>) -> Router {
         .with_state(state)
 }
 
-/// An error answer, `{"error":{"code","message"}}`.
-#[derive(Debug)]
-pub struct HttpError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl HttpError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    fn internal(message: impl std::fmt::Display) -> Self {
-        error!(error = %message, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            message.to_string(),
-        )
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let mut response =
-            (self.status, Json(ErrorBody::new(self.code, self.message))).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
-
 impl From<ObjError> for HttpError {
     fn from(e: ObjError) -> Self {
         let message = e.to_string();
@@ -137,57 +92,8 @@ impl From<ObjError> for HttpError {
     }
 }
 
-impl From<AuthError> for HttpError {
-    fn from(e: AuthError) -> Self {
-        let message = e.to_string();
-        match e {
-            AuthError::Missing | AuthError::BadToken => {
-                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-            }
-            AuthError::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
-            AuthError::Read { .. } | AuthError::Invalid { .. } => Self::internal(message),
-        }
-    }
-}
-
-type HttpResult<T> = Result<T, HttpError>;
-
 fn authorize(state: &ReplicaState, headers: &HeaderMap, scope: Scope) -> HttpResult<Principal> {
-    let value = match headers.get(header::AUTHORIZATION) {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| HttpError::from(AuthError::BadToken))?,
-        ),
-        None => None,
-    };
-    Ok(state.auth.require(value, scope)?)
-}
-
-fn parse_key(text: &str) -> HttpResult<CacheKey> {
-    text.parse().map_err(|_| {
-        HttpError::bad_request(format!(
-            "{text:?} is not a cache key (expected 64 lowercase hex characters)"
-        ))
-    })
-}
-
-fn parse_digest(text: &str) -> HttpResult<Digest> {
-    text.parse()
-        .map_err(|e| HttpError::bad_request(format!("{e}")))
-}
-
-async fn read_json_body<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> HttpResult<T> {
-    let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
-        .await
-        .map_err(|_| {
-            HttpError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("{what} body is larger than {MAX_JSON_BODY} bytes (or was cut short)"),
-            )
-        })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| HttpError::bad_request(format!("invalid {what} JSON: {e}")))
+    authorize_with(&state.auth, headers, scope)
 }
 
 async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
@@ -537,6 +443,7 @@ mod tests {
     use super::*;
     use crate::objstore::bucket::{Bucket, MIN_PART_SIZE};
     use crate::objstore::{Replica, ReplicaConfig};
+    use kiln_common::CacheKey;
     use object_store::memory::InMemory;
     use std::time::Duration;
 
