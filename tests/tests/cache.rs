@@ -405,3 +405,60 @@ fn base_layers_are_pulled_from_the_registry_once_then_served_by_the_cache() {
     );
     assert!(second["summary"]["bytes_downloaded"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn several_cache_servers_fail_over_to_the_one_that_answers() {
+    let mut env = Env::new();
+    let ctx = env.context("failover", "FROM BASE\nRUN echo once > /once\n", &[]);
+    // Warm the live server, then point a fresh executor at a dead URL first.
+    env.build_ok(
+        &ctx,
+        &env.fresh_state("warm"),
+        "failover:v1",
+        &["--no-push"],
+    );
+    let report_path = env.work.path().join("failover.json");
+    let out = Command::new(kiln_bin("kiln-executor"))
+        .arg("--context")
+        .arg(&ctx)
+        .args(["--no-push", "--insecure-registry", &env.registry.host()])
+        .args([
+            "--cache-server",
+            &format!("http://127.0.0.1:9,{}", env.server.url()),
+            "--reproducible",
+        ])
+        .arg("--cache-dir")
+        .arg(env.fresh_state("failover"))
+        .arg("--report")
+        .arg(&report_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["summary"]["hits"], 1, "{report}");
+    // With every server gone the build still succeeds, uncached.
+    env.server.stop();
+    let out = Command::new(kiln_bin("kiln-executor"))
+        .arg("--context")
+        .arg(&ctx)
+        .args(["--no-push", "--insecure-registry", &env.registry.host()])
+        .args([
+            "--cache-server",
+            &format!("http://127.0.0.1:9,{}", env.server.url()),
+            "--reproducible",
+        ])
+        .arg("--cache-dir")
+        .arg(env.fresh_state("all-down"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
