@@ -30,7 +30,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, warn};
 
 use crate::auth::{Auth, AuthError, Principal, Scope};
-use crate::store::{BlobCommit, EntryRecord, PinGuard, PutOutcome, Store, StoreError};
+use crate::store::{BlobCommit, EntryRecord, PinGuard, PutOutcome, Stats, Store, StoreError};
 use crate::telemetry as t;
 
 /// Largest JSON request body (lookups, entries) we read; a full lookup of
@@ -227,9 +227,21 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// A batch lookup carries at most `MAX_LOOKUP_KEYS` keys (413 beyond).
+pub(crate) fn check_lookup_size(keys: usize) -> ApiResult<()> {
+    if keys > MAX_LOOKUP_KEYS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_keys",
+            format!("a lookup may carry at most {MAX_LOOKUP_KEYS} keys, this one has {keys}"),
+        ));
+    }
+    Ok(())
+}
+
 // ---- middleware ----------------------------------------------------------
 
-async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+pub(crate) async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
     let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let method = request.method().as_str().to_owned();
     let start = Instant::now();
@@ -244,13 +256,13 @@ async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Re
     response
 }
 
-async fn not_found_route() -> ApiError {
+pub(crate) async fn not_found_route() -> ApiError {
     ApiError::not_found("no such route (see docs/cache-api.md)")
 }
 
 // ---- health and metrics --------------------------------------------------
 
-async fn healthz() -> Json<serde_json::Value> {
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
@@ -269,7 +281,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
-    let stats = state.store.stats();
+    metrics_response(&state.store.stats(), &state.metrics)
+}
+
+/// `/metrics`: the storage gauges from `stats`, then everything recorded
+/// (shared by the local and the object-storage routers).
+pub(crate) fn metrics_response(stats: &Stats, metrics: &PrometheusHandle) -> Response {
     gauge!(t::ENTRIES).set(stats.entries as f64);
     gauge!(t::BLOBS).set(stats.blobs as f64);
     gauge!(t::BLOB_BYTES).set(stats.blob_bytes as f64);
@@ -277,10 +294,10 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     counter!(t::EXPIRATIONS).absolute(stats.entries_expired);
     counter!(t::BLOBS_REMOVED).absolute(stats.blobs_removed);
     counter!(t::GC_RUNS).absolute(stats.gc_runs);
-    state.metrics.run_upkeep();
+    metrics.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        metrics.render(),
     )
         .into_response()
 }
@@ -294,16 +311,7 @@ async fn lookup(
 ) -> ApiResult<Json<LookupResponse>> {
     let principal = authorize(&state, &headers, Scope::Read)?;
     let request: LookupRequest = read_json_body(body, "lookup").await?;
-    if request.keys.len() > MAX_LOOKUP_KEYS {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_keys",
-            format!(
-                "a lookup may carry at most {MAX_LOOKUP_KEYS} keys, this one has {}",
-                request.keys.len()
-            ),
-        ));
-    }
+    check_lookup_size(request.keys.len())?;
     // Point reads that almost always hit the block cache: cheaper inline
     // than a hop to the blocking pool.
     let entries = state.store.lookup(&principal.namespace, &request.keys)?;
@@ -559,16 +567,16 @@ fn file_body(file: std::fs::File, start: u64, len: u64, pin: PinGuard) -> Body {
 }
 
 #[derive(Serialize)]
-struct BlobPutResponse {
-    digest: Digest,
-    size: u64,
+pub(crate) struct BlobPutResponse {
+    pub(crate) digest: Digest,
+    pub(crate) size: u64,
 }
 
 /// Decrements the uploads-in-flight gauge however the handler ends.
-struct InFlight;
+pub(crate) struct InFlight;
 
 impl InFlight {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         gauge!(t::UPLOADS_IN_FLIGHT).increment(1.0);
         InFlight
     }

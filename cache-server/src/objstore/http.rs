@@ -10,27 +10,25 @@
 //! `--cache-server` URLs moves on to the next one.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{StreamExt, TryStreamExt};
-use kiln_common::wire::MAX_LOOKUP_KEYS;
 use kiln_common::{CacheEntry, Digest, LookupRequest, LookupResponse};
-use metrics::{counter, gauge, histogram};
+use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
 use tracing::warn;
 
 use super::{ObjError, Replica, ReplicaGcReport};
 use crate::api::{
-    ApiError as HttpError, ApiResult as HttpResult, RangeRequest, authorize_with, parse_digest,
-    parse_key, parse_range, read_json_body,
+    ApiError as HttpError, ApiResult as HttpResult, BlobPutResponse, InFlight, RangeRequest,
+    authorize_with, check_lookup_size, healthz, metrics_response, not_found_route, parse_digest,
+    parse_key, parse_range, read_json_body, track,
 };
 use crate::auth::{Auth, Principal, Scope};
 use crate::store::{BlobCommit, PutOutcome};
@@ -96,27 +94,6 @@ fn authorize(state: &ReplicaState, headers: &HeaderMap, scope: Scope) -> HttpRes
     authorize_with(&state.auth, headers, scope)
 }
 
-async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
-    let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
-    let start = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    counter!(t::HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
-        .increment(1);
-    histogram!(t::HTTP_DURATION, "route" => route, "method" => method)
-        .record(start.elapsed().as_secs_f64());
-    response
-}
-
-async fn not_found_route() -> HttpError {
-    HttpError::not_found("no such route (see docs/cache-api.md)")
-}
-
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
-}
-
 async fn readyz(State(state): State<Arc<ReplicaState>>) -> Response {
     match state.replica.check_ready().await {
         Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
@@ -130,20 +107,7 @@ async fn readyz(State(state): State<Arc<ReplicaState>>) -> Response {
 }
 
 async fn render_metrics(State(state): State<Arc<ReplicaState>>) -> Response {
-    let stats = state.replica.stats();
-    gauge!(t::ENTRIES).set(stats.entries as f64);
-    gauge!(t::BLOBS).set(stats.blobs as f64);
-    gauge!(t::BLOB_BYTES).set(stats.blob_bytes as f64);
-    counter!(t::EVICTIONS).absolute(stats.entries_evicted);
-    counter!(t::EXPIRATIONS).absolute(stats.entries_expired);
-    counter!(t::BLOBS_REMOVED).absolute(stats.blobs_removed);
-    counter!(t::GC_RUNS).absolute(stats.gc_runs);
-    state.metrics.run_upkeep();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    metrics_response(&state.replica.stats(), &state.metrics)
 }
 
 // ---- entries -----------------------------------------------------------------
@@ -155,16 +119,7 @@ async fn lookup(
 ) -> HttpResult<Json<LookupResponse>> {
     let principal = authorize(&state, &headers, Scope::Read)?;
     let request: LookupRequest = read_json_body(body, "lookup").await?;
-    if request.keys.len() > MAX_LOOKUP_KEYS {
-        return Err(HttpError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_keys",
-            format!(
-                "a lookup may carry at most {MAX_LOOKUP_KEYS} keys, this one has {}",
-                request.keys.len()
-            ),
-        ));
-    }
+    check_lookup_size(request.keys.len())?;
     let entries = state
         .replica
         .lookup(&principal.namespace, &request.keys)
@@ -351,28 +306,6 @@ async fn get_blob(
         );
     }
     Ok(response)
-}
-
-#[derive(Serialize)]
-struct BlobPutResponse {
-    digest: Digest,
-    size: u64,
-}
-
-/// Decrements the uploads-in-flight gauge however the handler ends.
-struct InFlight;
-
-impl InFlight {
-    fn start() -> Self {
-        gauge!(t::UPLOADS_IN_FLIGHT).increment(1.0);
-        InFlight
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        gauge!(t::UPLOADS_IN_FLIGHT).decrement(1.0);
-    }
 }
 
 async fn put_blob(
