@@ -208,12 +208,7 @@ impl Driver {
                 diff_id: l.diff_id.clone(),
             }),
             created_by,
-            created: rfc3339(
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-            ),
+            created: rfc3339(unix_now()),
             extra: BTreeMap::new(),
         };
         let blob = layer
@@ -313,12 +308,7 @@ impl Driver {
                 diff_id: base_layer.diff_id.clone(),
             }),
             created_by: format!("base layer of {}", pulled.reference),
-            created: rfc3339(
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-            ),
+            created: rfc3339(unix_now()),
             extra: BTreeMap::new(),
         };
         let blob = Some((digest.clone(), self.store.path(&digest)));

@@ -856,6 +856,14 @@ fn open_embedded(opts: &BuildOptions) -> Result<Arc<dyn Cache>, crate::cache::Ca
     })
 }
 
+/// Seconds since the Unix epoch now (0 if the clock is before it).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// RFC 3339 in UTC for a Unix time (the image config's `created`).
 pub fn rfc3339(secs: u64) -> String {
     let days = secs / 86_400;

@@ -8,10 +8,7 @@ impl Driver {
         let secs = if self.opts.reproducible {
             self.opts.source_date_epoch.unwrap_or(0)
         } else {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
+            unix_now()
         };
         rfc3339(secs)
     }
