@@ -13,7 +13,14 @@ S3S_FS="${KILN_S3S_FS:-/opt/kiln-tools/bin/s3s-fs}"
 if [[ ! -x "$S3S_FS" ]]; then
   cargo install --locked s3s-fs --version 0.14.1 --features binary --root /opt/kiln-tools
 fi
-export KILN_S3S_FS="$S3S_FS" KILN_REQUIRE_S3=1
+# Garage, a distributed S3-compatible store (three nodes on loopback in the
+# replica tests), built the same way (~8 minutes the first time).
+GARAGE="${KILN_GARAGE:-/opt/kiln-tools/bin/garage}"
+if [[ ! -x "$GARAGE" ]]; then
+  cargo install --locked garage --version 2.5.0 --no-default-features \
+    --features lmdb,bundled-libs --root /opt/kiln-tools
+fi
+export KILN_S3S_FS="$S3S_FS" KILN_GARAGE="$GARAGE" KILN_REQUIRE_S3=1
 # One optimised profile for everything, so RocksDB's C++ is compiled once.
 # The end-to-end tests run the real binaries: build them first.
 cargo build --release --workspace --locked --bins

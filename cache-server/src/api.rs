@@ -1,14 +1,13 @@
-//! The HTTP API (docs/cache-api.md): routes, auth checks, status codes and
-//! streaming of blob bodies, over a [`Store`].
+//! The HTTP API (docs/cache-api.md): routes, auth checks, status codes,
+//! ranges and streaming of blob bodies, over any storage [`Backend`] (the
+//! local store or a replica over a bucket: one router, one set of
+//! handlers).
 //!
-//! Handlers stay thin: they authenticate, parse, call the store and map
-//! [`StoreError`]s to statuses. Blob bodies are streamed in both directions
-//! through a bounded channel to a blocking thread that does the file I/O,
-//! so no blob is ever held in memory and the async workers never block on
-//! the disk. Every error answer is `{"error":{"code","message"}}`.
+//! Handlers stay thin: they authenticate, parse, call the backend and map
+//! its errors to statuses (each backend's error converts into
+//! [`ApiError`]). Blob bodies stream in both directions, so no blob is
+//! ever held in memory. Every error answer is `{"error":{"code","message"}}`.
 
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,59 +18,54 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kiln_common::wire::MAX_LOOKUP_KEYS;
 use kiln_common::{CacheEntry, CacheKey, Digest, ErrorBody, LookupRequest, LookupResponse};
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, warn};
 
 use crate::auth::{Auth, AuthError, Principal, Scope};
-use crate::store::{BlobCommit, EntryRecord, PinGuard, PutOutcome, Stats, Store, StoreError};
+use crate::backend::{Backend, Upload};
+use crate::store::{BlobCommit, EntryRecord, PutOutcome, Stats, StoreError};
 use crate::telemetry as t;
 
 /// Largest JSON request body (lookups, entries) we read; a full lookup of
 /// MAX_LOOKUP_KEYS keys is ~70 KiB.
 pub const MAX_JSON_BODY: usize = 1 << 20;
-/// Upload bytes handed to the writer thread at a time.
-const UPLOAD_BATCH: usize = 1 << 20;
-/// Size of the chunks blob bodies are read from disk in.
-const CHUNK: usize = 256 << 10;
 /// Default and maximum page size of `GET /v1/admin/entries`.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
 /// Shared state of all handlers.
-pub struct AppState {
-    pub store: Store,
+pub struct AppState<B> {
+    pub backend: Arc<B>,
     pub auth: Auth,
-    /// Woken when an upload pushes the store over its size limit.
-    pub gc_wakeup: Arc<Notify>,
     pub metrics: PrometheusHandle,
 }
 
 /// The full router with metrics middleware.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router<B: Backend>(state: Arc<AppState<B>>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .route("/v1/lookup", post(lookup))
+        .route("/readyz", get(readyz::<B>))
+        .route("/metrics", get(render_metrics::<B>))
+        .route("/v1/lookup", post(lookup::<B>))
         .route(
             "/v1/entries/{key}",
-            get(get_entry).put(put_entry).delete(delete_entry),
+            get(get_entry::<B>)
+                .put(put_entry::<B>)
+                .delete(delete_entry::<B>),
         )
         .route(
             "/v1/blobs/{digest}",
-            get(get_blob).head(head_blob).put(put_blob),
+            get(get_blob::<B>).head(head_blob::<B>).put(put_blob::<B>),
         )
-        .route("/v1/admin/stats", get(admin_stats))
-        .route("/v1/admin/entries", get(admin_entries))
-        .route("/v1/admin/gc", post(admin_gc))
-        .route("/v1/admin/verify", post(admin_verify))
+        .route("/v1/admin/stats", get(admin_stats::<B>))
+        .route("/v1/admin/entries", get(admin_entries::<B>))
+        .route("/v1/admin/gc", post(admin_gc::<B>))
+        .route("/v1/admin/verify", post(admin_verify::<B>))
         .route_layer(middleware::from_fn(track))
         .fallback(not_found_route)
         .with_state(state)
@@ -165,19 +159,10 @@ impl From<AuthError> for ApiError {
     }
 }
 
-pub(crate) type ApiResult<T> = Result<T, ApiError>;
+type ApiResult<T> = Result<T, ApiError>;
 
-fn authorize(state: &AppState, headers: &HeaderMap, scope: Scope) -> ApiResult<Principal> {
-    authorize_with(&state.auth, headers, scope)
-}
-
-/// Checks the request's bearer token against `auth` for `scope` (shared by
-/// the local and the object-storage routers).
-pub(crate) fn authorize_with(
-    auth: &Auth,
-    headers: &HeaderMap,
-    scope: Scope,
-) -> ApiResult<Principal> {
+/// Checks the request's bearer token for `scope`.
+fn authorize<B>(state: &AppState<B>, headers: &HeaderMap, scope: Scope) -> ApiResult<Principal> {
     let value = match headers.get(header::AUTHORIZATION) {
         Some(v) => Some(
             v.to_str()
@@ -185,10 +170,10 @@ pub(crate) fn authorize_with(
         ),
         None => None,
     };
-    Ok(auth.require(value, scope)?)
+    Ok(state.auth.require(value, scope)?)
 }
 
-pub(crate) fn parse_key(text: &str) -> ApiResult<CacheKey> {
+fn parse_key(text: &str) -> ApiResult<CacheKey> {
     text.parse().map_err(|_| {
         ApiError::bad_request(format!(
             "{text:?} is not a cache key (expected 64 lowercase hex characters)"
@@ -196,15 +181,12 @@ pub(crate) fn parse_key(text: &str) -> ApiResult<CacheKey> {
     })
 }
 
-pub(crate) fn parse_digest(text: &str) -> ApiResult<Digest> {
+fn parse_digest(text: &str) -> ApiResult<Digest> {
     text.parse()
         .map_err(|e| ApiError::bad_request(format!("{e}")))
 }
 
-pub(crate) async fn read_json_body<T: serde::de::DeserializeOwned>(
-    body: Body,
-    what: &str,
-) -> ApiResult<T> {
+async fn read_json_body<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> ApiResult<T> {
     let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
         .await
         .map_err(|_| {
@@ -218,17 +200,8 @@ pub(crate) async fn read_json_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::bad_request(format!("invalid {what} JSON: {e}")))
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::from)
-}
-
 /// A batch lookup carries at most `MAX_LOOKUP_KEYS` keys (413 beyond).
-pub(crate) fn check_lookup_size(keys: usize) -> ApiResult<()> {
+fn check_lookup_size(keys: usize) -> ApiResult<()> {
     if keys > MAX_LOOKUP_KEYS {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -241,7 +214,7 @@ pub(crate) fn check_lookup_size(keys: usize) -> ApiResult<()> {
 
 // ---- middleware ----------------------------------------------------------
 
-pub(crate) async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+async fn track(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
     let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let method = request.method().as_str().to_owned();
     let start = Instant::now();
@@ -256,37 +229,34 @@ pub(crate) async fn track(matched: Option<MatchedPath>, request: Request, next: 
     response
 }
 
-pub(crate) async fn not_found_route() -> ApiError {
+async fn not_found_route() -> ApiError {
     ApiError::not_found("no such route (see docs/cache-api.md)")
 }
 
 // ---- health and metrics --------------------------------------------------
 
-pub(crate) async fn healthz() -> Json<serde_json::Value> {
+async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.check_writable()).await {
-        Ok(Ok(())) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        Ok(Err(e)) => ApiError::new(
+async fn readyz<B: Backend>(State(state): State<Arc<AppState<B>>>) -> Response {
+    match state.backend.ready().await {
+        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(e) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
-            format!("storage is not writable: {e}"),
+            format!("storage is not ready: {e}"),
         )
         .into_response(),
-        Err(e) => ApiError::internal(e).into_response(),
     }
 }
 
-async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
-    metrics_response(&state.store.stats(), &state.metrics)
+async fn render_metrics<B: Backend>(State(state): State<Arc<AppState<B>>>) -> Response {
+    metrics_response(&state.backend.stats(), &state.metrics)
 }
 
-/// `/metrics`: the storage gauges from `stats`, then everything recorded
-/// (shared by the local and the object-storage routers).
-pub(crate) fn metrics_response(stats: &Stats, metrics: &PrometheusHandle) -> Response {
+/// `/metrics`: the storage gauges from `stats`, then everything recorded.
+fn metrics_response(stats: &Stats, metrics: &PrometheusHandle) -> Response {
     gauge!(t::ENTRIES).set(stats.entries as f64);
     gauge!(t::BLOBS).set(stats.blobs as f64);
     gauge!(t::BLOB_BYTES).set(stats.blob_bytes as f64);
@@ -304,39 +274,45 @@ pub(crate) fn metrics_response(stats: &Stats, metrics: &PrometheusHandle) -> Res
 
 // ---- entries ---------------------------------------------------------------
 
-async fn lookup(
-    State(state): State<Arc<AppState>>,
+async fn lookup<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<LookupResponse>> {
     let principal = authorize(&state, &headers, Scope::Read)?;
     let request: LookupRequest = read_json_body(body, "lookup").await?;
     check_lookup_size(request.keys.len())?;
-    // Point reads that almost always hit the block cache: cheaper inline
-    // than a hop to the blocking pool.
-    let entries = state.store.lookup(&principal.namespace, &request.keys)?;
+    let entries = state
+        .backend
+        .lookup(&principal.namespace, &request.keys)
+        .await
+        .map_err(Into::into)?;
     let hits = entries.len() as u64;
     counter!(t::LOOKUP_KEYS, "result" => "hit").increment(hits);
     counter!(t::LOOKUP_KEYS, "result" => "miss").increment(request.keys.len() as u64 - hits);
     Ok(Json(LookupResponse { entries }))
 }
 
-async fn get_entry(
-    State(state): State<Arc<AppState>>,
+async fn get_entry<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Path(key): Path<String>,
 ) -> ApiResult<Json<CacheEntry>> {
     let principal = authorize(&state, &headers, Scope::Read)?;
     let key = parse_key(&key)?;
-    let found = state.store.get_entry(&principal.namespace, &key)?;
+    let found = state
+        .backend
+        .get_entry(&principal.namespace, &key)
+        .await
+        .map_err(Into::into)?;
     counter!(t::LOOKUP_KEYS, "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
     found
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no entry for key {key}")))
 }
 
-async fn put_entry(
-    State(state): State<Arc<AppState>>,
+async fn put_entry<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Path(key): Path<String>,
     body: Body,
@@ -344,9 +320,11 @@ async fn put_entry(
     let principal = authorize(&state, &headers, Scope::Write)?;
     let key = parse_key(&key)?;
     let entry: CacheEntry = read_json_body(body, "entry").await?;
-    let store = state.store.clone();
-    let (k, e) = (key, entry.clone());
-    let outcome = blocking(move || store.put_entry(&principal.namespace, &k, &e)).await?;
+    let outcome = state
+        .backend
+        .put_entry(&principal.namespace, &key, &entry)
+        .await
+        .map_err(Into::into)?;
     match outcome {
         PutOutcome::Created => Ok((StatusCode::CREATED, Json(entry)).into_response()),
         PutOutcome::Identical => Ok((StatusCode::OK, Json(entry)).into_response()),
@@ -358,16 +336,19 @@ async fn put_entry(
     }
 }
 
-async fn delete_entry(
-    State(state): State<Arc<AppState>>,
+async fn delete_entry<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     let principal = authorize(&state, &headers, Scope::Admin)?;
     let key = parse_key(&key)?;
-    let store = state.store.clone();
-    let k = key;
-    if blocking(move || store.delete_entry(&principal.namespace, &k)).await? {
+    let deleted = state
+        .backend
+        .delete_entry(&principal.namespace, &key)
+        .await
+        .map_err(Into::into)?;
+    if deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("no entry for key {key}")))
@@ -376,36 +357,37 @@ async fn delete_entry(
 
 // ---- blobs -----------------------------------------------------------------
 
-fn blob_headers(digest: &Digest) -> [(header::HeaderName, String); 4] {
-    [
-        (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-        (header::ACCEPT_RANGES, "bytes".to_owned()),
-        (header::ETAG, format!("\"{digest}\"")),
-        (
-            header::HeaderName::from_static("docker-content-digest"),
-            digest.to_string(),
-        ),
-    ]
+fn blob_headers(h: &mut HeaderMap, digest: &Digest) -> ApiResult<()> {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::ETAG,
+        HeaderValue::try_from(format!("\"{digest}\"")).map_err(ApiError::internal)?,
+    );
+    h.insert(
+        header::HeaderName::from_static("docker-content-digest"),
+        HeaderValue::try_from(digest.to_string()).map_err(ApiError::internal)?,
+    );
+    Ok(())
 }
 
-async fn head_blob(
-    State(state): State<Arc<AppState>>,
+async fn head_blob<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> ApiResult<Response> {
     authorize(&state, &headers, Scope::Read)?;
     let digest = parse_digest(&digest)?;
-    match state.store.stat_blob(&digest)? {
-        Some(info) => {
+    match state.backend.blob_size(&digest).await.map_err(Into::into)? {
+        Some(size) => {
             let mut response = StatusCode::OK.into_response();
-            let h = response.headers_mut();
-            for (name, value) in blob_headers(&digest) {
-                h.insert(
-                    name,
-                    HeaderValue::try_from(value).map_err(ApiError::internal)?,
-                );
-            }
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+            blob_headers(response.headers_mut(), &digest)?;
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
             Ok(response)
         }
         None => Ok(StatusCode::NOT_FOUND.into_response()),
@@ -467,116 +449,102 @@ pub fn parse_range(value: Option<&str>, size: u64) -> RangeRequest {
     }
 }
 
-async fn get_blob(
-    State(state): State<Arc<AppState>>,
+async fn get_blob<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> ApiResult<Response> {
     authorize(&state, &headers, Scope::Read)?;
     let digest = parse_digest(&digest)?;
-    let Some(blob) = state.store.open_blob(&digest)? else {
+    let backend = &state.backend;
+    if let Some(url) = backend.blob_redirect(&digest).await.map_err(Into::into)? {
+        if backend
+            .blob_size(&digest)
+            .await
+            .map_err(Into::into)?
+            .is_none()
+        {
+            return Err(ApiError::not_found(format!("no blob {digest}")));
+        }
+        let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+        response.headers_mut().insert(
+            header::LOCATION,
+            HeaderValue::try_from(url).map_err(ApiError::internal)?,
+        );
+        return Ok(response);
+    }
+    // Without a Range header one read does it; with one, the size decides
+    // what the range means (suffixes, 416) before the bytes are read.
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(value) => {
+            let Some(size) = backend.blob_size(&digest).await.map_err(Into::into)? else {
+                return Err(ApiError::not_found(format!("no blob {digest}")));
+            };
+            match parse_range(Some(value), size) {
+                RangeRequest::Full => None,
+                RangeRequest::Partial(first, last) => Some(first..last + 1),
+                RangeRequest::Unsatisfiable => {
+                    let mut response = ApiError::new(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "range_not_satisfiable",
+                        format!("blob {digest} has {size} bytes"),
+                    )
+                    .into_response();
+                    response.headers_mut().insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::try_from(format!("bytes */{size}"))
+                            .map_err(ApiError::internal)?,
+                    );
+                    return Ok(response);
+                }
+            }
+        }
+    };
+    let partial = range.is_some();
+    let Some(read) = backend
+        .read_blob(&digest, range)
+        .await
+        .map_err(Into::into)?
+    else {
         return Err(ApiError::not_found(format!("no blob {digest}")));
     };
-    let range = parse_range(
-        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
-        blob.size,
+    let (size, served) = (read.size, read.range.clone());
+    let stream = read
+        .stream
+        .inspect_ok(|chunk| counter!(t::BYTES_SENT).increment(chunk.len() as u64));
+    let mut response = Response::new(Body::from_stream(stream));
+    blob_headers(response.headers_mut(), &digest)?;
+    response.headers_mut().insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(served.end - served.start),
     );
-    let (status, start, len) = match range {
-        RangeRequest::Full => (StatusCode::OK, 0, blob.size),
-        RangeRequest::Partial(first, last) => {
-            (StatusCode::PARTIAL_CONTENT, first, last - first + 1)
-        }
-        RangeRequest::Unsatisfiable => {
-            let mut response = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                format!("blob {digest} has {} bytes", blob.size),
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::try_from(format!("bytes */{}", blob.size))
-                    .map_err(ApiError::internal)?,
-            );
-            return Ok(response);
-        }
-    };
-    let size = blob.size;
-    let body = file_body(blob.file, start, len, blob.pin);
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    let h = response.headers_mut();
-    for (name, value) in blob_headers(&digest) {
-        h.insert(
-            name,
-            HeaderValue::try_from(value).map_err(ApiError::internal)?,
-        );
-    }
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if status == StatusCode::PARTIAL_CONTENT {
-        h.insert(
+    if partial {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        response.headers_mut().insert(
             header::CONTENT_RANGE,
-            HeaderValue::try_from(format!("bytes {start}-{}/{size}", start + len - 1))
-                .map_err(ApiError::internal)?,
+            HeaderValue::try_from(format!(
+                "bytes {}-{}/{size}",
+                served.start,
+                served.end.saturating_sub(1)
+            ))
+            .map_err(ApiError::internal)?,
         );
     }
     Ok(response)
 }
 
-/// Streams `len` bytes of `file` from `start`, read on a blocking thread.
-/// The pin keeps the blob from eviction until the last byte is handed over
-/// or the client goes away.
-fn file_body(file: std::fs::File, start: u64, len: u64, pin: PinGuard) -> Body {
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-    tokio::task::spawn_blocking(move || {
-        let _pin = pin;
-        let mut offset = start;
-        let end = start + len;
-        while offset < end {
-            let want = CHUNK.min((end - offset) as usize);
-            let mut buf = BytesMut::zeroed(want);
-            let result = file.read_at(&mut buf, offset).and_then(|n| {
-                if n == 0 {
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "blob file is shorter than its recorded size",
-                    ))
-                } else {
-                    Ok(n)
-                }
-            });
-            match result {
-                Ok(n) => {
-                    buf.truncate(n);
-                    offset += n as u64;
-                    counter!(t::BYTES_SENT).increment(n as u64);
-                    if tx.blocking_send(Ok(buf.freeze())).is_err() {
-                        return; // client went away
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
-}
-
 #[derive(Serialize)]
-pub(crate) struct BlobPutResponse {
-    pub(crate) digest: Digest,
-    pub(crate) size: u64,
+struct BlobPutResponse {
+    digest: Digest,
+    size: u64,
 }
 
 /// Decrements the uploads-in-flight gauge however the handler ends.
-pub(crate) struct InFlight;
+struct InFlight;
 
 impl InFlight {
-    pub(crate) fn start() -> Self {
+    fn start() -> Self {
         gauge!(t::UPLOADS_IN_FLIGHT).increment(1.0);
         InFlight
     }
@@ -588,8 +556,8 @@ impl Drop for InFlight {
     }
 }
 
-async fn put_blob(
-    State(state): State<Arc<AppState>>,
+async fn put_blob<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Path(digest): Path<String>,
     body: Body,
@@ -597,94 +565,44 @@ async fn put_blob(
     authorize(&state, &headers, Scope::Write)?;
     let digest = parse_digest(&digest)?;
     let _in_flight = InFlight::start();
-    let _pin = state.store.pin(&digest);
-
-    // `Some(batch)` carries data, `None` says the body is complete. If the
-    // channel closes without `None` (the client went away and this handler
-    // was dropped, or the body failed) the writer drops the upload.
-    let (tx, mut rx) = mpsc::channel::<Option<Vec<Bytes>>>(4);
-    let store = state.store.clone();
-    let expected = digest.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<(BlobCommit, u64), StoreError> {
-        let mut w = store.blob_writer()?;
-        loop {
-            match rx.blocking_recv() {
-                Some(Some(chunks)) => {
-                    for chunk in chunks {
-                        w.write_all(&chunk).map_err(|e| {
-                            StoreError::io(format!("writing upload of {expected}"), e)
-                        })?;
-                    }
-                }
-                Some(None) => break,
-                None => {
-                    return Err(StoreError::io(
-                        format!("upload of {expected}"),
-                        io::Error::new(
-                            io::ErrorKind::ConnectionAborted,
-                            "client aborted the upload",
-                        ),
-                    ));
-                }
-            }
-        }
-        let size = w.bytes_written();
-        Ok((w.commit(&expected)?, size))
-    });
-
+    let mut upload = Some(
+        state
+            .backend
+            .begin_upload(&digest)
+            .await
+            .map_err(Into::into)?,
+    );
+    let mut failed: Option<B::Error> = None;
     let mut stream = body.into_data_stream();
-    let mut writer_gone = false;
-    let mut aborted = None;
-    // Chunks are handed to the writer thread in batches of about a MiB:
-    // one thread hop per batch instead of per (often 16 KiB) chunk.
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut batched = 0usize;
-    loop {
-        let next = stream.next().await;
-        let flush = match &next {
-            Some(Ok(chunk)) => {
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
                 counter!(t::BYTES_RECEIVED).increment(chunk.len() as u64);
-                batched += chunk.len();
-                batched >= UPLOAD_BATCH
+                let Some(up) = &mut upload else { continue };
+                if let Err(e) = up.write(chunk).await {
+                    // Dropped: aborted. The rest of the body is still read,
+                    // so the client gets this answer (e.g. a full disk)
+                    // instead of a reset.
+                    upload = None;
+                    failed = Some(e);
+                }
             }
-            _ => true,
-        };
-        if let Some(Ok(chunk)) = &next
-            && !writer_gone
-        {
-            batch.push(chunk.clone());
-        }
-        if flush && !batch.is_empty() {
-            // After a write failure (e.g. a full disk) keep reading, so the
-            // client gets our answer instead of a reset.
-            if tx.send(Some(std::mem::take(&mut batch))).await.is_err() {
-                writer_gone = true;
-            }
-            batched = 0;
-        }
-        match next {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                aborted = Some(e.to_string());
-                break;
-            }
-            None => {
-                let _ = tx.send(None).await;
-                break;
+            // The client went away or the body broke: dropping the upload
+            // aborts it, nothing becomes visible.
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "upload of {digest} was cut short: {e}"
+                )));
             }
         }
     }
-    drop(tx);
-    let result = writer.await.map_err(ApiError::internal)?;
-    if let Some(reason) = aborted {
-        return Err(ApiError::bad_request(format!(
-            "upload of {digest} was cut short: {reason}"
-        )));
+    if let Some(e) = failed {
+        return Err(e.into());
     }
-    let (outcome, size) = result?;
-    if state.store.over_limit() {
-        state.gc_wakeup.notify_one();
-    }
+    let Some(upload) = upload else {
+        return Err(ApiError::internal(format!("upload of {digest} lost")));
+    };
+    let (outcome, size) = upload.commit().await.map_err(Into::into)?;
     let status = match outcome {
         BlobCommit::Created => StatusCode::CREATED,
         BlobCommit::Existed => StatusCode::OK,
@@ -706,12 +624,12 @@ async fn put_blob(
 
 // ---- admin -------------------------------------------------------------------
 
-async fn admin_stats(
-    State(state): State<Arc<AppState>>,
+async fn admin_stats<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
-) -> ApiResult<Json<crate::store::Stats>> {
+) -> ApiResult<Json<Stats>> {
     authorize(&state, &headers, Scope::Admin)?;
-    Ok(Json(state.store.stats()))
+    Ok(Json(state.backend.stats()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -730,8 +648,8 @@ pub struct EntryPage {
     pub next: Option<CacheKey>,
 }
 
-async fn admin_entries(
-    State(state): State<Arc<AppState>>,
+async fn admin_entries<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> ApiResult<Json<EntryPage>> {
@@ -744,11 +662,11 @@ async fn admin_entries(
     }
     let after = query.after.as_deref().map(parse_key).transpose()?;
     let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let store = state.store.clone();
-    let entries = blocking(move || {
-        store.list_entries(&principal.namespace, &query.prefix, after.as_ref(), limit)
-    })
-    .await?;
+    let entries = state
+        .backend
+        .list_entries(&principal.namespace, &query.prefix, after.as_ref(), limit)
+        .await
+        .map_err(Into::into)?;
     let next = if entries.len() == limit {
         entries.last().map(|r| r.key)
     } else {
@@ -757,13 +675,12 @@ async fn admin_entries(
     Ok(Json(EntryPage { entries, next }))
 }
 
-async fn admin_gc(
-    State(state): State<Arc<AppState>>,
+async fn admin_gc<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
-) -> ApiResult<Json<crate::store::GcReport>> {
+) -> ApiResult<Json<B::GcReport>> {
     authorize(&state, &headers, Scope::Admin)?;
-    let store = state.store.clone();
-    Ok(Json(blocking(move || store.gc()).await?))
+    Ok(Json(state.backend.gc().await.map_err(Into::into)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -776,14 +693,19 @@ fn yes() -> bool {
     true
 }
 
-async fn admin_verify(
-    State(state): State<Arc<AppState>>,
+async fn admin_verify<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
     headers: HeaderMap,
     Query(query): Query<VerifyQuery>,
-) -> ApiResult<Json<crate::store::VerifyReport>> {
+) -> ApiResult<Json<B::VerifyReport>> {
     authorize(&state, &headers, Scope::Admin)?;
-    let store = state.store.clone();
-    Ok(Json(blocking(move || store.verify(query.repair)).await?))
+    Ok(Json(
+        state
+            .backend
+            .verify(query.repair)
+            .await
+            .map_err(Into::into)?,
+    ))
 }
 
 #[cfg(test)]
@@ -807,5 +729,488 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Full);
         assert_eq!(parse_range(Some("bytes=x-y"), 10), Full);
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Full);
+    }
+
+    use std::path::Path as FsPath;
+    use std::time::Duration;
+
+    use object_store::memory::InMemory;
+    use object_store::{ObjectStoreExt, PutPayload};
+    use reqwest::Method;
+    use tokio::sync::Notify;
+
+    use crate::auth::{generate_token, token_toml};
+    use crate::backend::LocalBackend;
+    use crate::objstore::bucket::{Bucket, MIN_PART_SIZE};
+    use crate::objstore::{Replica, ReplicaConfig};
+    use crate::store::{Store, StoreConfig};
+
+    /// A client of one served router with two all-scope tokens: `ops` in
+    /// the default namespace, `team` in `team-a`.
+    struct Api {
+        url: String,
+        ops: String,
+        team: String,
+        http: reqwest::Client,
+    }
+
+    impl Api {
+        /// Serves `backend` through the one router on 127.0.0.1; the server
+        /// task ends with the test's runtime.
+        async fn serve<B: Backend>(backend: B, dir: &FsPath) -> Api {
+            let (ops, team) = (generate_token(), generate_token());
+            let all = [Scope::Read, Scope::Write, Scope::Admin];
+            let tokens = dir.join("tokens.toml");
+            let toml = token_toml(&ops, Some("ops"), &all, None)
+                + &token_toml(&team, Some("team"), &all, Some("team-a"));
+            std::fs::write(&tokens, toml).unwrap();
+            let state = Arc::new(AppState {
+                backend: Arc::new(backend),
+                auth: Auth::from_file(&tokens).unwrap(),
+                metrics: crate::telemetry::metrics_handle(),
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, router(state)).await });
+            Api {
+                url,
+                ops,
+                team,
+                http: reqwest::Client::new(),
+            }
+        }
+
+        fn as_ops(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+            self.http
+                .request(method, format!("{}{path}", self.url))
+                .bearer_auth(&self.ops)
+        }
+
+        fn as_team(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+            self.http
+                .request(method, format!("{}{path}", self.url))
+                .bearer_auth(&self.team)
+        }
+
+        async fn json(&self, request: reqwest::RequestBuilder) -> serde_json::Value {
+            let response = request.send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            response.json().await.unwrap()
+        }
+
+        /// Every key `as_ops` lists, page by page (`limit` per page).
+        async fn list_all(&self, limit: usize) -> (Vec<CacheKey>, usize) {
+            let (mut keys, mut pages) = (Vec::new(), 0);
+            let mut after: Option<String> = None;
+            loop {
+                let mut path = format!("/v1/admin/entries?limit={limit}");
+                if let Some(a) = &after {
+                    path.push_str(&format!("&after={a}"));
+                }
+                let page = self.json(self.as_ops(Method::GET, &path)).await;
+                pages += 1;
+                for record in page["entries"].as_array().unwrap() {
+                    assert!(record["created_ms"].as_u64().unwrap() > 0, "{record}");
+                    keys.push(record["key"].as_str().unwrap().parse().unwrap());
+                }
+                match page["next"].as_str() {
+                    Some(next) => after = Some(next.to_owned()),
+                    None => return (keys, pages),
+                }
+            }
+        }
+    }
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey::from_bytes([n; 32])
+    }
+
+    fn entry_json(layer: Option<(&Digest, usize)>, by: &str) -> serde_json::Value {
+        serde_json::json!({
+            "layer": layer.map(|(digest, size)| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": digest, "size": size, "diffId": digest,
+            })),
+            "createdBy": by,
+            "created": "2026-11-24T12:00:00Z",
+        })
+    }
+
+    /// The HTTP behaviour every backend must show, through the one router.
+    /// `corrupt` changes a stored blob's bytes (same length) and `lose`
+    /// removes them, both behind the backend's back.
+    async fn conformance(api: &Api, corrupt: impl AsyncFn(&Digest), lose: impl AsyncFn(&Digest)) {
+        let status = |r: reqwest::Response| r.status();
+        let data = vec![7u8; 1000];
+        let digest = Digest::of_bytes(&data);
+        let blob_path = format!("/v1/blobs/{digest}");
+        let entry_path = format!("/v1/entries/{}", key(1));
+
+        assert_eq!(
+            api.json(api.as_ops(Method::GET, "/readyz")).await["status"],
+            "ready"
+        );
+        let no_token = api
+            .http
+            .get(format!("{}{blob_path}", api.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(no_token.status(), StatusCode::UNAUTHORIZED);
+
+        // Uploads are verified against their digest.
+        let wrong = api
+            .as_ops(
+                Method::PUT,
+                &format!("/v1/blobs/{}", Digest::of_bytes(b"x")),
+            )
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), StatusCode::BAD_REQUEST);
+        let body: serde_json::Value = wrong.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "digest_mismatch");
+        assert_eq!(
+            status(api.as_ops(Method::HEAD, &blob_path).send().await.unwrap()),
+            StatusCode::NOT_FOUND
+        );
+
+        // An entry needs its blob (and one of the size it says, below).
+        let never = Digest::of_bytes(b"never uploaded");
+        let early = api
+            .as_ops(Method::PUT, &entry_path)
+            .json(&entry_json(Some((&never, 14)), "RUN a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(early.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body: serde_json::Value = early.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "missing_blob");
+
+        let put = || {
+            api.as_ops(Method::PUT, &blob_path)
+                .body(data.clone())
+                .send()
+        };
+        let created = put().await.unwrap();
+        assert_eq!(created.status(), StatusCode::CREATED);
+        assert_eq!(
+            created.headers()["docker-content-digest"],
+            digest.to_string()
+        );
+        let body: serde_json::Value = created.json().await.unwrap();
+        assert_eq!(body["size"], 1000);
+        assert_eq!(status(put().await.unwrap()), StatusCode::OK);
+
+        // First writer wins.
+        let put_entry = |by: &str, size: usize| {
+            api.as_ops(Method::PUT, &entry_path)
+                .json(&entry_json(Some((&digest, size)), by))
+                .send()
+        };
+        assert_eq!(
+            status(put_entry("RUN a", 1000).await.unwrap()),
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            status(put_entry("RUN a", 1000).await.unwrap()),
+            StatusCode::OK
+        );
+        let conflict = put_entry("RUN b", 1000).await.unwrap();
+        assert_eq!(conflict.status(), StatusCode::CONFLICT);
+
+        let found = api
+            .json(
+                api.as_ops(Method::POST, "/v1/lookup")
+                    .json(&serde_json::json!({"keys": [key(1), key(2)]})),
+            )
+            .await;
+        assert_eq!(found["entries"][key(1).to_hex()]["createdBy"], "RUN a");
+        assert_eq!(found["entries"].as_object().unwrap().len(), 1);
+        let got = api.json(api.as_ops(Method::GET, &entry_path)).await;
+        assert_eq!(got["createdBy"], "RUN a");
+        let absent = api
+            .as_ops(Method::GET, &format!("/v1/entries/{}", key(2)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(absent.status(), StatusCode::NOT_FOUND);
+        let bad_key = api
+            .as_ops(Method::GET, "/v1/entries/nothex")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad_key.status(), StatusCode::BAD_REQUEST);
+
+        // Namespaces: team-a sees none of the default namespace's entries
+        // and has first-writer-wins of its own.
+        let theirs = api
+            .json(
+                api.as_team(Method::POST, "/v1/lookup")
+                    .json(&serde_json::json!({"keys": [key(1)]})),
+            )
+            .await;
+        assert_eq!(theirs["entries"], serde_json::json!({}));
+        let team_put = api
+            .as_team(Method::PUT, &entry_path)
+            .json(&entry_json(None, "RUN team"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(team_put.status(), StatusCode::CREATED);
+        let team_page = api
+            .json(api.as_team(Method::GET, "/v1/admin/entries"))
+            .await;
+        assert_eq!(team_page["entries"].as_array().unwrap().len(), 1);
+        assert_eq!(team_page["entries"][0]["entry"]["createdBy"], "RUN team");
+        assert_eq!(
+            status(
+                api.as_team(Method::DELETE, &entry_path)
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            api.json(api.as_ops(Method::GET, &entry_path)).await["createdBy"],
+            "RUN a"
+        );
+
+        // Blob reads: whole, ranges, 416 past the end, HEAD.
+        let head = api.as_ops(Method::HEAD, &blob_path).send().await.unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(head.headers()["content-length"], "1000");
+        assert_eq!(head.headers()["etag"], format!("\"{digest}\""));
+        assert_eq!(head.headers()["docker-content-digest"], digest.to_string());
+        let whole = api.as_ops(Method::GET, &blob_path).send().await.unwrap();
+        assert_eq!(whole.status(), StatusCode::OK);
+        assert_eq!(whole.headers()["accept-ranges"], "bytes");
+        assert_eq!(whole.bytes().await.unwrap(), data);
+        let range = api
+            .as_ops(Method::GET, &blob_path)
+            .header("range", "bytes=-10")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(range.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(range.headers()["content-range"], "bytes 990-999/1000");
+        assert_eq!(range.headers()["content-length"], "10");
+        assert_eq!(range.bytes().await.unwrap().len(), 10);
+        let middle = api
+            .as_ops(Method::GET, &blob_path)
+            .header("range", "bytes=100-199")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(middle.headers()["content-range"], "bytes 100-199/1000");
+        assert_eq!(middle.bytes().await.unwrap(), &data[100..200]);
+        let beyond = api
+            .as_ops(Method::GET, &blob_path)
+            .header("range", "bytes=5000-")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(beyond.headers()["content-range"], "bytes */1000");
+        let none = api
+            .as_ops(
+                Method::GET,
+                &format!("/v1/blobs/{}", Digest::of_bytes(b"none")),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(none.status(), StatusCode::NOT_FOUND);
+
+        // Admin entries: key order, pages joined by `next`, hex prefixes.
+        for n in 10..15 {
+            let r = api
+                .as_ops(Method::PUT, &format!("/v1/entries/{}", key(n)))
+                .json(&entry_json(None, &format!("RUN {n}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+        }
+        let expected = vec![key(1), key(10), key(11), key(12), key(13), key(14)];
+        assert_eq!(api.list_all(2).await, (expected.clone(), 4));
+        assert_eq!(api.list_all(1000).await, (expected, 1));
+        let by_prefix = api
+            .json(api.as_ops(
+                Method::GET,
+                &format!("/v1/admin/entries?prefix={}", &key(12).to_hex()[..6]),
+            ))
+            .await;
+        assert_eq!(by_prefix["entries"].as_array().unwrap().len(), 1);
+        assert_eq!(by_prefix["entries"][0]["key"], key(12).to_hex());
+        let full_key = api
+            .json(api.as_ops(
+                Method::GET,
+                &format!("/v1/admin/entries?prefix={}", key(13).to_hex()),
+            ))
+            .await;
+        assert_eq!(full_key["entries"][0]["key"], key(13).to_hex());
+        let bad_prefix = api
+            .as_ops(Method::GET, "/v1/admin/entries?prefix=xyz")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad_prefix.status(), StatusCode::BAD_REQUEST);
+
+        // Deleting the only entry naming the blob lets GC take it.
+        assert_eq!(
+            status(
+                api.as_ops(Method::DELETE, &entry_path)
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            status(
+                api.as_ops(Method::DELETE, &entry_path)
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            StatusCode::NOT_FOUND
+        );
+        let gc = api.json(api.as_ops(Method::POST, "/v1/admin/gc")).await;
+        assert_eq!(gc["blobs_removed"], 1, "{gc}");
+        assert_eq!(
+            status(api.as_ops(Method::GET, &blob_path).send().await.unwrap()),
+            StatusCode::NOT_FOUND
+        );
+
+        // Verify finds a corrupt and a missing blob; repair removes them
+        // and the entries naming them.
+        let (rotten, lost) = (vec![2u8; 2000], vec![3u8; 300]);
+        let (rotten_d, lost_d) = (Digest::of_bytes(&rotten), Digest::of_bytes(&lost));
+        for (n, bytes, d) in [(20, &rotten, &rotten_d), (30, &lost, &lost_d)] {
+            let r = api
+                .as_ops(Method::PUT, &format!("/v1/blobs/{d}"))
+                .body(bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+            let r = api
+                .as_ops(Method::PUT, &format!("/v1/entries/{}", key(n)))
+                .json(&entry_json(Some((d, bytes.len())), "RUN layer"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+        }
+        let sized = api
+            .as_ops(Method::PUT, &format!("/v1/entries/{}", key(21)))
+            .json(&entry_json(Some((&rotten_d, 1999)), "RUN layer"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sized.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body: serde_json::Value = sized.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "size_mismatch");
+        corrupt(&rotten_d).await;
+        lose(&lost_d).await;
+        let dry = api
+            .json(api.as_ops(Method::POST, "/v1/admin/verify?repair=false"))
+            .await;
+        assert_eq!(dry["corrupt"], serde_json::json!([rotten_d]), "{dry}");
+        assert_eq!(dry["missing"], serde_json::json!([lost_d]), "{dry}");
+        assert_eq!(dry["blobs_checked"], 1, "{dry}");
+        assert_eq!(dry["entries_dropped"], 0, "{dry}");
+        assert_eq!(
+            status(
+                api.as_ops(Method::GET, &format!("/v1/entries/{}", key(20)))
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            StatusCode::OK
+        );
+        let repaired = api.json(api.as_ops(Method::POST, "/v1/admin/verify")).await;
+        assert_eq!(
+            repaired["corrupt"],
+            serde_json::json!([rotten_d]),
+            "{repaired}"
+        );
+        assert_eq!(repaired["entries_dropped"], 2, "{repaired}");
+        for n in [20, 30] {
+            let r = api
+                .as_ops(Method::GET, &format!("/v1/entries/{}", key(n)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "entry {n}");
+        }
+        let r = api
+            .as_ops(Method::HEAD, &format!("/v1/blobs/{rotten_d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let clean = api.json(api.as_ops(Method::POST, "/v1/admin/verify")).await;
+        assert_eq!(clean["corrupt"], serde_json::json!([]), "{clean}");
+        assert_eq!(clean["missing"], serde_json::json!([]), "{clean}");
+        assert_eq!(
+            api.list_all(100).await.0.len(),
+            5,
+            "the layerless entries stay"
+        );
+    }
+
+    #[tokio::test]
+    async fn both_backends_answer_the_same_http_conformance_sequence() {
+        // The local store in a temporary directory.
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            blob_grace: Duration::ZERO,
+            ..Default::default()
+        };
+        let store = Store::open(&dir.path().join("data"), config).unwrap();
+        let blobs = dir.path().join("data").join("blobs");
+        let api = Api::serve(
+            LocalBackend::new(store, Arc::new(Notify::new())),
+            dir.path(),
+        )
+        .await;
+        conformance(
+            &api,
+            async |d: &Digest| {
+                let path = blobs.join(d.sharded_path());
+                let len = std::fs::metadata(&path).unwrap().len() as usize;
+                std::fs::write(&path, vec![0xEE; len]).unwrap();
+            },
+            async |d: &Digest| std::fs::remove_file(blobs.join(d.sharded_path())).unwrap(),
+        )
+        .await;
+
+        // A replica over an in-memory bucket.
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(InMemory::new());
+        let bucket = Bucket::new(mem.clone(), "cache", MIN_PART_SIZE);
+        let config = ReplicaConfig {
+            miss_recheck: Duration::ZERO,
+            blob_grace: Duration::ZERO,
+            ..Default::default()
+        };
+        let replica = Replica::open(bucket.clone(), &dir.path().join("data"), config).unwrap();
+        let api = Api::serve(replica, dir.path()).await;
+        conformance(
+            &api,
+            async |d: &Digest| {
+                let path = bucket.blob_path(d);
+                let len = mem.head(&path).await.unwrap().size as usize;
+                mem.put(&path, PutPayload::from(vec![0xEE; len]))
+                    .await
+                    .unwrap();
+            },
+            async |d: &Digest| mem.delete(&bucket.blob_path(d)).await.unwrap(),
+        )
+        .await;
     }
 }

@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use serde::Serialize;
 
 use crate::auth::{self, Scope};
-use crate::client::{AdminClient, ClientError};
+use crate::client::{AdminClient, ClientError, Leased};
 use crate::store::{Store, StoreConfig, VerifyReport};
 use crate::units::format_size;
 
@@ -66,6 +66,7 @@ pub enum Command {
     /// Entry and blob counts, bytes, hit ratio, evictions.
     Stats,
     /// List entries (of the token's namespace) in key order.
+    #[command(visible_alias = "entries")]
     Ls {
         /// Only keys starting with these hex characters.
         #[arg(long, default_value = "")]
@@ -80,7 +81,8 @@ pub enum Command {
     Rm { key: CacheKey },
     /// Run garbage collection now.
     Gc,
-    /// Re-hash every blob; quarantine corrupt ones and drop their entries.
+    /// Re-hash every blob; quarantine corrupt ones (on object storage:
+    /// delete them) and drop their entries.
     Verify {
         /// Work on a data directory directly (server stopped) instead of
         /// asking the server.
@@ -267,9 +269,15 @@ async fn run_inner(args: CliArgs, out: &mut impl Write) -> Result<u8, Failure> {
             }
         }
         Command::Gc => {
-            let report = client()?.gc().await?;
+            let answer = client()?.gc().await?;
+            let report = &answer.report;
             if json {
-                print_json(out, &report)?;
+                print_json(out, &answer)?;
+            } else if answer.refused() {
+                writeln!(
+                    out,
+                    "another replica holds the GC lease and collects; nothing done here"
+                )?;
             } else {
                 writeln!(
                     out,
@@ -283,7 +291,7 @@ async fn run_inner(args: CliArgs, out: &mut impl Write) -> Result<u8, Failure> {
             }
         }
         Command::Verify { data, dry_run } => {
-            let report = match data {
+            let answer = match data {
                 Some(dir) => tokio::task::spawn_blocking(move || {
                     let store = Store::open(&dir, StoreConfig::default())
                         .map_err(|e| format!("opening {}: {e}", dir.display()))?;
@@ -293,10 +301,19 @@ async fn run_inner(args: CliArgs, out: &mut impl Write) -> Result<u8, Failure> {
                 })
                 .await
                 .map_err(|e| Failure::Other(e.to_string()))?
+                .map(|report| Leased {
+                    report,
+                    lease_held: None,
+                })
                 .map_err(Failure::Other)?,
                 None => client()?.verify(!dry_run).await?,
             };
-            print_verify(out, &report, json)?;
+            print_verify(out, &answer, json)?;
+            if answer.refused() {
+                // Asked to repair, nothing was checked: not a clean bill.
+                return Ok(EXIT_FAILURE);
+            }
+            let report = &answer.report;
             if !(report.corrupt.is_empty() && report.missing.is_empty()) {
                 return Ok(EXIT_CORRUPT);
             }
@@ -331,10 +348,22 @@ async fn run_inner(args: CliArgs, out: &mut impl Write) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
-fn print_verify(out: &mut impl Write, report: &VerifyReport, json: bool) -> std::io::Result<()> {
+fn print_verify(
+    out: &mut impl Write,
+    answer: &Leased<VerifyReport>,
+    json: bool,
+) -> std::io::Result<()> {
     if json {
-        return print_json(out, report);
+        return print_json(out, answer);
     }
+    if answer.refused() {
+        return writeln!(
+            out,
+            "another replica holds the GC lease, so nothing was verified or repaired; \
+             try again later, or verify with --dry-run"
+        );
+    }
+    let report = &answer.report;
     writeln!(
         out,
         "checked {} blobs ({})",
@@ -342,10 +371,14 @@ fn print_verify(out: &mut impl Write, report: &VerifyReport, json: bool) -> std:
         format_size(report.bytes_checked)
     )?;
     for d in &report.corrupt {
-        let what = if report.quarantined {
-            "quarantined"
-        } else {
+        // Only a replica says whether it held the lease; a bucket has no
+        // quarantine, corrupt blobs are deleted from it.
+        let what = if !report.quarantined {
             "not repaired (dry run)"
+        } else if answer.lease_held.is_some() {
+            "deleted"
+        } else {
+            "quarantined"
         };
         writeln!(out, "CORRUPT {d} ({what})")?;
     }

@@ -6,6 +6,7 @@
 use kiln_common::{CacheEntry, CacheKey, ErrorBody};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::api::EntryPage;
 use crate::store::{GcReport, Stats, VerifyReport};
@@ -35,6 +36,24 @@ impl ClientError {
             ClientError::Status { status, .. } => Some(*status),
             _ => None,
         }
+    }
+}
+
+/// A GC or verify answer. A replica over object storage adds whether it
+/// held the GC lease (`false`: another replica did, nothing was done); the
+/// local store leaves it out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Leased<T> {
+    #[serde(flatten)]
+    pub report: T,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_held: Option<bool>,
+}
+
+impl<T> Leased<T> {
+    /// True when another replica holds the GC lease and this one did nothing.
+    pub fn refused(&self) -> bool {
+        self.lease_held == Some(false)
     }
 }
 
@@ -162,11 +181,11 @@ impl AdminClient {
         .map(|_| ())
     }
 
-    pub async fn gc(&self) -> Result<GcReport, ClientError> {
+    pub async fn gc(&self) -> Result<Leased<GcReport>, ClientError> {
         self.call_some(Method::POST, "/v1/admin/gc", &[]).await
     }
 
-    pub async fn verify(&self, repair: bool) -> Result<VerifyReport, ClientError> {
+    pub async fn verify(&self, repair: bool) -> Result<Leased<VerifyReport>, ClientError> {
         self.call_some(
             Method::POST,
             "/v1/admin/verify",

@@ -3,7 +3,12 @@
 //!
 //! clap resolves flags over environment; every field is optional there so
 //! that the config file can fill in what neither gave. [`ServerArgs::resolve`]
-//! produces the one [`ServerConfig`] the server runs with.
+//! produces the one [`ServerConfig`] the server runs with. The file's keys
+//! are the flags' names with `_` for `-`, object-storage settings included
+//! (flat, like the rest); unknown keys are refused, and so are keys that
+//! look like credentials, which only ever come from the environment or the
+//! pod's identity. An invalid value names the flag, or the key and the file
+//! it came from.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +20,7 @@ use crate::objstore::ObjectStorageConfig;
 use crate::objstore::serve::ObjectArgs;
 use crate::store::StoreConfig;
 use crate::telemetry::LogFormat;
-use crate::units::{parse_duration, parse_size};
+use crate::units::{UnitError, parse_duration, parse_size};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,6 +36,20 @@ pub enum ConfigError {
         setting: &'static str,
         message: String,
     },
+    #[error("config file {path}: {key}: {message}")]
+    InvalidInFile {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+    #[error(
+        "config file {path}: {key:?} looks like a credential, and credentials are never read \
+         from the config file: remove it, and give the server AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in its environment, e.g. from a \
+         Kubernetes Secret, or let it use the pod's or instance's identity (IRSA, instance \
+         metadata)"
+    )]
+    Credentials { path: String, key: String },
     #[error("--data (KILN_CACHE_DATA, or data = \"...\" in the config file) is required")]
     MissingData,
     #[error("--tls-cert and --tls-key must be given together")]
@@ -104,12 +123,14 @@ pub struct ServerArgs {
     #[arg(long, env = "KILN_CACHE_BLOCK_CACHE", value_name = "SIZE")]
     pub block_cache: Option<String>,
     /// Object-storage mode: --storage s3://bucket/prefix and its settings
-    /// (docs/object-storage.md). Flags and environment only.
+    /// (docs/object-storage.md).
     #[command(flatten)]
     pub object: ObjectArgs,
 }
 
-/// The config file: same names as the flags, snake_case.
+/// The config file: same names as the flags, snake_case. The object-storage
+/// keys are flat like the others (serde's `flatten` would not work with
+/// `deny_unknown_fields`), and become an [`ObjectArgs`] for its resolution.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -127,6 +148,32 @@ struct FileConfig {
     shutdown_timeout: Option<String>,
     block_cache: Option<String>,
     access_granularity: Option<String>,
+    storage: Option<String>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_part_size: Option<String>,
+    miss_recheck: Option<String>,
+    hit_recheck: Option<String>,
+    gc_lease_ttl: Option<String>,
+    presign_ttl: Option<String>,
+    replica_id: Option<String>,
+}
+
+impl FileConfig {
+    /// The object-storage keys, taken out of the file's settings.
+    fn take_object(&mut self) -> ObjectArgs {
+        ObjectArgs {
+            storage: self.storage.take(),
+            s3_endpoint: self.s3_endpoint.take(),
+            s3_region: self.s3_region.take(),
+            s3_part_size: self.s3_part_size.take(),
+            miss_recheck: self.miss_recheck.take(),
+            hit_recheck: self.hit_recheck.take(),
+            gc_lease_ttl: self.gc_lease_ttl.take(),
+            presign_ttl: self.presign_ttl.take(),
+            replica_id: self.replica_id.take(),
+        }
+    }
 }
 
 /// Everything the server needs, resolved.
@@ -148,10 +195,11 @@ pub struct ServerConfig {
 impl ServerArgs {
     /// Merges the config file (if any) under the flags/environment.
     pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
-        let file = match &self.config {
+        let mut file = match &self.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let file_object = file.take_object();
         // Paths in the config file are relative to the file's directory.
         let base = self
             .config
@@ -161,24 +209,10 @@ impl ServerArgs {
             .unwrap_or_default();
         let rel = |p: Option<PathBuf>| p.map(|p| base.join(p));
 
-        let size = |setting, v: Option<String>| -> Result<Option<u64>, ConfigError> {
-            v.map(|s| {
-                parse_size(&s).map_err(|e| ConfigError::Invalid {
-                    setting,
-                    message: e.to_string(),
-                })
-            })
-            .transpose()
-        };
-        let duration = |setting, v: Option<String>| -> Result<Option<Duration>, ConfigError> {
-            v.map(|s| {
-                parse_duration(&s).map_err(|e| ConfigError::Invalid {
-                    setting,
-                    message: e.to_string(),
-                })
-            })
-            .transpose()
-        };
+        let config = self.config.as_deref();
+        let size = |setting, flag, from_file| layered(config, setting, flag, from_file, parse_size);
+        let duration =
+            |setting, flag, from_file| layered(config, setting, flag, from_file, parse_duration);
 
         let data = self
             .data
@@ -186,20 +220,23 @@ impl ServerArgs {
             .ok_or(ConfigError::MissingData)?;
         let defaults = StoreConfig::default();
         let store = StoreConfig {
-            max_size: size("max-size", self.max_size.or(file.max_size))?,
-            entry_ttl: duration("entry-ttl", self.entry_ttl.or(file.entry_ttl))?
+            max_size: size("max-size", self.max_size, file.max_size)?,
+            entry_ttl: duration("entry-ttl", self.entry_ttl, file.entry_ttl)?
                 .filter(|d| !d.is_zero()),
-            blob_grace: duration("blob-grace", self.blob_grace.or(file.blob_grace))?
+            blob_grace: duration("blob-grace", self.blob_grace, file.blob_grace)?
                 .unwrap_or(defaults.blob_grace),
-            block_cache_bytes: size("block-cache", self.block_cache.or(file.block_cache))?
+            block_cache_bytes: size("block-cache", self.block_cache, file.block_cache)?
                 .map_or(defaults.block_cache_bytes, |b| b as usize),
             access_granularity: duration(
                 "access-granularity",
-                self.access_granularity.or(file.access_granularity),
+                self.access_granularity,
+                file.access_granularity,
             )?
             .unwrap_or(defaults.access_granularity),
         };
-        let object = self.object.resolve(&store)?;
+        let object = self
+            .object
+            .resolve(config.map(|path| (&file_object, path)), &store)?;
         let tls = match (
             self.tls_cert.or_else(|| rel(file.tls_cert)),
             self.tls_key.or_else(|| rel(file.tls_key)),
@@ -215,7 +252,7 @@ impl ServerArgs {
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
             data,
             store,
-            gc_interval: duration("gc-interval", self.gc_interval.or(file.gc_interval))?
+            gc_interval: duration("gc-interval", self.gc_interval, file.gc_interval)?
                 .unwrap_or(Duration::from_secs(600)),
             tokens: self.tokens.or_else(|| rel(file.tokens)),
             tls,
@@ -223,11 +260,53 @@ impl ServerArgs {
             port_file: self.port_file.or(file.port_file),
             shutdown_timeout: duration(
                 "shutdown-timeout",
-                self.shutdown_timeout.or(file.shutdown_timeout),
+                self.shutdown_timeout,
+                file.shutdown_timeout,
             )?
             .unwrap_or(Duration::from_secs(30)),
             object,
         })
+    }
+}
+
+/// A flag's (or its variable's) value, else the config file's, parsed. An
+/// invalid value is reported as the flag, or as the key in the file.
+fn layered<T>(
+    config: Option<&Path>,
+    setting: &'static str,
+    flag: Option<String>,
+    from_file: Option<String>,
+    parse: impl Fn(&str) -> Result<T, UnitError>,
+) -> Result<Option<T>, ConfigError> {
+    let (value, file) = match (flag, from_file) {
+        (Some(value), _) => (value, None),
+        (None, Some(value)) => (value, config),
+        (None, None) => return Ok(None),
+    };
+    parse(&value).map(Some).map_err(|e| match file {
+        Some(path) => ConfigError::InvalidInFile {
+            path: path.display().to_string(),
+            key: file_key(setting),
+            message: e.to_string(),
+        },
+        None => ConfigError::Invalid {
+            setting,
+            message: e.to_string(),
+        },
+    })
+}
+
+/// The config-file key of a setting named as its flag.
+fn file_key(setting: &'static str) -> &'static str {
+    match setting {
+        "max-size" => "max_size",
+        "entry-ttl" => "entry_ttl",
+        "blob-grace" => "blob_grace",
+        "gc-interval" => "gc_interval",
+        "shutdown-timeout" => "shutdown_timeout",
+        "access-granularity" => "access_granularity",
+        "block-cache" => "block_cache",
+        other => other,
     }
 }
 
@@ -236,10 +315,54 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    let parse_error = |e: toml::de::Error| ConfigError::Parse {
         path: path.display().to_string(),
         message: e.to_string(),
-    })
+    };
+    // Credentials first, on the bare table: refused with where they go,
+    // never echoed, whatever else is wrong with the file.
+    let table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+    if let Some(key) = credential_key(&table, "") {
+        return Err(ConfigError::Credentials {
+            path: path.display().to_string(),
+            key,
+        });
+    }
+    toml::from_str(&text).map_err(parse_error)
+}
+
+/// The first key (dotted, at any depth) that names a credential. Such a key
+/// is refused rather than reported as merely unknown: a secret in a config
+/// file ends up in ConfigMaps, images and repositories.
+fn credential_key(table: &toml::Table, parent: &str) -> Option<String> {
+    const WORDS: [&str; 6] = [
+        "secret",
+        "password",
+        "credential",
+        "access_key",
+        "session_token",
+        "security_token",
+    ];
+    for (key, value) in table {
+        let path = if parent.is_empty() {
+            key.clone()
+        } else {
+            format!("{parent}.{key}")
+        };
+        let normal = key.to_ascii_lowercase().replace('-', "_");
+        if WORDS.iter().any(|w| normal.contains(w)) {
+            return Some(path);
+        }
+        let nested: Vec<&toml::Table> = match value {
+            toml::Value::Table(t) => vec![t],
+            toml::Value::Array(items) => items.iter().filter_map(|v| v.as_table()).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(found) = nested.into_iter().find_map(|t| credential_key(t, &path)) {
+            return Some(found);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -324,5 +447,205 @@ mod tests {
             ServerArgs::default().resolve(),
             Err(ConfigError::MissingData)
         ));
+    }
+
+    /// A config file with `text` in a fresh directory, and the arguments
+    /// that point at it followed by `flags`.
+    fn with_file(text: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf, ServerArgs) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cache.toml");
+        std::fs::write(&file, text).unwrap();
+        let mut argv = vec!["kiln-cache-server", "--config", file.to_str().unwrap()];
+        argv.extend_from_slice(flags);
+        let args = ServerArgs::try_parse_from(argv).unwrap();
+        (dir, file, args)
+    }
+
+    const S3_FILE: &str = r#"
+data = "index"
+storage = "s3://kiln-cache/team-a"
+s3_endpoint = "http://minio.minio.svc:9000"
+s3_region = "eu-west-1"
+s3_part_size = "32MiB"
+miss_recheck = "0"
+hit_recheck = "5m"
+gc_lease_ttl = "90s"
+presign_ttl = "2m"
+replica_id = "cache-0"
+"#;
+
+    #[test]
+    fn object_storage_settings_can_come_from_the_config_file_alone() {
+        let (_dir, _, args) = with_file(S3_FILE, &[]);
+        let object = args.resolve().unwrap().object.unwrap();
+        assert_eq!(object.url, "s3://kiln-cache/team-a");
+        assert_eq!(
+            object.endpoint.as_deref(),
+            Some("http://minio.minio.svc:9000")
+        );
+        assert_eq!(object.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(object.part_size, 32 << 20);
+        assert_eq!(object.replica.miss_recheck, Duration::ZERO);
+        assert_eq!(object.replica.hit_recheck, Duration::from_secs(300));
+        assert_eq!(object.replica.lease_ttl, Duration::from_secs(90));
+        assert_eq!(object.replica.presign, Some(Duration::from_secs(120)));
+        assert_eq!(object.replica.holder, "cache-0");
+
+        // `storage = "local"` in the file is the local store.
+        let (_dir, _, args) = with_file("data = \"x\"\nstorage = \"local\"\n", &[]);
+        assert!(args.resolve().unwrap().object.is_none());
+    }
+
+    #[test]
+    fn object_storage_flags_win_over_the_config_file() {
+        let (_dir, _, args) = with_file(
+            S3_FILE,
+            &[
+                "--storage",
+                "s3://other-bucket",
+                "--miss-recheck",
+                "3s",
+                "--replica-id",
+                "from-flag",
+            ],
+        );
+        let object = args.resolve().unwrap().object.unwrap();
+        assert_eq!(object.url, "s3://other-bucket");
+        assert_eq!(object.replica.miss_recheck, Duration::from_secs(3));
+        assert_eq!(object.replica.holder, "from-flag");
+        // What no flag gave still comes from the file.
+        assert_eq!(object.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(object.replica.lease_ttl, Duration::from_secs(90));
+
+        // A flag may also switch a file's bucket back to local storage.
+        let (_dir, _, args) = with_file(S3_FILE, &["--storage", "local"]);
+        assert!(args.resolve().unwrap().object.is_none());
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_config_file() {
+        // Only this test sets or reads this variable's value; std's env lock
+        // keeps the other tests' (clap's) reads of the environment safe.
+        const VAR: &str = "KILN_CACHE_GC_LEASE_TTL";
+        // SAFETY: the variable is set and removed within this test, and
+        // nothing outside Rust's std (which locks) reads it.
+        unsafe { std::env::set_var(VAR, "7m") };
+        let parsed = std::panic::catch_unwind(|| {
+            let (_dir, _, args) = with_file(S3_FILE, &[]);
+            let from_env = args.resolve().unwrap().object.unwrap();
+            let (_dir, _, args) = with_file(S3_FILE, &["--gc-lease-ttl", "1m"]);
+            let from_flag = args.resolve().unwrap().object.unwrap();
+            (from_env.replica.lease_ttl, from_flag.replica.lease_ttl)
+        });
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(VAR) };
+        let (from_env, from_flag) = parsed.unwrap();
+        assert_eq!(from_env, Duration::from_secs(420), "env over file");
+        assert_eq!(from_flag, Duration::from_secs(60), "flag over env");
+    }
+
+    #[test]
+    fn invalid_file_values_name_the_key_and_the_file() {
+        for (line, key, value) in [
+            ("s3_part_size = \"1MiB\"", "s3_part_size", "5MiB"),
+            ("s3_part_size = \"huge\"", "s3_part_size", "huge"),
+            ("miss_recheck = \"soon\"", "miss_recheck", "soon"),
+            ("hit_recheck = \"-1s\"", "hit_recheck", "-1s"),
+            ("gc_lease_ttl = \"5 minutes\"", "gc_lease_ttl", "5 minutes"),
+            ("presign_ttl = \"2x\"", "presign_ttl", "2x"),
+            ("storage = \"gs://b/p\"", "storage", "gs://b/p"),
+            ("storage = \"s3://AB\"", "storage", "AB"),
+            ("max_size = \"lots\"", "max_size", "lots"),
+            ("gc_interval = \"often\"", "gc_interval", "often"),
+        ] {
+            let text = format!("data = \"x\"\nstorage = \"s3://kiln-cache\"\n{line}\n");
+            // A repeated key is a TOML error; let the tested line set it.
+            let text = if key == "storage" {
+                format!("data = \"x\"\n{line}\n")
+            } else {
+                text
+            };
+            let (_dir, file, args) = with_file(&text, &[]);
+            let err = args.resolve().unwrap_err().to_string();
+            for part in [key, value, &file.display().to_string()] {
+                assert!(err.contains(part), "{line}: {err:?} lacks {part:?}");
+            }
+            assert!(
+                !err.contains(&format!("--{}", key.replace('_', "-"))),
+                "{err}"
+            );
+        }
+        // The same values as flags name the flag.
+        let (_dir, _, args) = with_file(S3_FILE, &["--miss-recheck", "soon"]);
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--miss-recheck") && err.contains("soon"),
+            "{err}"
+        );
+        assert!(!err.contains("cache.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_config_file_are_refused() {
+        for text in [
+            "data = \"x\"\ns3_bucket = \"kiln\"\n",
+            "data = \"x\"\n[storage]\nurl = \"s3://kiln-cache\"\n",
+        ] {
+            let (_dir, file, args) = with_file(text, &[]);
+            let err = args.resolve().unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+            let err = err.to_string();
+            assert!(err.contains(&file.display().to_string()), "{err}");
+        }
+        let (_dir, _, args) = with_file("data = \"x\"\ns3_bucket = \"kiln\"\n", &[]);
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(err.contains("s3_bucket"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_the_config_file_are_refused_saying_where_they_go() {
+        for (text, key) in [
+            ("aws_access_key_id = \"AKIAEXAMPLE\"", "aws_access_key_id"),
+            (
+                "aws_secret_access_key = \"s3cr3t-value\"",
+                "aws_secret_access_key",
+            ),
+            ("aws_session_token = \"s3cr3t-value\"", "aws_session_token"),
+            ("s3-secret-key = \"s3cr3t-value\"", "s3-secret-key"),
+            (
+                "[s3]\nsecret_access_key = \"s3cr3t-value\"",
+                "s3.secret_access_key",
+            ),
+            (
+                "[[backend]]\npassword = \"s3cr3t-value\"",
+                "backend.password",
+            ),
+        ] {
+            // Next to valid settings, and before anything else is checked.
+            let text = format!("data = \"x\"\nstorage = \"s3://kiln-cache\"\n{text}\n");
+            let (_dir, file, args) = with_file(&text, &[]);
+            let err = args.resolve().unwrap_err();
+            assert!(matches!(err, ConfigError::Credentials { .. }), "{err:?}");
+            let err = err.to_string();
+            for part in [
+                key,
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "environment",
+            ] {
+                assert!(err.contains(part), "{err:?} lacks {part:?}");
+            }
+            assert!(err.contains(&file.display().to_string()), "{err}");
+            assert!(
+                !err.contains("s3cr3t") && !err.contains("AKIAEXAMPLE"),
+                "{err}"
+            );
+        }
+        // `tokens` (the tokens file) and `tls_key` (a path) are no credentials.
+        let (_dir, _, args) = with_file(
+            "data = \"x\"\ntokens = \"tokens.toml\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+            &[],
+        );
+        assert!(args.resolve().is_ok());
     }
 }

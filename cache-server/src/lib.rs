@@ -2,17 +2,21 @@
 //!
 //! - [`store`]: the storage engine (RocksDB index + [`content`] store on the
 //!   filesystem); usable in-process without HTTP.
-//! - [`api`]: the HTTP routes of docs/cache-api.md over a store.
+//! - [`backend`]: the storage seam, [`backend::Backend`], and its local
+//!   implementation over a [`Store`].
+//! - [`api`]: the HTTP routes of docs/cache-api.md over any backend.
 //! - [`auth`]: tokens file, scopes, namespaces.
 //! - [`server`]: binding, TLS, HTTP/1.1 + HTTP/2, GC task, graceful shutdown.
 //! - [`config`]: flags, `KILN_CACHE_*` environment and config file.
 //! - [`telemetry`]: logging and Prometheus metrics.
 //! - [`client`] and [`cli`]: the `kiln-cache` admin command line.
 //! - [`units`]: sizes and durations as written by humans.
-//! - [`objstore`]: replicas over S3-compatible object storage.
+//! - [`objstore`]: replicas over S3-compatible object storage (the other
+//!   backend).
 
 pub mod api;
 pub mod auth;
+pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;

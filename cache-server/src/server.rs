@@ -1,8 +1,9 @@
 //! Runs the service: opens the storage backend (the local store in `--data`,
 //! or with `--storage s3://...` a replica over a shared bucket, see
-//! [`crate::objstore`]), binds, serves HTTP/1.1 and HTTP/2 (h2c by prior
-//! knowledge, or ALPN over TLS), runs GC in the background and shuts down
-//! gracefully.
+//! [`crate::objstore`]), binds, serves the one router of [`crate::api`]
+//! over it on HTTP/1.1 and HTTP/2 (h2c by prior knowledge, or ALPN over
+//! TLS), runs GC in the background ([`crate::backend::gc_loop`]) and shuts
+//! down gracefully.
 //!
 //! Shutdown is designed in: the future passed to [`serve`] stops the accept
 //! loop; connections then get [`ServerConfig::shutdown_timeout`] to finish
@@ -25,6 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, AppState};
 use crate::auth::{Auth, AuthError};
+use crate::backend::{LocalBackend, gc_loop};
 use crate::config::ServerConfig;
 use crate::objstore::{self, Storage};
 use crate::store::{Store, StoreError};
@@ -187,17 +189,18 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (router, gc_task) = match &storage {
         Storage::Local(store) => {
+            // Uploads that push the store over its size limit wake GC early.
             let gc_wakeup = Arc::new(Notify::new());
+            let backend = Arc::new(LocalBackend::new(store.clone(), gc_wakeup.clone()));
             let state = Arc::new(AppState {
-                store: store.clone(),
+                backend: backend.clone(),
                 auth,
-                gc_wakeup: gc_wakeup.clone(),
                 metrics: telemetry::metrics_handle(),
             });
             let gc_task = tokio::spawn(gc_loop(
-                store.clone(),
+                backend,
                 config.gc_interval,
-                gc_wakeup,
+                Some(gc_wakeup),
                 stop_rx,
             ));
             (api::router(state), gc_task)
@@ -297,32 +300,4 @@ pub async fn serve(
         info!("bye");
     }
     Ok(())
-}
-
-async fn gc_loop(
-    store: Store,
-    interval: Duration,
-    wakeup: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let periodic = async {
-            if interval.is_zero() {
-                std::future::pending::<()>().await
-            } else {
-                tokio::time::sleep(interval).await
-            }
-        };
-        tokio::select! {
-            () = periodic => {}
-            () = wakeup.notified() => {}
-            _ = stop.changed() => return,
-        }
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.gc()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => error!(error = %e, "gc failed"),
-            Err(e) => error!(error = %e, "gc task panicked"),
-        }
-    }
 }

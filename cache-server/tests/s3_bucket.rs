@@ -96,6 +96,7 @@ async fn conditional_writes_make_the_first_entry_and_one_lease_holder_win() {
             created: "2026-11-24T12:00:00Z".into(),
             extra: BTreeMap::new(),
         },
+        ref_nonce: None,
     };
     assert_eq!(
         bucket.create_entry(&ns, &key, &object("a")).await.unwrap(),

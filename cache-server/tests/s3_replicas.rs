@@ -2,7 +2,8 @@
 //! S3-compatible server: what one replica stores the others serve, a killed
 //! replica leaves the others serving, a bad upload leaves nothing in the
 //! bucket, and GC by the lease holder never takes a blob a live entry
-//! names while another replica writes.
+//! names, nor the reference marker protecting it, while another replica
+//! writes.
 
 mod common;
 mod s3_support;
@@ -12,12 +13,48 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{bytes, client, entry, error_code, key, put_blob, put_entry};
+use kiln_cache_server::objstore::bucket::RefMarker;
+use kiln_cache_server::store::Namespace;
 use kiln_common::{CacheEntry, CacheKey, Digest};
 use reqwest::StatusCode;
 use s3_support::{Replica, S3Server};
 
 /// Replicas that look a missing key up in the bucket every time.
 const EAGER: &[&str] = &["--miss-recheck", "0"];
+
+/// Every scenario runs twice: on s3s-fs (one process; honours conditional
+/// writes) and on a three-node Garage cluster (distributed; overwrites on
+/// `If-None-Match`, so its replicas detect that and work without
+/// conditional writes).
+macro_rules! on_both_stores {
+    ($($scenario:ident: $threads:literal),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn on_s3s_fs() {
+                let test = concat!(stringify!($scenario), "::on_s3s_fs");
+                if let Some(s3) = super::S3Server::start(test) {
+                    super::$scenario(s3).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn on_garage() {
+                let test = concat!(stringify!($scenario), "::on_garage");
+                if let Some(s3) = super::S3Server::start_garage(test) {
+                    super::$scenario(s3).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_stores! {
+    an_entry_and_blob_written_through_one_replica_are_served_by_the_others: 2,
+    killing_a_replica_mid_sequence_leaves_the_others_serving: 2,
+    a_digest_mismatch_on_upload_leaves_nothing_in_the_bucket: 2,
+    gc_by_the_lease_holder_while_another_replica_writes_loses_nothing_referenced: 4,
+    blob_gets_can_redirect_to_a_presigned_bucket_url: 2,
+}
 
 async fn lookup(
     c: &reqwest::Client,
@@ -49,15 +86,9 @@ async fn get_blob(c: &reqwest::Client, url: &str, digest: &Digest) -> (StatusCod
     (status, r.bytes().await.unwrap().to_vec())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entry_and_blob_written_through_one_replica_are_served_by_the_others() {
-    let Some(s3) =
-        S3Server::start("an_entry_and_blob_written_through_one_replica_are_served_by_the_others")
-    else {
-        return;
-    };
+async fn an_entry_and_blob_written_through_one_replica_are_served_by_the_others(s3: S3Server) {
     let replicas: Vec<Replica> = (0..3)
-        .map(|_| Replica::start(&s3, "shared", EAGER))
+        .map(|i| Replica::start_on(&s3, i % s3.nodes(), "shared", EAGER))
         .collect();
     let c = client();
     let data = bytes(1, 300_000);
@@ -125,14 +156,9 @@ async fn an_entry_and_blob_written_through_one_replica_are_served_by_the_others(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_replica_mid_sequence_leaves_the_others_serving() {
-    let Some(s3) = S3Server::start("killing_a_replica_mid_sequence_leaves_the_others_serving")
-    else {
-        return;
-    };
+async fn killing_a_replica_mid_sequence_leaves_the_others_serving(s3: S3Server) {
     let mut replicas: Vec<Replica> = (0..3)
-        .map(|_| Replica::start(&s3, "failover", EAGER))
+        .map(|i| Replica::start_on(&s3, i % s3.nodes(), "failover", EAGER))
         .collect();
     let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
     let c = client();
@@ -192,12 +218,7 @@ async fn killing_a_replica_mid_sequence_leaves_the_others_serving() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_digest_mismatch_on_upload_leaves_nothing_in_the_bucket() {
-    let Some(s3) = S3Server::start("a_digest_mismatch_on_upload_leaves_nothing_in_the_bucket")
-    else {
-        return;
-    };
+async fn a_digest_mismatch_on_upload_leaves_nothing_in_the_bucket(s3: S3Server) {
     let replica = Replica::start(&s3, "mismatch", &["--s3-part-size", "5MiB"]);
     let c = client();
     let wrong = Digest::of_bytes(b"what the client claims");
@@ -231,18 +252,14 @@ async fn a_digest_mismatch_on_upload_leaves_nothing_in_the_bucket() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gc_by_the_lease_holder_while_another_replica_writes_loses_nothing_referenced() {
-    let Some(s3) = S3Server::start(
-        "gc_by_the_lease_holder_while_another_replica_writes_loses_nothing_referenced",
-    ) else {
-        return;
-    };
+async fn gc_by_the_lease_holder_while_another_replica_writes_loses_nothing_referenced(
+    s3: S3Server,
+) {
     // No grace at all: GC may take any unreferenced blob at once, the
     // harshest setting for a writer between its blob and its entry.
     let flags = ["--miss-recheck", "0", "--blob-grace", "0s"];
     let collector = Replica::start(&s3, "gc", &flags);
-    let writer = Replica::start(&s3, "gc", &flags);
+    let writer = Replica::start_on(&s3, 1 % s3.nodes(), "gc", &flags);
     let c = client();
 
     // Orphans GC should remove.
@@ -321,6 +338,23 @@ async fn gc_by_the_lease_holder_while_another_replica_writes_loses_nothing_refer
             assert!(&body == data);
         }
     }
+    // Every live entry's own marker, by the nonce its object records, is
+    // still there: no GC deletion of another write's marker took it.
+    let bucket = s3.bucket("gc");
+    let markers: Vec<RefMarker> = bucket
+        .list_refs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    let ns = Namespace::default();
+    for (k, _, _) in &acked {
+        let object = bucket.read_entry(&ns, k).await.unwrap().unwrap();
+        assert!(object.ref_nonce.is_some(), "entry {k} records no marker");
+        let own = RefMarker::of_entry(&ns, k, &object).unwrap();
+        assert!(markers.contains(&own), "the marker of entry {k} is gone");
+    }
     for d in &orphans {
         let head = c
             .head(format!("{}/v1/blobs/{d}", writer.url))
@@ -335,11 +369,7 @@ async fn gc_by_the_lease_holder_while_another_replica_writes_loses_nothing_refer
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blob_gets_can_redirect_to_a_presigned_bucket_url() {
-    let Some(s3) = S3Server::start("blob_gets_can_redirect_to_a_presigned_bucket_url") else {
-        return;
-    };
+async fn blob_gets_can_redirect_to_a_presigned_bucket_url(s3: S3Server) {
     let replica = Replica::start(&s3, "presign", &["--presign-ttl", "5m"]);
     let c = client();
     let data = bytes(9, 70_000);

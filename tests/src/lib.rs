@@ -8,6 +8,9 @@
 //!   signing key's certificate is in the registry's `rootcertbundle`.
 //! - [`make_busybox_layout`] / [`push_busybox`]: an offline base image from
 //!   `busybox-static`, built with `umoci` and pushed with `skopeo`.
+//! - [`CacheServer`]: one `kiln-cache-server` on local storage.
+//! - [`s3`]: an S3-compatible server with a bucket, and `kiln-cache-server`
+//!   replicas on it (shared with the cache server's own S3 tests).
 //!
 //! Every helper cleans up after itself (processes killed, temp dirs removed)
 //! even when a test fails, through `Drop`.
@@ -23,6 +26,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
+
+mod garage;
+pub mod s3;
 
 /// Path of one of the workspace's binaries next to the running test
 /// (`target/<profile>/<name>`). `cargo test --workspace` builds them;
@@ -107,10 +113,7 @@ impl CacheServer {
         let Ok((_, body)) = http_get(self.port, "/metrics") else {
             return 0.0;
         };
-        body.lines()
-            .filter_map(|l| l.strip_prefix(sample))
-            .filter_map(|rest| rest.trim().parse::<f64>().ok())
-            .sum()
+        metric_sum(&body, sample)
     }
 
     /// GET a path; returns status and body.
@@ -123,6 +126,15 @@ impl Drop for CacheServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The sum of the samples named `sample` (`name{labels}` as printed) in a
+/// Prometheus text exposition; 0 if absent.
+fn metric_sum(body: &str, sample: &str) -> f64 {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(sample))
+        .filter_map(|rest| rest.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// A minimal HTTP/1.1 GET on loopback (enough for health and metrics).
@@ -153,6 +165,58 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
+}
+
+/// Unmounts (lazily, deepest first) every mount point at or below `dir`.
+/// A `kiln-executor` killed in the middle of a step leaves that step's
+/// overlay mounted under its `--cache-dir`; a test that kills one calls this
+/// before its temporary directory is removed, or the removal fails.
+pub fn unmount_below(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else {
+        return;
+    };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&point)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (b[i], octal) {
+            (b'\\', Some(v)) => {
+                out.push(v);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs a command, failing with its stderr when it exits non-zero.
@@ -807,6 +871,12 @@ mod tests {
     fn base32_matches_rfc4648_vectors() {
         assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
         assert_eq!(base32(b"f"), "MY");
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b\011c"), "/tmp/a b\tc");
+        assert_eq!(unescape_mountinfo(r"/plain\x"), r"/plain\x");
     }
 
     #[test]

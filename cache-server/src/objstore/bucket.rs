@@ -2,14 +2,21 @@
 //! object operations the replicas build on.
 //!
 //! ```text
-//! blobs/sha256/<hex>              blob bytes, only ever complete and verified
-//! entries/<ns>/<key hex>          {"createdMs": N, "entry": {...}}, created once
-//! refs/<blob hex>/<ns>/<key hex>  empty: "this entry names this blob" (for GC)
-//! leases/gc                       {"holder": "...", "expiresMs": N}
-//! gc/doomed/<blob hex>            empty: GC is about to delete this blob
+//! blobs/sha256/<hex>                        blob bytes, only ever complete and verified
+//! entries/<ns>/<key hex>                    {"createdMs": N, "entry": {...}, "refNonce": "<nonce>"}
+//! refs/<blob hex>/<ns>/<key b64>.<nonce>    empty: "write <nonce> of this entry names this blob"
+//! leases/gc                                 {"holder": "...", "expiresMs": N}
+//! gc/doomed/<blob hex>                      empty: GC is about to delete this blob
 //! ```
 //! `<ns>` is the namespace, or `_` for the default one (a namespace never
-//! starts with `_`).
+//! starts with `_`). `<nonce>` is 128 random bits, new for every write of
+//! an entry, so two writes of one key never share a marker and GC can
+//! tell the marker of the entry that is there from the marker of one that
+//! went (see [`crate::objstore::replica`]). In marker names the key and
+//! the nonce are unpadded base64url (43 and 22 characters), which keeps
+//! them short (see [`B64`]). Buckets written before nonces existed hold
+//! entries without `refNonce` and markers named
+//! `refs/<blob hex>/<ns>/<key hex>`: both are still read ("legacy").
 //!
 //! Promises:
 //! - a blob object exists under a digest only if its bytes hash to it: the
@@ -26,6 +33,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use futures::stream::{BoxStream, FuturesUnordered};
 use futures::{StreamExt, TryStreamExt};
@@ -57,6 +65,67 @@ const DELETE_CONCURRENCY: usize = 16;
 pub struct EntryObject {
     pub created_ms: u64,
     pub entry: CacheEntry,
+    /// Nonce of the reference marker this write put for its blob; `None`
+    /// for an entry without a layer, and for entries written before nonces
+    /// existed (their marker is the legacy path without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_nonce: Option<RefNonce>,
+}
+
+/// 128 random bits naming one write of an entry and its reference marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RefNonce([u8; 16]);
+
+impl RefNonce {
+    pub fn random() -> RefNonce {
+        RefNonce(rand::random())
+    }
+}
+
+impl std::fmt::Display for RefNonce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&B64.encode(self.0))
+    }
+}
+
+impl std::str::FromStr for RefNonce {
+    type Err = String;
+
+    /// 22 characters of unpadded base64url, canonical: see [`from_b64`].
+    fn from_str(s: &str) -> Result<RefNonce, String> {
+        from_b64(s)
+            .map(RefNonce)
+            .ok_or_else(|| format!("{s:?} is not a marker nonce (16 bytes in unpadded base64url)"))
+    }
+}
+
+/// Key and nonce in new marker names. Base64url rather than hex keeps a
+/// marker key short enough for stores with tight key limits: s3s-fs,
+/// which the tests run on, refuses keys over 158 bytes (its metadata file
+/// name holds the key), and a 64-digit key plus a 32-digit nonce in hex
+/// would not fit.
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// Decodes exactly `N` bytes, accepting only the canonical spelling: a
+/// marker path must print back to itself, or GC would delete a path that
+/// is not the one it listed.
+fn from_b64<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let bytes: [u8; N] = B64.decode(s).ok()?.try_into().ok()?;
+    (B64.encode(bytes) == s).then_some(bytes)
+}
+
+impl TryFrom<String> for RefNonce {
+    type Error = String;
+    fn try_from(s: String) -> Result<RefNonce, String> {
+        s.parse()
+    }
+}
+
+impl From<RefNonce> for String {
+    fn from(n: RefNonce) -> String {
+        n.to_string()
+    }
 }
 
 /// Result of [`Bucket::create_entry`].
@@ -67,12 +136,46 @@ pub enum EntryCreate {
     Exists(EntryObject),
 }
 
-/// One `refs/` marker, parsed.
+/// One `refs/` marker: the write `nonce` of entry `(ns, key)` names `blob`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RefMarker {
     pub blob: Digest,
     pub ns: Namespace,
     pub key: CacheKey,
+    /// `None`: a legacy marker, written before nonces existed.
+    pub nonce: Option<RefNonce>,
+}
+
+impl RefMarker {
+    /// The marker of a new write of `(ns, key)` naming `blob`, with a
+    /// fresh nonce.
+    pub fn new(blob: Digest, ns: Namespace, key: CacheKey) -> RefMarker {
+        RefMarker {
+            blob,
+            ns,
+            key,
+            nonce: Some(RefNonce::random()),
+        }
+    }
+
+    /// The marker the write of `object` put (legacy for an entry without a
+    /// nonce); `None` when the entry names no layer, so has no marker.
+    pub fn of_entry(ns: &Namespace, key: &CacheKey, object: &EntryObject) -> Option<RefMarker> {
+        object.entry.layer.as_ref().map(|layer| RefMarker {
+            blob: layer.digest.clone(),
+            ns: ns.clone(),
+            key: *key,
+            nonce: object.ref_nonce,
+        })
+    }
+
+    /// Whether `object` (the entry now under this marker's key) is the
+    /// write this marker was put for. When it is not, the marker's write
+    /// lost the first-writer-wins race or its entry was removed since.
+    pub fn written_for(&self, object: &EntryObject) -> bool {
+        object.ref_nonce == self.nonce
+            && object.entry.layer.as_ref().map(|l| &l.digest) == Some(&self.blob)
+    }
 }
 
 /// One `entries/` object, from a listing.
@@ -179,13 +282,32 @@ impl Bucket {
         self.path(&format!("entries/{}/{}", ns_segment(ns), key.to_hex()))
     }
 
-    fn ref_path(&self, blob: &Digest, ns: &Namespace, key: &CacheKey) -> Path {
-        self.path(&format!(
-            "refs/{}/{}/{}",
-            blob.hex(),
-            ns_segment(ns),
-            key.to_hex()
-        ))
+    /// The "directory" of one namespace's entry objects, for listings
+    /// paged elsewhere (`admin.rs`).
+    pub(crate) fn entries_dir(&self, ns: &Namespace) -> Path {
+        self.path(&format!("entries/{}", ns_segment(ns)))
+    }
+
+    /// The object store underneath, for listings paged elsewhere.
+    pub(crate) fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn ref_path(&self, marker: &RefMarker) -> Path {
+        let RefMarker {
+            blob,
+            ns,
+            key,
+            nonce,
+        } = marker;
+        // `<key>.<nonce>`, one name, rather than `<key>/<nonce>`: a
+        // file-backed store (s3s-fs, MinIO in FS mode) would otherwise make
+        // a directory for every key.
+        let name = match nonce {
+            Some(nonce) => format!("{}.{nonce}", B64.encode(key.as_bytes())),
+            None => key.to_hex(),
+        };
+        self.path(&format!("refs/{}/{}/{name}", blob.hex(), ns_segment(ns)))
     }
 
     fn lease_path(&self, name: &str) -> Path {
@@ -323,6 +445,42 @@ impl Bucket {
             .map_err(ctx(format!("LIST {prefix}")))
     }
 
+    /// Whether the store refuses to create an object that already exists
+    /// (`If-None-Match: *`). Some S3-compatible stores accept the header
+    /// and overwrite anyway (Garage 2.5 does), which would quietly turn
+    /// first-writer-wins into last-writer-wins; the server asks once at
+    /// start-up with a throw-away object under `probes/` and, when the
+    /// answer is no, connects without conditional writes so that every
+    /// conditional path takes its documented fallback. `false` too when the
+    /// client was configured without them (`AWS_CONDITIONAL_PUT=disabled`).
+    pub async fn honours_conditional_create(&self, probe_id: &str) -> Result<bool, ObjError> {
+        let path = self.path(&format!("probes/conditional-put/{probe_id}"));
+        let create = || PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let body = || PutPayload::from_static(b"kiln conditional-write probe");
+        let first = self.store.put_opts(&path, body(), create()).await;
+        let honoured = match first {
+            Err(object_store::Error::NotImplemented { .. }) => return Ok(false),
+            Err(e) => return Err(ctx(format!("PUT {path}"))(e)),
+            Ok(_) => match self.store.put_opts(&path, body(), create()).await {
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => true,
+                Ok(_) => false,
+                Err(e) => {
+                    let _ = self.store.delete(&path).await;
+                    return Err(ctx(format!("PUT {path}"))(e));
+                }
+            },
+        };
+        self.store
+            .delete(&path)
+            .await
+            .map_err(ctx(format!("DELETE {path}")))?;
+        Ok(honoured)
+    }
+
     // ---- entries -------------------------------------------------------
 
     /// The entry object under `key`, or `None`.
@@ -383,9 +541,11 @@ impl Bucket {
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => self.existing(ns, key).await,
             Err(object_store::Error::NotImplemented { .. }) => {
-                // No conditional writes on this store: check, then write.
-                // Two replicas racing on one key inside this window both
-                // "win" and the later object stays.
+                // No conditional writes on this store: check, write, then
+                // read back, so that of two writers whose writes both
+                // landed before the read-backs, both agree on the object
+                // that stayed. Only a writer whose PUT lands after the
+                // other's read-back can still be told "created" wrongly.
                 if let Some(existing) = self.read_entry(ns, key).await? {
                     return Ok(EntryCreate::Exists(existing));
                 }
@@ -393,7 +553,10 @@ impl Bucket {
                     .put(&path, PutPayload::from(body))
                     .await
                     .map_err(ctx(format!("PUT entry {key}")))?;
-                Ok(EntryCreate::Created)
+                match self.read_entry(ns, key).await? {
+                    Some(stayed) if stayed != *object => Ok(EntryCreate::Exists(stayed)),
+                    _ => Ok(EntryCreate::Created),
+                }
             }
             Err(e) => Err(ctx(format!("PUT entry {key}"))(e)),
         }
@@ -441,29 +604,23 @@ impl Bucket {
 
     // ---- reference markers ---------------------------------------------
 
-    /// Records that the entry `(ns, key)` names `blob`; GC keeps a blob
-    /// while any marker for it exists.
-    pub async fn put_ref(
-        &self,
-        blob: &Digest,
-        ns: &Namespace,
-        key: &CacheKey,
-    ) -> Result<(), ObjError> {
+    /// Records that a write of the entry `(ns, key)` names `blob`; GC
+    /// keeps a blob while any marker for it exists.
+    pub async fn put_ref(&self, marker: &RefMarker) -> Result<(), ObjError> {
+        let RefMarker { blob, key, .. } = marker;
         self.store
-            .put(&self.ref_path(blob, ns, key), PutPayload::new())
+            .put(&self.ref_path(marker), PutPayload::new())
             .await
             .map_err(ctx(format!("PUT reference {blob} <- {key}")))?;
         Ok(())
     }
 
-    pub async fn delete_ref(
-        &self,
-        blob: &Digest,
-        ns: &Namespace,
-        key: &CacheKey,
-    ) -> Result<bool, ObjError> {
+    /// Removes exactly this marker (this nonce), if it is there; another
+    /// write's marker for the same entry and blob stays.
+    pub async fn delete_ref(&self, marker: &RefMarker) -> Result<bool, ObjError> {
+        let RefMarker { blob, key, .. } = marker;
         self.delete(
-            &self.ref_path(blob, ns, key),
+            &self.ref_path(marker),
             &format!("reference {blob} <- {key}"),
         )
         .await
@@ -490,11 +647,20 @@ impl Bucket {
                 let mut parts = rest.split('/');
                 let blob = Digest::from_hex(parts.next()?).ok()?;
                 let ns = parse_ns(parts.next()?)?;
-                let key = parts.next()?.parse::<CacheKey>().ok()?;
-                parts
-                    .next()
-                    .is_none()
-                    .then_some(RefMarker { blob, ns, key })
+                let last = parts.next()?;
+                let (key, nonce) = match last.split_once('.') {
+                    Some((key, nonce)) => (
+                        CacheKey::from_bytes(from_b64(key)?),
+                        Some(nonce.parse::<RefNonce>().ok()?),
+                    ),
+                    None => (last.parse::<CacheKey>().ok()?, None),
+                };
+                parts.next().is_none().then_some(RefMarker {
+                    blob,
+                    ns,
+                    key,
+                    nonce,
+                })
             });
             match parsed {
                 Some(marker) => {
@@ -524,7 +690,7 @@ impl Bucket {
     }
 
     pub fn ref_marker_path(&self, marker: &RefMarker) -> Path {
-        self.ref_path(&marker.blob, &marker.ns, &marker.key)
+        self.ref_path(marker)
     }
 
     // ---- deletion intents ------------------------------------------------
@@ -831,6 +997,7 @@ mod tests {
                 created: "2026-11-24T12:00:00Z".into(),
                 extra: BTreeMap::new(),
             },
+            ref_nonce: None,
         }
     }
 
@@ -852,6 +1019,14 @@ mod tests {
             up.write(Bytes::copy_from_slice(chunk)).await?;
         }
         up.commit().await
+    }
+
+    #[tokio::test]
+    async fn the_conditional_write_probe_says_yes_for_a_store_that_refuses_overwrites_and_leaves_nothing()
+     {
+        let (b, _) = bucket();
+        assert!(b.honours_conditional_create("r1-probe").await.unwrap());
+        assert!(b.list_all().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -940,23 +1115,106 @@ mod tests {
 
     #[tokio::test]
     async fn reference_markers_list_and_parse_back() {
-        let (b, _) = bucket();
+        let (b, mem) = bucket();
         let d = Digest::of_bytes(b"blob");
         let ns = Namespace::new("team-a").unwrap();
         assert!(!b.has_refs(&d).await.unwrap());
-        b.put_ref(&d, &ns, &key(7)).await.unwrap();
+        let first = RefMarker::new(d.clone(), ns.clone(), key(7));
+        let second = RefMarker::new(d.clone(), ns.clone(), key(7));
+        assert_ne!(first.nonce, second.nonce, "every write has its own nonce");
+        b.put_ref(&first).await.unwrap();
+        b.put_ref(&second).await.unwrap();
         assert!(b.has_refs(&d).await.unwrap());
-        let refs = b.list_refs().await.unwrap();
+        let mut listed: Vec<RefMarker> = b
+            .list_refs()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        listed.sort_by_key(|m| m.nonce.map(|n| n.to_string()));
+        let mut expected = vec![first.clone(), second.clone()];
+        expected.sort_by_key(|m| m.nonce.map(|n| n.to_string()));
+        assert_eq!(listed, expected);
+        let nonce = first.nonce.unwrap();
         assert_eq!(
-            refs[0].0,
-            RefMarker {
-                blob: d.clone(),
-                ns: ns.clone(),
-                key: key(7)
-            }
+            b.ref_marker_path(&first).as_ref(),
+            format!(
+                "cache/v1/refs/{}/team-a/{}.{nonce}",
+                d.hex(),
+                "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc"
+            )
         );
-        assert!(b.delete_ref(&d, &ns, &key(7)).await.unwrap());
+        assert_eq!(nonce.to_string().len(), 22);
+
+        // Deleting one write's marker leaves the other write's.
+        b.delete_ref(&first).await.unwrap();
+        assert!(b.has_refs(&d).await.unwrap());
+        b.delete_ref(&second).await.unwrap();
         assert!(!b.has_refs(&d).await.unwrap());
+
+        // A marker of the previous version (no nonce) still parses, and
+        // objects that are no marker are skipped.
+        let legacy = format!("cache/v1/refs/{}/_/{}", d.hex(), key(8).to_hex());
+        mem.put(&Path::from(legacy.as_str()), PutPayload::new())
+            .await
+            .unwrap();
+        let junk = format!("cache/v1/refs/{}/_/{}.NOTHEX", d.hex(), key(8).to_hex());
+        mem.put(&Path::from(junk.as_str()), PutPayload::new())
+            .await
+            .unwrap();
+        let listed = b.list_refs().await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let legacy_marker = RefMarker {
+            blob: d.clone(),
+            ns: Namespace::default(),
+            key: key(8),
+            nonce: None,
+        };
+        assert_eq!(listed[0].0, legacy_marker);
+        assert_eq!(b.ref_marker_path(&legacy_marker).as_ref(), legacy);
+    }
+
+    #[test]
+    fn entry_objects_record_their_marker_nonce_and_old_ones_still_read() {
+        let d = Digest::of_bytes(b"layer");
+        let mut object = entry("RUN x");
+        object.entry.layer = Some(kiln_common::LayerDescriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: d.clone(),
+            size: 5,
+            diff_id: d.clone(),
+        });
+        let marker = RefMarker::new(d.clone(), Namespace::default(), key(1));
+        object.ref_nonce = marker.nonce;
+        let json: serde_json::Value = serde_json::to_value(&object).unwrap();
+        assert_eq!(json["refNonce"], marker.nonce.unwrap().to_string());
+        assert!(marker.written_for(&object));
+        assert_eq!(
+            RefMarker::of_entry(&Namespace::default(), &key(1), &object),
+            Some(marker.clone())
+        );
+
+        // As the previous version wrote it: no nonce, a legacy marker.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("refNonce");
+        let old: EntryObject = serde_json::from_value(old).unwrap();
+        assert_eq!(old.ref_nonce, None);
+        assert!(!marker.written_for(&old));
+        let legacy = RefMarker::of_entry(&Namespace::default(), &key(1), &old).unwrap();
+        assert_eq!(legacy.nonce, None);
+        assert!(legacy.written_for(&old));
+        assert!(!legacy.written_for(&object));
+
+        // The last one spells 16 zero bytes with non-zero padding bits:
+        // not the canonical name, so not a nonce.
+        let bad_values = ["", "00", "!!!!!!!!!!!!!!!!!!!!!!", "AAAAAAAAAAAAAAAAAAAAAB"];
+        for bad in bad_values {
+            assert!(bad.parse::<RefNonce>().is_err(), "{bad:?}");
+        }
+        let mut bad = json;
+        bad["refNonce"] = "xyz".into();
+        assert!(serde_json::from_value::<EntryObject>(bad).is_err());
     }
 
     #[tokio::test]

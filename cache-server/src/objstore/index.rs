@@ -163,6 +163,7 @@ mod tests {
                 created: "2026-11-24T12:00:00Z".into(),
                 extra: BTreeMap::new(),
             },
+            ref_nonce: None,
         }
     }
 

@@ -5,19 +5,22 @@
 //! with its RocksDB index ([`crate::store::Store`], the default), or a
 //! [`Replica`] over a bucket. In object-storage mode the bucket is the truth
 //! (blobs, entries, GC lease: see [`bucket`]), each replica's RocksDB is only
-//! a cache of the entries it has seen ([`index`]), and [`http`] serves the
-//! same API as the local mode over it. docs/object-storage.md describes the
+//! a cache of the entries it has seen ([`index`]), and a replica is a
+//! [`crate::backend::Backend`], so the same router as the local mode
+//! ([`crate::api`]) serves it. docs/object-storage.md describes the
 //! guarantees, flags and deployment.
 //!
 //! - [`bucket`]: layout of the bucket and the object operations (verified
 //!   blob uploads, first-writer-wins entries, reference markers, leases);
 //! - [`index`]: the local index cache;
 //! - [`replica`]: lookups with bounded staleness, entry writes, GC;
-//! - [`http`]: the HTTP routes over a replica;
+//! - [`admin`]: paging through entries and verifying blobs in the bucket;
+//! - [`backend`]: the replica as a storage backend of the HTTP API;
 //! - [`serve`]: the `--storage`/`--s3-*` flags and starting a replica.
 
+pub mod admin;
+pub mod backend;
 pub mod bucket;
-pub mod http;
 pub mod index;
 pub mod replica;
 pub mod serve;
@@ -26,8 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_common::Digest;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 
+pub use admin::ReplicaVerifyReport;
 pub use bucket::Bucket;
 pub use replica::{Replica, ReplicaConfig, ReplicaGcReport};
 
@@ -116,8 +120,67 @@ pub fn parse_storage_url(url: &str) -> Result<(String, String), ObjError> {
 /// endpoint, `AWS_CONDITIONAL_PUT`, ...), then the explicit settings.
 /// Plain-HTTP endpoints are allowed when the endpoint says `http://`.
 pub fn connect(config: &ObjectStorageConfig) -> Result<Bucket, ObjError> {
+    build_bucket(config, ConditionalWrites::AsConfigured)
+}
+
+/// Connects like [`connect`], then checks that the store really refuses to
+/// overwrite on a conditional create ([`Bucket::honours_conditional_create`])
+/// and reconnects without conditional writes when it does not, or when the
+/// check itself fails (the fallbacks are correct everywhere; assuming a
+/// guarantee the store does not give is not). Says which it chose.
+pub async fn connect_checked(config: &ObjectStorageConfig) -> Result<Bucket, ObjError> {
+    let bucket = build_bucket(config, ConditionalWrites::AsConfigured)?;
+    let probe_id = format!("{}-{:032x}", config.replica.holder, rand::random::<u128>());
+    let mut answer = bucket.honours_conditional_create(&probe_id).await;
+    // A store that is still coming up gets a few seconds before the
+    // replica settles for the fallbacks.
+    for pause in [1, 2, 4] {
+        if answer.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+        answer = bucket.honours_conditional_create(&probe_id).await;
+    }
+    match answer {
+        Ok(true) => {
+            tracing::info!(storage = %config.url, "the store honours conditional writes");
+            Ok(bucket)
+        }
+        Ok(false) => {
+            tracing::warn!(
+                storage = %config.url,
+                "the store does not refuse to overwrite on If-None-Match (or AWS_CONDITIONAL_PUT=disabled): \
+                 entries are written check-write-read-back and the GC lease is check-then-write; \
+                 run GC on one replica only (docs/object-storage.md)"
+            );
+            build_bucket(config, ConditionalWrites::Off)
+        }
+        Err(e) => {
+            tracing::warn!(
+                storage = %config.url, error = %e,
+                "could not check whether the store honours conditional writes; working without them until restarted"
+            );
+            build_bucket(config, ConditionalWrites::Off)
+        }
+    }
+}
+
+enum ConditionalWrites {
+    /// `AWS_CONDITIONAL_PUT` or object_store's default (`If-None-Match` /
+    /// `If-Match`).
+    AsConfigured,
+    Off,
+}
+
+fn build_bucket(
+    config: &ObjectStorageConfig,
+    conditional: ConditionalWrites,
+) -> Result<Bucket, ObjError> {
     let (bucket, prefix) = parse_storage_url(&config.url)?;
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+    if let ConditionalWrites::Off = conditional {
+        builder = builder.with_conditional_put(S3ConditionalPut::Disabled);
+    }
     let endpoint = config
         .endpoint
         .clone()

@@ -16,9 +16,10 @@
 //! listed the bucket (younger ones are never deleted):
 //! - GC: write the intent `gc/doomed/<blob>` (g0), LIST `refs/<blob>/` (g1),
 //!   delete the blob only if that found no marker (g2), remove the intent;
-//! - writer: put its marker `refs/<blob>/<ns>/<key>` (w0), then HEAD the
-//!   intent (w1) and the blob (w2), and create the entry only if there is
-//!   no fresh intent and the blob is there.
+//! - writer: put its marker `refs/<blob>/<ns>/<key>.<nonce>` (w0), then
+//!   HEAD the intent (w1) and the blob (w2), and create the entry, which
+//!   records `<nonce>`, only if there is no fresh intent and the blob is
+//!   there.
 //!
 //! If w0 < g1, GC sees the marker and keeps the blob. Otherwise g0 < g1 <
 //! w0 < w1: the writer sees the intent, or it was already removed, which
@@ -27,6 +28,23 @@
 //! has had since 2020). A refused writer gets `422 missing_blob` and uploads
 //! again. Intents older than `lease_ttl` (a crashed GC) are ignored and
 //! cleared.
+//!
+//! That holds as long as a live entry's marker is never removed. Markers
+//! are per write (the nonce), so the only marker with an entry's path is
+//! the one its own write put, and it is removed only
+//! - after that entry object was deleted (eviction, TTL, `DELETE`, an
+//!   expired entry replaced), by its exact nonce, read from the entry; or
+//! - when it is older than the marker grace (`blob_grace` and `lease_ttl`
+//!   both) and the entry under its key, read right before, is absent or
+//!   records another nonce: its write was refused, lost the
+//!   first-writer-wins race, died, or its entry is gone. A writer creates
+//!   its entry right after its marker, so one that old is done with
+//!   trying (the assumption `blob_grace` has always made of writers).
+//!
+//! A writer re-creating a key GC is evicting puts a marker no deletion of
+//! the old entry's names; docs/object-storage.md goes through the
+//! interleavings, and what happens to markers of the previous version
+//! (`<key hex>` without a nonce).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -47,7 +65,7 @@ use crate::store::{GcReport, Namespace, PutOutcome, Stats, now_ms};
 
 /// Bucket requests one lookup sends at the same time.
 const LOOKUP_CONCURRENCY: usize = 32;
-const GC_LEASE: &str = "gc";
+pub(super) const GC_LEASE: &str = "gc";
 
 /// How a replica behaves; see docs/object-storage.md for the flags.
 #[derive(Debug, Clone)]
@@ -101,6 +119,32 @@ pub struct ReplicaGcReport {
     pub report: GcReport,
     /// False when another replica holds the GC lease.
     pub lease_held: bool,
+}
+
+/// Whether two entry objects are the same write (same marker nonce).
+/// Entries without a nonce (no layer, or legacy) are never "the same".
+fn same_write(a: &EntryObject, b: &EntryObject) -> bool {
+    a.ref_nonce.is_some() && a.ref_nonce == b.ref_nonce
+}
+
+type EntryId = (Namespace, CacheKey);
+
+/// What one GC pass decided from its listings.
+struct GcPlan {
+    now: u64,
+    report: GcReport,
+    blobs: Vec<(Digest, object_store::ObjectMeta)>,
+    live_entries: u64,
+    /// Entries to remove (expired, evicted).
+    doomed: Vec<ListedEntry>,
+    /// The markers the writes of the doomed entries put, exactly (by
+    /// nonce): removed after the entries.
+    doomed_markers: Vec<RefMarker>,
+    /// Markers older than the marker grace whose write looked dead (no
+    /// entry, or an entry of another write); checked again before removal.
+    stale_markers: Vec<RefMarker>,
+    /// Blobs some marker still protects after the removals.
+    referenced: HashSet<Digest>,
 }
 
 /// One replica.
@@ -262,45 +306,59 @@ impl Replica {
         key: &CacheKey,
         entry: &CacheEntry,
     ) -> Result<PutOutcome, ObjError> {
-        if let Some(layer) = &entry.layer {
+        // This write's own marker, under a fresh nonce: no other write of
+        // this key (an older entry being removed, a racing writer) shares
+        // its path, so removing theirs never removes ours.
+        let marker = entry
+            .layer
+            .as_ref()
+            .map(|layer| RefMarker::new(layer.digest.clone(), ns.clone(), *key));
+        if let (Some(layer), Some(marker)) = (&entry.layer, &marker) {
             // Marker first, then look: see the module docs for why this
-            // order makes GC and writers safe against each other. On a
-            // refusal the marker stays; GC drops it after `blob_grace`.
-            self.bucket.put_ref(&layer.digest, ns, key).await?;
+            // order makes GC and writers safe against each other.
+            self.bucket.put_ref(marker).await?;
             if let Some(since) = self.bucket.doomed_since(&layer.digest).await?
                 && now_ms().saturating_sub(since) < self.config.lease_ttl.as_millis() as u64
             {
+                // The marker stays: written before GC's last look, it makes
+                // GC keep the blob, which the client's retry then finds.
+                // No entry names its nonce, so GC drops it once it is older
+                // than the marker grace.
                 return Err(ObjError::MissingBlob(layer.digest.clone()));
             }
-            let size = self
-                .bucket
-                .blob_size(&layer.digest)
-                .await?
-                .ok_or_else(|| ObjError::MissingBlob(layer.digest.clone()))?;
-            if size != layer.size {
-                return Err(ObjError::LayerSizeMismatch {
+            let refused = match self.bucket.blob_size(&layer.digest).await? {
+                None => Some(ObjError::MissingBlob(layer.digest.clone())),
+                Some(size) if size != layer.size => Some(ObjError::LayerSizeMismatch {
                     digest: layer.digest.clone(),
                     entry_size: layer.size,
                     blob_size: size,
-                });
+                }),
+                Some(_) => None,
+            };
+            if let Some(refused) = refused {
+                // No entry will name this write: its marker protects
+                // nothing (the client's retry is a new write, new marker).
+                if let Err(e) = self.bucket.delete_ref(marker).await {
+                    warn!(%key, error = %e, "could not remove the marker of a refused write; GC will");
+                }
+                return Err(refused);
             }
         }
         let object = EntryObject {
             created_ms: now_ms(),
             entry: entry.clone(),
+            ref_nonce: marker.as_ref().and_then(|m| m.nonce),
         };
         let mut created = self.bucket.create_entry(ns, key, &object).await?;
         if let EntryCreate::Exists(existing) = &created
+            && !same_write(existing, &object)
             && self.expired(existing.created_ms, object.created_ms)
         {
             // An expired entry is as good as absent (as in the local store):
             // replace it. Two replicas doing this at once still end with
-            // one winner, through the conditional create.
+            // one winner, through the conditional create. Only the old
+            // write's marker goes with it; ours has another nonce.
             self.remove_object(ns, key, existing).await?;
-            // The old entry's marker may have been ours too (same blob).
-            if let Some(layer) = &entry.layer {
-                self.bucket.put_ref(&layer.digest, ns, key).await?;
-            }
             created = self.bucket.create_entry(ns, key, &object).await?;
         }
         match created {
@@ -308,16 +366,24 @@ impl Replica {
                 self.index.put(ns, key, &object, now_ms())?;
                 Ok(PutOutcome::Created)
             }
+            // Our own create, answered "exists" because the client library
+            // retried it after a lost response: the nonce says it is ours.
+            EntryCreate::Exists(existing) if same_write(&existing, &object) => {
+                self.index.put(ns, key, &existing, now_ms())?;
+                Ok(PutOutcome::Created)
+            }
             EntryCreate::Exists(existing) => {
                 self.index.put(ns, key, &existing, now_ms())?;
+                // We lost: the entry there names another write, so our
+                // marker protects nothing. If this delete fails, GC
+                // collects the marker (it is dead by the same argument).
+                if let Some(marker) = &marker
+                    && let Err(e) = self.bucket.delete_ref(marker).await
+                {
+                    warn!(%key, error = %e, "could not remove the marker of a write that lost; GC will");
+                }
                 if existing.entry == *entry {
                     return Ok(PutOutcome::Identical);
-                }
-                // Our marker protects a blob this key does not name.
-                if let Some(layer) = &entry.layer
-                    && existing.entry.layer.as_ref().map(|l| &l.digest) != Some(&layer.digest)
-                {
-                    self.bucket.delete_ref(&layer.digest, ns, key).await?;
                 }
                 Ok(PutOutcome::Conflict {
                     existing: Box::new(existing.entry),
@@ -337,8 +403,10 @@ impl Replica {
         Ok(true)
     }
 
-    /// Deletes an entry object, then its marker (never the other way
-    /// round: an entry must not outlive the marker protecting its blob).
+    /// Deletes an entry object, then the marker its write put (never the
+    /// other way round: an entry must not outlive the marker protecting its
+    /// blob). Should the object deleted be a newer write than `existing`
+    /// (replaced in between), that write's marker stays behind, dead, for GC.
     async fn remove_object(
         &self,
         ns: &Namespace,
@@ -347,8 +415,8 @@ impl Replica {
     ) -> Result<(), ObjError> {
         self.bucket.delete_entry(ns, key).await?;
         self.index.remove(ns, key)?;
-        if let Some(layer) = &existing.entry.layer {
-            self.bucket.delete_ref(&layer.digest, ns, key).await?;
+        if let Some(marker) = RefMarker::of_entry(ns, key, existing) {
+            self.bucket.delete_ref(&marker).await?;
         }
         Ok(())
     }
@@ -383,8 +451,9 @@ impl Replica {
 
     /// One GC pass if this replica gets (or holds) the GC lease: expire
     /// entries past their TTL, evict the oldest entries while over
-    /// `max_size`, drop stale reference markers, then delete blobs that no
-    /// marker names and that are older than `blob_grace`.
+    /// `max_size` (each entry object, then its write's marker), drop
+    /// markers whose write is dead, then delete blobs that no marker names
+    /// and that are older than `blob_grace`.
     pub async fn gc(&self) -> Result<ReplicaGcReport, ObjError> {
         let c = &self.config;
         if !self
@@ -423,71 +492,112 @@ impl Replica {
         }
     }
 
+    /// The pass in phases (separate so tests can run a writer between
+    /// them): plan from the listings, remove entries, then their markers
+    /// and dead ones, then collect blobs.
     async fn gc_pass(&self) -> Result<GcReport, ObjError> {
+        let plan = self.plan_gc().await?;
+        if !plan.doomed.is_empty() {
+            self.renew_lease().await?;
+        }
+        self.remove_entries(&plan).await?;
+        self.remove_markers(&plan).await?;
+        self.renew_lease().await?;
+        self.collect_blobs(plan).await
+    }
+
+    /// Lists the bucket and decides: which entries go, which marker each
+    /// of their writes put, which markers look dead, which blobs stay.
+    async fn plan_gc(&self) -> Result<GcPlan, ObjError> {
         let mut report = GcReport::default();
         let now = now_ms();
-        let grace = self.config.blob_grace.as_millis() as u64;
+        let c = &self.config;
+        // A marker is written right before its entry; one younger than this
+        // may belong to a writer still between the two, so it counts
+        // whatever the entries say. Never shorter than the lease, whatever
+        // `blob_grace` says.
+        let marker_grace = c.blob_grace.max(c.lease_ttl).as_millis() as u64;
         // Blobs first, then markers, then entries: a blob uploaded after
         // the blob listing is simply not considered this pass.
         let blobs = self.bucket.list_blobs().await?;
         let refs = self.bucket.list_refs().await?;
         let entries = self.bucket.list_entries().await?;
 
-        let live: HashSet<(Namespace, CacheKey)> =
-            entries.iter().map(|e| (e.ns.clone(), e.key)).collect();
-        let blob_sizes: HashMap<Digest, u64> =
-            blobs.iter().map(|(d, m)| (d.clone(), m.size)).collect();
-        let mut total: u64 = blob_sizes.values().sum();
-        let mut referencing: HashMap<Digest, HashSet<(Namespace, CacheKey)>> = HashMap::new();
-        let mut names: HashMap<(Namespace, CacheKey), Vec<Digest>> = HashMap::new();
+        let listed: HashSet<EntryId> = entries.iter().map(|e| (e.ns.clone(), e.key)).collect();
+        let mut by_key: HashMap<EntryId, Vec<(RefMarker, u64)>> = HashMap::new();
+        for (marker, modified_ms) in refs {
+            by_key
+                .entry((marker.ns.clone(), marker.key))
+                .or_default()
+                .push((marker, modified_ms));
+        }
+        // Which of several markers of one key is the entry's own takes the
+        // entry's nonce: one GET each. A key with one marker and an entry
+        // is taken to be that entry's own without a GET (see
+        // docs/object-storage.md for when that keeps a dead marker).
+        let ambiguous = by_key
+            .iter()
+            .filter(|(id, markers)| markers.len() > 1 && listed.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut current = self.read_entries(ambiguous).await?;
+
+        // Markers that count for an entry (freed when it goes), and for
+        // each blob every marker that still protects it.
+        let mut owned: HashMap<EntryId, Vec<RefMarker>> = HashMap::new();
+        let mut holders: HashMap<Digest, HashSet<RefMarker>> = HashMap::new();
         let mut stale_markers = Vec::new();
-        // A marker is written right before its entry; one whose entry is
-        // missing for longer than this belongs to a writer that is gone.
-        // Never shorter than the lease, whatever `blob_grace` says.
-        let marker_grace = grace.max(self.config.lease_ttl.as_millis() as u64);
-        for (marker, modified_ms) in &refs {
-            let entry = (marker.ns.clone(), marker.key);
-            if live.contains(&entry) {
-                referencing
-                    .entry(marker.blob.clone())
-                    .or_default()
-                    .insert(entry.clone());
-                names.entry(entry).or_default().push(marker.blob.clone());
-            } else if now.saturating_sub(*modified_ms) >= marker_grace {
-                // A writer that died (or was refused) between marker and
-                // entry, or an entry deleted before its marker. Its entry
-                // may still have been created after the listing: checked
-                // again below before the marker goes.
-                stale_markers.push(marker.clone());
-            } else {
-                // Young marker whose entry may be on its way: counts.
-                referencing
-                    .entry(marker.blob.clone())
-                    .or_default()
-                    .insert(entry);
+        for (id, markers) in by_key {
+            for (marker, modified_ms) in markers {
+                let own = match current.get(&id) {
+                    Some(Some(object)) => marker.written_for(object),
+                    Some(None) => false,
+                    None => listed.contains(&id),
+                };
+                if own {
+                    owned.entry(id.clone()).or_default().push(marker.clone());
+                    holders
+                        .entry(marker.blob.clone())
+                        .or_default()
+                        .insert(marker);
+                } else if now.saturating_sub(modified_ms) < marker_grace {
+                    // A writer between its marker and its entry, maybe:
+                    // protects its blob, but is not this key's entry's.
+                    holders
+                        .entry(marker.blob.clone())
+                        .or_default()
+                        .insert(marker);
+                } else {
+                    // Its write lost the race, was refused, died, or its
+                    // entry was removed: checked again before it goes.
+                    stale_markers.push(marker);
+                }
             }
         }
 
         // Entries to remove: expired ones, then the oldest while over size.
-        let mut doomed: Vec<&ListedEntry> = Vec::new();
-        let mut ordered: Vec<&ListedEntry> = entries.iter().collect();
-        ordered.sort_by_key(|e| e.last_modified_ms);
+        let blob_sizes: HashMap<Digest, u64> =
+            blobs.iter().map(|(d, m)| (d.clone(), m.size)).collect();
+        let mut total: u64 = blob_sizes.values().sum();
         let mut free = |e: &ListedEntry, total: &mut u64| {
-            let id = (e.ns.clone(), e.key);
-            for blob in names.get(&id).into_iter().flatten() {
-                if let Some(set) = referencing.get_mut(blob) {
-                    set.remove(&id);
-                    if set.is_empty() {
-                        *total = total.saturating_sub(blob_sizes.get(blob).copied().unwrap_or(0));
-                    }
+            for marker in owned.get(&(e.ns.clone(), e.key)).into_iter().flatten() {
+                if let Some(set) = holders.get_mut(&marker.blob)
+                    && set.remove(marker)
+                    && set.is_empty()
+                {
+                    *total =
+                        total.saturating_sub(blob_sizes.get(&marker.blob).copied().unwrap_or(0));
                 }
             }
         };
+        let mut ordered: Vec<&ListedEntry> = entries.iter().collect();
+        ordered.sort_by_key(|e| e.last_modified_ms);
+        let mut doomed: Vec<ListedEntry> = Vec::new();
         let mut rest = Vec::new();
         for e in ordered {
             if self.expired(e.last_modified_ms, now) {
                 free(e, &mut total);
-                doomed.push(e);
+                doomed.push(e.clone());
                 report.entries_expired += 1;
             } else {
                 rest.push(e);
@@ -499,49 +609,137 @@ impl Replica {
                     break;
                 }
                 free(e, &mut total);
-                doomed.push(e);
+                doomed.push(e.clone());
                 report.entries_evicted += 1;
             }
         }
 
-        if !doomed.is_empty() {
-            self.renew_lease().await?;
-            let entry_paths = doomed
-                .iter()
-                .map(|e| self.bucket.entry_path(&e.ns, &e.key))
-                .collect();
-            // Entries before their markers, so no entry is ever left
-            // without the marker that protects its blob.
-            self.bucket.delete_many(entry_paths).await?;
-            let marker_paths = refs
-                .iter()
-                .filter(|(m, _)| doomed.iter().any(|e| e.ns == m.ns && e.key == m.key))
-                .map(|(m, _)| self.bucket.ref_marker_path(m))
-                .collect();
-            self.bucket.delete_many(marker_paths).await?;
-            self.index
-                .remove_many(doomed.iter().map(|e| (&e.ns, &e.key)))?;
-        }
-        if !stale_markers.is_empty() {
-            let checked: Vec<(RefMarker, Result<bool, ObjError>)> =
-                futures::stream::iter(stale_markers)
-                    .map(|m| async move {
-                        let exists = self.bucket.entry_exists(&m.ns, &m.key).await;
-                        (m, exists)
-                    })
-                    .buffer_unordered(LOOKUP_CONCURRENCY)
-                    .collect()
-                    .await;
-            let mut orphaned = Vec::new();
-            for (marker, exists) in checked {
-                if !exists? {
-                    orphaned.push(self.bucket.ref_marker_path(&marker));
-                }
-            }
-            self.bucket.delete_many(orphaned).await?;
-        }
+        // The exact marker of each doomed entry's write, from the entry
+        // itself: any other marker of its key is another write's.
+        let unknown = doomed
+            .iter()
+            .map(|e| (e.ns.clone(), e.key))
+            .filter(|id| !current.contains_key(id))
+            .collect();
+        current.extend(self.read_entries(unknown).await?);
+        let doomed_markers = doomed
+            .iter()
+            .filter_map(|e| {
+                let object = current.get(&(e.ns.clone(), e.key))?.as_ref()?;
+                RefMarker::of_entry(&e.ns, &e.key, object)
+            })
+            .collect();
+        let referenced = holders
+            .into_iter()
+            .filter(|(_, set)| !set.is_empty())
+            .map(|(digest, _)| digest)
+            .collect();
+        Ok(GcPlan {
+            now,
+            report,
+            blobs,
+            live_entries: entries.len() as u64 - doomed.len() as u64,
+            doomed,
+            doomed_markers,
+            stale_markers,
+            referenced,
+        })
+    }
 
-        self.renew_lease().await?;
+    /// The entry objects under `ids` now (`None`: absent). An object that
+    /// does not parse is left out, so GC treats it as unknown and keeps
+    /// the markers of its key rather than guess.
+    async fn read_entries(
+        &self,
+        ids: Vec<EntryId>,
+    ) -> Result<HashMap<EntryId, Option<EntryObject>>, ObjError> {
+        let read: Vec<(EntryId, Result<Option<EntryObject>, ObjError>)> =
+            futures::stream::iter(ids)
+                .map(|(ns, key)| async move {
+                    let object = self.bucket.read_entry(&ns, &key).await;
+                    ((ns, key), object)
+                })
+                .buffer_unordered(LOOKUP_CONCURRENCY)
+                .collect()
+                .await;
+        let mut out = HashMap::with_capacity(read.len());
+        for (id, object) in read {
+            match object {
+                Ok(object) => {
+                    out.insert(id, object);
+                }
+                Err(e @ ObjError::Corrupt { .. }) => {
+                    warn!(error = %e, "gc keeps the markers of an unreadable entry")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the doomed entry objects (before their markers: an entry
+    /// must never be left without the marker protecting its blob).
+    async fn remove_entries(&self, plan: &GcPlan) -> Result<(), ObjError> {
+        let entry_paths = plan
+            .doomed
+            .iter()
+            .map(|e| self.bucket.entry_path(&e.ns, &e.key))
+            .collect();
+        self.bucket.delete_many(entry_paths).await?;
+        self.index
+            .remove_many(plan.doomed.iter().map(|e| (&e.ns, &e.key)))?;
+        Ok(())
+    }
+
+    /// Deletes the markers of the removed entries' writes, exactly by
+    /// nonce, then the stale markers whose write is still dead.
+    async fn remove_markers(&self, plan: &GcPlan) -> Result<(), ObjError> {
+        let marker_paths = plan
+            .doomed_markers
+            .iter()
+            .map(|m| self.bucket.ref_marker_path(m))
+            .collect();
+        self.bucket.delete_many(marker_paths).await?;
+        if plan.stale_markers.is_empty() {
+            return Ok(());
+        }
+        // Read again right before: the listing is a while ago. A marker
+        // goes only if the entry now there is not its write (absent, or
+        // naming another nonce); an unreadable entry keeps it.
+        let ids = plan
+            .stale_markers
+            .iter()
+            .map(|m| (m.ns.clone(), m.key))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let current = self.read_entries(ids).await?;
+        let dead = plan
+            .stale_markers
+            .iter()
+            .filter(|m| match current.get(&(m.ns.clone(), m.key)) {
+                Some(Some(object)) => !m.written_for(object),
+                Some(None) => true,
+                None => false,
+            })
+            .map(|m| self.bucket.ref_marker_path(m))
+            .collect();
+        self.bucket.delete_many(dead).await?;
+        Ok(())
+    }
+
+    /// Clears stale intents and deletes the blobs no marker protects,
+    /// each through the intent protocol of the module docs.
+    async fn collect_blobs(&self, plan: GcPlan) -> Result<GcReport, ObjError> {
+        let GcPlan {
+            now,
+            mut report,
+            blobs,
+            live_entries,
+            referenced,
+            ..
+        } = plan;
+        let grace = self.config.blob_grace.as_millis() as u64;
         // Intents a crashed pass left behind would refuse writers forever.
         let lease = self.config.lease_ttl.as_millis() as u64;
         let stale_intents = self
@@ -558,10 +756,9 @@ impl Replica {
         let mut remaining_blobs = 0u64;
         let mut candidates = Vec::new();
         for (digest, meta) in &blobs {
-            let referenced = referencing.get(digest).is_some_and(|s| !s.is_empty());
             let young =
                 now.saturating_sub(meta.last_modified.timestamp_millis().max(0) as u64) < grace;
-            if referenced || young {
+            if referenced.contains(digest) || young {
                 remaining_bytes += meta.size;
                 remaining_blobs += 1;
             } else {
@@ -588,11 +785,8 @@ impl Replica {
             .fetch_add(report.entries_expired, Ordering::Relaxed);
         self.blobs_removed
             .fetch_add(report.blobs_removed, Ordering::Relaxed);
-        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = (
-            entries.len() as u64 - doomed.len() as u64,
-            remaining_blobs,
-            remaining_bytes,
-        );
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) =
+            (live_entries, remaining_blobs, remaining_bytes);
         Ok(report)
     }
 
@@ -947,5 +1141,260 @@ mod tests {
         assert!(a.delete_entry(&ns, &key(1)).await.unwrap());
         assert!(b.lookup(&ns, &[key(1)]).await.unwrap().is_empty());
         assert!(!b.bucket.has_refs(&d).await.unwrap());
+    }
+
+    /// The gap the per-write nonces close: GC evicts E1 and, between the
+    /// deletion of E1's object and of E1's marker, a writer re-creates the
+    /// same key naming the same blob. GC's marker deletion must not take
+    /// the new entry's marker, and no later pass may take the blob.
+    #[tokio::test]
+    async fn gc_evicting_a_key_while_a_writer_recreates_it_keeps_the_new_entrys_blob() {
+        let mut f = Fixture::new();
+        // Evicts every entry it sees; no blob grace at all.
+        let evicting = f.replica(
+            "gc",
+            ReplicaConfig {
+                max_size: Some(1),
+                ..no_grace()
+            },
+        );
+        let writer = f.replica("w", no_grace());
+        let later = f.replica("later", no_grace());
+        let ns = Namespace::default();
+        let d = put_blob(&writer, b"layer bytes").await;
+        let e1 = entry(&d, 11, "RUN build (first)");
+        assert_eq!(
+            writer.put_entry(&ns, &key(1), &e1).await.unwrap(),
+            PutOutcome::Created
+        );
+
+        // GC decides to evict E1 and deletes its entry object...
+        let plan = evicting.plan_gc().await.unwrap();
+        assert_eq!(plan.doomed.len(), 1);
+        evicting.remove_entries(&plan).await.unwrap();
+        // ...the step is rebuilt at that very moment: E2, same key and blob...
+        let e2 = entry(&d, 11, "RUN build (again)");
+        assert_eq!(
+            writer.put_entry(&ns, &key(1), &e2).await.unwrap(),
+            PutOutcome::Created
+        );
+        // ...then GC's marker deletion and blob collection run.
+        evicting.remove_markers(&plan).await.unwrap();
+        evicting.collect_blobs(plan).await.unwrap();
+
+        // The next pass (by a replica without a size limit) finds E2's
+        // marker and keeps the blob.
+        assert!(later.gc().await.unwrap().lease_held);
+        assert!(
+            later.blob_size(&d).await.unwrap().is_some(),
+            "the blob of live entry E2 was deleted"
+        );
+        assert!(later.bucket.has_refs(&d).await.unwrap());
+        let found = later.lookup(&ns, &[key(1)]).await.unwrap();
+        assert_eq!(found.get(&key(1)), Some(&e2));
+    }
+
+    /// Every marker in the bucket, sorted for comparisons.
+    async fn markers(r: &Replica) -> Vec<RefMarker> {
+        let mut all: Vec<RefMarker> = r
+            .bucket
+            .list_refs()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        all.sort_by_key(|m| (m.key, m.nonce.map(|n| n.to_string())));
+        all
+    }
+
+    /// GC with no marker grace at all (`blob_grace` and `lease_ttl` 0):
+    /// every marker whose write is not the entry there is collectable.
+    fn sweeping() -> ReplicaConfig {
+        ReplicaConfig {
+            lease_ttl: Duration::ZERO,
+            ..no_grace()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_old_entrys_marker_is_collected_after_a_pass_that_stopped_between_entry_and_marker()
+    {
+        let mut f = Fixture::new();
+        let evicting = f.replica(
+            "gc",
+            ReplicaConfig {
+                max_size: Some(1),
+                ..no_grace()
+            },
+        );
+        let writer = f.replica("w", no_grace());
+        let sweeper = f.replica("sweep", sweeping());
+        let ns = Namespace::default();
+        let d = put_blob(&writer, b"layer").await;
+        writer
+            .put_entry(&ns, &key(1), &entry(&d, 5, "RUN 1"))
+            .await
+            .unwrap();
+        let m1 = markers(&writer).await;
+        assert_eq!(m1.len(), 1);
+
+        // GC removes E1's object and dies before E1's marker.
+        let plan = evicting.plan_gc().await.unwrap();
+        assert_eq!(plan.doomed_markers, m1);
+        evicting.remove_entries(&plan).await.unwrap();
+        drop(plan);
+        let e2 = entry(&d, 5, "RUN 2");
+        writer.put_entry(&ns, &key(1), &e2).await.unwrap();
+        let both = markers(&writer).await;
+        assert_eq!(both.len(), 2, "M1 and M2 are different objects");
+
+        // E2 names M2's nonce, not M1's: M1 goes, M2 and the blob stay.
+        sweeper.gc().await.unwrap();
+        let left = markers(&sweeper).await;
+        assert_eq!(left.len(), 1);
+        assert_ne!(left, m1);
+        let stored = sweeper
+            .bucket
+            .read_entry(&ns, &key(1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(left[0].written_for(&stored));
+        assert!(sweeper.blob_size(&d).await.unwrap().is_some());
+        assert_eq!(
+            sweeper.lookup(&ns, &[key(1)]).await.unwrap().get(&key(1)),
+            Some(&e2)
+        );
+        // And the same holds pass after pass.
+        sweeper.gc().await.unwrap();
+        assert_eq!(markers(&sweeper).await, left);
+        assert!(sweeper.blob_size(&d).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_loses_the_race_leaves_no_marker_that_outlives_the_grace() {
+        let mut f = Fixture::new();
+        let (a, b) = (f.replica("a", no_grace()), f.replica("b", no_grace()));
+        let sweeper = f.replica("sweep", sweeping());
+        let ns = Namespace::default();
+        let d = put_blob(&a, b"shared layer").await;
+        let other = put_blob(&a, b"the loser's layer").await;
+        assert_eq!(
+            a.put_entry(&ns, &key(1), &entry(&d, 12, "RUN a"))
+                .await
+                .unwrap(),
+            PutOutcome::Created
+        );
+        let winner = markers(&a).await;
+        // Losers remove their own markers, same blob or not.
+        assert!(matches!(
+            b.put_entry(&ns, &key(1), &entry(&d, 12, "RUN b"))
+                .await
+                .unwrap(),
+            PutOutcome::Conflict { .. }
+        ));
+        assert!(matches!(
+            b.put_entry(&ns, &key(1), &entry(&other, 17, "RUN c"))
+                .await
+                .unwrap(),
+            PutOutcome::Conflict { .. }
+        ));
+        assert_eq!(
+            b.put_entry(&ns, &key(1), &entry(&d, 12, "RUN a"))
+                .await
+                .unwrap(),
+            PutOutcome::Identical
+        );
+        assert_eq!(markers(&a).await, winner);
+
+        // Losers that died before removing them: their markers are dead
+        // (the entry names the winner's nonce)...
+        for blob in [&d, &other] {
+            let lost = RefMarker::new(blob.clone(), ns.clone(), key(1));
+            b.bucket.put_ref(&lost).await.unwrap();
+        }
+        assert_eq!(markers(&a).await.len(), 3);
+        // ...but while young they still count: their writer might be about
+        // to create its entry.
+        assert_eq!(a.gc().await.unwrap().report.blobs_removed, 0);
+        assert_eq!(markers(&a).await.len(), 3);
+        // Past the marker grace they go, and so does the blob only they
+        // protected; the winner's marker and blob stay.
+        assert_eq!(sweeper.gc().await.unwrap().report.blobs_removed, 1);
+        assert_eq!(markers(&a).await, winner);
+        assert!(a.blob_size(&other).await.unwrap().is_none());
+        assert!(a.blob_size(&d).await.unwrap().is_some());
+        assert_eq!(a.lookup(&ns, &[key(1)]).await.unwrap().len(), 1);
+    }
+
+    /// An entry and its marker as the previous version wrote them: no
+    /// nonce anywhere.
+    async fn put_legacy(r: &Replica, ns: &Namespace, k: CacheKey, e: &CacheEntry) -> RefMarker {
+        let object = EntryObject {
+            created_ms: now_ms(),
+            entry: e.clone(),
+            ref_nonce: None,
+        };
+        let marker = RefMarker::of_entry(ns, &k, &object).unwrap();
+        assert_eq!(marker.nonce, None);
+        r.bucket.put_ref(&marker).await.unwrap();
+        assert_eq!(
+            r.bucket.create_entry(ns, &k, &object).await.unwrap(),
+            EntryCreate::Created
+        );
+        marker
+    }
+
+    #[tokio::test]
+    async fn entries_and_markers_of_the_previous_version_keep_working() {
+        let mut f = Fixture::new();
+        let a = f.replica("a", sweeping());
+        let ns = Namespace::default();
+        let d = put_blob(&a, b"old layer").await;
+        let old1 = put_legacy(&a, &ns, key(1), &entry(&d, 9, "RUN old 1")).await;
+        let old2 = put_legacy(&a, &ns, key(2), &entry(&d, 9, "RUN old 2")).await;
+
+        // A legacy marker under a legacy entry naming its blob is live,
+        // even with no grace at all and next to a dead new-style marker of
+        // the same key (which makes GC read the entry to tell them apart);
+        // a new write losing to a legacy entry removes only its own marker.
+        let lost = RefMarker::new(d.clone(), ns.clone(), key(1));
+        a.bucket.put_ref(&lost).await.unwrap();
+        a.gc().await.unwrap();
+        assert_eq!(markers(&a).await, vec![old1.clone(), old2.clone()]);
+        assert!(matches!(
+            a.put_entry(&ns, &key(1), &entry(&d, 9, "RUN new"))
+                .await
+                .unwrap(),
+            PutOutcome::Conflict { .. }
+        ));
+        a.gc().await.unwrap();
+        assert_eq!(markers(&a).await, vec![old1.clone(), old2.clone()]);
+        assert!(a.blob_size(&d).await.unwrap().is_some());
+        assert_eq!(a.lookup(&ns, &[key(1), key(2)]).await.unwrap().len(), 2);
+
+        // DELETE removes a legacy entry's legacy marker.
+        assert!(a.delete_entry(&ns, &key(1)).await.unwrap());
+        assert_eq!(markers(&a).await, vec![old2.clone()]);
+
+        // A legacy entry removed by a GC of the previous version that died
+        // before the marker, then written again by this version: the new
+        // entry names a nonce, so the legacy marker is dead and goes.
+        a.bucket.delete_entry(&ns, &key(2)).await.unwrap();
+        let e = entry(&d, 9, "RUN new 2");
+        assert_eq!(
+            a.put_entry(&ns, &key(2), &e).await.unwrap(),
+            PutOutcome::Created
+        );
+        a.gc().await.unwrap();
+        let left = markers(&a).await;
+        assert_eq!(left.len(), 1);
+        assert!(left[0].nonce.is_some());
+        assert!(a.blob_size(&d).await.unwrap().is_some());
+        assert_eq!(
+            a.lookup(&ns, &[key(2)]).await.unwrap().get(&key(2)),
+            Some(&e)
+        );
     }
 }

@@ -11,25 +11,28 @@ use std::time::Duration;
 use axum::Router;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use super::http::{self, ReplicaState};
 use super::replica::default_holder;
 use super::{
     DEFAULT_PART_SIZE, DEFAULT_PRESIGN_TTL, ObjError, ObjectStorageConfig, Replica, ReplicaConfig,
 };
+use crate::api::{self, AppState};
 use crate::auth::Auth;
+use crate::backend::gc_loop;
 use crate::store::StoreConfig;
 use crate::telemetry;
 use crate::units::{parse_duration, parse_size};
 
-/// Flags of object-storage mode (all also `KILN_CACHE_*` variables).
+/// Flags of object-storage mode (all also `KILN_CACHE_*` variables and
+/// config-file keys, named as the flags with `_` for `-`).
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ObjectArgs {
     /// Where blobs and entries live: `local` (the --data directory, the
     /// default) or `s3://bucket[/prefix]` to share one bucket between
     /// replicas. Credentials come from AWS_ACCESS_KEY_ID /
-    /// AWS_SECRET_ACCESS_KEY (or the pod's identity).
+    /// AWS_SECRET_ACCESS_KEY (or the pod's identity), never from flags or
+    /// the config file.
     #[arg(long, env = "KILN_CACHE_STORAGE", value_name = "URL")]
     pub storage: Option<String>,
     /// Endpoint of an S3-compatible store, e.g. http://minio:9000
@@ -62,54 +65,105 @@ pub struct ObjectArgs {
     pub replica_id: Option<String>,
 }
 
-fn duration(setting: &str, value: Option<&String>) -> Result<Option<Duration>, ObjError> {
-    value
-        .map(|v| parse_duration(v).map_err(|e| ObjError::Config(format!("--{setting}: {e}"))))
-        .transpose()
+/// One setting's value and where it came from, so an error names what to
+/// fix: the flag (or its variable: clap does not say which), or the key
+/// and the config file.
+struct Setting<'a> {
+    /// The flag's name without `--`; the file key is the same with `_`.
+    name: &'static str,
+    value: &'a str,
+    file: Option<&'a Path>,
+}
+
+impl Setting<'_> {
+    fn error(&self, message: impl std::fmt::Display) -> ObjError {
+        match self.file {
+            None => ObjError::Config(format!("--{}: {message}", self.name)),
+            Some(path) => ObjError::Config(format!(
+                "config file {}: {}: {message}",
+                path.display(),
+                self.name.replace('-', "_")
+            )),
+        }
+    }
+
+    fn duration(&self) -> Result<Duration, ObjError> {
+        parse_duration(self.value).map_err(|e| self.error(e))
+    }
 }
 
 impl ObjectArgs {
     /// `None` for the local store; the object-storage settings otherwise.
-    /// `store` supplies the settings both modes share (size limit, TTL,
-    /// blob grace).
-    pub fn resolve(&self, store: &StoreConfig) -> Result<Option<ObjectStorageConfig>, ObjError> {
-        let url = match self.storage.as_deref() {
-            None | Some("local") | Some("") => return Ok(None),
-            Some(url) => url.to_owned(),
+    /// Each setting comes from `self` (flags over environment, as clap
+    /// merged them) or else from `file`, the same settings read from the
+    /// config file at the path given with them. `store` supplies the
+    /// settings both modes share (size limit, TTL, blob grace).
+    pub fn resolve(
+        &self,
+        file: Option<(&ObjectArgs, &Path)>,
+        store: &StoreConfig,
+    ) -> Result<Option<ObjectStorageConfig>, ObjError> {
+        let pick = |name: &'static str, get: fn(&ObjectArgs) -> &Option<String>| {
+            if let Some(value) = get(self) {
+                return Some(Setting {
+                    name,
+                    value,
+                    file: None,
+                });
+            }
+            let (args, path) = file?;
+            get(args).as_deref().map(|value| Setting {
+                name,
+                value,
+                file: Some(path),
+            })
         };
-        super::parse_storage_url(&url)?;
-        let part_size = match &self.s3_part_size {
-            Some(v) => {
-                let size =
-                    parse_size(v).map_err(|e| ObjError::Config(format!("--s3-part-size: {e}")))?;
+        let storage = match pick("storage", |a| &a.storage) {
+            None => return Ok(None),
+            Some(s) if matches!(s.value, "local" | "") => return Ok(None),
+            Some(s) => s,
+        };
+        if let Err(e) = super::parse_storage_url(storage.value) {
+            // The URL check names `--storage`; from the file, say the key
+            // and the file instead.
+            return Err(match (e, storage.file) {
+                (ObjError::Config(message), Some(_)) => {
+                    storage.error(message.trim_start_matches("--storage "))
+                }
+                (e, _) => e,
+            });
+        }
+        let part_size = match pick("s3-part-size", |a| &a.s3_part_size) {
+            Some(s) => {
+                let size = parse_size(s.value).map_err(|e| s.error(e))?;
                 if size < super::bucket::MIN_PART_SIZE as u64 {
-                    return Err(ObjError::Config(format!(
-                        "--s3-part-size {v}: S3 needs parts of at least 5MiB"
-                    )));
+                    return Err(s.error(format!("{:?}: S3 needs parts of at least 5MiB", s.value)));
                 }
                 size as usize
             }
             None => DEFAULT_PART_SIZE,
         };
+        let duration = |name, get| pick(name, get).map(|s| s.duration()).transpose();
+        let text = |name, get| pick(name, get).map(|s| s.value.to_owned());
         let defaults = ReplicaConfig::default();
-        let presign = duration("presign-ttl", self.presign_ttl.as_ref())?
+        let presign = duration("presign-ttl", |a| &a.presign_ttl)?
             .map(|d| if d.is_zero() { DEFAULT_PRESIGN_TTL } else { d });
         Ok(Some(ObjectStorageConfig {
-            url,
-            endpoint: self.s3_endpoint.clone(),
-            region: self.s3_region.clone(),
+            url: storage.value.to_owned(),
+            endpoint: text("s3-endpoint", |a| &a.s3_endpoint),
+            region: text("s3-region", |a| &a.s3_region),
             part_size,
             replica: ReplicaConfig {
-                miss_recheck: duration("miss-recheck", self.miss_recheck.as_ref())?
+                miss_recheck: duration("miss-recheck", |a| &a.miss_recheck)?
                     .unwrap_or(defaults.miss_recheck),
-                hit_recheck: duration("hit-recheck", self.hit_recheck.as_ref())?
+                hit_recheck: duration("hit-recheck", |a| &a.hit_recheck)?
                     .unwrap_or(defaults.hit_recheck),
                 entry_ttl: store.entry_ttl,
                 max_size: store.max_size,
                 blob_grace: store.blob_grace,
-                lease_ttl: duration("gc-lease-ttl", self.gc_lease_ttl.as_ref())?
+                lease_ttl: duration("gc-lease-ttl", |a| &a.gc_lease_ttl)?
                     .unwrap_or(defaults.lease_ttl),
-                holder: self.replica_id.clone().unwrap_or_else(default_holder),
+                holder: text("replica-id", |a| &a.replica_id).unwrap_or_else(default_holder),
                 presign,
             },
         }))
@@ -118,7 +172,7 @@ impl ObjectArgs {
 
 /// Connects to the bucket and opens the local index cache in `data`.
 pub async fn open(config: &ObjectStorageConfig, data: &Path) -> Result<Arc<Replica>, ObjError> {
-    let bucket = super::connect(config)?;
+    let bucket = super::connect_checked(config).await?;
     let data = data.to_owned();
     let replica_config = config.replica.clone();
     let replica = tokio::task::spawn_blocking(move || Replica::open(bucket, &data, replica_config))
@@ -134,39 +188,24 @@ pub async fn open(config: &ObjectStorageConfig, data: &Path) -> Result<Arc<Repli
     Ok(Arc::new(replica))
 }
 
-/// The router over `replica` and its GC task, which stops when `stop`
-/// changes.
+/// The router over `replica` (the same as the local mode's) and its GC
+/// task, which stops when `stop` changes.
 pub fn run(
     replica: Arc<Replica>,
     auth: Auth,
     gc_interval: Duration,
     stop: watch::Receiver<bool>,
 ) -> (Router, JoinHandle<()>) {
-    let state = Arc::new(ReplicaState {
-        replica: replica.clone(),
+    let state = Arc::new(AppState {
+        backend: replica.clone(),
         auth,
         metrics: telemetry::metrics_handle(),
     });
-    let gc = tokio::spawn(gc_loop(replica, gc_interval, stop));
-    (http::router(state), gc)
-}
-
-async fn gc_loop(replica: Arc<Replica>, interval: Duration, mut stop: watch::Receiver<bool>) {
-    if interval.is_zero() {
-        // On demand only (POST /v1/admin/gc).
-        let _ = stop.changed().await;
-        return;
-    }
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
-        }
-        // Every replica tries; the lease lets one of them do the pass.
-        if let Err(e) = replica.gc().await {
-            error!(error = %e, "gc failed");
-        }
-    }
+    // Every replica tries on its interval; the lease lets one of them do
+    // the pass. Nothing wakes it early: the bucket's size is only known
+    // from a GC listing.
+    let gc = tokio::spawn(gc_loop(replica, gc_interval, None, stop));
+    (api::router(state), gc)
 }
 
 #[cfg(test)]
@@ -184,7 +223,7 @@ mod tests {
     fn local_is_the_default_and_s3_settings_resolve() {
         let store = StoreConfig::default();
         let cli = Cli::try_parse_from(["x"]).unwrap();
-        assert!(cli.object.resolve(&store).unwrap().is_none());
+        assert!(cli.object.resolve(None, &store).unwrap().is_none());
         let cli = Cli::try_parse_from([
             "x",
             "--storage",
@@ -197,14 +236,14 @@ mod tests {
             "r1",
         ])
         .unwrap();
-        let cfg = cli.object.resolve(&store).unwrap().unwrap();
+        let cfg = cli.object.resolve(None, &store).unwrap().unwrap();
         assert_eq!(cfg.replica.miss_recheck, Duration::ZERO);
         assert_eq!(cfg.replica.presign, Some(Duration::from_secs(120)));
         assert_eq!(cfg.replica.holder, "r1");
         assert_eq!(cfg.part_size, DEFAULT_PART_SIZE);
         let cli = Cli::try_parse_from(["x", "--storage", "s3://b1c/x", "--s3-part-size", "1MiB"])
             .unwrap();
-        let err = cli.object.resolve(&store).unwrap_err().to_string();
+        let err = cli.object.resolve(None, &store).unwrap_err().to_string();
         assert!(err.contains("5MiB"), "{err}");
     }
 }
