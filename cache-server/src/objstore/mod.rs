@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_common::Digest;
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use object_store::{ClientConfigKey, RetryConfig};
 
 pub use admin::ReplicaVerifyReport;
 pub use bucket::Bucket;
@@ -177,7 +178,29 @@ fn build_bucket(
     conditional: ConditionalWrites,
 ) -> Result<Bucket, ObjError> {
     let (bucket, prefix) = parse_storage_url(&config.url)?;
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+    // A bucket that cannot be reached should fail a request while the
+    // executor still waits for it (its lookups give up after 10 s and move
+    // on to the next --cache-server), not after object_store's default of
+    // ten retries: a refused or unanswered connect costs 2 s, three times.
+    // object_store's 30 s request timeout covers the whole response body
+    // and its retry budget counts from the first byte, so with the defaults
+    // a blob GET that streams for longer than three minutes (a large layer
+    // to a slow client) would be cut off; both are set far above any
+    // transfer instead. A request to a store that accepts and then never
+    // answers is bounded by the HTTP client going away, which drops it.
+    let retry = RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(3600),
+        ..RetryConfig::default()
+    };
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&bucket)
+        .with_retry(retry)
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+            "2s",
+        )
+        .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "1h");
     if let ConditionalWrites::Off = conditional {
         builder = builder.with_conditional_put(S3ConditionalPut::Disabled);
     }
