@@ -187,3 +187,51 @@ async fn a_storage_node_going_down_leaves_the_cache_serving_and_its_replica_catc
         assert_eq!(Digest::of_bytes(&body), layer.digest, "blob of step {n}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_blob_uploaded_through_two_replicas_at_once_succeeds_for_both() {
+    let Some(garage) = S3Server::start_garage(
+        "the_same_blob_uploaded_through_two_replicas_at_once_succeeds_for_both",
+    ) else {
+        return;
+    };
+    // Small parts: every upload is a multipart upload of several parts, and
+    // Garage drops the other uploads of a key when one completes.
+    let part = ["--s3-part-size", "5MiB"];
+    let a = Replica::start_on(&garage, 0, "same-blob", &part);
+    let b = Replica::start_on(&garage, 1, "same-blob", &part);
+    let c = client();
+    for round in 0..6u64 {
+        let data = bytes(4000 + round, 23 << 20);
+        let digest = Digest::of_bytes(&data);
+        let upload = |url: String| {
+            let (c, data, digest) = (c.clone(), data.clone(), digest.clone());
+            async move {
+                c.put(format!("{url}/v1/blobs/{digest}"))
+                    .body(data)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        let (first, second) = tokio::join!(upload(a.url.clone()), upload(b.url.clone()));
+        for (status, via) in [(first, &a), (second, &b)] {
+            assert!(
+                status.is_success(),
+                "round {round}: upload via {} answered {status}\n{}",
+                via.url,
+                via.log_text()
+            );
+        }
+        let got = c
+            .get(format!("{}/v1/blobs/{digest}", b.url))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(Digest::of_bytes(&got), digest, "round {round}");
+    }
+}

@@ -46,7 +46,7 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::ObjError;
 use crate::store::{BlobCommit, Namespace, now_ms};
@@ -890,10 +890,34 @@ impl BlobUpload {
     }
 
     async fn wait_one(&mut self) -> Result<(), ObjError> {
-        if let Some(result) = self.in_flight.next().await {
-            result.map_err(ctx(format!("uploading a part of {}", self.expected)))?;
+        if let Some(result) = self.in_flight.next().await
+            && let Err(e) = result
+            && !self.lost_to_a_concurrent_upload().await
+        {
+            return Err(ctx(format!("uploading a part of {}", self.expected))(e));
         }
         Ok(())
+    }
+
+    /// After a failed part or completion: whether another upload of the
+    /// same blob finished meanwhile. Some stores (Garage) drop every other
+    /// multipart upload of a key when one completes (`NoSuchUpload`), so two
+    /// executors pushing the same layer through two replicas would see one
+    /// fail. Only verified uploads ever create a blob object, so if it is
+    /// there now, it holds these bytes: give ours up and only hash the rest.
+    async fn lost_to_a_concurrent_upload(&mut self) -> bool {
+        if !matches!(self.bucket.blob_size(&self.expected).await, Ok(Some(_))) {
+            return false;
+        }
+        info!(digest = %self.expected, "another upload of this blob finished first; only hashing the rest of ours");
+        self.in_flight.clear();
+        self.buffer = PutPayloadMut::default();
+        if let Some(mut upload) = self.multipart.take() {
+            // Usually already gone on the store's side; nothing to reap.
+            let _ = upload.abort().await;
+        }
+        self.exists = true;
+        true
     }
 
     /// Makes the blob visible under its digest if the bytes hash to it;
@@ -937,7 +961,13 @@ impl BlobUpload {
                     && let Err(e) = upload.complete().await
                 {
                     let _ = upload.abort().await;
+                    if self.lost_to_a_concurrent_upload().await {
+                        return Ok(BlobCommit::Existed);
+                    }
                     return Err(ctx(format!("completing upload of {what}"))(e));
+                }
+                if self.exists {
+                    return Ok(BlobCommit::Existed);
                 }
             }
         }
