@@ -20,7 +20,13 @@ if [[ ! -x "$GARAGE" ]]; then
   cargo install --locked garage --version 2.5.0 --no-default-features \
     --features lmdb,bundled-libs --root /opt/kiln-tools
 fi
-export KILN_S3S_FS="$S3S_FS" KILN_GARAGE="$GARAGE" KILN_REQUIRE_S3=1
+# Azurite, Microsoft's Azure Storage emulator, for the az:// replica tests
+# (cache-server/tests/azure.rs), from npm (~15 s; needs node).
+AZURITE="${KILN_AZURITE:-/opt/kiln-tools/azurite/bin/azurite-blob}"
+if [[ ! -x "$AZURITE" ]]; then
+  npm install -g --no-audit --no-fund --prefix /opt/kiln-tools/azurite azurite@3.37.0
+fi
+export KILN_S3S_FS="$S3S_FS" KILN_GARAGE="$GARAGE" KILN_AZURITE="$AZURITE" KILN_REQUIRE_S3=1
 # One optimised profile for everything, so RocksDB's C++ is compiled once.
 # The end-to-end tests run the real binaries: build them first.
 cargo build --release --workspace --locked --bins

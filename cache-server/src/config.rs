@@ -46,8 +46,10 @@ pub enum ConfigError {
         "config file {path}: {key:?} looks like a credential, and credentials are never read \
          from the config file: remove it, and give the server AWS_ACCESS_KEY_ID and \
          AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in its environment, e.g. from a \
-         Kubernetes Secret, or let it use the pod's or instance's identity (IRSA, instance \
-         metadata)"
+         Kubernetes Secret (for gs:// GOOGLE_SERVICE_ACCOUNT or \
+         GOOGLE_APPLICATION_CREDENTIALS, for az:// AZURE_STORAGE_ACCOUNT_NAME and \
+         AZURE_STORAGE_ACCOUNT_KEY), or let it use the pod's or instance's identity (IRSA, \
+         workload identity, instance metadata)"
     )]
     Credentials { path: String, key: String },
     #[error("--data (KILN_CACHE_DATA, or data = \"...\" in the config file) is required")]
@@ -149,8 +151,10 @@ struct FileConfig {
     block_cache: Option<String>,
     access_granularity: Option<String>,
     storage: Option<String>,
+    storage_endpoint: Option<String>,
     s3_endpoint: Option<String>,
     s3_region: Option<String>,
+    storage_part_size: Option<String>,
     s3_part_size: Option<String>,
     miss_recheck: Option<String>,
     hit_recheck: Option<String>,
@@ -164,8 +168,10 @@ impl FileConfig {
     fn take_object(&mut self) -> ObjectArgs {
         ObjectArgs {
             storage: self.storage.take(),
+            storage_endpoint: self.storage_endpoint.take(),
             s3_endpoint: self.s3_endpoint.take(),
             s3_region: self.s3_region.take(),
+            storage_part_size: self.storage_part_size.take(),
             s3_part_size: self.s3_part_size.take(),
             miss_recheck: self.miss_recheck.take(),
             hit_recheck: self.hit_recheck.take(),
@@ -335,13 +341,17 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 /// is refused rather than reported as merely unknown: a secret in a config
 /// file ends up in ConfigMaps, images and repositories.
 fn credential_key(table: &toml::Table, parent: &str) -> Option<String> {
-    const WORDS: [&str; 6] = [
+    const WORDS: [&str; 9] = [
         "secret",
         "password",
         "credential",
         "access_key",
         "session_token",
         "security_token",
+        // Azure's shared key and SAS, Google's service account key.
+        "account_key",
+        "sas_",
+        "service_account",
     ];
     for (key, value) in table {
         let path = if parent.is_empty() {
@@ -420,11 +430,11 @@ mod tests {
             "--data",
             "/x",
             "--storage",
-            "gs://b/p",
+            "ftp://kiln-cache/p",
         ])
         .unwrap();
         let err = bad.resolve().unwrap_err().to_string();
-        assert!(err.contains("gs://b/p"), "{err}");
+        assert!(err.contains("ftp://kiln-cache/p"), "{err}");
     }
 
     #[test]
@@ -523,6 +533,68 @@ replica_id = "cache-0"
     }
 
     #[test]
+    fn storage_endpoint_and_part_size_have_new_names_and_keep_the_s3_ones() {
+        // The old keys (S3_FILE) and flags keep working.
+        let (_dir, _, args) = with_file(S3_FILE, &["--s3-part-size", "8MiB"]);
+        let object = args.resolve().unwrap().object.unwrap();
+        assert_eq!(object.part_size, 8 << 20);
+        // New names, in the file and as flags; a flag of either name wins
+        // over the file's key of either name.
+        let file = "data = \"x\"\nstorage = \"az://kiln-cache/ci\"\n\
+                    storage_endpoint = \"http://127.0.0.1:10000/devstoreaccount1\"\n\
+                    storage_part_size = \"6MiB\"\n";
+        let (_dir, _, args) = with_file(file, &[]);
+        let object = args.resolve().unwrap().object.unwrap();
+        assert_eq!(
+            object.endpoint.as_deref(),
+            Some("http://127.0.0.1:10000/devstoreaccount1")
+        );
+        assert_eq!(object.part_size, 6 << 20);
+        let (_dir, _, args) = with_file(
+            file,
+            &[
+                "--s3-endpoint",
+                "http://other:1",
+                "--storage-part-size",
+                "7MiB",
+            ],
+        );
+        let object = args.resolve().unwrap().object.unwrap();
+        assert_eq!(object.endpoint.as_deref(), Some("http://other:1"));
+        assert_eq!(object.part_size, 7 << 20);
+        // Both names in one layer must agree.
+        let (_dir, _, args) = with_file(
+            file,
+            &[
+                "--storage-endpoint",
+                "http://a:1",
+                "--s3-endpoint",
+                "http://b:1",
+            ],
+        );
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--storage-endpoint") && err.contains("--s3-endpoint"),
+            "{err}"
+        );
+        let (_dir, path, args) = with_file(&format!("{file}s3_part_size = \"9MiB\"\n"), &[]);
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("storage_part_size")
+                && err.contains("s3_part_size")
+                && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+        // A region is S3's alone.
+        let (_dir, _, args) = with_file(file, &["--s3-region", "eu-west-1"]);
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--s3-region") && err.contains("az://"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_environment_wins_over_the_config_file() {
         // Only this test sets or reads this variable's value; std's env lock
         // keeps the other tests' (clap's) reads of the environment safe.
@@ -553,7 +625,11 @@ replica_id = "cache-0"
             ("hit_recheck = \"-1s\"", "hit_recheck", "-1s"),
             ("gc_lease_ttl = \"5 minutes\"", "gc_lease_ttl", "5 minutes"),
             ("presign_ttl = \"2x\"", "presign_ttl", "2x"),
-            ("storage = \"gs://b/p\"", "storage", "gs://b/p"),
+            (
+                "storage = \"ftp://kiln-cache/p\"",
+                "storage",
+                "ftp://kiln-cache/p",
+            ),
             ("storage = \"s3://AB\"", "storage", "AB"),
             ("max_size = \"lots\"", "max_size", "lots"),
             ("gc_interval = \"often\"", "gc_interval", "often"),
@@ -619,6 +695,18 @@ replica_id = "cache-0"
             (
                 "[[backend]]\npassword = \"s3cr3t-value\"",
                 "backend.password",
+            ),
+            (
+                "azure_storage_account_key = \"s3cr3t-value\"",
+                "azure_storage_account_key",
+            ),
+            (
+                "azure_storage_sas_token = \"s3cr3t-value\"",
+                "azure_storage_sas_token",
+            ),
+            (
+                "google_service_account_key = \"s3cr3t-value\"",
+                "google_service_account_key",
             ),
         ] {
             // Next to valid settings, and before anything else is checked.

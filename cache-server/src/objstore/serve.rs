@@ -1,8 +1,10 @@
 //! Flags of object-storage mode and starting a replica inside the server:
 //! [`ObjectArgs`] is flattened into the server's command line; when
-//! `--storage s3://...` is set, [`open`] connects the replica and [`run`]
-//! gives the server its router and GC task. Credentials never come from flags: the usual `AWS_*` environment
-//! (or the instance/pod identity object_store finds) supplies them.
+//! `--storage s3://...` (or `gs://`, `az://`) is set, [`open`] connects the
+//! replica and [`run`] gives the server its router and GC task. Credentials
+//! never come from flags: the store's usual environment (`AWS_*`,
+//! `GOOGLE_*`, `AZURE_*`) or the instance/pod identity object_store finds
+//! supplies them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use tracing::{info, warn};
 use super::replica::default_holder;
 use super::{
     DEFAULT_PART_SIZE, DEFAULT_PRESIGN_TTL, ObjError, ObjectStorageConfig, Replica, ReplicaConfig,
+    Scheme,
 };
 use crate::api::{self, AppState};
 use crate::auth::Auth;
@@ -29,20 +32,29 @@ use crate::units::{parse_duration, parse_size};
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ObjectArgs {
     /// Where blobs and entries live: `local` (the --data directory, the
-    /// default) or `s3://bucket[/prefix]` to share one bucket between
-    /// replicas. Credentials come from AWS_ACCESS_KEY_ID /
-    /// AWS_SECRET_ACCESS_KEY (or the pod's identity), never from flags or
-    /// the config file.
+    /// default), or a bucket shared between replicas: `s3://bucket[/prefix]`
+    /// (S3 and S3-compatible), `gs://bucket[/prefix]` (Google Cloud
+    /// Storage) or `az://container[/prefix]` (Azure Blob Storage).
+    /// Credentials come from the store's environment (AWS_*, GOOGLE_*,
+    /// AZURE_*) or the pod's identity, never from flags or the config file.
     #[arg(long, env = "KILN_CACHE_STORAGE", value_name = "URL")]
     pub storage: Option<String>,
-    /// Endpoint of an S3-compatible store, e.g. http://minio:9000
-    /// [default: AWS_ENDPOINT_URL, else AWS].
+    /// Endpoint of the store: an S3-compatible server (e.g.
+    /// http://minio:9000), a GCS base URL, or an Azure account URL
+    /// [default: AWS_ENDPOINT_URL / GOOGLE_BASE_URL / AZURE_STORAGE_ENDPOINT,
+    /// else the cloud's own].
+    #[arg(long, env = "KILN_CACHE_STORAGE_ENDPOINT", value_name = "URL")]
+    pub storage_endpoint: Option<String>,
+    /// The older name of --storage-endpoint, still accepted.
     #[arg(long, env = "KILN_CACHE_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
-    /// Region of the bucket [default: AWS_REGION, else us-east-1].
+    /// Region of an s3:// bucket [default: AWS_REGION, else us-east-1].
     #[arg(long, env = "KILN_CACHE_S3_REGION", value_name = "REGION")]
     pub s3_region: Option<String>,
     /// Multipart upload part size, at least 5MiB [default: 16MiB].
+    #[arg(long, env = "KILN_CACHE_STORAGE_PART_SIZE", value_name = "SIZE")]
+    pub storage_part_size: Option<String>,
+    /// The older name of --storage-part-size, still accepted.
     #[arg(long, env = "KILN_CACHE_S3_PART_SIZE", value_name = "SIZE")]
     pub s3_part_size: Option<String>,
     /// A key this replica found missing is looked up in the bucket again
@@ -123,21 +135,34 @@ impl ObjectArgs {
             Some(s) if matches!(s.value, "local" | "") => return Ok(None),
             Some(s) => s,
         };
-        if let Err(e) = super::parse_storage_url(storage.value) {
+        let url = match super::parse_storage_url(storage.value) {
+            Ok(url) => url,
             // The URL check names `--storage`; from the file, say the key
             // and the file instead.
-            return Err(match (e, storage.file) {
-                (ObjError::Config(message), Some(_)) => {
-                    storage.error(message.trim_start_matches("--storage "))
-                }
-                (e, _) => e,
-            });
-        }
-        let part_size = match pick("s3-part-size", |a| &a.s3_part_size) {
+            Err(e) => {
+                return Err(match (e, storage.file) {
+                    (ObjError::Config(message), Some(_)) => {
+                        storage.error(message.trim_start_matches("--storage "))
+                    }
+                    (e, _) => e,
+                });
+            }
+        };
+        let part_size = match renamed(
+            self,
+            file,
+            "storage-part-size",
+            |a| &a.storage_part_size,
+            "s3-part-size",
+            |a| &a.s3_part_size,
+        )? {
             Some(s) => {
                 let size = parse_size(s.value).map_err(|e| s.error(e))?;
                 if size < super::bucket::MIN_PART_SIZE as u64 {
-                    return Err(s.error(format!("{:?}: S3 needs parts of at least 5MiB", s.value)));
+                    return Err(s.error(format!(
+                        "{:?}: parts must be at least 5MiB (S3's and GCS's smallest part)",
+                        s.value
+                    )));
                 }
                 size as usize
             }
@@ -148,10 +173,28 @@ impl ObjectArgs {
         let defaults = ReplicaConfig::default();
         let presign = duration("presign-ttl", |a| &a.presign_ttl)?
             .map(|d| if d.is_zero() { DEFAULT_PRESIGN_TTL } else { d });
+        let endpoint = renamed(
+            self,
+            file,
+            "storage-endpoint",
+            |a| &a.storage_endpoint,
+            "s3-endpoint",
+            |a| &a.s3_endpoint,
+        )?
+        .map(|s| s.value.to_owned());
+        let region = match pick("s3-region", |a| &a.s3_region) {
+            Some(s) if url.scheme != Scheme::S3 => {
+                return Err(s.error(format!(
+                    "{:?}: a region is only given for s3:// storage, not for {}",
+                    s.value, storage.value
+                )));
+            }
+            s => s.map(|s| s.value.to_owned()),
+        };
         Ok(Some(ObjectStorageConfig {
             url: storage.value.to_owned(),
-            endpoint: text("s3-endpoint", |a| &a.s3_endpoint),
-            region: text("s3-region", |a| &a.s3_region),
+            endpoint,
+            region,
             part_size,
             replica: ReplicaConfig {
                 miss_recheck: duration("miss-recheck", |a| &a.miss_recheck)?
@@ -167,6 +210,53 @@ impl ObjectArgs {
                 presign,
             },
         }))
+    }
+}
+
+type Getter = fn(&ObjectArgs) -> &Option<String>;
+
+/// A setting with a new name and an older one, both accepted: from the
+/// flags (or variables) first, else from the file, as [`ObjectArgs::resolve`]
+/// does for every setting. Within one layer the two names must agree.
+fn renamed<'a>(
+    args: &'a ObjectArgs,
+    file: Option<(&'a ObjectArgs, &'a Path)>,
+    new: &'static str,
+    new_get: Getter,
+    old: &'static str,
+    old_get: Getter,
+) -> Result<Option<Setting<'a>>, ObjError> {
+    fn layer<'a>(
+        args: &'a ObjectArgs,
+        file: Option<&'a Path>,
+        (new, new_get): (&'static str, Getter),
+        (old, old_get): (&'static str, Getter),
+    ) -> Result<Option<Setting<'a>>, ObjError> {
+        let found = |name, get: Getter| {
+            get(args)
+                .as_deref()
+                .map(|value| Setting { name, value, file })
+        };
+        match (found(new, new_get), found(old, old_get)) {
+            (Some(n), Some(o)) if n.value != o.value => {
+                let old_name = match file {
+                    None => format!("--{old}"),
+                    Some(_) => old.replace('-', "_"),
+                };
+                Err(n.error(format!(
+                    "{:?}, but {old_name} (its older name) says {:?}: give one",
+                    n.value, o.value
+                )))
+            }
+            (n, o) => Ok(n.or(o)),
+        }
+    }
+    match layer(args, None, (new, new_get), (old, old_get))? {
+        Some(setting) => Ok(Some(setting)),
+        None => match file {
+            Some((args, path)) => layer(args, Some(path), (new, new_get), (old, old_get)),
+            None => Ok(None),
+        },
     }
 }
 
