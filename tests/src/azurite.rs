@@ -122,7 +122,7 @@ impl Azurite {
 
     fn start_with(binary: &Path) -> Result<Azurite> {
         let root = tempfile::tempdir().context("a temporary directory for Azurite")?;
-        let port = crate::free_port();
+        let port = crate::service_port();
         let log = root.path().join("azurite.log");
         let child = Command::new(binary)
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])

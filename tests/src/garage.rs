@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::s3::Implementation;
-use crate::{free_port, run};
+use crate::{run, service_port};
 
 /// The install command named in skip and failure messages.
 pub(crate) const INSTALL: &str = "cargo install --locked garage --version 2.5.0 \
@@ -93,7 +93,7 @@ impl Garage {
         for index in 0..nodes {
             let node_dir = root.join(format!("node{index}"));
             fs::create_dir_all(&node_dir)?;
-            let (rpc_port, s3_port) = (free_port(), free_port());
+            let (rpc_port, s3_port) = (service_port(), service_port());
             let config = node_dir.join("garage.toml");
             fs::write(
                 &config,

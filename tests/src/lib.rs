@@ -62,7 +62,7 @@ impl CacheServer {
         let dir = tempfile::tempdir()?;
         let mut server = CacheServer {
             child: None,
-            port: free_port(),
+            port: service_port(),
             dir,
         };
         server.restart()?;
@@ -160,12 +160,22 @@ fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// A port nobody listens on right now (the OS picks it).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+/// A port for a server a test starts that needs its port before it runs
+/// (in its config file): free now, and below the kernel's ephemeral range
+/// (32768 and up), so that no outgoing connection of another process can
+/// take it between this check and the server's bind (as happened, on a
+/// busy machine, to ports the OS picked from that range).
+pub fn service_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = 20_000 + (random % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Unmounts (lazily, deepest first) every mount point at or below `dir`.
@@ -296,7 +306,7 @@ impl Registry {
 
     fn start_inner(auth: RegistryAuth, tls: bool) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let port = free_port();
+        let port = service_port();
         let data = dir.path().join("data");
         std::fs::create_dir(&data)?;
         let mut token_server = None;

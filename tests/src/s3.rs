@@ -121,8 +121,19 @@ impl S3Server {
             return None;
         };
         let root = tempfile::tempdir().expect("a temporary directory for the S3 server");
-        let server = crate::garage::Garage::start(&binary, root.path(), 3)
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        // Three processes with two ports each: on a busy machine one of
+        // them may lose its port before it binds; a fresh cluster on fresh
+        // ports then starts.
+        let mut attempt = 0;
+        let server = loop {
+            attempt += 1;
+            let dir = root.path().join(format!("attempt-{attempt}"));
+            match crate::garage::Garage::start(&binary, &dir, 3) {
+                Ok(server) => break server,
+                Err(e) if attempt < 3 => eprintln!("garage did not start, trying again: {e:#}"),
+                Err(e) => panic!("{e:#}"),
+            }
+        };
         Some(S3Server {
             server: Box::new(server),
             root,
