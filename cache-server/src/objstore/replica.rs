@@ -7,8 +7,10 @@
 //!   most `miss_recheck` after it was written (a local miss asks the bucket
 //!   again once that long has passed since it last asked for that key; 0
 //!   asks every time);
-//! - an entry removed from the bucket (GC, `DELETE`) stops being served by
-//!   other replicas at most `hit_recheck` later;
+//! - an entry removed from the bucket (GC, `DELETE`), or replaced by
+//!   another write of its key after that, stops being served by other
+//!   replicas at most `hit_recheck` later (a stale hit is read again, not
+//!   only checked for existence);
 //! - a lookup never fails because the bucket does not answer: keys it could
 //!   not ask about are misses, cached entries it could not confirm are hits.
 //!
@@ -213,8 +215,9 @@ impl Replica {
         let hit_recheck = self.config.hit_recheck.as_millis() as u64;
         let miss_recheck = self.config.miss_recheck.as_millis() as u64;
         let mut found = BTreeMap::new();
-        let mut confirm = Vec::new();
-        let mut fetch = Vec::new();
+        // Keys to read from the bucket, with what this replica cached for
+        // them when that is merely stale (served if the bucket fails).
+        let mut fetch: Vec<(CacheKey, Option<EntryObject>)> = Vec::new();
         for (key, cached) in keys.iter().zip(cached) {
             match cached {
                 Some(c) if now.saturating_sub(c.confirmed_ms) < hit_recheck => {
@@ -222,60 +225,52 @@ impl Replica {
                         found.insert(*key, c.object.entry);
                     }
                 }
-                Some(c) => confirm.push((*key, c.object)),
+                // A stale hit is read again, not just checked for existence:
+                // the key may have been evicted and written again with
+                // another entry (another layer) since it was cached. The
+                // object is a few hundred bytes, so a GET costs what a
+                // HEAD does.
+                Some(c) => fetch.push((*key, Some(c.object))),
                 None => {
                     let recent = self
                         .index
                         .miss_checked(ns, key)
                         .is_some_and(|at| now.saturating_sub(at) < miss_recheck);
                     if !recent {
-                        fetch.push(*key);
+                        fetch.push((*key, None));
                     }
                 }
             }
         }
 
-        // Stale hits: one HEAD each, since entries never change, only go.
-        let confirmed: Vec<(CacheKey, EntryObject, Result<bool, ObjError>)> =
-            futures::stream::iter(confirm)
-                .map(|(key, object)| async move {
-                    let exists = self.bucket.entry_exists(ns, &key).await;
-                    (key, object, exists)
-                })
-                .buffer_unordered(LOOKUP_CONCURRENCY)
-                .collect()
-                .await;
-        for (key, object, exists) in confirmed {
-            // The bucket not answering is no reason to fail a lookup: the
-            // cached entry was true a moment ago, serve it.
-            let exists = exists.unwrap_or_else(|e| {
-                warn!(%key, error = %e, "could not confirm a cached entry; serving it");
-                true
-            });
-            if exists {
-                self.index.put(ns, &key, &object, now)?;
-                if !self.expired(object.created_ms, now) {
-                    found.insert(key, object.entry);
+        type Fetched = (
+            CacheKey,
+            Option<EntryObject>,
+            Result<Option<EntryObject>, ObjError>,
+        );
+        let fetched: Vec<Fetched> = futures::stream::iter(fetch)
+            .map(|(key, cached)| async move {
+                let read = self.bucket.read_entry(ns, &key).await;
+                (key, cached, read)
+            })
+            .buffer_unordered(LOOKUP_CONCURRENCY)
+            .collect()
+            .await;
+        for (key, cached, read) in fetched {
+            let object = match (read, cached) {
+                (Ok(object), _) => object,
+                // The bucket not answering is no reason to fail a lookup:
+                // a cached entry was true a moment ago, serve it...
+                (Err(e), Some(cached)) => {
+                    warn!(%key, error = %e, "could not re-read a cached entry; serving it");
+                    if !self.expired(cached.created_ms, now) {
+                        found.insert(key, cached.entry);
+                    }
+                    continue;
                 }
-            } else {
-                self.index.remove(ns, &key)?;
-                self.index.record_miss(ns, &key, now);
-            }
-        }
-
-        let fetched: Vec<(CacheKey, Result<Option<EntryObject>, ObjError>)> =
-            futures::stream::iter(fetch)
-                .map(|key| async move { (key, self.bucket.read_entry(ns, &key).await) })
-                .buffer_unordered(LOOKUP_CONCURRENCY)
-                .collect()
-                .await;
-        for (key, object) in fetched {
-            // A lookup is a cache question: when the bucket does not answer,
-            // the honest answer is a miss (the build runs the step), not an
-            // error that fails the build.
-            let object = match object {
-                Ok(object) => object,
-                Err(e) => {
+                // ...and otherwise the honest answer is a miss (the build
+                // runs the step), not an error that fails the build.
+                (Err(e), None) => {
                     warn!(%key, error = %e, "bucket lookup failed; answering a miss");
                     continue;
                 }
@@ -287,7 +282,10 @@ impl Replica {
                         found.insert(key, object.entry);
                     }
                 }
-                None => self.index.record_miss(ns, &key, now),
+                None => {
+                    self.index.remove(ns, &key)?;
+                    self.index.record_miss(ns, &key, now);
+                }
             }
         }
 
@@ -1141,6 +1139,32 @@ mod tests {
         assert!(a.delete_entry(&ns, &key(1)).await.unwrap());
         assert!(b.lookup(&ns, &[key(1)]).await.unwrap().is_empty());
         assert!(!b.bucket.has_refs(&d).await.unwrap());
+    }
+
+    /// A replica that cached E1 must not go on serving it once the key was
+    /// deleted (evicted) and written again with E2: checking that *an*
+    /// object exists under the key is not enough.
+    #[tokio::test]
+    async fn a_key_deleted_and_written_again_is_served_with_its_new_entry_after_hit_recheck() {
+        let mut f = Fixture::new();
+        let a = f.replica("a", no_grace());
+        let b = f.replica(
+            "b",
+            ReplicaConfig {
+                hit_recheck: Duration::ZERO,
+                ..no_grace()
+            },
+        );
+        let ns = Namespace::default();
+        let d1 = put_blob(&a, b"first").await;
+        let d2 = put_blob(&a, b"second").await;
+        let e1 = entry(&d1, 5, "RUN build (first)");
+        let e2 = entry(&d2, 6, "RUN build (again)");
+        a.put_entry(&ns, &key(1), &e1).await.unwrap();
+        assert_eq!(b.lookup(&ns, &[key(1)]).await.unwrap()[&key(1)], e1);
+        assert!(a.delete_entry(&ns, &key(1)).await.unwrap());
+        a.put_entry(&ns, &key(1), &e2).await.unwrap();
+        assert_eq!(b.lookup(&ns, &[key(1)]).await.unwrap()[&key(1)], e2);
     }
 
     /// The gap the per-write nonces close: GC evicts E1 and, between the
