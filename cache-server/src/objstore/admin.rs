@@ -166,7 +166,18 @@ impl Replica {
             let every = (ttl / 3).max(Duration::from_secs(1));
             loop {
                 tokio::time::sleep(every).await;
-                if !bucket.acquire_lease(GC_LEASE, &holder, ttl).await? {
+                // A renewal that hangs must not let verification run on
+                // past the lease, alongside the GC of whoever takes it.
+                let renewed =
+                    tokio::time::timeout(every, bucket.acquire_lease(GC_LEASE, &holder, ttl))
+                        .await
+                        .map_err(|_| {
+                            ObjError::Conflict(
+                            "renewing the GC lease did not finish in time; stopping verification"
+                                .into(),
+                        )
+                        })??;
+                if !renewed {
                     return Err::<(), _>(ObjError::Conflict(
                         "the GC lease expired and another replica took it; stopping verification"
                             .into(),
@@ -299,6 +310,10 @@ impl Replica {
         let bucket = self.bucket();
         let mut dropped = 0;
         for digest in &report.missing {
+            // Pushed again since it was found missing: its entries are fine.
+            if bucket.blob_size(digest).await?.is_some() {
+                continue;
+            }
             for (ns, key) in naming.get(digest).into_iter().flatten() {
                 dropped += u64::from(self.drop_entry_naming(ns, key, digest).await?);
             }
@@ -306,36 +321,40 @@ impl Replica {
         if report.corrupt.is_empty() {
             return Ok(dropped);
         }
-        let result = async {
-            for digest in &report.corrupt {
-                bucket.put_doomed(digest).await?;
-            }
-            let marked = bucket.list_refs().await?;
-            for digest in &report.corrupt {
+        // One blob at a time, intent first and its markers listed after
+        // it: a writer honours an intent only while it is younger than the
+        // lease TTL, so an intent written long before its blob's turn (many
+        // corrupt blobs, a slow store) would let a new entry slip past.
+        for digest in &report.corrupt {
+            bucket.put_doomed(digest).await?;
+            let result = async {
                 let mut candidates: HashSet<(Namespace, CacheKey)> =
                     naming.get(digest).into_iter().flatten().cloned().collect();
                 candidates.extend(
-                    marked
-                        .iter()
-                        .filter(|(m, _)| m.blob == *digest)
-                        .map(|(m, _)| (m.ns.clone(), m.key)),
+                    bucket
+                        .list_refs_of(digest)
+                        .await?
+                        .into_iter()
+                        .map(|(m, _)| (m.ns, m.key)),
                 );
+                let mut gone = 0;
                 for (ns, key) in &candidates {
-                    dropped += u64::from(self.drop_entry_naming(ns, key, digest).await?);
+                    gone += u64::from(self.drop_entry_naming(ns, key, digest).await?);
                 }
                 // Entries first: no entry may name a blob that is gone.
                 bucket.delete_blob(digest).await?;
                 warn!(%digest, "deleted a corrupt blob from the bucket");
+                Ok::<u64, ObjError>(gone)
             }
-            Ok(dropped)
+            .await;
+            // Withdrawn even after a failure: a leftover intent would make
+            // writers refuse this blob until it goes stale.
+            if let Err(e) = bucket.delete_doomed(digest).await {
+                warn!(%digest, error = %e, "could not withdraw a deletion intent; it goes stale by itself");
+            }
+            dropped += result?;
         }
-        .await;
-        // Withdrawn even after a failure: a leftover intent would make
-        // writers refuse these blobs until it goes stale.
-        for digest in &report.corrupt {
-            bucket.delete_doomed(digest).await?;
-        }
-        result
+        Ok(dropped)
     }
 
     /// Deletes the entry under `key` if it (still) names `digest`: a marker

@@ -639,7 +639,16 @@ impl Bucket {
 
     /// Every marker, with its last-modified time.
     pub async fn list_refs(&self) -> Result<Vec<(RefMarker, u64)>, ObjError> {
-        let metas = self.list("refs").await?;
+        self.list_refs_under("refs").await
+    }
+
+    /// The markers naming `blob`, with their last-modified times.
+    pub async fn list_refs_of(&self, blob: &Digest) -> Result<Vec<(RefMarker, u64)>, ObjError> {
+        self.list_refs_under(&format!("refs/{}", blob.hex())).await
+    }
+
+    async fn list_refs_under(&self, rel: &str) -> Result<Vec<(RefMarker, u64)>, ObjError> {
+        let metas = self.list(rel).await?;
         let mut out = Vec::with_capacity(metas.len());
         for meta in metas {
             let rel = self.relative(&meta.location);

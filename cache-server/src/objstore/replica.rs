@@ -259,6 +259,13 @@ impl Replica {
         for (key, cached, read) in fetched {
             let object = match (read, cached) {
                 (Ok(object), _) => object,
+                // The bucket answered, with something unreadable: no entry
+                // to serve, cached or not.
+                (Err(e @ ObjError::Corrupt { .. }), _) => {
+                    warn!(%key, error = %e, "unreadable entry object; answering a miss");
+                    self.index.remove(ns, &key)?;
+                    continue;
+                }
                 // The bucket not answering is no reason to fail a lookup:
                 // a cached entry was true a moment ago, serve it...
                 (Err(e), Some(cached)) => {
