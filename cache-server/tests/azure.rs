@@ -88,8 +88,8 @@ async fn two_replicas_share_one_container_first_writer_wins() {
     else {
         return;
     };
-    let a = AzureReplica::start(&azurite, Connect::Emulator, "shared", EAGER);
-    let b = AzureReplica::start(&azurite, Connect::AccountUrl, "shared", EAGER);
+    let a = AzureReplica::start_azure(&azurite, Connect::Emulator, "shared", EAGER);
+    let b = AzureReplica::start_azure(&azurite, Connect::AccountUrl, "shared", EAGER);
     // Azurite refuses the probe's second `If-None-Match: *` create with
     // 409 BlobAlreadyExists, so both use conditional writes.
     for r in [&a, &b] {
@@ -164,7 +164,7 @@ async fn a_digest_mismatch_on_upload_leaves_nothing_in_the_container() {
     else {
         return;
     };
-    let replica = AzureReplica::start(
+    let replica = AzureReplica::start_azure(
         &azurite,
         Connect::Emulator,
         "mismatch",
@@ -211,7 +211,7 @@ async fn blob_gets_can_redirect_to_a_sas_url() {
     let Some(azurite) = Azurite::start("azure::blob_gets_can_redirect_to_a_sas_url") else {
         return;
     };
-    let replica = AzureReplica::start(
+    let replica = AzureReplica::start_azure(
         &azurite,
         Connect::AccountUrl,
         "presign",

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::s3::Replica;
+
 /// Azurite's development account.
 pub const ACCOUNT: &str = "devstoreaccount1";
 /// The development account's key, published in Azurite's documentation.
@@ -229,108 +231,36 @@ pub enum Connect {
 }
 
 /// A `kiln-cache-server` replica on Azurite's container (`--storage
-/// az://CONTAINER/prefix`) with its local index in a temporary directory,
-/// on a port it picks itself; SIGKILLed on drop, its log printed when the
-/// test panics.
-pub struct AzureReplica {
-    child: Option<Child>,
-    /// `http://127.0.0.1:PORT`
-    pub url: String,
-    /// Its `--data` (local index cache), port file and log.
-    pub data: tempfile::TempDir,
-    log: PathBuf,
-}
+/// az://CONTAINER/prefix`): the same [`Replica`] as on S3 servers, started
+/// with Azure's settings.
+pub type AzureReplica = Replica;
 
-impl AzureReplica {
+impl Replica {
     /// Starts the workspace's `kiln-cache-server` (found with
     /// [`crate::kiln_bin`]) as a replica on `azurite`'s container under
     /// `prefix`, connected as `how` says, with GC off (`--gc-interval 0`)
     /// plus `extra` flags.
-    pub fn start(azurite: &Azurite, how: Connect, prefix: &str, extra: &[&str]) -> AzureReplica {
+    pub fn start_azure(azurite: &Azurite, how: Connect, prefix: &str, extra: &[&str]) -> Replica {
         let binary = crate::kiln_bin("kiln-cache-server");
-        let data = tempfile::tempdir().expect("a temporary directory for the replica");
-        let port_file = data.path().join("port");
-        let log = data.path().join("server.log");
-        let mut command = Command::new(&binary);
-        command
-            .args(["--listen", "127.0.0.1:0", "--gc-interval", "0", "--data"])
-            .arg(data.path().join("data"))
-            .arg("--port-file")
-            .arg(&port_file)
-            .args([
-                "--storage",
-                &format!("az://{}/{prefix}", azurite.container()),
-            ]);
-        // Only what this replica is given: nothing from the test's own
-        // environment.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("AZURE") {
-                command.env_remove(name);
+        let storage = format!("az://{}/{prefix}", azurite.container());
+        Replica::launch(&binary, &storage, extra, |command| {
+            // Only what this replica is given: nothing from the test's own
+            // environment.
+            for (name, _) in std::env::vars_os() {
+                if name.to_string_lossy().starts_with("AZURE") {
+                    command.env_remove(name);
+                }
             }
-        }
-        match how {
-            Connect::Emulator => command
-                .env("AZURE_STORAGE_USE_EMULATOR", "true")
-                .env("AZURITE_BLOB_STORAGE_URL", azurite.blob_url()),
-            Connect::AccountUrl => command
-                .args(["--storage-endpoint", &azurite.account_url()])
-                .env("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
-                .env("AZURE_STORAGE_ACCOUNT_KEY", ACCOUNT_KEY),
-        };
-        let child = command
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("the replica's log file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        let mut replica = AzureReplica {
-            child: Some(child),
-            url: String::new(),
-            data,
-            log,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(text) = fs::read_to_string(&port_file)
-                && let Ok(port) = text.trim().parse::<u16>()
-            {
-                replica.url = format!("http://127.0.0.1:{port}");
-                return replica;
-            }
-            if let Some(status) = replica.child.as_mut().and_then(|c| c.try_wait().ok()?) {
-                panic!("replica exited early ({status}):\n{}", replica.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica did not start within {START_TIMEOUT:?}:\n{}",
-                replica.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// What the replica logged so far.
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `kill -9` and reap.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for AzureReplica {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- replica {} log ----\n{}", self.url, self.log_text());
-        }
+            match how {
+                Connect::Emulator => command
+                    .env("AZURE_STORAGE_USE_EMULATOR", "true")
+                    .env("AZURITE_BLOB_STORAGE_URL", azurite.blob_url()),
+                Connect::AccountUrl => command
+                    .args(["--storage-endpoint", &azurite.account_url()])
+                    .env("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
+                    .env("AZURE_STORAGE_ACCOUNT_KEY", ACCOUNT_KEY),
+            };
+            command.env("NO_COLOR", "1");
+        })
     }
 }

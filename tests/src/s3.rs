@@ -380,22 +380,41 @@ impl Replica {
         prefix: &str,
         extra: &[&str],
     ) -> Replica {
+        let storage = format!("s3://{}/{prefix}", s3.bucket_name());
+        Self::launch(binary, &storage, extra, |command| {
+            command
+                .args(["--s3-endpoint", endpoint, "--s3-region", s3.region()])
+                .env("AWS_ACCESS_KEY_ID", s3.access_key())
+                .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
+                .env_remove("AWS_SESSION_TOKEN")
+                .env_remove("AWS_PROFILE")
+                .env_remove("AWS_ENDPOINT_URL");
+        })
+    }
+
+    /// Starts `binary` with `--storage storage` and GC off, its local index,
+    /// port file and log in a new temporary directory, after `connect` added
+    /// the store's own flags and environment, then `extra`; waits until it
+    /// listens. Shared by the replicas of every store the tests run.
+    pub(crate) fn launch(
+        binary: &Path,
+        storage: &str,
+        extra: &[&str],
+        connect: impl FnOnce(&mut Command),
+    ) -> Replica {
         let data = tempfile::tempdir().expect("a temporary directory for the replica");
         let port_file = data.path().join("port");
         let log = data.path().join("server.log");
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["--listen", "127.0.0.1:0", "--gc-interval", "0", "--data"])
             .arg(data.path().join("data"))
             .arg("--port-file")
             .arg(&port_file)
-            .args(["--storage", &format!("s3://{}/{prefix}", s3.bucket_name())])
-            .args(["--s3-endpoint", endpoint, "--s3-region", s3.region()])
+            .args(["--storage", storage]);
+        connect(&mut command);
+        let child = command
             .args(extra)
-            .env("AWS_ACCESS_KEY_ID", s3.access_key())
-            .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_ENDPOINT_URL")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
