@@ -308,6 +308,10 @@ fn build_bucket(
     // to a slow client) would be cut off; both are set far above any
     // transfer instead. A request to a store that accepts and then never
     // answers is bounded by the HTTP client going away, which drops it.
+    const CLIENT_BUDGET: [(ClientConfigKey, &str); 2] = [
+        (ClientConfigKey::ConnectTimeout, "2s"),
+        (ClientConfigKey::Timeout, "1h"),
+    ];
     let retry = RetryConfig {
         max_retries: 3,
         retry_timeout: Duration::from_secs(3600),
@@ -318,12 +322,10 @@ fn build_bucket(
         Scheme::S3 => {
             let mut builder = AmazonS3Builder::from_env()
                 .with_bucket_name(&url.bucket)
-                .with_retry(retry)
-                .with_config(
-                    AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                    "2s",
-                )
-                .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "1h");
+                .with_retry(retry);
+            for (key, value) in CLIENT_BUDGET {
+                builder = builder.with_config(AmazonS3ConfigKey::Client(key), value);
+            }
             if let ConditionalWrites::Off = conditional {
                 builder = builder.with_conditional_put(S3ConditionalPut::Disabled);
             }
@@ -348,12 +350,10 @@ fn build_bucket(
             // GOOGLE_BASE_URL, ... then the workload's identity.
             let mut builder = GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(&url.bucket)
-                .with_retry(retry)
-                .with_config(
-                    GoogleConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                    "2s",
-                )
-                .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), "1h");
+                .with_retry(retry);
+            for (key, value) in CLIENT_BUDGET {
+                builder = builder.with_config(GoogleConfigKey::Client(key), value);
+            }
             if let Some(endpoint) = &config.endpoint {
                 builder = builder.with_base_url(endpoint);
             }
@@ -372,12 +372,10 @@ fn build_bucket(
             // AZURE_STORAGE_ENDPOINT, AZURE_STORAGE_USE_EMULATOR.
             let mut builder = MicrosoftAzureBuilder::from_env()
                 .with_container_name(&url.bucket)
-                .with_retry(retry)
-                .with_config(
-                    AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                    "2s",
-                )
-                .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), "1h");
+                .with_retry(retry);
+            for (key, value) in CLIENT_BUDGET {
+                builder = builder.with_config(AzureConfigKey::Client(key), value);
+            }
             let emulator = builder
                 .get_config_value(&AzureConfigKey::UseEmulator)
                 .is_some_and(|v| {
