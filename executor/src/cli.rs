@@ -46,6 +46,12 @@ pub enum NetworkMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UsernsMode {
+    Host,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Verbosity {
     Panic,
     Fatal,
@@ -171,6 +177,29 @@ pub struct ExecutorArgs {
     /// Network for RUN steps without --network.
     #[arg(long, value_enum, default_value = "default")]
     pub network: NetworkMode,
+    /// Add a capability to every RUN step (chroot isolation), on top of
+    /// Docker's default 14: a name such as NET_ADMIN or CAP_NET_ADMIN, or
+    /// ALL (repeatable; docs/security.md).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Remove a capability from every RUN step (repeatable; ALL for none).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// Security options of RUN steps: only `seccomp=unconfined` (no
+    /// system-call filter) is recognised.
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<String>,
+    /// Entitlements, as BuildKit's `--allow`: `security.insecure` lets
+    /// `RUN --security=insecure` run privileged (every capability, no
+    /// seccomp filter, writable /proc/sys and /sys).
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    pub allow: Vec<String>,
+    /// `auto`: RUN steps run in a user namespace whose root is an
+    /// unprivileged host uid (root's range in /etc/subuid, else 100000);
+    /// `host` (default): the step's root is the host's root, held in by
+    /// capabilities and seccomp. Chroot isolation only (docs/security.md).
+    #[arg(long, value_enum, default_value = "host")]
+    pub userns: UsernsMode,
     /// Allow --isolation=none outside a container.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub force: bool,

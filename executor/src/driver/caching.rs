@@ -115,7 +115,17 @@ impl Driver {
                     }
                     _ => None,
                 };
-                let key = keys::step_key(&parent, ins, sources.as_ref(), &options);
+                let run_security = match &ins.instruction {
+                    Instruction::Run(run) => self.run_security(run).map_err(step_err)?.key_text(),
+                    _ => None,
+                };
+                let key = keys::step_key(
+                    &parent,
+                    ins,
+                    sources.as_ref(),
+                    &options,
+                    run_security.as_deref(),
+                );
                 parent = key.key;
                 self.keys.insert((index, position), key);
             }

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::build::layer::Compression;
 use crate::build::runner::NetworkMode;
+use crate::build::runner::security::{Seccomp, StepSecurity};
+use crate::build::runner::userns::IdMapping;
 use crate::cli::{self, ExecutorArgs};
 use crate::registry::RegistryOptions;
 
@@ -30,6 +32,14 @@ pub enum OptionsError {
     Secret(String),
     #[error("--cache-ttl {0:?}: expected a duration such as 336h, 30m or 7d")]
     CacheTtl(String),
+    #[error("--cap-add/--cap-drop: {0}")]
+    Capability(#[from] crate::build::runner::security::UnknownCapability),
+    #[error("--security-opt {0:?}: only seccomp=unconfined is supported")]
+    SecurityOpt(String),
+    #[error("--allow {0:?}: the only entitlement is security.insecure")]
+    Entitlement(String),
+    #[error("--userns auto needs --isolation chroot (in place, the pod's runtime decides)")]
+    UsernsInPlace,
     #[error(
         "no output: give --destination, --oci-layout-path or --tar-path (or --no-push to build only)"
     )]
@@ -126,10 +136,13 @@ impl ExecutorArgs {
             },
             // In place there is nothing to mount an overlay on: `/` is the
             // rootfs, so --isolation none always walks.
+            // Overlayfs refuses to be an idmapped mount itself, which
+            // --userns auto needs of the rootfs (docs/security.md).
             snapshotter: Some(match (self.isolation, self.snapshotter) {
                 (cli::Isolation::None, _) | (_, cli::SnapshotterKind::Walk) => {
                     SnapshotterKind::Walk
                 }
+                _ if self.userns == cli::UsernsMode::Auto => SnapshotterKind::Walk,
                 (cli::Isolation::Chroot, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
             }),
             state_dir: self.cache_dir.clone().unwrap_or_else(default_state_dir),
@@ -139,6 +152,8 @@ impl ExecutorArgs {
                 cli::NetworkMode::None => NetworkMode::None,
                 cli::NetworkMode::Default | cli::NetworkMode::Host => NetworkMode::Host,
             },
+            run_security: self.run_security()?,
+            allow_insecure: self.allow_insecure()?,
             ignore_paths: self.ignore_path.clone(),
             log: Arc::new(Mutex::new(std::io::stderr())),
             cache: CacheOptions {
@@ -168,6 +183,44 @@ impl ExecutorArgs {
                 .map(|s| parse_secret(s))
                 .collect::<Result<_, _>>()?,
         })
+    }
+}
+
+impl ExecutorArgs {
+    /// Docker's defaults, changed by `--cap-add`, `--cap-drop` (drops
+    /// applied after adds, as Docker) and `--security-opt`.
+    fn run_security(&self) -> Result<StepSecurity, OptionsError> {
+        let mut security = StepSecurity::default();
+        for cap in self.cap_add.iter().flat_map(|c| c.split(',')) {
+            security.capabilities.add(cap.trim())?;
+        }
+        for cap in self.cap_drop.iter().flat_map(|c| c.split(',')) {
+            security.capabilities.drop_cap(cap.trim())?;
+        }
+        if self.userns == cli::UsernsMode::Auto {
+            if self.isolation == cli::Isolation::None {
+                return Err(OptionsError::UsernsInPlace);
+            }
+            security.user_namespace = Some(IdMapping::for_root());
+        }
+        for opt in &self.security_opt {
+            match opt.split_once(['=', ':']) {
+                Some(("seccomp", "unconfined")) => security.seccomp = Seccomp::Unconfined,
+                _ => return Err(OptionsError::SecurityOpt(opt.clone())),
+            }
+        }
+        Ok(security)
+    }
+
+    fn allow_insecure(&self) -> Result<bool, OptionsError> {
+        let mut allowed = false;
+        for entitlement in self.allow.iter().flat_map(|a| a.split(',')) {
+            match entitlement.trim() {
+                "security.insecure" => allowed = true,
+                other => return Err(OptionsError::Entitlement(other.to_string())),
+            }
+        }
+        Ok(allowed)
     }
 }
 

@@ -65,12 +65,15 @@ pub fn is_filesystem_step(ins: &PlannedInstruction) -> bool {
 }
 
 /// The key of `ins` given its parent key. `sources` is required for COPY
-/// and ADD; `options` names the executor options that change layer bytes.
+/// and ADD; `options` names the executor options that change layer bytes;
+/// `run_security` is a RUN step's non-default security (capabilities,
+/// seccomp, privilege), `None` for the default so default keys stay put.
 pub fn step_key(
     parent: &CacheKey,
     ins: &PlannedInstruction,
     sources: Option<&SourceIdentity>,
     options: &str,
+    run_security: Option<&str>,
 ) -> StepKey {
     let filesystem = is_filesystem_step(ins);
     // An ARG's value matters where it is used (RUN sees it, a COPY path
@@ -94,6 +97,9 @@ pub fn step_key(
                 .list("heredocs", &heredocs);
             if let Some(SourceIdentity::Context(digest)) = sources {
                 b = b.bytes("bind-mounted sources", digest);
+            }
+            if let Some(security) = run_security {
+                b = b.str("run security", security);
             }
         }
         Instruction::Copy(_) | Instruction::Add(_) => {
@@ -140,7 +146,7 @@ mod tests {
         let mut keys = Vec::new();
         for ins in &plan.stages[plan.target].instructions {
             let src = SourceIdentity::Context([7; 32]);
-            let k = step_key(&parent, ins, Some(&src), "gzip");
+            let k = step_key(&parent, ins, Some(&src), "gzip", None);
             parent = k.key;
             keys.push(k.key);
         }
@@ -182,7 +188,7 @@ mod tests {
                     let source = SourceIdentity::Context(digest);
                     let sources =
                         matches!(ins.instruction, Instruction::Copy(_)).then_some(&source);
-                    let k = step_key(&parent, ins, sources, "gzip").key;
+                    let k = step_key(&parent, ins, sources, "gzip", None).key;
                     parent = k;
                     k
                 })
@@ -204,11 +210,45 @@ mod tests {
         };
         let plan = plan_source("FROM x\nRUN a\n", Path::new("Dockerfile"), &opts).unwrap();
         let run = plan.stages[0].instructions.last().unwrap();
-        let k1 = step_key(&base_key("b1"), run, None, "gzip");
-        let k2 = step_key(&base_key("b1"), run, None, "zstd");
-        let k3 = step_key(&base_key("b2"), run, None, "gzip");
+        let k1 = step_key(&base_key("b1"), run, None, "gzip", None);
+        let k2 = step_key(&base_key("b1"), run, None, "zstd", None);
+        let k3 = step_key(&base_key("b2"), run, None, "gzip", None);
         assert!(k1.filesystem);
         assert_ne!(k1.key, k2.key);
         assert_ne!(k1.key, k3.key);
+    }
+
+    /// A step allowed more (`--cap-add`, `RUN --security=insecure`) can
+    /// write a different filesystem: it must never hit the default step's
+    /// entry, and the default must keep the key it had before the option
+    /// existed.
+    #[test]
+    fn a_runs_extra_privileges_change_its_key_and_only_its_own() {
+        use crate::build::runner::security::StepSecurity;
+        let opts = PlanOptions {
+            context: ".".into(),
+            build_platform: Some("linux/amd64".into()),
+            platform: Some("linux/amd64".into()),
+            ..Default::default()
+        };
+        let plan = plan_source("FROM x\nRUN a\n", Path::new("Dockerfile"), &opts).unwrap();
+        let run = plan.stages[0].instructions.last().unwrap();
+        let default = StepSecurity::default().key_text();
+        assert_eq!(default, None);
+        let plain = step_key(&base_key("b1"), run, None, "gzip", default.as_deref());
+        let mut more = StepSecurity::default();
+        more.capabilities.add("NET_ADMIN").unwrap();
+        let with_cap = step_key(
+            &base_key("b1"),
+            run,
+            None,
+            "gzip",
+            more.key_text().as_deref(),
+        );
+        let insecure = StepSecurity::insecure().key_text();
+        let privileged = step_key(&base_key("b1"), run, None, "gzip", insecure.as_deref());
+        assert_ne!(plain.key, with_cap.key);
+        assert_ne!(plain.key, privileged.key);
+        assert_ne!(with_cap.key, privileged.key);
     }
 }

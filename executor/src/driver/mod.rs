@@ -42,6 +42,7 @@ use crate::build::config::{self as image_config, ConfigBuilder};
 use crate::build::layer::{Compression, LayerOptions, MtimePolicy, write_layer};
 use crate::build::runner::chroot::ChrootRunner;
 use crate::build::runner::none::{NoneRunner, detect_container};
+use crate::build::runner::security::StepSecurity;
 use crate::build::runner::{MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
 use crate::build::snapshot::overlay::OverlaySnapshotter;
 use crate::build::snapshot::walk::WalkSnapshotter;
@@ -97,6 +98,12 @@ pub struct BuildOptions {
     pub registry: RegistryOptions,
     pub force: bool,
     pub network: NetworkMode,
+    /// What every RUN step may do under chroot isolation (`--cap-add`,
+    /// `--cap-drop`, `--security-opt seccomp=unconfined`).
+    pub run_security: StepSecurity,
+    /// `--allow security.insecure`: `RUN --security=insecure` may run
+    /// privileged.
+    pub allow_insecure: bool,
     pub ignore_paths: Vec<PathBuf>,
     /// Step output and progress lines go here (stderr in the binary).
     pub log: Arc<Mutex<dyn Write + Send>>,

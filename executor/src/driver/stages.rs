@@ -181,6 +181,7 @@ impl Driver {
                     _ => self.opts.network,
                 };
                 let (mounts, secret_env) = self.run_mounts(plan, &run.mounts, &workdir)?;
+                let security = self.run_security(run)?;
                 let mut env = env;
                 env.extend(secret_env);
                 let log = self.opts.log.clone();
@@ -198,6 +199,7 @@ impl Driver {
                         spec.workdir = workdir;
                         spec.network = network;
                         spec.mounts = mounts;
+                        spec.security = security;
                         spec.output = OutputSink {
                             prefix,
                             writer: Some(log),
@@ -297,6 +299,24 @@ impl Driver {
 
     /// Materialises the stage's rootfs, runs `action` in a writable view of
     /// it, and records the change as a layer (none if nothing changed).
+    /// A RUN step's security: the build's (`--cap-add`, `--cap-drop`,
+    /// `--security-opt`), or BuildKit's insecure mode where the Dockerfile
+    /// asks for it and `--allow security.insecure` allows it.
+    pub(super) fn run_security(&self, run: &dockerfile::Run) -> Result<StepSecurity, String> {
+        match run.security {
+            Some(dockerfile::Security::Insecure) if self.opts.allow_insecure => Ok(StepSecurity {
+                user_namespace: self.opts.run_security.user_namespace,
+                ..StepSecurity::insecure()
+            }),
+            Some(dockerfile::Security::Insecure) => Err(
+                "RUN --security=insecure is not allowed: give --allow security.insecure to run \
+                 this step with every capability and no seccomp filter"
+                    .into(),
+            ),
+            _ => Ok(self.opts.run_security.clone()),
+        }
+    }
+
     pub(super) fn filesystem_step(
         &mut self,
         stage: &Stage,

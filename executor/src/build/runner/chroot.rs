@@ -20,6 +20,8 @@
 //! kills the middle process and then the step. Mount points the runner had
 //! to create are removed afterwards, so they never reach a layer.
 
+use super::security::PreparedSecurity;
+use super::userns::{IdMapping, MountFlags, UserNamespace, idmapped_bind};
 use super::{
     ExitStatus, MountSpec, NetworkMode, RunError, RunOutcome, RunSpec, Runner, StubKind, Stubs,
     output_pipe, spawn_pump, step_env,
@@ -65,6 +67,19 @@ enum Op {
         target: CString,
         link: CString,
     },
+    /// Creates a file with these bytes (on the step's private tmpfs),
+    /// owned by `owner` when given.
+    WriteFile {
+        path: CString,
+        contents: Vec<u8>,
+        owner: Option<(libc::uid_t, libc::gid_t)>,
+    },
+    /// An idmapped bind with the step's user namespace (`--userns auto`).
+    IdmappedBind {
+        source: CString,
+        target: CString,
+        flags: MountFlags,
+    },
 }
 
 /// Everything the step process needs, built before the fork so the child
@@ -81,6 +96,9 @@ struct ChildPlan {
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
+    security: PreparedSecurity,
+    /// The user namespace to join (`--userns auto`), held open by `run`.
+    userns_fd: Option<libc::c_int>,
     err_fd: libc::c_int,
 }
 
@@ -93,6 +111,10 @@ const STAGE_HOSTNAME: u32 = 1_000_004;
 const STAGE_LOOPBACK: u32 = 1_000_005;
 const STAGE_WORKDIR: u32 = 1_000_006;
 const STAGE_IDS: u32 = 1_000_007;
+const STAGE_SECCOMP: u32 = 1_000_008;
+const STAGE_BOUNDING: u32 = 1_000_009;
+const STAGE_CAPS: u32 = 1_000_010;
+const STAGE_USERNS: u32 = 1_000_011;
 
 fn errno() -> i32 {
     std::io::Error::last_os_error()
@@ -103,7 +125,10 @@ fn errno() -> i32 {
 impl ChildPlan {
     /// Reports which stage failed and returns the error for std to send.
     fn fail(&self, stage: u32) -> std::io::Error {
-        let e = errno();
+        self.fail_with(stage, errno())
+    }
+
+    fn fail_with(&self, stage: u32, e: i32) -> std::io::Error {
         let mut msg = [0u8; 8];
         msg[..4].copy_from_slice(&stage.to_ne_bytes());
         msg[4..].copy_from_slice(&e.to_ne_bytes());
@@ -142,7 +167,7 @@ impl ChildPlan {
                 return Err(self.fail(STAGE_PRIVATE));
             }
             for (i, op) in self.ops.iter().enumerate() {
-                if !apply(op) {
+                if !apply(op, self.userns_fd) {
                     return Err(self.fail(i as u32));
                 }
             }
@@ -160,6 +185,17 @@ impl ChildPlan {
             if self.net_none && !loopback_up() {
                 return Err(self.fail(STAGE_LOOPBACK));
             }
+            if let Some(fd) = self.userns_fd {
+                // Joining the namespace gives every capability inside it
+                // (and a full bounding set, dropped below); becoming its
+                // root makes the working directory below the step's own.
+                if libc::setns(fd, libc::CLONE_NEWUSER) != 0
+                    || libc::setresgid(0, 0, 0) != 0
+                    || libc::setresuid(0, 0, 0) != 0
+                {
+                    return Err(self.fail(STAGE_USERNS));
+                }
+            }
             for dir in &self.workdir_chain {
                 if libc::mkdir(dir.as_ptr(), 0o755) == 0 {
                     if libc::chown(dir.as_ptr(), self.uid, self.gid) != 0 {
@@ -169,11 +205,37 @@ impl ChildPlan {
                     return Err(self.fail(STAGE_WORKDIR));
                 }
             }
+            // Seccomp first, while the step still holds CAP_SYS_ADMIN (a
+            // filter without no_new_privs needs it; in a user namespace, its
+            // CAP_SYS_ADMIN there); every call below is on the allow-list.
+            if let Err(e) = self.security.apply_seccomp() {
+                return Err(self.fail_with(STAGE_SECCOMP, e));
+            }
+            if let Err(e) = self.security.apply_bounding() {
+                return Err(self.fail_with(STAGE_BOUNDING, e));
+            }
+            // No descriptor of the executor (a RocksDB file, a socket, a
+            // directory on the host) may survive into the step: a
+            // directory descriptor outside the rootfs is a way out of it.
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                for fd in 3..4096 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
             if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
                 || libc::setgid(self.gid) != 0
                 || libc::setuid(self.uid) != 0
             {
                 return Err(self.fail(STAGE_IDS));
+            }
+            if let Err(e) = self.security.apply_capabilities(self.uid) {
+                return Err(self.fail_with(STAGE_CAPS, e));
             }
             if libc::chdir(self.workdir.as_ptr()) != 0 {
                 return Err(self.fail(STAGE_WORKDIR));
@@ -222,7 +284,7 @@ fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
 }
 
 /// Applies one op; `false` on failure (errno set).
-fn apply(op: &Op) -> bool {
+fn apply(op: &Op, userns_fd: Option<libc::c_int>) -> bool {
     // SAFETY: syscalls on C strings owned by the op.
     unsafe {
         match op {
@@ -253,6 +315,51 @@ fn apply(op: &Op) -> bool {
                 fd >= 0 && libc::close(fd) == 0
             }
             Op::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
+            Op::WriteFile {
+                path,
+                contents,
+                owner,
+            } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd < 0 {
+                    return false;
+                }
+                if let Some((uid, gid)) = owner
+                    && libc::fchown(fd, *uid, *gid) != 0
+                {
+                    libc::close(fd);
+                    return false;
+                }
+                let mut written = 0;
+                while written < contents.len() {
+                    let n = libc::write(
+                        fd,
+                        contents[written..].as_ptr().cast(),
+                        contents.len() - written,
+                    );
+                    if n <= 0 {
+                        libc::close(fd);
+                        return false;
+                    }
+                    written += n as usize;
+                }
+                libc::close(fd) == 0
+            }
+            Op::IdmappedBind {
+                source,
+                target,
+                flags,
+            } => match userns_fd {
+                Some(fd) => idmapped_bind(source, target, fd, *flags),
+                None => {
+                    *libc::__errno_location() = libc::EINVAL;
+                    false
+                }
+            },
         }
     }
 }
@@ -311,6 +418,32 @@ fn bind_op(source: &Path, target: &Path) -> Result<Op, RunError> {
     })
 }
 
+/// runc's masked paths: hidden behind `/dev/null` (files) or an empty
+/// read-only tmpfs (directories) unless the step is privileged.
+const MASKED_PATHS: [&str; 12] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// runc's read-only paths under `/proc`.
+const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
 /// Builds the setup ops (with their descriptions) and creates the mount
 /// points the rootfs lacks (recorded in `stubs`).
 fn plan_mounts(
@@ -319,16 +452,41 @@ fn plan_mounts(
     host_copies: &Path,
     stubs: &mut Stubs,
 ) -> Result<(Vec<Op>, Vec<String>), RunError> {
+    let privileged = spec.security.privileged;
+    let userns: Option<IdMapping> = spec.security.user_namespace;
     let mut ops = Vec::new();
     let mut what = Vec::new();
     let mut push = |op: Op, desc: String| {
         ops.push(op);
         what.push(desc);
     };
-    push(
-        bind_op(rootfs, rootfs)?,
-        format!("binding rootfs {}", rootfs.display()),
-    );
+    if userns.is_some() {
+        push(
+            Op::IdmappedBind {
+                source: c(rootfs)?,
+                target: c(rootfs)?,
+                flags: MountFlags {
+                    nodev: !privileged,
+                    ..MountFlags::default()
+                },
+            },
+            format!("idmapping rootfs {}", rootfs.display()),
+        );
+    } else {
+        push(
+            bind_op(rootfs, rootfs)?,
+            format!("binding rootfs {}", rootfs.display()),
+        );
+    }
+    if !privileged && userns.is_none() {
+        // The step keeps CAP_MKNOD (Docker's default) to create device
+        // nodes for the image, but there is no device cgroup here: a node
+        // it made must not open, or `mknod sda b 8 0` reads the host disk.
+        push(
+            remount_op(rootfs, libc::MS_NODEV)?,
+            format!("making {} nodev", rootfs.display()),
+        );
+    }
 
     let proc_dir = stubs.ensure(rootfs, Path::new("/proc"), StubKind::Dir)?;
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -338,53 +496,82 @@ fn plan_mounts(
     );
     let sys = resolve_in_root(rootfs, Path::new("/sys"))
         .map_err(|e| RunError::setup("resolving /sys", e))?;
-    if sys.is_dir() && spec.network == NetworkMode::None {
-        // sysfs shows the network namespace of its mounter; only mount it
-        // when that is the step's own (Docker mounts it read-only too).
-        let mut op = mount_op(
-            Some("sysfs"),
-            &sys,
-            Some("sysfs"),
-            nosuid | libc::MS_RDONLY,
-            None,
-        )?;
-        if let Op::Mount { optional, .. } = &mut op {
-            *optional = true;
+    let sys_mounted = sys.is_dir();
+    if sys_mounted {
+        // A fresh sysfs (never a bind of the host's /sys, whose submounts
+        // such as the cgroup tree would stay writable); it shows the
+        // network namespace of its mounter, which is the step's own.
+        let ro = if privileged { 0 } else { libc::MS_RDONLY };
+        push(
+            mount_op(Some("sysfs"), &sys, Some("sysfs"), nosuid | ro, None)?,
+            format!("mounting sysfs on {}", sys.display()),
+        );
+    }
+    if !privileged {
+        let dev_null = c("/dev/null")?;
+        for path in MASKED_PATHS {
+            let in_root = Path::new(path);
+            let Ok(host_meta) = std::fs::symlink_metadata(in_root) else {
+                continue;
+            };
+            let Some(target) = under_mounted(in_root, &proc_dir, sys_mounted.then_some(&sys))
+            else {
+                continue;
+            };
+            let op = if host_meta.is_dir() {
+                mount_op(
+                    Some("tmpfs"),
+                    &target,
+                    Some("tmpfs"),
+                    nosuid | libc::MS_RDONLY,
+                    None,
+                )?
+            } else {
+                Op::Mount {
+                    source: Some(dev_null.clone()),
+                    target: c(&target)?,
+                    fstype: None,
+                    flags: libc::MS_BIND,
+                    data: None,
+                    optional: false,
+                }
+            };
+            push(op, format!("masking {path}"));
         }
-        push(op, format!("mounting sysfs on {}", sys.display()));
-    } else if sys.is_dir() {
-        push(
-            Op::Mount {
-                source: Some(c("/sys")?),
-                target: c(&sys)?,
-                fstype: None,
-                flags: libc::MS_BIND | libc::MS_REC,
-                data: None,
-                optional: true,
-            },
-            format!("binding /sys on {}", sys.display()),
-        );
-        push(
-            Op::Mount {
-                source: None,
-                target: c(&sys)?,
-                fstype: None,
-                flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid,
-                data: None,
-                optional: true,
-            },
-            format!("making {} read-only", sys.display()),
-        );
+        for path in READONLY_PATHS {
+            let in_root = Path::new(path);
+            if std::fs::symlink_metadata(in_root).is_err() {
+                continue;
+            }
+            let Some(target) = under_mounted(in_root, &proc_dir, None) else {
+                continue;
+            };
+            push(
+                bind_op(&target, &target)?,
+                format!("binding {path} onto itself"),
+            );
+            push(
+                remount_op(&target, nosuid | libc::MS_RDONLY)?,
+                format!("making {path} read-only"),
+            );
+        }
     }
 
     let dev = stubs.ensure(rootfs, Path::new("/dev"), StubKind::Dir)?;
+    let dev_data = match userns {
+        Some(map) => format!(
+            "mode=755,size=65536k,uid={},gid={}",
+            map.host_uid, map.host_gid
+        ),
+        None => "mode=755,size=65536k".to_string(),
+    };
     push(
         mount_op(
             Some("tmpfs"),
             &dev,
             Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_STRICTATIME,
-            Some("mode=755,size=65536k"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_STRICTATIME,
+            Some(&dev_data),
         )?,
         format!("mounting tmpfs on {}", dev.display()),
     );
@@ -443,16 +630,39 @@ fn plan_mounts(
         );
     }
 
+    // The step's /etc/hosts, /etc/resolv.conf and /etc/hostname: files on a
+    // tmpfs private to the step, bound into place. Never a bind of a file on
+    // a host disk: a handle to any inode of a host filesystem is a way to
+    // the whole of it (open_by_handle_at).
+    push(
+        mount_op(
+            Some("tmpfs"),
+            host_copies,
+            Some("tmpfs"),
+            nosuid,
+            Some("mode=755,size=1m"),
+        )?,
+        format!("mounting tmpfs on {}", host_copies.display()),
+    );
+    let mut etc_files = Vec::new();
     for name in ["resolv.conf", "hosts"] {
         let host = Path::new("/etc").join(name);
-        let Ok(bytes) = std::fs::read(&host) else {
-            continue;
-        };
-        // A private copy: the step may rewrite it without touching the host.
+        if let Ok(bytes) = read_regular_file(&host, 1 << 20) {
+            etc_files.push((name, bytes));
+        }
+    }
+    etc_files.push(("hostname", format!("{}\n", spec.hostname).into_bytes()));
+    for (name, contents) in etc_files {
         let copy = host_copies.join(name);
-        std::fs::write(&copy, bytes)
-            .map_err(|e| RunError::setup(format!("copying {}", host.display()), e))?;
-        let target = stubs.ensure(rootfs, &host, StubKind::File)?;
+        push(
+            Op::WriteFile {
+                path: c(&copy)?,
+                contents,
+                owner: userns.map(|m| (m.host_uid, m.host_gid)),
+            },
+            format!("writing the step's /etc/{name}"),
+        );
+        let target = stubs.ensure(rootfs, &Path::new("/etc").join(name), StubKind::File)?;
         push(
             bind_op(&copy, &target)?,
             format!("binding {}", target.display()),
@@ -472,20 +682,38 @@ fn plan_mounts(
                     StubKind::File
                 };
                 let t = stubs.ensure(rootfs, target, kind)?;
+                if userns.is_some() {
+                    push(
+                        Op::IdmappedBind {
+                            source: c(source)?,
+                            target: c(&t)?,
+                            flags: MountFlags {
+                                nodev: !privileged,
+                                nosuid: !privileged,
+                                readonly: *readonly,
+                            },
+                        },
+                        format!("idmapping {} on {}", source.display(), t.display()),
+                    );
+                    continue;
+                }
                 push(
                     bind_op(source, &t)?,
                     format!("binding {} on {}", source.display(), t.display()),
                 );
-                if *readonly {
+                // A bind keeps the flags of the host mount it comes from: a
+                // cache mount on the host disk must not let a node made in
+                // it open a host device, nor run setuid programs.
+                let ro = if *readonly { libc::MS_RDONLY } else { 0 };
+                let nodev = if privileged {
+                    0
+                } else {
+                    libc::MS_NODEV | libc::MS_NOSUID
+                };
+                if ro | nodev != 0 {
                     push(
-                        mount_op(
-                            None,
-                            &t,
-                            None,
-                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
-                            None,
-                        )?,
-                        format!("making {} read-only", t.display()),
+                        remount_op(&t, ro | nodev)?,
+                        format!("restricting {}", t.display()),
                     );
                 }
             }
@@ -506,6 +734,45 @@ fn plan_mounts(
         }
     }
     Ok((ops, what))
+}
+
+/// Where `/proc/...` or `/sys/...` lands on the host, given where the
+/// step's proc and sysfs are mounted; `None` for a path under an unmounted
+/// sysfs.
+fn under_mounted(path: &Path, proc_dir: &Path, sys: Option<&PathBuf>) -> Option<PathBuf> {
+    if let Ok(rest) = path.strip_prefix("/proc") {
+        return Some(proc_dir.join(rest));
+    }
+    let rest = path.strip_prefix("/sys").ok()?;
+    sys.map(|s| s.join(rest))
+}
+
+/// Changes the per-mount flags of the bind mount at `target`.
+fn remount_op(target: &Path, flags: libc::c_ulong) -> Result<Op, RunError> {
+    mount_op(
+        None,
+        target,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | flags,
+        None,
+    )
+}
+
+/// Reads a host file only if it is a regular one (a FIFO would block the
+/// build) and not larger than `limit`.
+fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// `/a/b/c` -> `["/a", "/a/b", "/a/b/c"]` (made inside the new root, where
@@ -546,6 +813,12 @@ impl Runner for ChrootRunner {
         let host_copies =
             tempfile::tempdir().map_err(|e| RunError::setup("temporary directory", e))?;
         let mut stubs = Stubs::default();
+        let user_namespace = spec
+            .security
+            .user_namespace
+            .as_ref()
+            .map(UserNamespace::create)
+            .transpose()?;
         let (ops, what) = plan_mounts(spec, &rootfs, host_copies.path(), &mut stubs)?;
 
         let (err_read, err_write) =
@@ -571,6 +844,8 @@ impl Runner for ChrootRunner {
             uid: user.uid,
             gid: user.gid,
             groups: user.groups.clone(),
+            security: PreparedSecurity::prepare(&spec.security)?,
+            userns_fd: user_namespace.as_ref().map(UserNamespace::raw_fd),
             err_fd: err_write.as_raw_fd(),
         };
 
@@ -614,6 +889,10 @@ impl Runner for ChrootRunner {
                                 format!("entering working directory {}", workdir.display())
                             }
                             STAGE_IDS => format!("switching to uid {} gid {}", user.uid, user.gid),
+                            STAGE_SECCOMP => "installing the seccomp filter".into(),
+                            STAGE_BOUNDING => "dropping capabilities from the bounding set".into(),
+                            STAGE_CAPS => "setting the step's capabilities".into(),
+                            STAGE_USERNS => "joining the step's user namespace".into(),
                             i => what
                                 .get(i as usize)
                                 .cloned()
@@ -684,8 +963,22 @@ mod tests {
         (out, text)
     }
 
-    fn mountinfo() -> String {
-        std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+    /// The host's mount table, less the mounts that other tests running at
+    /// the same time make in their own temporary directories (the step's
+    /// would be below `own`, and are kept).
+    fn mountinfo(own: &Path) -> String {
+        let tmp = std::env::temp_dir().display().to_string();
+        let own = own.display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.split_whitespace().nth(4).is_none_or(|point| {
+                    !point.starts_with(&tmp) || point == tmp || point.starts_with(&own)
+                })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
     }
 
     #[test]
@@ -810,18 +1103,24 @@ mod tests {
     fn host_mount_table_is_unchanged_and_stubs_are_removed() {
         let r = Root::new();
         assert!(!r.path().join("proc").exists());
-        let before = mountinfo();
+        let before = mountinfo(r.path());
         let (out, _) = run(&r.spec("mount | grep -c . ; test -c /dev/null && echo devnull; test -f /etc/resolv.conf && echo resolv"));
         assert!(out.success(), "{:?}", out.tail);
         assert!(out.tail.contains(&"devnull".to_string()));
-        assert_eq!(before, mountinfo());
-        for stub in ["proc", "dev", "etc/resolv.conf", "etc/hosts"] {
+        assert_eq!(before, mountinfo(r.path()));
+        for stub in [
+            "proc",
+            "dev",
+            "etc/resolv.conf",
+            "etc/hosts",
+            "etc/hostname",
+        ] {
             assert!(!r.path().join(stub).exists(), "{stub} left in the rootfs");
         }
         // Also after a failing step.
         let (out, _) = run(&r.spec("exit 1"));
         assert!(!out.success());
-        assert_eq!(before, mountinfo());
+        assert_eq!(before, mountinfo(r.path()));
     }
 
     #[test]

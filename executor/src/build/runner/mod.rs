@@ -19,6 +19,8 @@
 
 pub mod chroot;
 pub mod none;
+pub mod security;
+pub mod userns;
 
 use crate::build::user::{ResolvedUser, UserError};
 use std::collections::VecDeque;
@@ -103,6 +105,8 @@ pub struct RunSpec {
     pub mounts: Vec<MountSpec>,
     pub hostname: String,
     pub output: OutputSink,
+    /// Capabilities, seccomp and privilege (chroot isolation only).
+    pub security: security::StepSecurity,
 }
 
 impl RunSpec {
@@ -119,6 +123,7 @@ impl RunSpec {
             mounts: Vec::new(),
             hostname: "kiln".into(),
             output: OutputSink::default(),
+            security: security::StepSecurity::default(),
         }
     }
 }
