@@ -501,9 +501,17 @@ fn plan_mounts(
         // A fresh sysfs (never a bind of the host's /sys, whose submounts
         // such as the cgroup tree would stay writable); it shows the
         // network namespace of its mounter, which is the step's own.
+        // Optional: where sysfs may not be mounted, the step sees the
+        // image's own (usually empty) /sys, which reveals nothing.
         let ro = if privileged { 0 } else { libc::MS_RDONLY };
         push(
-            mount_op(Some("sysfs"), &sys, Some("sysfs"), nosuid | ro, None)?,
+            optional(mount_op(
+                Some("sysfs"),
+                &sys,
+                Some("sysfs"),
+                nosuid | ro,
+                None,
+            )?),
             format!("mounting sysfs on {}", sys.display()),
         );
     }
@@ -535,6 +543,12 @@ fn plan_mounts(
                     data: None,
                     optional: false,
                 }
+            };
+            // Under /sys the mask follows the optional sysfs mount above.
+            let op = if in_root.starts_with("/sys") {
+                optional(op)
+            } else {
+                op
             };
             push(op, format!("masking {path}"));
         }
@@ -745,6 +759,14 @@ fn under_mounted(path: &Path, proc_dir: &Path, sys: Option<&PathBuf>) -> Option<
     }
     let rest = path.strip_prefix("/sys").ok()?;
     sys.map(|s| s.join(rest))
+}
+
+/// The same op, allowed to fail.
+fn optional(mut op: Op) -> Op {
+    if let Op::Mount { optional, .. } = &mut op {
+        *optional = true;
+    }
+    op
 }
 
 /// Changes the per-mount flags of the bind mount at `target`.
