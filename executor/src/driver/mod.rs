@@ -611,7 +611,7 @@ fn run_env(config: &image_config::ImageConfig, ins: &PlannedInstruction) -> Vec<
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
         })
         .collect();
-    for (k, v) in &ins.args {
+    for (k, v) in ins.args.iter() {
         if !env.iter().any(|(ek, _)| ek == k) {
             env.push((k.clone(), v.clone()));
         }
