@@ -1325,6 +1325,81 @@ mod tests {
         assert!(err.to_string().contains("not the requested"), "{err}");
     }
 
+    /// A server answering every request with `status` and a chunked body
+    /// that never ends.
+    fn endless_server(status: u16) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut l = String::new();
+                        if reader.read_line(&mut l).unwrap_or(0) == 0 || l.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    let chunk = format!("10000\r\n{}\r\n", "{".repeat(0x10000));
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 {status} X\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        media::OCI_MANIFEST
+                    )
+                    .and_then(|_| -> std::io::Result<()> {
+                        loop {
+                            conn.write_all(chunk.as_bytes())?;
+                        }
+                    });
+                });
+            }
+        });
+        host
+    }
+
+    #[tokio::test]
+    async fn an_endless_manifest_is_refused_at_the_cap_naming_the_url() {
+        let host = endless_server(200);
+        let c = test_client(&host, 0);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let err = c.get_manifest(&r).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("larger than {MAX_MANIFEST_SIZE} bytes")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/v2/x/manifests/latest"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_in_part() {
+        let host = endless_server(404);
+        let c = test_client(&host, 0);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let err = c.get_manifest(&r).await.unwrap_err();
+        assert!(err.to_string().contains("404"), "{err}");
+        assert!(err.to_string().len() < 2000, "the body is shown in part");
+    }
+
+    #[tokio::test]
+    async fn a_config_must_be_exactly_its_descriptors_size() {
+        let config = b"{}".to_vec();
+        let (host, _) = scripted_server(vec![(200, "{} ".into()), (200, "{".into())]);
+        let c = test_client(&host, 0);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let ep = c.endpoint(r.registry(), Direction::Pull);
+        let desc = Descriptor::new(media::OCI_CONFIG, Digest::of_bytes(&config), 2);
+        let longer = c.get_small_blob(&ep, &r, &desc).await.unwrap_err();
+        assert!(
+            longer.to_string().contains("more than the 2 bytes"),
+            "{longer}"
+        );
+        let shorter = c.get_small_blob(&ep, &r, &desc).await.unwrap_err();
+        assert!(shorter.to_string().contains("1 bytes"), "{shorter}");
+    }
+
     #[test]
     fn unreadable_ca_certificate_is_an_error_naming_the_file() {
         let err = RegistryClient::new(RegistryOptions {
