@@ -26,6 +26,8 @@ struct World {
     layer_digest: String,
     layer: Vec<u8>,
     base_layer: String,
+    /// Line 3's key, entry, layer digest and bytes.
+    line3: (String, String, String, Vec<u8>),
 }
 
 impl World {
@@ -53,6 +55,15 @@ impl World {
         let layer_digest = step["layer"].as_str().unwrap().to_string();
         let hex = layer_digest.trim_start_matches("sha256:");
         let layer = fs::read(state.join("store/blobs/sha256").join(&hex[..2]).join(hex)).unwrap();
+        let step3 = &report["steps"].as_array().unwrap()[2];
+        assert_eq!(step3["line"], 3);
+        let key3 = step3["key"].as_str().unwrap().to_string();
+        let (status, entry3) = server.get(&format!("/v1/entries/{key3}")).unwrap();
+        assert_eq!(status, 200, "{entry3}");
+        let digest3 = step3["layer"].as_str().unwrap().to_string();
+        let hex3 = digest3.trim_start_matches("sha256:");
+        let layer3 =
+            fs::read(state.join("store/blobs/sha256").join(&hex3[..2]).join(hex3)).unwrap();
         World {
             registry,
             work,
@@ -62,6 +73,7 @@ impl World {
             layer_digest,
             layer,
             base_layer,
+            line3: (key3, entry3, digest3, layer3),
         }
     }
 
@@ -304,4 +316,57 @@ fn an_endless_lookup_answer_costs_only_a_warning() {
     assert!(err.contains("warning: the cache is unavailable"), "{err}");
     assert!(err.contains("larger than"), "{err}");
     assert_eq!(report["summary"]["misses"], 2, "{report}");
+}
+
+#[test]
+fn steps_that_ran_before_a_hit_was_lost_are_not_run_again() {
+    let world = World::new();
+    // Line 2 misses and runs; line 3 hits, and its layer turns out corrupt
+    // only when the push needs it: the restart replays line 2.
+    let (key3, entry3, digest3, layer3) = world.line3.clone();
+    let cache = HostileCache::start(
+        LookupAnswer::Entries(vec![(key3.clone(), entry3)]),
+        HashMap::from([(digest3.clone(), BlobAnswer::Corrupt(layer3))]),
+    )
+    .unwrap();
+    let dest = world.registry.reference("replayed:v1");
+    let (out, report) = build(
+        &world.registry,
+        &world.ctx,
+        &world.state("replay"),
+        &cache.url(),
+        &[&format!("--destination={dest}")],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(cache_column(&report, 2), "miss", "{report}");
+    assert_eq!(cache_column(&report, 3), "miss", "{report}");
+    assert_eq!(
+        err.matches("cache miss: RUN echo one > /one").count(),
+        1,
+        "line 2 ran once: {err}"
+    );
+    assert_eq!(
+        err.matches("cache hit: RUN cat /one > /two").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("cache miss: RUN cat /one > /two").count(),
+        1,
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("could not deliver layer {digest3} of line 3")),
+        "{err}"
+    );
+    let requests = cache.requests();
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.starts_with(&format!("PUT /v1/entries/{key3}"))),
+        "{requests:?}"
+    );
+    let pushed = world.registry.skopeo_inspect("replayed:v1").unwrap();
+    assert_eq!(pushed["Layers"].as_array().unwrap().len(), 3, "{pushed}");
 }
