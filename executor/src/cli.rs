@@ -131,6 +131,10 @@ pub struct ExecutorArgs {
     pub cache_ttl: String,
     #[arg(long, value_enum, default_value = "read-write")]
     pub cache_mode: CacheMode,
+    /// Largest size one layer may expand to when unpacked (file contents,
+    /// holes of sparse files included, plus 512 bytes per entry), e.g. 32GiB.
+    #[arg(long, default_value = "32GiB")]
+    pub max_layer_size: String,
     #[arg(long, value_enum, default_value = "chroot")]
     pub isolation: Isolation,
     #[arg(long, value_enum, default_value = "overlay")]

@@ -11,8 +11,17 @@ use crate::dockerfile::{
 };
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How many bytes a plan may build from variables: every expansion's
+/// result, and every new copy of the variables in scope the plan keeps for
+/// its instructions (a copy is shared until an ARG or ENV changes them).
+/// Real Dockerfiles use a few KiB; chained ARG/ENV values reach it long
+/// before memory runs out.
+pub const EXPANSION_BUDGET: usize = 64 << 20;
 
 /// Build arguments Docker passes to RUN without an ARG declaration, and
 /// never warns about.
@@ -201,15 +210,29 @@ pub struct PlannedInstruction {
     /// Stages this instruction reads from (COPY --from, RUN --mount from=).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stage_refs: Vec<usize>,
-    /// ENV values visible to the instruction (set by this Dockerfile).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: Vars,
+    /// ENV values visible to the instruction (set by this Dockerfile);
+    /// shared between instructions that see the same values.
+    #[serde(skip_serializing_if = "no_vars", serialize_with = "serialize_vars")]
+    pub env: Arc<Vars>,
     /// ARG values visible to the instruction; for RUN these become
     /// environment variables of the process (proxy args included).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub args: Vars,
+    #[serde(skip_serializing_if = "no_vars", serialize_with = "serialize_vars")]
+    pub args: Arc<Vars>,
     #[serde(skip)]
     pub instruction: Instruction,
+}
+
+fn no_vars(vars: &Arc<Vars>) -> bool {
+    vars.is_empty()
+}
+
+fn serialize_vars<S: serde::Serializer>(vars: &Arc<Vars>, s: S) -> Result<S::Ok, S::Error> {
+    vars.as_ref().serialize(s)
+}
+
+/// Bytes a map of variables holds.
+fn vars_size(vars: &Vars) -> usize {
+    vars.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
 /// Reads the Dockerfile named by `opts` and plans the build.
@@ -249,6 +272,8 @@ struct Planner<'a> {
     globals: Vars,
     consumed: BTreeSet<String>,
     base_env: BTreeMap<String, Vars>,
+    /// Bytes of [`EXPANSION_BUDGET`] used so far.
+    spent: Cell<usize>,
 }
 
 struct StageDraft {
@@ -257,6 +282,9 @@ struct StageDraft {
     /// What expansion sees: ARG and ENV values, the later one winning.
     vars: Vars,
     declared: BTreeSet<String>,
+    /// The copies of `stage.env` and `args` the last instruction got,
+    /// reused until an ARG or ENV changes them.
+    snapshot: Option<(Arc<Vars>, Arc<Vars>)>,
 }
 
 impl<'a> Planner<'a> {
@@ -281,6 +309,7 @@ impl<'a> Planner<'a> {
             globals,
             consumed: BTreeSet::new(),
             base_env: opts.base_env.clone(),
+            spent: Cell::new(0),
         })
     }
 
@@ -420,8 +449,24 @@ impl<'a> Planner<'a> {
     }
 
     fn expand(&self, word: &str, vars: &Vars, line: usize, column: usize) -> Result<String, Error> {
-        shell::expand_word(word, vars, self.escape)
-            .map_err(|e| self.err(line, column, ErrorKind::Expansion(e)))
+        let value = shell::expand_word(word, vars, self.escape)
+            .map_err(|e| self.err(line, column, ErrorKind::Expansion(e)))?;
+        self.spend(value.len(), line, column)?;
+        Ok(value)
+    }
+
+    /// Counts `bytes` against [`EXPANSION_BUDGET`].
+    fn spend(&self, bytes: usize, line: usize, column: usize) -> Result<(), Error> {
+        let spent = self.spent.get().saturating_add(bytes);
+        if spent > EXPANSION_BUDGET {
+            return Err(self.err(
+                line,
+                column,
+                ErrorKind::Expansion(shell::ExpandError::BudgetExceeded(EXPANSION_BUDGET)),
+            ));
+        }
+        self.spent.set(spent);
+        Ok(())
     }
 
     /// Resolves a `--from` / `from=` value as written: a stage name, a
@@ -522,13 +567,14 @@ impl<'a> Planner<'a> {
             args,
             vars,
             declared: BTreeSet::new(),
+            snapshot: None,
         };
         let expanded_from = Instruction::From(dockerfile::From {
             platform,
             image: base,
             name: from.name.clone(),
         });
-        let first = self.planned(from_line, expanded_from, Vec::new(), &draft, Vec::new());
+        let first = self.planned(from_line, expanded_from, Vec::new(), &mut draft, Vec::new())?;
         draft.stage.instructions.push(first);
 
         for located in &body[1..] {
@@ -549,19 +595,42 @@ impl<'a> Planner<'a> {
         located: &dockerfile::Located,
         instruction: Instruction,
         heredocs: Vec<Heredoc>,
-        draft: &StageDraft,
+        draft: &mut StageDraft,
         stage_refs: Vec<usize>,
-    ) -> PlannedInstruction {
-        let mut args = draft.args.clone();
+    ) -> Result<PlannedInstruction, Error> {
+        let (line, column) = (located.line, located.column);
+        let (env, mut args) = match &draft.snapshot {
+            Some(shared) => shared.clone(),
+            None => {
+                self.spend(
+                    vars_size(&draft.stage.env) + vars_size(&draft.args),
+                    line,
+                    column,
+                )?;
+                let shared = (
+                    Arc::new(draft.stage.env.clone()),
+                    Arc::new(draft.args.clone()),
+                );
+                draft.snapshot = Some(shared.clone());
+                shared
+            }
+        };
         if matches!(instruction, Instruction::Run(_)) {
-            for p in PROXY_ARGS {
-                if let Some(v) = self.build_args.get(p) {
-                    args.entry(p.to_string()).or_insert_with(|| v.clone());
+            let proxies: Vec<(&str, &String)> = PROXY_ARGS
+                .iter()
+                .filter(|p| !args.contains_key(**p))
+                .filter_map(|p| self.build_args.get(*p).map(|v| (*p, v)))
+                .collect();
+            if !proxies.is_empty() {
+                self.spend(vars_size(&args), line, column)?;
+                let with_proxies = Arc::make_mut(&mut args);
+                for (p, v) in proxies {
+                    with_proxies.insert(p.to_string(), v.clone());
                 }
             }
         }
         let (flags, value, expanded) = describe(&instruction);
-        PlannedInstruction {
+        Ok(PlannedInstruction {
             line: located.line,
             column: located.column,
             kind: instruction.keyword(),
@@ -571,10 +640,10 @@ impl<'a> Planner<'a> {
             value,
             heredocs,
             stage_refs,
-            env: draft.stage.env.clone(),
+            env,
             args,
             instruction,
-        }
+        })
     }
 
     fn plan_instruction(
@@ -584,8 +653,8 @@ impl<'a> Planner<'a> {
         names: &[Option<String>],
     ) -> Result<PlannedInstruction, Error> {
         let (line, column) = (located.line, located.column);
-        let vars = draft.vars.clone();
-        let ex = |s: &str| self.expand(s, &vars, line, column);
+        let vars: &Vars = &draft.vars;
+        let ex = |s: &str| self.expand(s, vars, line, column);
         let ex_opt = |s: &Option<String>| s.as_deref().map(ex).transpose();
         let ex_all = |v: &[String]| v.iter().map(|s| ex(s)).collect::<Result<Vec<_>, _>>();
         let mut stage_refs = Vec::new();
@@ -623,6 +692,7 @@ impl<'a> Planner<'a> {
                     for kv in &out {
                         draft.stage.env.insert(kv.key.clone(), kv.value.clone());
                         draft.vars.insert(kv.key.clone(), kv.value.clone());
+                        draft.snapshot = None;
                     }
                     Instruction::Env(out)
                 } else {
@@ -642,6 +712,7 @@ impl<'a> Planner<'a> {
                     if let Some(v) = &value {
                         draft.args.insert(name.clone(), v.clone());
                         draft.vars.insert(name.clone(), v.clone());
+                        draft.snapshot = None;
                     }
                     out.push(dockerfile::ArgDecl {
                         name,
@@ -651,7 +722,7 @@ impl<'a> Planner<'a> {
                 Instruction::Arg(out)
             }
             Instruction::Add(a) => {
-                heredocs = self.expand_heredocs(&a.heredocs, &vars, line, column)?;
+                heredocs = self.expand_heredocs(&a.heredocs, vars, line, column)?;
                 Instruction::Add(dockerfile::Add {
                     sources: ex_all(&a.sources)?,
                     dest: ex(&a.dest)?,
@@ -665,7 +736,7 @@ impl<'a> Planner<'a> {
                 })
             }
             Instruction::Copy(c) => {
-                heredocs = self.expand_heredocs(&c.heredocs, &vars, line, column)?;
+                heredocs = self.expand_heredocs(&c.heredocs, vars, line, column)?;
                 let from = c.from.clone();
                 if let Some(f) = &from
                     && let Some(i) = self.stage_ref(f, names, line, column)?
@@ -691,7 +762,7 @@ impl<'a> Planner<'a> {
                         if key == "from" {
                             return Ok(v.to_string());
                         }
-                        shell::expand_word(v, &vars, self.escape).map_err(ErrorKind::Expansion)
+                        shell::expand_word(v, vars, self.escape).map_err(ErrorKind::Expansion)
                     })
                     .map_err(|kind| {
                         let (l, c) =
@@ -735,8 +806,7 @@ impl<'a> Planner<'a> {
             | Instruction::Healthcheck(_)
             | Instruction::Shell(_)) => other.clone(),
         };
-        let draft_ref: &StageDraft = draft;
-        Ok(self.planned(located, expanded, heredocs, draft_ref, stage_refs))
+        self.planned(located, expanded, heredocs, draft, stage_refs)
     }
 
     fn expand_heredocs(
@@ -752,6 +822,7 @@ impl<'a> Planner<'a> {
                 if d.expand {
                     d.content = shell::expand_heredoc(&d.content, vars, self.escape)
                         .map_err(|e| self.err(line, column, ErrorKind::Expansion(e)))?;
+                    self.spend(d.content.len(), line, column)?;
                 }
                 Ok(d)
             })
@@ -1493,5 +1564,66 @@ mod tests {
         for bad in ["linux", "linux/", "a/b/c/d", ""] {
             assert!(Platform::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// `ARG a=xxxxxxxxxx`, then each ARG ten times the one before: a
+    /// "billion laughs" of 516 bytes or so.
+    fn laughs(levels: usize) -> String {
+        let names: Vec<char> = ('a'..='z').take(levels).collect();
+        let mut src = String::from("FROM scratch\nARG a=xxxxxxxxxx\n");
+        for pair in names.windows(2) {
+            let prev = format!("${}", pair[0]);
+            src.push_str(&format!("ARG {}={}\n", pair[1], prev.repeat(10)));
+        }
+        src.push_str(&format!("RUN echo ${}\n", names[levels - 1]));
+        src
+    }
+
+    #[test]
+    fn chained_expansions_stop_at_the_size_limit_and_name_the_line() {
+        let src = laughs(9);
+        assert!(src.len() < 600, "{}", src.len());
+        let err = plan_of(&src, &[], None).unwrap_err();
+        // a=10 bytes, ..., f=1,000,000 bytes still fits, g=10^7 does not.
+        let Err(PlanError::Dockerfile(e)) = plan_of(&src, &[], None) else {
+            panic!("expected a Dockerfile error");
+        };
+        assert_eq!(e.line, 8, "{err}");
+        assert!(
+            matches!(e.kind, ErrorKind::Expansion(shell::ExpandError::TooLong)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn many_large_values_exhaust_the_expansion_budget() {
+        // Each value stays under the per-word limit, but copies of them for
+        // every later instruction would not fit in memory for long.
+        let mut src = laughs(6);
+        for i in 0..200 {
+            src.push_str(&format!("ENV v{i}=$f\n"));
+        }
+        let Err(PlanError::Dockerfile(e)) = plan_of(&src, &[], None) else {
+            panic!("expected a Dockerfile error");
+        };
+        assert!(
+            matches!(
+                e.kind,
+                ErrorKind::Expansion(shell::ExpandError::BudgetExceeded(_))
+            ),
+            "{e}"
+        );
+        assert!(e.line > 8 && e.line < 200, "{e}");
+    }
+
+    #[test]
+    fn instructions_share_unchanged_variable_copies() {
+        let p = ok("FROM a\nARG X=1\nLABEL a=1\nLABEL b=2\nENV Y=2\nLABEL c=3\n");
+        let ins = &p.stages[0].instructions;
+        assert!(Arc::ptr_eq(&ins[2].args, &ins[3].args));
+        assert!(Arc::ptr_eq(&ins[2].env, &ins[3].env));
+        assert!(!Arc::ptr_eq(&ins[3].env, &ins[5].env));
+        assert_eq!(ins[5].env.get("Y").map(String::as_str), Some("2"));
     }
 }

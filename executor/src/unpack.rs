@@ -18,6 +18,13 @@
 //! never followed. Owners, modes (setuid/setgid/sticky set after chown),
 //! xattrs, device nodes (skipped with a warning where mknod is not allowed),
 //! hard links (inside the root only) and mtimes (directories last) are kept.
+//!
+//! A layer is untrusted input: sparse files (GNU `S` entries and the PAX
+//! `GNU.sparse.*` formats 0.0, 0.1 and 1.0) are written sparsely, their
+//! holes left as holes, and a layer's expanded size (file contents with the
+//! holes of sparse files, plus 512 bytes per entry) is checked against
+//! [`UnpackOptions::max_expanded_size`] before anything of an entry that
+//! would exceed it is written.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr, OsString};
@@ -33,6 +40,13 @@ use kiln_common::{Digest, VerifyingReader};
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const MAX_SYMLINKS: usize = 40;
+/// Default for [`UnpackOptions::max_expanded_size`] (`--max-layer-size`).
+pub const DEFAULT_MAX_EXPANDED_SIZE: u64 = 32 << 30;
+/// What each entry counts towards the expanded size besides its content:
+/// its header, and the inode it costs.
+const ENTRY_OVERHEAD: u64 = 512;
+/// Most data regions a PAX sparse map may list.
+const MAX_SPARSE_REGIONS: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnpackMode {
@@ -46,6 +60,9 @@ pub struct UnpackOptions {
     /// Set owners from the tar headers (needs root or CAP_CHOWN). When off,
     /// files belong to the unpacking user.
     pub preserve_ownership: bool,
+    /// Largest expanded size of one layer: the apparent sizes of its files
+    /// (sparse holes included) plus 512 bytes per entry.
+    pub max_expanded_size: u64,
 }
 
 impl Default for UnpackOptions {
@@ -54,6 +71,7 @@ impl Default for UnpackOptions {
             mode: UnpackMode::Apply,
             // SAFETY: geteuid has no preconditions and cannot fail.
             preserve_ownership: unsafe { libc::geteuid() } == 0,
+            max_expanded_size: DEFAULT_MAX_EXPANDED_SIZE,
         }
     }
 }
@@ -71,6 +89,7 @@ impl UnpackOptions {
 #[derive(Debug, Default, Clone)]
 pub struct UnpackStats {
     pub entries: u64,
+    /// Apparent size of the files written (holes of sparse files included).
     pub file_bytes: u64,
     /// Entries not reproduced exactly (device nodes without permission,
     /// xattrs the filesystem refused), one message each.
@@ -90,6 +109,12 @@ pub enum UnpackError {
     },
     #[error("reading layer: {0}")]
     Read(#[source] io::Error),
+    #[error(
+        "layer entry {entry:?}: the layer expands to more than {limit} bytes (--max-layer-size)"
+    )]
+    TooLarge { entry: String, limit: u64 },
+    #[error("layer entry {entry:?}: invalid sparse file: {reason}")]
+    Sparse { entry: String, reason: String },
 }
 
 /// Wraps a layer stream in the decompressor its first bytes call for
@@ -246,6 +271,7 @@ pub fn unpack_tar<R: Read>(
         resolved: HashMap::new(),
         written: HashSet::new(),
         dir_times: Vec::new(),
+        expanded: 0,
     };
     let mut archive = tar::Archive::new(tar_stream);
     for entry in archive.entries().map_err(UnpackError::Read)? {
@@ -267,6 +293,8 @@ struct Unpacker {
     /// Host paths this layer wrote, which an opaque marker must not remove.
     written: HashSet<PathBuf>,
     dir_times: Vec<(PathBuf, u64)>,
+    /// Expanded size so far (see [`UnpackOptions::max_expanded_size`]).
+    expanded: u64,
 }
 
 /// Splits an entry name into components; `None` if it contains `..`.
@@ -397,11 +425,24 @@ impl Unpacker {
         }
     }
 
+    /// Counts `content` bytes (plus the entry's overhead) towards the
+    /// layer's expanded size, refusing the entry if that exceeds the limit.
+    fn charge(&mut self, raw: &[u8], content: u64) -> Result<(), UnpackError> {
+        let total = self
+            .expanded
+            .saturating_add(ENTRY_OVERHEAD)
+            .saturating_add(content);
+        if total > self.opts.max_expanded_size {
+            return Err(UnpackError::TooLarge {
+                entry: lossy(raw),
+                limit: self.opts.max_expanded_size,
+            });
+        }
+        self.expanded = total;
+        Ok(())
+    }
+
     fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
-        let raw = e.path_bytes().into_owned();
-        let Some(parts) = components(&raw) else {
-            return Err(Self::unsafe_entry(&raw, "its name contains '..'"));
-        };
         let kind = e.header().entry_type();
         if matches!(
             kind,
@@ -409,6 +450,27 @@ impl Unpacker {
         ) {
             return Ok(());
         }
+        let pax = read_pax(e)?;
+        let pax_sparse = PaxSparse::detect(&pax);
+        // A PAX sparse file's real name is in the extension; the header
+        // names a placeholder (`GNUSparseFile.0/...`).
+        let raw = match pax_value(&pax, "GNU.sparse.name") {
+            Some(name) if pax_sparse.is_some() => name.to_vec(),
+            _ => e.path_bytes().into_owned(),
+        };
+        let Some(parts) = components(&raw) else {
+            return Err(Self::unsafe_entry(&raw, "its name contains '..'"));
+        };
+        let is_file = matches!(
+            kind,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse
+        );
+        let content = match &pax_sparse {
+            Some(sparse) if is_file => sparse.real_size(&raw)?,
+            _ if is_file => e.size(),
+            _ => 0,
+        };
+        self.charge(&raw, content)?;
         self.stats.entries += 1;
         let Some((name, parent_parts)) = parts.split_last() else {
             // The root itself ("./"): its metadata belongs to the caller.
@@ -424,7 +486,7 @@ impl Unpacker {
         let header = e.header().clone();
         let mode = header.mode().map_err(UnpackError::Read)? & 0o7777;
         let mtime = header.mtime().unwrap_or(0);
-        let xattrs = read_xattrs(e)?;
+        let xattrs = xattrs_of(&pax);
 
         match kind {
             tar::EntryType::Directory => {
@@ -444,15 +506,47 @@ impl Unpacker {
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 self.remove_existing(&raw, &path)?;
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&path)
-                    .map_err(self.io(&raw, "create", &path))?;
-                let n = io::copy(e, &mut f).map_err(self.io(&raw, "write", &path))?;
-                self.stats.file_bytes += n;
+                let f = if kind == tar::EntryType::GNUSparse {
+                    // The tar crate holds the GNU sparse map (including its
+                    // extension headers, which it reads itself) and seeks
+                    // over the holes when it writes the file.
+                    e.set_preserve_permissions(false);
+                    e.set_preserve_mtime(false);
+                    e.set_unpack_xattrs(false);
+                    match e.unpack(&path).map_err(self.io(&raw, "write", &path))? {
+                        tar::Unpacked::File(f) => f,
+                        _ => {
+                            return Err(Self::unsafe_entry(
+                                &raw,
+                                "sparse entry that is not a regular file",
+                            ));
+                        }
+                    }
+                } else {
+                    let mut f = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                        .open(&path)
+                        .map_err(self.io(&raw, "create", &path))?;
+                    match &pax_sparse {
+                        Some(sparse) => {
+                            sparse.write(e, &mut f, content).map_err(|err| match err {
+                                SparseError::Invalid(reason) => UnpackError::Sparse {
+                                    entry: lossy(&raw),
+                                    reason,
+                                },
+                                SparseError::Io(source) => self.io(&raw, "write", &path)(source),
+                            })?
+                        }
+                        None => {
+                            io::copy(e, &mut f).map_err(self.io(&raw, "write", &path))?;
+                        }
+                    }
+                    f
+                };
+                self.stats.file_bytes += content;
                 if self.opts.preserve_ownership {
                     let (uid, gid) = owner(&header)?;
                     std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
@@ -653,19 +747,193 @@ fn owner(h: &tar::Header) -> Result<(u32, u32), UnpackError> {
     Ok((uid as u32, gid as u32))
 }
 
-fn read_xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
+/// The entry's PAX extension records (empty without any).
+fn read_pax<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
     let mut out = Vec::new();
     if let Some(exts) = e.pax_extensions().map_err(UnpackError::Read)? {
         for ext in exts {
             let ext = ext.map_err(UnpackError::Read)?;
-            if let Ok(key) = ext.key()
-                && let Some(name) = key.strip_prefix("SCHILY.xattr.")
-            {
-                out.push((name.to_string(), ext.value_bytes().to_vec()));
+            if let Ok(key) = ext.key() {
+                out.push((key.to_string(), ext.value_bytes().to_vec()));
             }
         }
     }
     Ok(out)
+}
+
+fn pax_value<'a>(pax: &'a [(String, Vec<u8>)], key: &str) -> Option<&'a [u8]> {
+    pax.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_slice())
+}
+
+fn xattrs_of(pax: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    pax.iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("SCHILY.xattr.")
+                .map(|name| (name.to_string(), v.clone()))
+        })
+        .collect()
+}
+
+/// A PAX-format sparse file (GNU tar `--sparse --format=posix`): the entry
+/// holds only the data regions, one after the other; the map says where
+/// they go. Format 0.0 lists the map as repeated `GNU.sparse.offset` /
+/// `GNU.sparse.numbytes` records, 0.1 as `GNU.sparse.map`, 1.0 as decimal
+/// lines at the start of the entry's data (padded to 512 bytes).
+#[derive(Debug)]
+enum PaxSparse {
+    /// Map known from the extension records.
+    Listed {
+        real_size: Option<u64>,
+        regions: Result<Vec<(u64, u64)>, String>,
+    },
+    /// 1.0: map at the start of the data.
+    InData { real_size: Option<u64> },
+}
+
+enum SparseError {
+    Invalid(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for SparseError {
+    fn from(e: io::Error) -> Self {
+        SparseError::Io(e)
+    }
+}
+
+fn parse_u64(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+}
+
+impl PaxSparse {
+    fn detect(pax: &[(String, Vec<u8>)]) -> Option<PaxSparse> {
+        if !pax.iter().any(|(k, _)| k.starts_with("GNU.sparse.")) {
+            return None;
+        }
+        let get = |k: &str| pax_value(pax, k).and_then(parse_u64);
+        if get("GNU.sparse.major") == Some(1) {
+            return Some(PaxSparse::InData {
+                real_size: get("GNU.sparse.realsize"),
+            });
+        }
+        let real_size = get("GNU.sparse.size").or_else(|| get("GNU.sparse.realsize"));
+        let regions = if let Some(map) = pax_value(pax, "GNU.sparse.map") {
+            let numbers: Option<Vec<u64>> = if map.is_empty() {
+                Some(Vec::new())
+            } else {
+                map.split(|b| *b == b',').map(parse_u64).collect()
+            };
+            match numbers {
+                Some(n) if n.len() % 2 == 0 => Ok(n.chunks(2).map(|c| (c[0], c[1])).collect()),
+                _ => Err("GNU.sparse.map is not a list of offset,size pairs".to_string()),
+            }
+        } else {
+            let offsets: Vec<Option<u64>> = pax
+                .iter()
+                .filter(|(k, _)| k == "GNU.sparse.offset")
+                .map(|(_, v)| parse_u64(v))
+                .collect();
+            let sizes: Vec<Option<u64>> = pax
+                .iter()
+                .filter(|(k, _)| k == "GNU.sparse.numbytes")
+                .map(|(_, v)| parse_u64(v))
+                .collect();
+            if offsets.len() != sizes.len() || offsets.iter().chain(&sizes).any(Option::is_none) {
+                Err("GNU.sparse.offset and GNU.sparse.numbytes do not pair up".to_string())
+            } else {
+                Ok(offsets
+                    .into_iter()
+                    .flatten()
+                    .zip(sizes.into_iter().flatten())
+                    .collect())
+            }
+        };
+        Some(PaxSparse::Listed { real_size, regions })
+    }
+
+    fn real_size(&self, raw: &[u8]) -> Result<u64, UnpackError> {
+        let size = match self {
+            PaxSparse::Listed { real_size, .. } | PaxSparse::InData { real_size } => *real_size,
+        };
+        size.ok_or_else(|| UnpackError::Sparse {
+            entry: lossy(raw),
+            reason: "no GNU.sparse.size or GNU.sparse.realsize".into(),
+        })
+    }
+
+    /// Writes the data regions of `data` (the entry) where the map puts
+    /// them; the file is `real_size` long and holes stay holes.
+    fn write(&self, data: &mut dyn Read, f: &mut File, real_size: u64) -> Result<(), SparseError> {
+        use std::io::{Seek, SeekFrom};
+        let mut data = BufReader::new(data);
+        let regions = match self {
+            PaxSparse::Listed { regions, .. } => regions.clone().map_err(SparseError::Invalid)?,
+            PaxSparse::InData { .. } => read_sparse_map(&mut data)?,
+        };
+        if regions.len() > MAX_SPARSE_REGIONS {
+            return Err(SparseError::Invalid(format!(
+                "more than {MAX_SPARSE_REGIONS} data regions"
+            )));
+        }
+        let mut end = 0u64;
+        for &(offset, len) in &regions {
+            let stop = offset.checked_add(len).filter(|s| *s <= real_size);
+            let Some(stop) = stop.filter(|_| offset >= end) else {
+                return Err(SparseError::Invalid(
+                    "data regions overlap, are out of order or exceed the file's size".into(),
+                ));
+            };
+            f.seek(SeekFrom::Start(offset))?;
+            let copied = io::copy(&mut (&mut data).take(len), f)?;
+            if copied != len {
+                return Err(SparseError::Invalid(
+                    "the entry holds less data than its map lists".into(),
+                ));
+            }
+            end = stop;
+        }
+        // Trailing zero padding of the archive block is all that may follow.
+        f.set_len(real_size)?;
+        Ok(())
+    }
+}
+
+/// The 1.0 map at the start of the data: the number of regions, then
+/// offset and size of each, one decimal number a line, padded with zeros
+/// to a 512-byte boundary.
+fn read_sparse_map(data: &mut impl BufRead) -> Result<Vec<(u64, u64)>, SparseError> {
+    let mut consumed = 0u64;
+    let mut number = |data: &mut dyn BufRead| -> Result<u64, SparseError> {
+        let mut line = Vec::new();
+        let n = data.take(21).read_until(b'\n', &mut line)?;
+        consumed += n as u64;
+        if line.last() != Some(&b'\n') {
+            return Err(SparseError::Invalid("malformed sparse map".into()));
+        }
+        parse_u64(&line[..line.len() - 1])
+            .ok_or_else(|| SparseError::Invalid("malformed sparse map".into()))
+    };
+    let count = number(data)?;
+    if count > MAX_SPARSE_REGIONS as u64 {
+        return Err(SparseError::Invalid(format!(
+            "more than {MAX_SPARSE_REGIONS} data regions"
+        )));
+    }
+    let mut regions = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let offset = number(data)?;
+        let len = number(data)?;
+        regions.push((offset, len));
+    }
+    let padding = (512 - consumed % 512) % 512;
+    let skipped = io::copy(&mut data.take(padding), &mut io::sink())?;
+    if skipped != padding {
+        return Err(SparseError::Invalid("truncated sparse map".into()));
+    }
+    Ok(regions)
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
@@ -1214,5 +1482,202 @@ mod tests {
                 .file_type()
                 .is_fifo()
         );
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    /// A GNU sparse entry (`S`) with the given data regions (each filled
+    /// with its index + 1), extension headers after 4 regions, as GNU tar
+    /// writes them; returns the whole archive.
+    fn gnu_sparse_tar(name: &str, real_size: u64, regions: &[(u64, u64)]) -> Vec<u8> {
+        let mut h = TarBuilder::header(tar::EntryType::GNUSparse, name, 0o640);
+        let data_len: u64 = regions.iter().map(|r| r.1).sum();
+        h.set_size(data_len);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.set_real_size(real_size);
+        for (slot, (offset, len)) in gnu.sparse.iter_mut().zip(regions) {
+            slot.set_offset(*offset);
+            slot.set_length(*len);
+        }
+        gnu.set_is_extended(regions.len() > 4);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        let mut rest = regions.iter().skip(4).peekable();
+        while rest.peek().is_some() {
+            let mut ext = tar::GnuExtSparseHeader::new();
+            for slot in ext.sparse.iter_mut() {
+                if let Some((offset, len)) = rest.next() {
+                    slot.set_offset(*offset);
+                    slot.set_length(*len);
+                }
+            }
+            ext.set_is_extended(rest.peek().is_some());
+            out.extend_from_slice(ext.as_bytes());
+        }
+        for (i, (_, len)) in regions.iter().enumerate() {
+            out.extend(std::iter::repeat_n(i as u8 + 1, *len as usize));
+        }
+        out.resize(out.len().next_multiple_of(512), 0);
+        out.extend_from_slice(&[0; 1024]);
+        out
+    }
+
+    /// A PAX sparse 1.0 entry (`GNU.sparse.major=1`): the map in the data.
+    fn pax_sparse_1_0_tar(name: &str, real_size: u64, regions: &[(u64, u64)]) -> Vec<u8> {
+        let mut map = format!("{}\n", regions.len());
+        for (offset, len) in regions {
+            map.push_str(&format!("{offset}\n{len}\n"));
+        }
+        let mut data = map.into_bytes();
+        data.resize(data.len().next_multiple_of(512), 0);
+        for (i, (_, len)) in regions.iter().enumerate() {
+            data.extend(std::iter::repeat_n(i as u8 + 1, *len as usize));
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let real = real_size.to_string();
+        b.append_pax_extensions([
+            ("GNU.sparse.major", &b"1"[..]),
+            ("GNU.sparse.minor", &b"0"[..]),
+            ("GNU.sparse.name", name.as_bytes()),
+            ("GNU.sparse.realsize", real.as_bytes()),
+        ])
+        .unwrap();
+        let mut h = TarBuilder::header(tar::EntryType::Regular, "GNUSparseFile.0/x", 0o640);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, &data[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn roomy() -> UnpackOptions {
+        UnpackOptions {
+            max_expanded_size: 128 * GIB,
+            ..UnpackOptions::default()
+        }
+    }
+
+    /// Checks a sparse file's size, that it occupies next to no disk, and
+    /// that each region reads back with its fill byte and a hole as zeros.
+    fn assert_sparse(path: &Path, real_size: u64, regions: &[(u64, u64)]) {
+        use std::io::{Seek, SeekFrom};
+        let m = fs::metadata(path).unwrap();
+        assert_eq!(m.len(), real_size);
+        assert!(
+            m.blocks() * 512 < 8 << 20,
+            "{} blocks allocated for {} data bytes: holes were written",
+            m.blocks(),
+            regions.iter().map(|r| r.1).sum::<u64>()
+        );
+        let mut f = File::open(path).unwrap();
+        for (i, (offset, len)) in regions.iter().enumerate() {
+            let mut buf = vec![0u8; *len as usize];
+            f.seek(SeekFrom::Start(*offset)).unwrap();
+            f.read_exact(&mut buf).unwrap();
+            assert!(buf.iter().all(|b| *b == i as u8 + 1), "region {i}");
+        }
+        let mut hole = [1u8; 64];
+        f.seek(SeekFrom::Start(regions[0].0 + regions[0].1))
+            .unwrap();
+        f.read_exact(&mut hole).unwrap();
+        assert_eq!(hole, [0; 64], "a hole reads as zeros");
+    }
+
+    #[test]
+    fn gnu_sparse_file_is_written_with_its_holes_as_holes() {
+        let sb = Sandbox::new();
+        let size = 64 * GIB;
+        let regions = [(0, 512), (size - 1024, 1024)];
+        let tar = gnu_sparse_tar("sparse", size, &regions);
+        assert!(tar.len() < 4096, "the layer is small");
+        let stats = unpack_layer(&tar[..], &sb.root, &roomy(), None).unwrap();
+        assert_eq!(stats.file_bytes, size);
+        assert_sparse(&sb.root.join("sparse"), size, &regions);
+        let mode = fs::metadata(sb.root.join("sparse")).unwrap().mode();
+        assert_eq!(mode & 0o7777, 0o640);
+    }
+
+    #[test]
+    fn gnu_sparse_file_with_extension_headers_keeps_its_holes() {
+        let sb = Sandbox::new();
+        let size = 8 * GIB;
+        let mut regions: Vec<(u64, u64)> = (0..30).map(|i| (i * (256 << 20), 512)).collect();
+        // GNU tar ends the map with an empty region at the file's size when
+        // the file ends in a hole.
+        regions.push((size, 0));
+        let tar = gnu_sparse_tar("many", size, &regions);
+        unpack_layer(&tar[..], &sb.root, &roomy(), None).unwrap();
+        assert_sparse(&sb.root.join("many"), size, &regions);
+    }
+
+    #[test]
+    fn pax_sparse_1_0_file_gets_its_real_name_and_keeps_its_holes() {
+        let sb = Sandbox::new();
+        let size = 16 * GIB;
+        let regions = [(4096, 100), (10 * GIB, 3000)];
+        let tar = pax_sparse_1_0_tar("usr/lib/sparse.img", size, &regions);
+        unpack_layer(&tar[..], &sb.root, &roomy(), None).unwrap();
+        assert_sparse(&sb.root.join("usr/lib/sparse.img"), size, &regions);
+        assert!(!sb.root.join("GNUSparseFile.0").exists());
+    }
+
+    #[test]
+    fn pax_sparse_0_1_file_keeps_its_holes() {
+        let sb = Sandbox::new();
+        let size = 4 * GIB;
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("GNU.sparse.size", &b"4294967296"[..]),
+            ("GNU.sparse.numblocks", &b"2"[..]),
+            ("GNU.sparse.map", &b"0,10,4294967000,20"[..]),
+            ("GNU.sparse.name", &b"old"[..]),
+        ])
+        .unwrap();
+        let mut h = TarBuilder::header(tar::EntryType::Regular, "GNUSparseFile.0/old", 0o600);
+        let mut data = vec![1u8; 10];
+        data.extend([2u8; 20]);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, &data[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        unpack_layer(&tar[..], &sb.root, &roomy(), None).unwrap();
+        assert_sparse(&sb.root.join("old"), size, &[(0, 10), (4294967000, 20)]);
+    }
+
+    #[test]
+    fn sparse_map_beyond_the_file_is_rejected() {
+        let sb = Sandbox::new();
+        let tar = pax_sparse_1_0_tar("bad", 1000, &[(900, 512)]);
+        let err = unpack_layer(&tar[..], &sb.root, &roomy(), None).unwrap_err();
+        assert!(err.to_string().contains("invalid sparse file"), "{err}");
+    }
+
+    #[test]
+    fn a_small_layer_expanding_past_the_limit_fails_before_writing_it() {
+        let sb = Sandbox::new();
+        // The case: ~1 KB of layer, 64 GiB of file, default limit.
+        let tar = gnu_sparse_tar("bomb", 64 * GIB, &[(64 * GIB - 512, 512)]);
+        let err = unpack_layer(&tar[..], &sb.root, &UnpackOptions::default(), None).unwrap_err();
+        assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("--max-layer-size"), "{err}");
+        assert!(err.to_string().contains("bomb"), "{err}");
+        assert!(!sb.root.join("bomb").exists(), "nothing of it was written");
+        // Plain files count their content, plus each entry's header.
+        let tar = TarBuilder::new()
+            .file("a", &[7; 4000])
+            .file("b", &[7; 4000])
+            .bytes();
+        let small = UnpackOptions {
+            max_expanded_size: 6000,
+            ..UnpackOptions::default()
+        };
+        let err = unpack_layer(&tar[..], &sb.root, &small, None).unwrap_err();
+        assert!(err.to_string().contains("\"b\""), "{err}");
+        assert!(sb.root.join("a").is_file());
+        assert!(!sb.root.join("b").exists());
+        let exact = UnpackOptions {
+            max_expanded_size: 2 * (4000 + ENTRY_OVERHEAD),
+            ..UnpackOptions::default()
+        };
+        unpack_layer(&tar[..], &sb.root, &exact, None).unwrap();
     }
 }

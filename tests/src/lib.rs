@@ -9,6 +9,8 @@
 //! - [`make_busybox_layout`] / [`push_busybox`]: an offline base image from
 //!   `busybox-static`, built with `umoci` and pushed with `skopeo`.
 //! - [`CacheServer`]: one `kiln-cache-server` on local storage.
+//! - [`hostile::HostileCache`]: a cache server that lies, stalls, truncates
+//!   and corrupts, for the executor's "the cache never fails a build" tests.
 //! - [`s3`]: an S3-compatible server with a bucket, and `kiln-cache-server`
 //!   replicas on it (shared with the cache server's own S3 tests).
 //!
@@ -29,6 +31,7 @@ use base64::Engine;
 
 pub mod azurite;
 mod garage;
+pub mod hostile;
 pub mod s3;
 
 /// Path of one of the workspace's binaries next to the running test
@@ -845,6 +848,61 @@ pub fn make_busybox_layout(layout: &Path, tag: &str) -> Result<()> {
         "--architecture",
         host_arch(),
     ]))?;
+    Ok(())
+}
+
+/// Adds an uncompressed tar as the top layer of `layout:tag` (an OCI
+/// layout, e.g. from [`make_busybox_layout`]): the layer blob, a new config
+/// with its diff_id and history entry, a new manifest, and the index entry
+/// for the tag pointing at it.
+pub fn append_layer_to_layout(layout: &Path, tag: &str, layer_tar: &[u8]) -> Result<()> {
+    use kiln_common::Digest;
+    let write_blob = |bytes: &[u8]| -> Result<Digest> {
+        let d = Digest::of_bytes(bytes);
+        std::fs::write(layout.join("blobs/sha256").join(d.hex()), bytes)?;
+        Ok(d)
+    };
+    let read_blob = |d: &str| -> Result<serde_json::Value> {
+        let hex = d.trim_start_matches("sha256:");
+        Ok(serde_json::from_slice(&std::fs::read(
+            layout.join("blobs/sha256").join(hex),
+        )?)?)
+    };
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let entry = index["manifests"]
+        .as_array_mut()
+        .context("index without manifests")?
+        .iter_mut()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .context("no such tag in the layout")?;
+    let mut manifest = read_blob(entry["digest"].as_str().context("digest")?)?;
+    let mut config = read_blob(manifest["config"]["digest"].as_str().context("config")?)?;
+    let layer = write_blob(layer_tar)?;
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .context("diff_ids")?
+        .push(layer.to_string().into());
+    if let Some(history) = config["history"].as_array_mut() {
+        history.push(serde_json::json!({"created_by": "append_layer_to_layout"}));
+    }
+    let config_bytes = serde_json::to_vec(&config)?;
+    let config_digest = write_blob(&config_bytes)?;
+    manifest["config"]["digest"] = config_digest.to_string().into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    manifest["layers"]
+        .as_array_mut()
+        .context("layers")?
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer.to_string(),
+            "size": layer_tar.len(),
+        }));
+    let manifest_bytes = serde_json::to_vec(&manifest)?;
+    let manifest_digest = write_blob(&manifest_bytes)?;
+    entry["digest"] = manifest_digest.to_string().into();
+    entry["size"] = manifest_bytes.len().into();
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     Ok(())
 }
 

@@ -7,7 +7,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_e2e::{Registry, RegistryAuth, kiln_bin, make_busybox_layout, push_busybox, run};
+use kiln_e2e::{
+    Registry, RegistryAuth, append_layer_to_layout, kiln_bin, make_busybox_layout, push_busybox,
+    run,
+};
 
 /// Runs kiln-executor; returns the output whatever the exit status.
 fn executor(args: &[&str], state: &Path) -> Output {
@@ -427,4 +430,122 @@ fn onbuild_triggers_of_the_base_run_in_the_child_and_are_not_inherited() {
     )
     .unwrap();
     assert!(config["config"].get("OnBuild").is_none(), "{config}");
+}
+
+/// A tar made by GNU tar with `--sparse` (`format`: `gnu` for `S` entries,
+/// `posix` for PAX 1.0) of one file: `size` bytes, all hole but "end" at
+/// the end.
+fn gnu_tar_sparse(dir: &Path, name: &str, size: u64, format: &str) -> Vec<u8> {
+    let src = dir.join(format!("src-{format}"));
+    fs::create_dir_all(&src).unwrap();
+    let file = fs::File::create(src.join(name)).unwrap();
+    file.set_len(size - 3).unwrap();
+    drop(file);
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(src.join(name))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"end").unwrap();
+    let tar = dir.join(format!("{format}.tar"));
+    let mut cmd = Command::new("tar");
+    cmd.arg(format!("--format={format}")).arg("--sparse");
+    if format == "posix" {
+        cmd.arg("--sparse-version=1.0");
+    }
+    run(cmd.arg("-cf").arg(&tar).arg("-C").arg(&src).arg(name)).unwrap();
+    fs::read(tar).unwrap()
+}
+
+#[test]
+fn sparse_files_in_a_base_layer_stay_sparse_and_layers_are_bounded() {
+    let f = Fixture::new();
+    let layout = f.work.path().join("sparse-layout");
+    make_busybox_layout(&layout, "base").unwrap();
+    const SIZE: u64 = 64 << 30;
+    let gnu = gnu_tar_sparse(f.work.path(), "gnu-sparse", SIZE, "gnu");
+    let pax = gnu_tar_sparse(f.work.path(), "pax-sparse", SIZE, "posix");
+    assert!(gnu.len() < 64 << 10 && pax.len() < 64 << 10);
+    append_layer_to_layout(&layout, "base", &gnu).unwrap();
+    append_layer_to_layout(&layout, "base", &pax).unwrap();
+    let ctx = f.work.path().join("sparse-ctx");
+    fs::create_dir_all(&ctx).unwrap();
+    write(
+        &ctx,
+        "Dockerfile",
+        &format!(
+            "FROM oci-layout://{}:base\nRUN ls -ls /gnu-sparse /pax-sparse > /listing\n",
+            layout.display()
+        ),
+    );
+    let ctx_arg = ctx.display().to_string();
+    // By default a layer may not expand to 64 GiB: a clear error, no disk.
+    let state = f.state("sparse-default");
+    let out = executor(&["--context", &ctx_arg, "--no-push"], &state);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--max-layer-size"), "{stderr}");
+    assert!(stderr.contains("gnu-sparse"), "{stderr}");
+    // Allowed, the files are unpacked with their holes as holes.
+    let state = f.state("sparse-allowed");
+    executor_ok(
+        &[
+            "--context",
+            &ctx_arg,
+            "--no-push",
+            "--max-layer-size=100GiB",
+        ],
+        &state,
+    );
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = 0;
+    for layer in fs::read_dir(state.join("layers")).unwrap().flatten() {
+        for name in ["gnu-sparse", "pax-sparse"] {
+            let Ok(m) = fs::symlink_metadata(layer.path().join(name)) else {
+                continue;
+            };
+            seen += 1;
+            assert_eq!(m.len(), SIZE, "{name}");
+            assert!(m.blocks() < 1024, "{name}: {} blocks allocated", m.blocks());
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = fs::File::open(layer.path().join(name)).unwrap();
+            let mut end = [0u8; 3];
+            file.seek(SeekFrom::End(-3)).unwrap();
+            file.read_exact(&mut end).unwrap();
+            assert_eq!(&end, b"end", "{name}");
+            let mut hole = [1u8; 16];
+            file.seek(SeekFrom::Start(SIZE / 2)).unwrap();
+            file.read_exact(&mut hole).unwrap();
+            assert_eq!(hole, [0; 16], "{name}");
+        }
+    }
+    assert_eq!(seen, 2, "both sparse files were unpacked");
+}
+
+#[test]
+fn a_billion_laughs_dockerfile_is_an_error_naming_its_line() {
+    let f = Fixture::new();
+    let mut dockerfile = String::from("FROM BASE\nARG a=xxxxxxxxxx\n");
+    let names: Vec<char> = ('a'..='j').collect();
+    for pair in names.windows(2) {
+        dockerfile.push_str(&format!(
+            "ARG {}={}\n",
+            pair[1],
+            format!("${}", pair[0]).repeat(10)
+        ));
+    }
+    dockerfile.push_str("ENV J=$j\nRUN echo ${#J}\n");
+    let ctx = f.context("laughs", &dockerfile, &[]);
+    let out = executor(
+        &["--context", &ctx.display().to_string(), "--no-push"],
+        &f.state("laughs"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "no abort: {stderr}");
+    assert!(stderr.contains("Dockerfile:8:"), "{stderr}");
+    assert!(stderr.contains("larger than 1048576 bytes"), "{stderr}");
+    assert_eq!(
+        stderr.matches("larger than").count(),
+        1,
+        "said once: {stderr}"
+    );
 }

@@ -58,7 +58,12 @@ impl Cache for EmbeddedCache {
             .map_err(|e| self.err(e))
     }
 
-    fn fetch_blob(&self, digest: &Digest, local: &LocalStore) -> Result<PathBuf, CacheError> {
+    fn fetch_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        local: &LocalStore,
+    ) -> Result<PathBuf, CacheError> {
         if local.contains(digest) {
             return Ok(local.path(digest));
         }
@@ -70,7 +75,13 @@ impl Cache for EmbeddedCache {
             .store
             .open_blob(digest)
             .map_err(|e| self.err(e))?
-            .ok_or_else(|| blob_err("not in the cache".into()))?;
+            .ok_or_else(|| CacheError::NotFound(digest.clone()))?;
+        if open.size != size {
+            return Err(blob_err(format!(
+                "the cache holds {} bytes, the entry names {size}",
+                open.size
+            )));
+        }
         let mut reader = VerifyingReader::new(open.file, digest.clone()).with_size(open.size);
         let mut writer = local.writer().map_err(|e| blob_err(e.to_string()))?;
         io::copy(&mut reader, &mut writer).map_err(|e| blob_err(e.to_string()))?;

@@ -6,6 +6,12 @@
 //! must not make a build slower than building without it. Blob bodies are
 //! streamed both ways and verified against their digest before they enter
 //! the local store.
+//!
+//! Nothing the server sends is trusted to be small: a blob is read up to
+//! the size its entry names and not one byte further (fewer is an error
+//! too), a lookup answer up to [`MAX_LOOKUP_ANSWER`], an error body up to
+//! [`MAX_ERROR_BODY`]. A blob download has no total timeout (layers may be
+//! large) but fails when no byte arrives for [`IDLE_TIMEOUT`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +25,14 @@ use tokio::runtime::Handle;
 
 use super::{Cache, CacheError};
 use crate::store::LocalStore;
+
+/// Largest lookup answer read. A full answer of `MAX_LOOKUP_KEYS` entries
+/// is a few hundred KiB; an answer this large is not a cache answer.
+pub const MAX_LOOKUP_ANSWER: usize = 16 << 20;
+/// Largest error body read (only its start is shown).
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+/// A response that sends nothing for this long has failed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct HttpCache {
     servers: Vec<String>,
@@ -36,7 +50,7 @@ impl HttpCache {
     ) -> Result<Self, CacheError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .read_timeout(Duration::from_secs(30))
+            .read_timeout(IDLE_TIMEOUT)
             .build()
             .map_err(|e| CacheError::Unavailable {
                 location: servers.join(","),
@@ -90,10 +104,38 @@ impl HttpCache {
     }
 }
 
+/// The status and the start of the body of a failed call; the body is
+/// read no further than [`MAX_ERROR_BODY`].
 async fn error_text(resp: reqwest::Response) -> String {
     let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    format!("{status}: {}", body.chars().take(300).collect::<String>())
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&body);
+    format!("{status}: {}", text.chars().take(300).collect::<String>())
+}
+
+/// Reads a JSON document of at most `cap` bytes.
+async fn read_capped(resp: reqwest::Response, cap: usize, url: &str) -> Result<Vec<u8>, String> {
+    let too_big = || format!("{url}: the answer is larger than {cap} bytes");
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("{url}: {e}"))?;
+        if body.len() + chunk.len() > cap {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 impl Cache for HttpCache {
@@ -109,6 +151,7 @@ impl Cache for HttpCache {
             };
             let answer: LookupResponse = self.with_failover(|base| {
                 self.block_on(async {
+                    let url = format!("{base}/v1/lookup");
                     let resp = self
                         .request(reqwest::Method::POST, base, "/v1/lookup")
                         .timeout(Duration::from_secs(10))
@@ -119,9 +162,9 @@ impl Cache for HttpCache {
                     if !resp.status().is_success() {
                         return Err(error_text(resp).await);
                     }
-                    resp.json::<LookupResponse>()
-                        .await
-                        .map_err(|e| e.to_string())
+                    let body = read_capped(resp, MAX_LOOKUP_ANSWER, &url).await?;
+                    serde_json::from_slice::<LookupResponse>(&body)
+                        .map_err(|e| format!("{url}: not a lookup answer: {e}"))
                 })
             })?;
             found.extend(answer.entries);
@@ -129,35 +172,63 @@ impl Cache for HttpCache {
         Ok(found)
     }
 
-    fn fetch_blob(&self, digest: &Digest, local: &LocalStore) -> Result<PathBuf, CacheError> {
+    fn fetch_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        local: &LocalStore,
+    ) -> Result<PathBuf, CacheError> {
         if local.contains(digest) {
             return Ok(local.path(digest));
         }
         self.with_failover(|base| {
             self.block_on(async {
+                let url = format!("{base}/v1/blobs/{digest}");
                 let resp = self
                     .request(reqwest::Method::GET, base, &format!("/v1/blobs/{digest}"))
                     .send()
                     .await
                     .map_err(|e| e.to_string())?;
+                if resp.status() == StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
                 if !resp.status().is_success() {
                     return Err(error_text(resp).await);
                 }
+                if let Some(announced) = resp.content_length().filter(|n| *n != size) {
+                    return Err(format!(
+                        "{url}: announces {announced} bytes, the entry names {size}"
+                    ));
+                }
                 let mut writer = local.writer().map_err(|e| e.to_string())?;
+                let mut received = 0u64;
                 let mut stream = resp.bytes_stream();
                 while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| e.to_string())?;
+                    let chunk = chunk.map_err(|e| format!("{url}: {e}"))?;
+                    received += chunk.len() as u64;
+                    // Cut off at the size: an endless body must not fill
+                    // the disk before the digest could say it is wrong.
+                    if received > size {
+                        return Err(format!(
+                            "{url}: sent more than the {size} bytes the entry names"
+                        ));
+                    }
                     std::io::Write::write_all(&mut writer, &chunk).map_err(|e| e.to_string())?;
                 }
                 // The store refuses to commit bytes that do not hash to the
-                // digest: a corrupt cache blob never enters the build.
-                writer.commit(digest, None).map_err(|e| e.to_string())
+                // digest or are short: a corrupt cache blob never enters the
+                // build.
+                writer
+                    .commit(digest, Some(size))
+                    .map(Some)
+                    .map_err(|e| e.to_string())
             })
         })
         .map_err(|e| CacheError::Blob {
             digest: digest.clone(),
             message: e.to_string(),
-        })
+        })?
+        .ok_or_else(|| CacheError::NotFound(digest.clone()))
     }
 
     fn has_blob(&self, digest: &Digest) -> Result<bool, CacheError> {
@@ -224,5 +295,148 @@ impl Cache for HttpCache {
                 }
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    /// How the scripted server answers every request.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// 200 with these bytes and a matching Content-Length.
+        Exact(&'static [u8]),
+        /// 200, chunked, the same byte forever.
+        Endless,
+        /// 200 announcing `n` bytes, sending `body`, then closing.
+        Truncated(u64, &'static [u8]),
+    }
+
+    /// A loopback HTTP server answering every connection with `answer`.
+    fn server(answer: Answer) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut length = 0usize;
+                    loop {
+                        let mut l = String::new();
+                        if reader.read_line(&mut l).unwrap_or(0) == 0 || l.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    let _ = reader.read_exact(&mut body);
+                    let _ = match answer {
+                        Answer::Exact(b) => write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            b.len()
+                        )
+                        .and_then(|_| conn.write_all(b)),
+                        Answer::Truncated(n, b) => write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                        )
+                        .and_then(|_| conn.write_all(b)),
+                        Answer::Endless => {
+                            let chunk = format!("10000\r\n{}\r\n", "a".repeat(0x10000));
+                            write!(
+                                conn,
+                                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            )
+                            .and_then(|_| {
+                                loop {
+                                    conn.write_all(chunk.as_bytes())?;
+                                }
+                            })
+                        }
+                    };
+                });
+            }
+        });
+        url
+    }
+
+    fn cache(url: String, runtime: &tokio::runtime::Runtime) -> HttpCache {
+        HttpCache::new(vec![url], None, runtime.handle().clone()).unwrap()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn store_files(store: &LocalStore) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![store.root().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    total += m.len();
+                }
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn an_endless_blob_is_cut_off_at_the_size_the_entry_names() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path()).unwrap();
+        let c = cache(server(Answer::Endless), &rt);
+        let digest = Digest::of_bytes(b"the real blob");
+        let err = c.fetch_blob(&digest, 100, &store).unwrap_err();
+        assert!(err.to_string().contains("more than the 100 bytes"), "{err}");
+        assert!(!store.contains(&digest));
+        assert_eq!(store_files(&store), 0, "nothing is left in the store");
+    }
+
+    #[test]
+    fn a_short_or_corrupt_blob_is_an_error_and_stays_out_of_the_store() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path()).unwrap();
+        let digest = Digest::of_bytes(b"0123456789");
+        let short = cache(server(Answer::Truncated(10, b"01234")), &rt);
+        assert!(short.fetch_blob(&digest, 10, &store).is_err());
+        let corrupt = cache(server(Answer::Exact(b"0123456780")), &rt);
+        let err = corrupt.fetch_blob(&digest, 10, &store).unwrap_err();
+        assert!(err.to_string().contains("digest"), "{err}");
+        let liar = cache(server(Answer::Exact(b"0123456789")), &rt);
+        let err = liar.fetch_blob(&digest, 9, &store).unwrap_err();
+        assert!(err.to_string().contains("announces 10 bytes"), "{err}");
+        assert!(!store.contains(&digest));
+        let good = cache(server(Answer::Exact(b"0123456789")), &rt);
+        good.fetch_blob(&digest, 10, &store).unwrap();
+        assert!(store.contains(&digest));
+    }
+
+    #[test]
+    fn an_endless_lookup_answer_is_refused_at_the_cap() {
+        let rt = runtime();
+        let c = cache(server(Answer::Endless), &rt);
+        let key = CacheKey::from_bytes([7; 32]);
+        let err = c.lookup(&[key]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("larger than {MAX_LOOKUP_ANSWER} bytes")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/v1/lookup"), "{err}");
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! [`Cache`] promises four things: `lookup` answers for many keys at once
 //! (misses are simply absent), `fetch_blob` puts a blob into the executor's
-//! local store only after its digest checked out, `put_blob` makes a layer
+//! local store only after its digest and size checked out (a cache that
+//! sends more bytes than asked for is cut off at the size), `put_blob` makes a layer
 //! available to every other executor, and `put_entry` records a step's
 //! result first-writer-wins (a conflicting entry is the cache's to keep, not
 //! an error of this build). Two implementations:
@@ -32,6 +33,8 @@ pub enum CacheError {
     Unavailable { location: String, message: String },
     #[error("cache blob {digest}: {message}")]
     Blob { digest: Digest, message: String },
+    #[error("cache blob {0}: not in the cache")]
+    NotFound(Digest),
 }
 
 /// How the build uses the cache (`--cache-mode`).
@@ -59,9 +62,14 @@ pub trait Cache: Send + Sync {
 
     fn lookup(&self, keys: &[CacheKey]) -> Result<BTreeMap<CacheKey, CacheEntry>, CacheError>;
 
-    /// Copies the blob into `store` (verified) unless it is there already;
-    /// returns its path in the store.
-    fn fetch_blob(&self, digest: &Digest, store: &LocalStore) -> Result<PathBuf, CacheError>;
+    /// Copies the blob into `store` (verified against `digest` and exactly
+    /// `size` bytes) unless it is there already; returns its path in the store.
+    fn fetch_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        store: &LocalStore,
+    ) -> Result<PathBuf, CacheError>;
 
     fn has_blob(&self, digest: &Digest) -> Result<bool, CacheError>;
 

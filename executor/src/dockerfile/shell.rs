@@ -4,6 +4,9 @@
 //! BuildKit's shell lexer for `$v ${v} ${v:-w} ${v-w} ${v:+w} ${v+w}
 //! ${v:?msg} ${v?msg}`, single and double quotes and escapes (`\` or the
 //! `escape` directive's character), and it never panics on any input.
+//! One expansion's result is at most [`MAX_EXPANDED_LEN`] bytes (or the
+//! word's own length, if longer), so chained variables ("billion laughs")
+//! are an error, not an allocation the process cannot survive.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +25,17 @@ pub enum ExpandError {
     Unterminated(&'static str),
     #[error("variable substitutions nested more than {MAX_DEPTH} deep")]
     TooDeep,
+    #[error("the expanded value is larger than {MAX_EXPANDED_LEN} bytes")]
+    TooLong,
+    #[error(
+        "the variables and expansions of this Dockerfile take more than {0} bytes (chained ARG/ENV values?)"
+    )]
+    BudgetExceeded(usize),
 }
+
+/// Largest result of one expansion (a word, a heredoc body). Real values
+/// (paths, versions, a PATH) are far below it.
+pub const MAX_EXPANDED_LEN: usize = 1 << 20;
 
 /// Nesting limit for `${a:-${b:-...}}`, so hostile input cannot exhaust
 /// the stack.
@@ -40,6 +53,7 @@ pub fn expand_word(word: &str, vars: &Vars, escape: char) -> Result<String, Expa
         vars,
         escape,
         depth: 0,
+        limit: MAX_EXPANDED_LEN.max(word.len()),
     };
     lexer.process_until(None)
 }
@@ -55,11 +69,13 @@ pub fn expand_heredoc(body: &str, vars: &Vars, escape: char) -> Result<String, E
         vars,
         escape,
         depth: 0,
+        limit: MAX_EXPANDED_LEN.max(body.len()),
     };
     let mut out = String::new();
     while let Some(ch) = lexer.peek() {
         if ch == '$' {
-            out.push_str(&lexer.dollar()?);
+            let value = lexer.dollar()?;
+            lexer.append(&mut out, &value)?;
         } else if ch == escape {
             lexer.pos += 1;
             match lexer.peek() {
@@ -111,9 +127,20 @@ struct Lexer<'a> {
     vars: &'a Vars,
     escape: char,
     depth: usize,
+    /// Longest string any part of this expansion may build.
+    limit: usize,
 }
 
 impl Lexer<'_> {
+    /// `out += value`, unless that makes it longer than the limit.
+    fn append(&self, out: &mut String, value: &str) -> Result<(), ExpandError> {
+        if out.len() + value.len() > self.limit {
+            return Err(ExpandError::TooLong);
+        }
+        out.push_str(value);
+        Ok(())
+    }
+
     fn peek(&self) -> Option<char> {
         self.chars.get(self.pos).copied()
     }
@@ -144,13 +171,18 @@ impl Lexer<'_> {
             match ch {
                 '\'' => {
                     self.pos += 1;
-                    out.push_str(&self.single_quoted()?);
+                    let value = self.single_quoted()?;
+                    self.append(&mut out, &value)?;
                 }
                 '"' => {
                     self.pos += 1;
-                    out.push_str(&self.double_quoted()?);
+                    let value = self.double_quoted()?;
+                    self.append(&mut out, &value)?;
                 }
-                '$' => out.push_str(&self.dollar()?),
+                '$' => {
+                    let value = self.dollar()?;
+                    self.append(&mut out, &value)?;
+                }
                 c if c == self.escape => {
                     self.pos += 1;
                     // An escape character escapes whatever follows, and is
@@ -187,7 +219,10 @@ impl Lexer<'_> {
                     self.pos += 1;
                     return Ok(out);
                 }
-                Some('$') => out.push_str(&self.dollar()?),
+                Some('$') => {
+                    let value = self.dollar()?;
+                    self.append(&mut out, &value)?;
+                }
                 Some(c) if c == self.escape => {
                     self.pos += 1;
                     // Inside double quotes only `"`, `$` and the escape
@@ -458,5 +493,27 @@ mod tests {
     #[test]
     fn referenced_names_finds_plain_and_braced_names() {
         assert_eq!(referenced_names("$A ${B:-$C} $ x"), vec!["A", "B", "C"]);
+    }
+
+    #[test]
+    fn expansion_results_are_bounded() {
+        let mut v = Vars::new();
+        v.insert("big".into(), "x".repeat(MAX_EXPANDED_LEN / 2 + 1));
+        assert_eq!(expand_word("$big$big", &v, '\\'), Err(ExpandError::TooLong));
+        assert_eq!(
+            expand_word("\"${big}\"${big:-}", &v, '\\'),
+            Err(ExpandError::TooLong)
+        );
+        assert_eq!(
+            expand_heredoc("$big\n$big\n", &v, '\\'),
+            Err(ExpandError::TooLong)
+        );
+        assert_eq!(
+            expand_word("$big", &v, '\\').unwrap().len(),
+            MAX_EXPANDED_LEN / 2 + 1
+        );
+        // A long literal word is not an expansion that grew.
+        let literal = "y".repeat(MAX_EXPANDED_LEN + 10);
+        assert_eq!(expand_word(&literal, &v, '\\').unwrap(), literal);
     }
 }

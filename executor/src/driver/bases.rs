@@ -116,6 +116,7 @@ impl Driver {
                 desc: desc.clone(),
                 diff_id: diff_id.clone(),
                 blob: path_of(&desc.digest),
+                hit: None,
             })
             .collect())
     }

@@ -3,6 +3,7 @@
 //! the cache (or, for base layers, the registry) only when needed.
 
 use super::*;
+use crate::cache::CacheError;
 
 impl Driver {
     pub(super) fn compute_keys(&mut self, plan: &Plan) -> Result<(), BuildError> {
@@ -190,26 +191,21 @@ impl Driver {
         };
         let created_by = history_text(ins);
         if let Some(entry) = self.hits.get(&step_key.key).cloned() {
-            if let Instruction::Workdir(dir) = &ins.instruction {
-                builder.set_workdir(dir);
-            }
-            let Some(layer) = entry.layer else {
-                builder.add_empty_history(&created_by);
-                return Ok(("hit", None));
-            };
-            let layer_ref = LayerRef {
+            let layer = entry.layer.map(|layer| LayerRef {
                 desc: Descriptor::new(&layer.media_type, layer.digest.clone(), layer.size),
                 diff_id: layer.diff_id.clone(),
                 blob: self.store.path(&layer.digest),
-            };
-            state.layers.push(layer_ref.clone());
-            // The stack is rebuilt from the layers when a later step needs
-            // it (unpacked layers are reused by diff_id).
-            state.lowers = None;
-            builder.add_layer(layer.diff_id, &created_by);
-            return Ok(("hit", Some(layer_ref)));
+                hit: Some(step_key.key),
+            });
+            apply_recorded(ins, layer.clone(), &created_by, builder, state);
+            return Ok(("hit", layer));
         }
         let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
+        // A hit the cache could not deliver was built here; the cache keeps
+        // its entry (another executor's result, as good as this one).
+        if self.lost_hits.contains(&step_key.key) {
+            return Ok(("miss", layer));
+        }
         let entry = CacheEntry {
             layer: layer.as_ref().map(|l| LayerDescriptor {
                 media_type: l.desc.media_type.clone(),
@@ -226,6 +222,18 @@ impl Driver {
             .map(|l| (l.desc.digest.clone(), l.blob.clone()));
         self.upload(step_key.key, entry, blob);
         Ok((if cache == "none" { "none" } else { "miss" }, layer))
+    }
+
+    /// A step that already ran in this build, before a restart: its layer
+    /// (or none) is taken as it was, like a hit whose bytes are local.
+    pub(super) fn replay(
+        &mut self,
+        ins: &PlannedInstruction,
+        done: &RanStep,
+        builder: &mut ConfigBuilder,
+        state: &mut StageState,
+    ) {
+        apply_recorded(ins, done.layer.clone(), &history_text(ins), builder, state);
     }
 
     pub(super) fn upload(
@@ -278,7 +286,8 @@ impl Driver {
     /// Makes sure a layer's blob is in the local store, from the cache.
     /// A base-image layer is tried in the cache first and otherwise pulled
     /// from its registry, then shared through the cache so the cluster pulls
-    /// each base layer from outside once.
+    /// each base layer from outside once. A cache hit's layer that the cache
+    /// cannot deliver intact is recorded as lost (see [`Driver::lose_hit`]).
     pub(super) fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), String> {
         if layer.blob.is_file() {
             return Ok(());
@@ -286,13 +295,26 @@ impl Driver {
         let digest = layer.desc.digest.clone();
         let mut cache_error = None;
         if let Some(cache) = self.cache.clone().filter(|_| self.opts.cache.mode.reads()) {
-            match cache.fetch_blob(&digest, &self.store) {
+            match cache.fetch_blob(&digest, layer.desc.size, &self.store) {
                 Ok(_) => {
                     self.bytes_downloaded += layer.desc.size;
                     return Ok(());
                 }
-                Err(e) => cache_error = Some(e.to_string()),
+                Err(e) => cache_error = Some(e),
             }
+        }
+        let is_base = self.base_layers.contains_key(&digest);
+        if let (Some(key), Some(e), false) = (layer.hit, &cache_error, is_base) {
+            return Err(self.lose_hit(key, &digest, e.to_string()));
+        }
+        if let Some(e) = cache_error
+            .as_ref()
+            .filter(|e| !matches!(e, CacheError::NotFound(_)))
+            && is_base
+        {
+            self.log(&format!(
+                "warning: the cache could not deliver base layer {digest} ({e}); pulling it from the registry"
+            ));
         }
         let Some((pulled, base_layer)) = self.base_layers.get(&digest).cloned() else {
             return Err(match cache_error {
@@ -324,6 +346,19 @@ impl Driver {
         let blob = Some((digest.clone(), self.store.path(&digest)));
         self.upload(keys::base_layer_key(&digest), entry, blob);
         Ok(())
+    }
+
+    /// Records that the layer of hit `key` cannot be had; the build loop
+    /// turns the hit into a miss and starts over. Returns the message for
+    /// the error that unwinds to it.
+    pub(super) fn lose_hit(&mut self, key: CacheKey, digest: &Digest, reason: String) -> String {
+        let message = format!("cached layer {digest} is not usable: {reason}");
+        self.lost_pending = Some(LostHit {
+            key,
+            digest: digest.clone(),
+            reason,
+        });
+        message
     }
 
     pub(super) fn context_digest(
@@ -571,4 +606,27 @@ impl Driver {
             }
         }
     }
+}
+
+/// Applies a step's recorded result (a hit's or an earlier run's) to the
+/// stage without running it: the layer is added by descriptor, and the
+/// stack is rebuilt from the layers when a later step needs it (unpacked
+/// layers are reused by diff_id).
+fn apply_recorded(
+    ins: &PlannedInstruction,
+    layer: Option<LayerRef>,
+    created_by: &str,
+    builder: &mut ConfigBuilder,
+    state: &mut StageState,
+) {
+    if let Instruction::Workdir(dir) = &ins.instruction {
+        builder.set_workdir(dir);
+    }
+    let Some(layer) = layer else {
+        builder.add_empty_history(created_by);
+        return;
+    };
+    state.layers.push(layer.clone());
+    state.lowers = None;
+    builder.add_layer(layer.diff_id, created_by);
 }

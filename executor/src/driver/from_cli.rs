@@ -40,6 +40,8 @@ pub enum OptionsError {
     Entitlement(String),
     #[error("--userns auto needs --isolation chroot (in place, the pod's runtime decides)")]
     UsernsInPlace,
+    #[error("--max-layer-size {0:?}: expected a size such as 32GiB, 500MiB or 1000000 (bytes)")]
+    MaxLayerSize(String),
     #[error(
         "no output: give --destination, --oci-layout-path or --tar-path (or --no-push to build only)"
     )]
@@ -177,6 +179,9 @@ impl ExecutorArgs {
                     .ok_or_else(|| OptionsError::CacheTtl(self.cache_ttl.clone()))?,
             },
             report: self.report.clone(),
+            max_layer_size: parse_size(&self.max_layer_size)
+                .filter(|n| *n > 0)
+                .ok_or_else(|| OptionsError::MaxLayerSize(self.max_layer_size.clone()))?,
             secrets: self
                 .secret
                 .iter()
@@ -266,9 +271,45 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_secs(seconds))
 }
 
+/// `32GiB`, `500MiB`, `10G`, `4096`: a byte count with an optional binary
+/// (`KiB`..`TiB`, also `K`..`T`) or decimal (`KB`..`TB`) unit.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(multiplier)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("32GiB"), Some(32 << 30));
+        assert_eq!(parse_size("500MiB"), Some(500 << 20));
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("2GB"), Some(2_000_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("G"), None);
+        assert_eq!(parse_size("99999999999TiB"), None);
+    }
 
     #[test]
     fn secrets_parse_from_files_and_environment() {

@@ -56,7 +56,7 @@ use crate::oci::{BlobSource, Descriptor, ImageDocuments, Platform};
 use crate::plan::{Plan, PlanOptions, PlannedInstruction, Stage, StageSource};
 use crate::registry::{ImageRef, RegistryClient, RegistryOptions};
 use crate::store::LocalStore;
-use crate::unpack::{UnpackMode, UnpackOptions, apply_layers, unpack_layer};
+use crate::unpack::{UnpackMode, UnpackOptions, unpack_layer};
 
 use copy::{CopyItem, CopyOptions, CopyRoot, copy_into, walk_root};
 
@@ -112,6 +112,9 @@ pub struct BuildOptions {
     pub report: Option<PathBuf>,
     /// `--secret id=..,src=..|env=..`: what `RUN --mount=type=secret` reads.
     pub secrets: Vec<Secret>,
+    /// `--max-layer-size`: how large one layer may expand when unpacked
+    /// (see [`crate::unpack::UnpackOptions::max_expanded_size`]).
+    pub max_layer_size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +227,25 @@ struct LayerRef {
     desc: Descriptor,
     diff_id: Digest,
     blob: PathBuf,
+    /// The key of the cache hit that supplied this layer (its bytes are
+    /// fetched lazily, and may turn out not to be deliverable).
+    hit: Option<CacheKey>,
+}
+
+/// A filesystem step that ran in this build, replayed as it was when the
+/// build restarts after a lost cache hit.
+#[derive(Debug, Clone)]
+struct RanStep {
+    layer: Option<LayerRef>,
+    record: StepRecord,
+}
+
+/// A cache hit whose layer could not be fetched intact or unpacked.
+#[derive(Debug, Clone)]
+struct LostHit {
+    key: CacheKey,
+    digest: Digest,
+    reason: String,
 }
 
 /// A resolved base image.
@@ -284,6 +306,15 @@ struct Driver {
     keys: HashMap<(usize, usize), StepKey>,
     stage_last_key: HashMap<usize, CacheKey>,
     hits: BTreeMap<CacheKey, CacheEntry>,
+    /// Hits whose layer the cache could not deliver: built instead, and
+    /// never uploaded (the cache keeps its own entry for the key).
+    lost_hits: std::collections::BTreeSet<CacheKey>,
+    /// Set where a hit's layer failed; the build loop restarts on it.
+    lost_pending: Option<LostHit>,
+    /// Filesystem steps that ran, by key, for a restart to replay.
+    ran: HashMap<CacheKey, RanStep>,
+    /// `--max-layer-size` as the unpacker applies it.
+    unpack_limit: u64,
     uploads: Vec<std::thread::JoinHandle<Result<UploadDone, String>>>,
     last_phase: PhaseTimes,
     lookup_ms: u64,
@@ -358,6 +389,10 @@ impl Driver {
             keys: HashMap::new(),
             stage_last_key: HashMap::new(),
             hits: BTreeMap::new(),
+            lost_hits: Default::default(),
+            lost_pending: None,
+            ran: HashMap::new(),
+            unpack_limit: opts.max_layer_size,
             uploads: Vec::new(),
             last_phase: PhaseTimes::default(),
             lookup_ms: 0,
@@ -422,9 +457,44 @@ impl Driver {
         }
         self.compute_keys(&plan)?;
         self.lookup_keys();
+        // A hit's layer is fetched only when something needs it, so a cache
+        // that cannot deliver it is found out late, possibly after later
+        // steps used the hit's descriptor. Then the build starts over with
+        // that hit turned into a miss; steps that already ran are replayed
+        // from their results, so only what depended on the lost layer runs.
+        let mut outcome = loop {
+            match self.build_stages_and_finish(&plan) {
+                Ok(outcome) => break outcome,
+                Err(e) => {
+                    let Some(lost) = self.lost_pending.take() else {
+                        return Err(e);
+                    };
+                    if self.hits.remove(&lost.key).is_none() {
+                        return Err(e);
+                    }
+                    self.lost_hits.insert(lost.key);
+                    let step = plan_step_of(&plan, &self.keys, &lost.key);
+                    self.log(&format!(
+                        "warning: the cache could not deliver layer {} of {step}: {}; building the step instead",
+                        lost.digest, lost.reason
+                    ));
+                    self.stages.clear();
+                    self.steps.clear();
+                }
+            }
+        };
+        // Uploads ran in the background; their timings go into the steps.
+        self.steps = std::mem::take(&mut outcome.steps);
+        let uploaded = self.wait_uploads();
+        outcome.steps = std::mem::take(&mut self.steps);
+        self.report(&outcome, uploaded)?;
+        Ok(outcome)
+    }
+
+    fn build_stages_and_finish(&mut self, plan: &Plan) -> Result<BuildOutcome, BuildError> {
         for &index in &plan.stages_to_build {
             let started = Instant::now();
-            self.build_stage(&plan, &plan.stages[index])?;
+            self.build_stage(plan, &plan.stages[index])?;
             self.log(&format!(
                 "stage {index} built in {:.2}s",
                 started.elapsed().as_secs_f64()
@@ -435,13 +505,7 @@ impl Driver {
             .get(&plan.target)
             .cloned()
             .ok_or_else(|| BuildError::Setup("the target stage was not built".into()))?;
-        let mut outcome = self.finish(&plan, target)?;
-        // Uploads ran in the background; their timings go into the steps.
-        self.steps = std::mem::take(&mut outcome.steps);
-        let uploaded = self.wait_uploads();
-        outcome.steps = std::mem::take(&mut self.steps);
-        self.report(&outcome, uploaded)?;
-        Ok(outcome)
+        self.finish(plan, target)
     }
 
     /// The summary on the log and, with `--report`, the JSON report.
@@ -618,7 +682,7 @@ fn run_env(config: &image_config::ImageConfig, ins: &PlannedInstruction) -> Vec<
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
         })
         .collect();
-    for (k, v) in &ins.args {
+    for (k, v) in ins.args.iter() {
         if !env.iter().any(|(ek, _)| ek == k) {
             env.push((k.clone(), v.clone()));
         }
@@ -711,6 +775,7 @@ fn add_into(
     roots: Vec<CopyRoot>,
     as_is: Vec<CopyRoot>,
     opts: &CopyOptions,
+    unpack: &UnpackOptions,
 ) -> Result<(), String> {
     let mut plain = as_is;
     for root in roots {
@@ -720,7 +785,7 @@ fn add_into(
             let host_dir = copy::ensure_dir(rootfs, &dir, opts.owner.unwrap_or((0, 0)), 0o755)
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             let file = fs::File::open(host).map_err(|e| format!("{}: {e}", host.display()))?;
-            unpack_layer(file, &host_dir, &UnpackOptions::default(), None)
+            unpack_layer(file, &host_dir, unpack, None)
                 .map_err(|e| format!("extracting {}: {e}", root.name))?;
         } else {
             plain.push(root);
@@ -797,6 +862,15 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
         current = next;
     }
     Ok(current)
+}
+
+/// `<file> line N (INSTRUCTION)` of the step whose key is `key`, for messages.
+fn plan_step_of(plan: &Plan, keys: &HashMap<(usize, usize), StepKey>, key: &CacheKey) -> String {
+    keys.iter()
+        .find(|(_, k)| k.key == *key)
+        .and_then(|((stage, position), _)| plan.stages.get(*stage)?.instructions.get(*position))
+        .map(|ins| format!("line {} ({})", ins.line, ins.original))
+        .unwrap_or_else(|| format!("cached step {key}"))
 }
 
 /// The mounts of a RUN step and the environment its secrets add.

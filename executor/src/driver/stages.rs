@@ -51,6 +51,12 @@ impl Driver {
             let started = Instant::now();
             let step_key = self.keys.get(&(stage.index, position)).cloned();
             self.last_phase = PhaseTimes::default();
+            let filesystem_key = step_key.as_ref().filter(|k| k.filesystem).map(|k| k.key);
+            if let Some(done) = filesystem_key.and_then(|k| self.ran.get(&k)).cloned() {
+                self.replay(ins, &done, &mut builder, &mut state);
+                self.steps.push(done.record);
+                continue;
+            }
             let (cache, layer) = self
                 .cached_or_run(
                     plan,
@@ -72,6 +78,7 @@ impl Driver {
                     stage.index, ins.line, ins.original
                 ));
             }
+            let ran_layer = layer.clone();
             self.steps.push(StepRecord {
                 stage: stage.index,
                 line: ins.line,
@@ -87,6 +94,17 @@ impl Driver {
                 upload_ms: None,
                 uploaded_bytes: None,
             });
+            if let (Some(key), "miss") = (filesystem_key, cache)
+                && let Some(record) = self.steps.last().cloned()
+            {
+                self.ran.insert(
+                    key,
+                    RanStep {
+                        layer: ran_layer,
+                        record,
+                    },
+                );
+            }
         }
         if stage.index == plan.target {
             for (k, v) in &self.opts.labels {
@@ -287,7 +305,8 @@ impl Driver {
                         for r in &fetched {
                             as_is.push(walk_root(&r.path, &r.name).map_err(|e| e.to_string())?);
                         }
-                        add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts)
+                        let unpack = driver.unpack_options(UnpackMode::Apply);
+                        add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts, &unpack)
                     },
                 )?;
                 return Ok(("run", layer));
@@ -407,6 +426,7 @@ impl Driver {
             desc: Descriptor::new(layer.media_type, layer.digest.clone(), layer.size),
             diff_id: layer.diff_id.clone(),
             blob,
+            hit: None,
         };
         state.layers.push(layer_ref.clone());
         builder.add_layer(layer.diff_id, created_by);
@@ -445,20 +465,20 @@ impl Driver {
                         .map_err(|e| format!("creating {}: {e}", dir.display()))?;
                     dir
                 };
-                for layer in &state.layers {
-                    self.ensure_blob(layer)?;
+                let opts = self.unpack_options(UnpackMode::Apply);
+                for layer in state.layers.clone() {
+                    self.ensure_blob(&layer)?;
+                    let file = fs::File::open(&layer.blob).map_err(|e| {
+                        format!(
+                            "opening layer {} at {}: {e}",
+                            layer.desc.digest,
+                            layer.blob.display()
+                        )
+                    })?;
+                    if let Err(e) = unpack_layer(file, &root, &opts, Some(&layer.diff_id)) {
+                        return Err(self.unpack_failed(&layer, e));
+                    }
                 }
-                let files: Vec<(PathBuf, Digest)> = state
-                    .layers
-                    .iter()
-                    .map(|l| (l.blob.clone(), l.diff_id.clone()))
-                    .collect();
-                apply_layers(
-                    files.iter().map(|(p, d)| (p.as_path(), Some(d))),
-                    &root,
-                    &UnpackOptions::default(),
-                )
-                .map_err(|e| e.to_string())?;
                 vec![root]
             }
         };
@@ -487,12 +507,11 @@ impl Driver {
                 layer.blob.display()
             )
         })?;
-        let opts = UnpackOptions {
-            mode: UnpackMode::OverlayLower,
-            ..UnpackOptions::default()
-        };
-        unpack_layer(file, &tmp, &opts, Some(&layer.diff_id))
-            .map_err(|e| format!("unpacking layer {}: {e}", layer.desc.digest))?;
+        let opts = self.unpack_options(UnpackMode::OverlayLower);
+        if let Err(e) = unpack_layer(file, &tmp, &opts, Some(&layer.diff_id)) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(self.unpack_failed(layer, e));
+        }
         match fs::rename(&tmp, &dir) {
             Ok(()) => Ok(dir),
             // Another build unpacked the same layer meanwhile.
@@ -501,6 +520,28 @@ impl Driver {
                 Ok(dir)
             }
             Err(e) => Err(format!("moving unpacked layer into {}: {e}", dir.display())),
+        }
+    }
+
+    pub(super) fn unpack_options(&self, mode: UnpackMode) -> UnpackOptions {
+        UnpackOptions {
+            mode,
+            max_expanded_size: self.unpack_limit,
+            ..UnpackOptions::default()
+        }
+    }
+
+    /// The message for a layer that did not unpack. A cache hit's layer
+    /// that does not unpack (its entry names a diff_id or content the blob
+    /// does not have) is lost like one the cache could not send; the local
+    /// copy of its blob goes so that the rebuilt step is not shadowed by it.
+    fn unpack_failed(&mut self, layer: &LayerRef, e: crate::unpack::UnpackError) -> String {
+        match layer.hit {
+            Some(key) if !self.base_layers.contains_key(&layer.desc.digest) => {
+                let _ = fs::remove_file(&layer.blob);
+                self.lose_hit(key, &layer.desc.digest, format!("unpacking it: {e}"))
+            }
+            _ => format!("unpacking layer {}: {e}", layer.desc.digest),
         }
     }
 }

@@ -6,6 +6,13 @@
 //! follows the registry's 401 challenge (Basic, or Bearer tokens fetched
 //! from the challenge's realm for exactly the scopes needed and cached per
 //! scope); transient failures are retried with exponential backoff.
+//!
+//! Nothing a registry sends is trusted to be small: a blob is read up to
+//! its descriptor's size and not one byte further (fewer is an error too),
+//! manifests and indexes up to [`MAX_MANIFEST_SIZE`] (Distribution's own
+//! limit), configs up to their descriptor's size (at most
+//! [`MAX_CONFIG_SIZE`]), token answers up to [`MAX_TOKEN_SIZE`] and error
+//! bodies up to [`MAX_ERROR_BODY`].
 
 use std::collections::HashMap;
 use std::io::{Seek, SeekFrom, Write};
@@ -32,9 +39,17 @@ use crate::oci::{
 };
 use crate::store::LocalStore;
 
-/// Manifests and configs larger than this are refused rather than read
-/// into memory (real ones are a few KiB).
-const MAX_DOCUMENT_SIZE: u64 = 8 << 20;
+/// Manifests and indexes larger than this are refused rather than read
+/// into memory (real ones are a few KiB; Distribution refuses to store
+/// larger ones).
+pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// Largest image config read (real ones are a few KiB, long histories
+/// some hundred).
+pub const MAX_CONFIG_SIZE: u64 = 8 << 20;
+/// Largest token endpoint answer read.
+pub const MAX_TOKEN_SIZE: u64 = 1 << 20;
+/// Largest error body read; only its start is shown.
+pub const MAX_ERROR_BODY: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -115,8 +130,23 @@ fn status_error(
 
 async fn fail(method: &'static str, url: &str, resp: Response) -> RegistryError {
     let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
+    let body = error_body(resp).await;
     status_error(method, url, status, body)
+}
+
+/// The start of an error response's body: read no further than
+/// [`MAX_ERROR_BODY`], whatever the registry keeps sending.
+async fn error_body(resp: Response) -> String {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= MAX_ERROR_BODY {
+            body.truncate(MAX_ERROR_BODY);
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 fn method_name(m: &Method) -> &'static str {
@@ -131,13 +161,15 @@ fn method_name(m: &Method) -> &'static str {
     }
 }
 
-/// Reads a small response body, refusing more than `MAX_DOCUMENT_SIZE`.
-async fn read_limited(resp: Response, url: &str) -> Result<Vec<u8>, RegistryError> {
-    if resp.content_length().is_some_and(|n| n > MAX_DOCUMENT_SIZE) {
-        return Err(RegistryError::Manifest {
-            reference: url.to_string(),
-            reason: format!("document larger than {MAX_DOCUMENT_SIZE} bytes"),
-        });
+/// Reads a small response body (a JSON document), refusing more than `cap`
+/// bytes.
+async fn read_limited(resp: Response, url: &str, cap: u64) -> Result<Vec<u8>, RegistryError> {
+    let too_big = || RegistryError::Manifest {
+        reference: url.to_string(),
+        reason: format!("document larger than {cap} bytes"),
+    };
+    if resp.content_length().is_some_and(|n| n > cap) {
+        return Err(too_big());
     }
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
@@ -147,13 +179,10 @@ async fn read_limited(resp: Response, url: &str) -> Result<Vec<u8>, RegistryErro
             url: url.to_string(),
             source,
         })?;
-        out.extend_from_slice(&chunk);
-        if out.len() as u64 > MAX_DOCUMENT_SIZE {
-            return Err(RegistryError::Manifest {
-                reference: url.to_string(),
-                reason: format!("document larger than {MAX_DOCUMENT_SIZE} bytes"),
-            });
+        if (out.len() + chunk.len()) as u64 > cap {
+            return Err(too_big());
         }
+        out.extend_from_slice(&chunk);
     }
     Ok(out)
 }
@@ -329,7 +358,7 @@ impl RegistryClient {
         })?;
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
+            let body = error_body(resp).await;
             return Err(RegistryError::Auth {
                 url: url.to_string(),
                 reason: format!("token endpoint answered {status}: {}", body.trim()),
@@ -341,7 +370,7 @@ impl RegistryClient {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let body = read_limited(resp, url.as_str()).await?;
+        let body = read_limited(resp, url.as_str(), MAX_TOKEN_SIZE).await?;
         let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Auth {
             url: url.to_string(),
             reason: format!("token response is not JSON: {e}"),
@@ -401,7 +430,8 @@ impl RegistryClient {
                         Some(c) => format!("as {}", c.username),
                         None => "anonymously (no credentials found)".to_string(),
                     };
-                    let body = resp.text().await.unwrap_or_default();
+                    let mut body = error_body(resp).await;
+                    body.truncate(500);
                     return Err(RegistryError::Auth {
                         url: url.to_string(),
                         reason: format!(
@@ -468,7 +498,7 @@ impl RegistryClient {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-        let bytes = read_limited(resp, &url).await?;
+        let bytes = read_limited(resp, &url, MAX_MANIFEST_SIZE).await?;
         let digest = Digest::of_bytes(&bytes);
         if let Ok(want) = reference.parse::<Digest>()
             && want != digest
@@ -519,11 +549,34 @@ impl RegistryClient {
     ) -> Result<Vec<u8>, RegistryError> {
         let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository(), desc.digest);
         let scopes = [pull_scope(r.repository())];
+        if desc.size > MAX_CONFIG_SIZE {
+            return Err(RegistryError::Blob {
+                digest: desc.digest.clone(),
+                url,
+                reason: format!(
+                    "its descriptor says {} bytes, more than the {MAX_CONFIG_SIZE} a config may have",
+                    desc.size
+                ),
+            });
+        }
         let resp = self.send(ep, &scopes, Method::GET, &url, Ok).await?;
         if !resp.status().is_success() {
             return Err(fail("GET", &url, resp).await);
         }
-        let bytes = read_limited(resp, &url).await?;
+        let bytes = read_limited(resp, &url, desc.size)
+            .await
+            .map_err(|_| RegistryError::Blob {
+                digest: desc.digest.clone(),
+                url: url.clone(),
+                reason: format!("more than the {} bytes its descriptor says", desc.size),
+            })?;
+        if bytes.len() as u64 != desc.size {
+            return Err(RegistryError::Blob {
+                digest: desc.digest.clone(),
+                url,
+                reason: format!("{} bytes, its descriptor says {}", bytes.len(), desc.size),
+            });
+        }
         let got = Digest::of_bytes(&bytes);
         if got != desc.digest {
             return Err(RegistryError::Blob {
@@ -633,6 +686,16 @@ impl RegistryClient {
         let resp = self.send(ep, &scopes, Method::GET, &url, Ok).await?;
         if !resp.status().is_success() {
             return Err(fail("GET", &url, resp).await);
+        }
+        if let Some(announced) = resp.content_length().filter(|n| *n != desc.size) {
+            return Err(RegistryError::Blob {
+                digest: desc.digest.clone(),
+                url,
+                reason: format!(
+                    "the response announces {announced} bytes, its descriptor says {}",
+                    desc.size
+                ),
+            });
         }
         // Disk writes happen on a blocking thread fed through a bounded
         // channel, so the async side never blocks and memory stays at a few
@@ -1260,6 +1323,81 @@ mod tests {
         let r = ImageRef::parse(&format!("{host}/x@{wanted}")).unwrap();
         let err = c.get_manifest(&r).await.unwrap_err();
         assert!(err.to_string().contains("not the requested"), "{err}");
+    }
+
+    /// A server answering every request with `status` and a chunked body
+    /// that never ends.
+    fn endless_server(status: u16) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut l = String::new();
+                        if reader.read_line(&mut l).unwrap_or(0) == 0 || l.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    let chunk = format!("10000\r\n{}\r\n", "{".repeat(0x10000));
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 {status} X\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        media::OCI_MANIFEST
+                    )
+                    .and_then(|_| -> std::io::Result<()> {
+                        loop {
+                            conn.write_all(chunk.as_bytes())?;
+                        }
+                    });
+                });
+            }
+        });
+        host
+    }
+
+    #[tokio::test]
+    async fn an_endless_manifest_is_refused_at_the_cap_naming_the_url() {
+        let host = endless_server(200);
+        let c = test_client(&host, 0);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let err = c.get_manifest(&r).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("larger than {MAX_MANIFEST_SIZE} bytes")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/v2/x/manifests/latest"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_in_part() {
+        let host = endless_server(404);
+        let c = test_client(&host, 0);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let err = c.get_manifest(&r).await.unwrap_err();
+        assert!(err.to_string().contains("404"), "{err}");
+        assert!(err.to_string().len() < 2000, "the body is shown in part");
+    }
+
+    #[tokio::test]
+    async fn a_config_must_be_exactly_its_descriptors_size() {
+        let config = b"{}".to_vec();
+        let (host, _) = scripted_server(vec![(200, "{} ".into()), (200, "{".into())]);
+        let c = test_client(&host, 0);
+        let r = ImageRef::parse(&format!("{host}/x:latest")).unwrap();
+        let ep = c.endpoint(r.registry(), Direction::Pull);
+        let desc = Descriptor::new(media::OCI_CONFIG, Digest::of_bytes(&config), 2);
+        let longer = c.get_small_blob(&ep, &r, &desc).await.unwrap_err();
+        assert!(
+            longer.to_string().contains("more than the 2 bytes"),
+            "{longer}"
+        );
+        let shorter = c.get_small_blob(&ep, &r, &desc).await.unwrap_err();
+        assert!(shorter.to_string().contains("1 bytes"), "{shorter}");
     }
 
     #[test]
