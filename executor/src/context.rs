@@ -78,6 +78,9 @@ pub struct ContextEntry {
 pub struct Selection {
     /// The context path the source resolved to (`""` for the root).
     pub root: String,
+    /// The name a file source is copied under: the source's last component
+    /// as written or as a wildcard matched it, never a symlink's target.
+    pub name: String,
     /// True when `root` is a directory: its contents are copied, not itself.
     pub is_dir: bool,
     /// Indexes into [`BuildContext::entries`]: the root itself first, then
@@ -192,8 +195,10 @@ impl BuildContext {
         self.dir.join(&entry.path)
     }
 
-    /// Resolves COPY/ADD sources as written (after variable expansion).
-    /// Every source must match something.
+    /// Resolves COPY/ADD sources as written (after variable expansion), as
+    /// BuildKit does: a plain path must exist; a wildcard that matches
+    /// nothing is skipped, and only when no source matches anything is it
+    /// an error (naming the first source).
     pub fn select(&self, sources: &[String]) -> Result<Vec<Selection>, ContextError> {
         let mut out = Vec::new();
         for source in sources {
@@ -214,19 +219,27 @@ impl BuildContext {
                         })),
                     })
                     .collect::<Result<_, _>>()?;
-                if matched.is_empty() {
-                    return Err(ContextError::NotFound {
-                        source_path: source.clone(),
-                    });
-                }
                 matched
             } else {
                 vec![self.resolve(source, &cleaned)?]
             };
             for root in roots {
+                let name = match self.entries[root].path.rsplit_once('/') {
+                    Some((_, name)) => name.to_owned(),
+                    None => self.entries[root].path.clone(),
+                };
                 let root = self.follow_symlinks(source, root)?;
-                out.push(self.selection_at(root));
+                let mut selection = self.selection_at(root);
+                selection.name = name;
+                out.push(selection);
             }
+        }
+        if out.is_empty()
+            && let Some(first) = sources.first()
+        {
+            return Err(ContextError::NotFound {
+                source_path: first.clone(),
+            });
         }
         Ok(out)
     }
@@ -308,6 +321,12 @@ impl BuildContext {
         }
         Selection {
             root: root_entry.path.clone(),
+            name: root_entry
+                .path
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             is_dir,
             entries,
         }
@@ -330,6 +349,7 @@ impl BuildContext {
         hasher.update(&(selections.len() as u64).to_le_bytes());
         for selection in selections {
             frame(&mut hasher, selection.root.as_bytes());
+            frame(&mut hasher, selection.name.as_bytes());
             hasher.update(&[selection.is_dir as u8]);
             hasher.update(&(selection.entries.len() as u64).to_le_bytes());
             for &i in &selection.entries {
@@ -487,6 +507,47 @@ mod tests {
             );
         }
         assert!(source_matches("[", "a").is_err());
+    }
+
+    #[test]
+    fn a_wildcard_matching_nothing_is_skipped_unless_nothing_matches() {
+        let d = context_with(&[("context/foo", "foo"), ("context/arr[0].txt", "a")]);
+        let ctx = BuildContext::scan(d.path(), &include_all).unwrap();
+        let select = |sources: &[&str]| {
+            ctx.select(&sources.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .map(|sel| sel.into_iter().map(|s| s.root).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            select(&["context/bar/doesnotexist*", "context/foo"]).unwrap(),
+            ["context/foo"]
+        );
+        assert!(matches!(
+            select(&["context/bar/doesnotexist*", "context/nothing*"]),
+            Err(ContextError::NotFound { source_path }) if source_path == "context/bar/doesnotexist*"
+        ));
+        // A plain path must exist even beside a wildcard that matches.
+        assert!(select(&["context/f*", "context/missing"]).is_err());
+        // `[[]` is a class holding `[`, as in Go's filepath.Match.
+        assert_eq!(
+            select(&["context/arr[[]0].txt"]).unwrap(),
+            ["context/arr[0].txt"]
+        );
+    }
+
+    #[test]
+    fn a_symlink_source_is_named_as_written_and_read_from_its_target() {
+        let d = context_with(&[("temp/target", "content")]);
+        fs::create_dir_all(d.path().join("workdir")).unwrap();
+        symlink("../temp/target", d.path().join("workdir/relative_link")).unwrap();
+        let ctx = BuildContext::scan(d.path(), &include_all).unwrap();
+        for source in ["workdir/relative_link", "workdir/relative_*"] {
+            let sel = ctx.select(&[source.to_string()]).unwrap();
+            assert_eq!(sel.len(), 1);
+            assert_eq!(
+                (sel[0].root.as_str(), sel[0].name.as_str()),
+                ("temp/target", "relative_link")
+            );
+        }
     }
 
     #[test]

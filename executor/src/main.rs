@@ -19,7 +19,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln-executor: error: {e:#}");
-            ExitCode::from(1)
+            // A failed RUN exits with the command's status (Kaniko's and
+            // Buildah's behaviour); anything else is 1.
+            let code = e
+                .downcast_ref::<kiln_executor::driver::BuildError>()
+                .map_or(1, |b| b.exit_code());
+            ExitCode::from(code)
         }
     }
 }

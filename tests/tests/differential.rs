@@ -168,16 +168,62 @@ fn kiln_and_buildah_produce_the_same_root_filesystem() {
     let base = registry.reference("library/busybox:latest");
     fs::write(ctx.join("Dockerfile"), DOCKERFILE.replace("BASE", &base)).unwrap();
 
-    let kiln_layout = work.path().join("kiln-layout");
+    assert_same_root_filesystem(&registry, &ctx, work.path());
+}
+
+/// Dockerfile cases of issue 17 on which kiln once differed from BuildKit
+/// and Buildah agrees with BuildKit: `COPY --from` keeps owners, a symlink
+/// source is copied as its target under its own name, a directory copied
+/// from the context gets a 0755 destination, WORKDIR under USER belongs to
+/// the user. (A wildcard that matches nothing beside another source is
+/// checked in compat.rs only: Buildah then makes the destination a
+/// directory, BuildKit copies each source on its own and writes a file.)
+const COMPAT_DOCKERFILE: &str = r#"FROM BASE AS builder
+RUN mkdir -p /myapp/somedir /workdir /temp && echo x > /myapp/somedir/file \
+ && chown 123:123 /myapp/somedir && chown 321:321 /myapp/somedir/file \
+ && echo target > /temp/target && ln -s ../temp/target /workdir/relative_link
+FROM BASE
+COPY --from=builder /myapp /myapp
+COPY --from=builder /workdir/relative_link /workdirAnother/
+ADD context/tars /tmp/tars
+USER 9999
+WORKDIR /workdir/uid
+"#;
+
+#[test]
+fn kiln_and_buildah_agree_on_copy_from_symlinks_and_created_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let registry = Registry::start(RegistryAuth::None).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    push_busybox(&registry, work.path(), "library/busybox:latest", &[]).unwrap();
+    let ctx = work.path().join("ctx");
+    fs::create_dir_all(ctx.join("context/tars/sub")).unwrap();
+    fs::write(ctx.join("context/tars/sub/file"), "f\n").unwrap();
+    for d in ["context/tars", "context/tars/sub"] {
+        fs::set_permissions(ctx.join(d), fs::Permissions::from_mode(0o775)).unwrap();
+    }
+    let base = registry.reference("library/busybox:latest");
+    fs::write(
+        ctx.join("Dockerfile"),
+        COMPAT_DOCKERFILE.replace("BASE", &base),
+    )
+    .unwrap();
+    assert_same_root_filesystem(&registry, &ctx, work.path());
+}
+
+/// Builds `ctx` with kiln and with Buildah and compares the root
+/// filesystems (see the module doc).
+fn assert_same_root_filesystem(registry: &Registry, ctx: &Path, work: &Path) {
+    let kiln_layout = work.join("kiln-layout");
     let out = Command::new(kiln_bin("kiln-executor"))
         .arg("--context")
-        .arg(&ctx)
+        .arg(ctx)
         .arg("--oci-layout-path")
         .arg(&kiln_layout)
         .args(["--destination", "kiln.local/diff:latest", "--no-push"])
         .args(["--insecure-registry", &registry.host()])
         .arg("--cache-dir")
-        .arg(work.path().join("kiln-state"))
+        .arg(work.join("kiln-state"))
         .output()
         .unwrap();
     assert!(
@@ -186,13 +232,10 @@ fn kiln_and_buildah_produce_the_same_root_filesystem() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let buildah_layout = work.path().join("buildah-layout");
-    buildah_build(&ctx, &buildah_layout, &work.path().join("buildah-storage"));
+    let buildah_layout = work.join("buildah-layout");
+    buildah_build(ctx, &buildah_layout, &work.join("buildah-storage"));
 
-    let (kb, bb) = (
-        work.path().join("kiln-bundle"),
-        work.path().join("buildah-bundle"),
-    );
+    let (kb, bb) = (work.join("kiln-bundle"), work.join("buildah-bundle"));
     unpack(&kiln_layout, "latest", &kb);
     unpack(&buildah_layout, "latest", &bb);
     let (k, b) = (snapshot(&kb.join("rootfs")), snapshot(&bb.join("rootfs")));

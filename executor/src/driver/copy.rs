@@ -7,8 +7,11 @@
 //! sources or an existing directory make the destination a directory; a
 //! directory source copies its contents, not itself; a relative destination
 //! is relative to WORKDIR — and creates every entry inside the rootfs with
-//! the owner (`--chown`, root otherwise) and mode (`--chmod`, the source's
-//! otherwise) Docker would give it.
+//! the owner (`--chown`; otherwise the source's for another stage or an
+//! image, root for the build context) and mode (`--chmod`, the source's
+//! otherwise) Docker would give it. Directories the copy creates (missing
+//! parents, and the destination of a directory source) are 0755 and owned
+//! by the `--chown` owner or root, as in BuildKit.
 //!
 //! Nothing is ever written outside the rootfs: every destination parent is
 //! resolved in-root (symlinks in the image are followed as if the rootfs
@@ -56,8 +59,13 @@ pub struct CopyItem {
 
 #[derive(Debug, Clone, Default)]
 pub struct CopyOptions {
-    /// Owner of everything created; root when `None`.
+    /// Owner of everything created (`--chown`); when `None`, copied entries
+    /// keep their source's owner if `keep_owner`, else belong to root, and
+    /// created parent directories belong to root.
     pub owner: Option<(u32, u32)>,
+    /// Sources from another stage or image keep their uid/gid (without
+    /// `--chown`); build context files become 0:0.
+    pub keep_owner: bool,
     /// Mode for files and directories created from sources.
     pub chmod: Option<u32>,
 }
@@ -127,11 +135,20 @@ pub fn copy_into(
             dest_path.clone()
         };
         for item in &root.entries {
-            let target = if item.relative.as_os_str().is_empty() {
+            let is_root = item.relative.as_os_str().is_empty();
+            let target = if is_root {
                 base.clone()
             } else {
                 base.join(&item.relative)
             };
+            if is_root && root.is_dir {
+                // A directory source copies its contents: the destination
+                // is made as any missing parent is (0755, `--chown` or
+                // root), not from the source directory's metadata (BuildKit).
+                ensure_dir(rootfs, &target, opts.owner.unwrap_or((0, 0)), 0o755)
+                    .map_err(|e| io_err(&item.host, &target, e))?;
+                continue;
+            }
             copy_item(rootfs, &item.host, &target, opts).map_err(|e| match e {
                 ItemError::Io(source) => io_err(&item.host, &target, source),
                 ItemError::Directory(p) => CopyError::WouldReplaceDirectory(p),
@@ -213,10 +230,14 @@ fn copy_item(
     target: &Path,
     opts: &CopyOptions,
 ) -> Result<(), ItemError> {
-    let owner = opts.owner.unwrap_or((0, 0));
     let meta = fs::symlink_metadata(source)?;
+    let host_parent = ensure_parent(rootfs, target, opts.owner.unwrap_or((0, 0)))?;
+    let owner = match opts.owner {
+        Some(o) => o,
+        None if opts.keep_owner => (meta.uid(), meta.gid()),
+        None => (0, 0),
+    };
     let name = target.file_name();
-    let host_parent = ensure_parent(rootfs, target, owner)?;
     let host = match name {
         Some(n) => host_parent.join(n),
         // The destination is `/` itself.
@@ -382,12 +403,94 @@ mod tests {
         let opts = CopyOptions {
             owner: Some((1000, 1001)),
             chmod: Some(0o640),
+            ..Default::default()
         };
         copy_into(rootfs.path(), Path::new("/"), "/new/dir/f", &[root], &opts).unwrap();
         let m = fs::metadata(rootfs.path().join("new/dir/f")).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o640));
         let d = fs::metadata(rootfs.path().join("new/dir")).unwrap();
         assert_eq!((d.uid(), d.gid(), d.mode() & 0o7777), (1000, 1001, 0o755));
+    }
+
+    #[test]
+    fn stage_sources_keep_their_owner_context_sources_become_root() {
+        let src = tempfile::tempdir().unwrap();
+        fs::create_dir_all(src.path().join("myapp/somedir")).unwrap();
+        fs::write(src.path().join("myapp/somedir/f"), "f").unwrap();
+        std::os::unix::fs::lchown(src.path().join("myapp/somedir"), Some(123), Some(123)).unwrap();
+        std::os::unix::fs::lchown(src.path().join("myapp/somedir/f"), Some(321), Some(321))
+            .unwrap();
+        let root = walk_root(&src.path().join("myapp"), "myapp").unwrap();
+        let owner = |p: &Path| {
+            let m = fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        let from_stage = tempfile::tempdir().unwrap();
+        let keep = CopyOptions {
+            keep_owner: true,
+            ..Default::default()
+        };
+        copy_into(
+            from_stage.path(),
+            Path::new("/"),
+            "/myapp",
+            std::slice::from_ref(&root),
+            &keep,
+        )
+        .unwrap();
+        assert_eq!(owner(&from_stage.path().join("myapp/somedir")), (123, 123));
+        assert_eq!(
+            owner(&from_stage.path().join("myapp/somedir/f")),
+            (321, 321)
+        );
+        // The destination made for the directory source is not the source's.
+        assert_eq!(owner(&from_stage.path().join("myapp")), (0, 0));
+        let from_context = tempfile::tempdir().unwrap();
+        copy_into(
+            from_context.path(),
+            Path::new("/"),
+            "/myapp",
+            std::slice::from_ref(&root),
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(owner(&from_context.path().join("myapp/somedir")), (0, 0));
+        assert_eq!(owner(&from_context.path().join("myapp/somedir/f")), (0, 0));
+        // --chown wins over the source's owner.
+        let chowned = tempfile::tempdir().unwrap();
+        let opts = CopyOptions {
+            owner: Some((7, 8)),
+            keep_owner: true,
+            ..Default::default()
+        };
+        copy_into(chowned.path(), Path::new("/"), "/myapp", &[root], &opts).unwrap();
+        assert_eq!(owner(&chowned.path().join("myapp/somedir/f")), (7, 8));
+    }
+
+    #[test]
+    fn the_destination_of_a_directory_source_is_created_0755() {
+        let src = tempfile::tempdir().unwrap();
+        fs::create_dir_all(src.path().join("tars/sub")).unwrap();
+        fs::set_permissions(src.path().join("tars"), fs::Permissions::from_mode(0o775)).unwrap();
+        fs::set_permissions(
+            src.path().join("tars/sub"),
+            fs::Permissions::from_mode(0o775),
+        )
+        .unwrap();
+        let rootfs = tempfile::tempdir().unwrap();
+        let root = walk_root(&src.path().join("tars"), "tars").unwrap();
+        copy_into(
+            rootfs.path(),
+            Path::new("/"),
+            "/tmp/tars",
+            &[root],
+            &Default::default(),
+        )
+        .unwrap();
+        let mode = |p: &str| fs::metadata(rootfs.path().join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("tmp/tars"), 0o755);
+        // What is inside keeps its own mode.
+        assert_eq!(mode("tmp/tars/sub"), 0o775);
     }
 
     #[test]

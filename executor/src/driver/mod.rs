@@ -43,7 +43,7 @@ use crate::build::layer::{Compression, LayerOptions, MtimePolicy, write_layer};
 use crate::build::runner::chroot::ChrootRunner;
 use crate::build::runner::none::{NoneRunner, detect_container};
 use crate::build::runner::security::StepSecurity;
-use crate::build::runner::{MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
+use crate::build::runner::{ExitStatus, MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
 use crate::build::snapshot::overlay::OverlaySnapshotter;
 use crate::build::snapshot::walk::WalkSnapshotter;
 use crate::build::snapshot::{LowerLayout, Snapshotter};
@@ -205,12 +205,38 @@ pub enum BuildError {
         instruction: String,
         message: String,
     },
+    /// A RUN step's command ran and failed: the executor exits with its
+    /// status (see [`BuildError::exit_code`]).
+    #[error("{file}:{line}: {instruction}: {message}")]
+    RunFailed {
+        file: String,
+        line: usize,
+        instruction: String,
+        status: ExitStatus,
+        message: String,
+    },
     #[error("base image {reference}: {message}")]
     Base { reference: String, message: String },
     #[error("{0}")]
     Setup(String),
     #[error("writing the image: {0}")]
     Output(String),
+}
+
+impl BuildError {
+    /// The executor's exit status for this error: a failed RUN step's own
+    /// exit code (128 + the signal when a signal killed it, as shells
+    /// report it), as Kaniko and Buildah do, so CI jobs can branch on it;
+    /// 1 for every other build error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BuildError::RunFailed { status, .. } => match *status {
+                ExitStatus::Code(code) => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
+                ExitStatus::Signal(signal) => u8::try_from(128 + signal).unwrap_or(1),
+            },
+            _ => 1,
+        }
+    }
 }
 
 /// What a finished background upload reports.
@@ -317,6 +343,9 @@ struct Driver {
     unpack_limit: u64,
     uploads: Vec<std::thread::JoinHandle<Result<UploadDone, String>>>,
     last_phase: PhaseTimes,
+    /// Set when the current step's RUN command exited non-zero, so the
+    /// step's error carries its status.
+    failed_run: Option<ExitStatus>,
     lookup_ms: u64,
     /// Base-image layers by digest, with the image they come from, so they
     /// can be fetched lazily from the cache or the registry.
@@ -395,6 +424,7 @@ impl Driver {
             unpack_limit: opts.max_layer_size,
             uploads: Vec::new(),
             last_phase: PhaseTimes::default(),
+            failed_run: None,
             lookup_ms: 0,
             remote: HashMap::new(),
             base_layers: HashMap::new(),
@@ -751,7 +781,11 @@ fn copy_options(
                 .ok_or_else(|| format!("--chmod={m}: expected an octal mode such as 0755"))?,
         ),
     };
-    Ok(CopyOptions { owner, chmod })
+    Ok(CopyOptions {
+        owner,
+        keep_owner: false,
+        chmod,
+    })
 }
 
 /// `--chown=user[:group]`: names from the image's passwd/group; a user
@@ -759,6 +793,23 @@ fn copy_options(
 fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), String> {
     let resolved = resolve_user(rootfs, spec).map_err(|e| format!("--chown={spec}: {e}"))?;
     if spec.contains(':') {
+        Ok((resolved.uid, resolved.gid))
+    } else {
+        Ok((resolved.uid, resolved.uid))
+    }
+}
+
+/// The owner of the directories WORKDIR creates: the current USER, with
+/// BuildKit's rules. A name takes uid and gid from the image's passwd; a
+/// bare number is used as both (passwd is not consulted, so `USER 9999`
+/// gives 9999:9999); a `:group` (name or number) replaces the gid.
+fn workdir_owner(rootfs: &Path, user: &str) -> Result<(u32, u32), String> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let resolved = resolve_user(rootfs, user).map_err(|e| format!("USER {user}: {e}"))?;
+    let name = user.split_once(':').map_or(user, |(u, _)| u);
+    if user.contains(':') || name.parse::<u32>().is_err() {
         Ok((resolved.uid, resolved.gid))
     } else {
         Ok((resolved.uid, resolved.uid))
@@ -812,27 +863,32 @@ fn is_tar_archive(path: &Path) -> bool {
     &header[257..262] == b"ustar"
 }
 
-/// Paths in a rootfs matching `pattern` (Go `filepath.Match` per component,
-/// symlinks resolved inside the rootfs).
-fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+/// A `COPY --from` source found in a rootfs: the host path to read (the
+/// source dereferenced inside the rootfs, as BuildKit follows a source
+/// symlink) and the name it is copied under (the last component as written
+/// or matched, never the symlink target's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RootMatch {
+    host: PathBuf,
+    name: String,
+}
+
+/// Paths in a rootfs matching `pattern` (Go `filepath.Match` per component),
+/// every component resolved inside the rootfs, so a symlink in the image
+/// (absolute or climbing with `..`) never reaches a host path.
+fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, String> {
     use crate::build::fsutil::resolve_in_root;
     let clean = copy::absolute_in_image(Path::new("/"), pattern);
-    let has_glob = pattern.contains(['*', '?', '[']);
-    if !has_glob {
-        let host = resolve_in_root(rootfs, &clean).map_err(|e| e.to_string())?;
-        return Ok(if fs::symlink_metadata(&host).is_ok() {
-            vec![host]
-        } else {
-            vec![]
-        });
-    }
-    let mut current = vec![rootfs.to_path_buf()];
+    let resolve =
+        |image_path: &Path| resolve_in_root(rootfs, image_path).map_err(|e| e.to_string());
+    // Image paths (as named, not resolved) matched so far.
+    let mut current = vec![PathBuf::from("/")];
     for component in clean.components().skip(1) {
         let part = component.as_os_str().to_string_lossy().into_owned();
         let mut next = Vec::new();
         for dir in &current {
             if part.contains(['*', '?', '[']) {
-                let Ok(read) = fs::read_dir(dir) else {
+                let Ok(read) = fs::read_dir(resolve(dir)?) else {
                     continue;
                 };
                 let mut names: Vec<String> = read
@@ -848,20 +904,28 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
                     }
                 }
             } else {
-                let rel = dir
-                    .strip_prefix(rootfs)
-                    .unwrap_or(Path::new(""))
-                    .join(&part);
-                let host = resolve_in_root(rootfs, &Path::new("/").join(rel))
-                    .map_err(|e| e.to_string())?;
-                if fs::symlink_metadata(&host).is_ok() {
-                    next.push(host);
+                let path = dir.join(&part);
+                if fs::symlink_metadata(resolve(&path)?).is_ok() {
+                    next.push(path);
                 }
             }
         }
         current = next;
     }
-    Ok(current)
+    let mut matches = Vec::with_capacity(current.len());
+    for path in current {
+        let host = resolve(&path)?;
+        // A dangling symlink resolves to a path that does not exist.
+        if fs::symlink_metadata(&host).is_err() {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        matches.push(RootMatch { host, name });
+    }
+    Ok(matches)
 }
 
 /// `<file> line N (INSTRUCTION)` of the step whose key is `key`, for messages.
@@ -974,6 +1038,86 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_737_600), "2026-11-27T00:00:00Z");
+    }
+
+    #[test]
+    fn stage_sources_are_dereferenced_in_the_rootfs_and_keep_their_names() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("workdir")).unwrap();
+        fs::create_dir_all(r.join("temp/sub")).unwrap();
+        fs::write(r.join("temp/target"), "t").unwrap();
+        fs::write(r.join("temp/sub/inner"), "i").unwrap();
+        symlink("../temp/target", r.join("workdir/relative_link")).unwrap();
+        // An absolute link means the rootfs's /temp, never the host's.
+        symlink("/temp", r.join("workdir/abs")).unwrap();
+        fs::write(outside.path().join("secret"), "host").unwrap();
+        symlink(outside.path(), r.join("workdir/host")).unwrap();
+        let names = |pattern: &str| {
+            glob_in_root(r, pattern)
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.name, m.host))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names("/workdir/relative_link"),
+            [("relative_link".to_string(), r.join("temp/target"))]
+        );
+        assert_eq!(
+            names("/workdir/rel*"),
+            [("relative_link".to_string(), r.join("temp/target"))]
+        );
+        assert_eq!(
+            names("/workdir/abs/s*/inner"),
+            [("inner".to_string(), r.join("temp/sub/inner"))]
+        );
+        // The host directory the link names does not exist in the rootfs.
+        assert!(names("/workdir/host/*").is_empty());
+        assert!(names("/workdir/host/secret").is_empty());
+        assert!(names("/workdir/nothing*").is_empty());
+    }
+
+    #[test]
+    fn a_failed_run_is_the_executor_exit_status() {
+        let failed = |status| BuildError::RunFailed {
+            file: "Dockerfile".into(),
+            line: 2,
+            instruction: "RUN exit 42".into(),
+            status,
+            message: String::new(),
+        };
+        assert_eq!(failed(ExitStatus::Code(42)).exit_code(), 42);
+        assert_eq!(failed(ExitStatus::Signal(9)).exit_code(), 137);
+        assert_eq!(failed(ExitStatus::Code(300)).exit_code(), 1);
+        assert_eq!(BuildError::Setup("x".into()).exit_code(), 1);
+    }
+
+    #[test]
+    fn workdir_owner_follows_buildkit_for_ids_names_and_groups() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("etc")).unwrap();
+        fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nalice:x:1001:1002::/home/alice:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            root.path().join("etc/group"),
+            "root:x:0:\nalice:x:1002:\nstaff:x:1003:alice\n",
+        )
+        .unwrap();
+        let owner = |u: &str| workdir_owner(root.path(), u);
+        assert_eq!(owner(""), Ok((0, 0)));
+        assert_eq!(owner("9999"), Ok((9999, 9999)));
+        assert_eq!(owner("1001"), Ok((1001, 1001)));
+        assert_eq!(owner("9999:9998"), Ok((9999, 9998)));
+        assert_eq!(owner("alice"), Ok((1001, 1002)));
+        assert_eq!(owner("alice:staff"), Ok((1001, 1003)));
+        assert_eq!(owner("1001:staff"), Ok((1001, 1003)));
+        assert!(owner("bob").is_err());
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl Driver {
         let selections = self.select_context(&from_context, excludes)?;
         let ctx = self.context()?;
         for sel in selections {
-            let name = sel.root.rsplit('/').next().unwrap_or("").to_owned();
+            let name = sel.name.clone();
             let entries = sel
                 .entries
                 .iter()
@@ -165,16 +165,14 @@ impl Driver {
             let mut roots = Vec::new();
             for (n, source) in sources.iter().enumerate() {
                 let matches = glob_in_root(&mounted.rootfs, source)?;
-                if matches.is_empty() {
+                // As for context sources: a wildcard that matches nothing
+                // is skipped, a plain path that is missing is an error.
+                if matches.is_empty() && !source.contains(['*', '?', '[']) {
                     return Err(format!(
                         "{source}: no such file or directory in the source stage"
                     ));
                 }
-                for host in matches {
-                    let name = host
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
+                for RootMatch { host, name } in matches {
                     let staged = copy_dir.join(n.to_string()).join(&name);
                     fs::create_dir_all(staged.parent().unwrap_or(&copy_dir))
                         .map_err(|e| e.to_string())?;
@@ -193,6 +191,12 @@ impl Driver {
                     }
                     roots.push(walk_root(&staged, &name).map_err(|e| e.to_string())?);
                 }
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "{}: no source matches anything in the source stage",
+                    sources.join(" ")
+                ));
             }
             Ok(roots)
         })();

@@ -51,6 +51,7 @@ impl Driver {
             let started = Instant::now();
             let step_key = self.keys.get(&(stage.index, position)).cloned();
             self.last_phase = PhaseTimes::default();
+            self.failed_run = None;
             let filesystem_key = step_key.as_ref().filter(|k| k.filesystem).map(|k| k.key);
             if let Some(done) = filesystem_key.and_then(|k| self.ran.get(&k)).cloned() {
                 self.replay(ins, &done, &mut builder, &mut state);
@@ -66,11 +67,20 @@ impl Driver {
                     &mut builder,
                     &mut state,
                 )
-                .map_err(|message| BuildError::Step {
-                    file: self.dockerfile_name.clone(),
-                    line: ins.line,
-                    instruction: ins.original.clone(),
-                    message,
+                .map_err(|message| match self.failed_run.take() {
+                    Some(status) => BuildError::RunFailed {
+                        file: self.dockerfile_name.clone(),
+                        line: ins.line,
+                        instruction: ins.original.clone(),
+                        status,
+                        message,
+                    },
+                    None => BuildError::Step {
+                        file: self.dockerfile_name.clone(),
+                        line: ins.line,
+                        instruction: ins.original.clone(),
+                        message,
+                    },
                 })?;
             if cache != "none" {
                 self.log(&format!(
@@ -180,9 +190,14 @@ impl Driver {
             Instruction::Workdir(dir) => {
                 builder.set_workdir(dir);
                 let workdir = workdir_of(builder.config());
+                let user = builder.config().config.user.clone();
                 let layer =
                     self.filesystem_step(stage, ins, builder, state, &created_by, |_, rootfs| {
-                        copy::ensure_dir(rootfs, &workdir, (0, 0), 0o755)
+                        // As BuildKit: the directory and the parents it
+                        // creates belong to the current USER (names from
+                        // the image's passwd and group).
+                        let owner = workdir_owner(rootfs, &user)?;
+                        copy::ensure_dir(rootfs, &workdir, owner, 0o755)
                             .map(|_| ())
                             .map_err(|e| format!("creating {}: {e}", workdir.display()))
                     })?;
@@ -227,6 +242,7 @@ impl Driver {
                         if outcome.success() {
                             Ok(())
                         } else {
+                            driver.failed_run = Some(outcome.status);
                             Err(format!(
                                 "the command failed with {}; last output:\n{}",
                                 outcome.status,
@@ -254,7 +270,9 @@ impl Driver {
                     state,
                     &created_by,
                     move |driver, rootfs| {
-                        let copy_opts = copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
+                        let mut copy_opts =
+                            copy_options(rootfs, chown.as_deref(), chmod.as_deref())?;
+                        copy_opts.keep_owner = from.is_some();
                         let roots = match (&from, source_stage) {
                             (Some(_), Some(index)) => driver.stage_sources(index, &sources)?,
                             (Some(image), None) => driver.image_sources(image, &sources)?,

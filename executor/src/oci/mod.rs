@@ -47,7 +47,27 @@ impl ImageDocuments {
     /// config, makes an OCI (or Docker, if `docker_media_types`) manifest and
     /// computes both digests. The config blob must be made available to
     /// pushes and exports by the caller (see `config_bytes`).
-    pub fn build(config: &ImageConfig, layers: Vec<Descriptor>, docker_media_types: bool) -> Self {
+    ///
+    /// The manifest is in one format throughout: layers that came from a
+    /// base image in the other format (a Docker schema2 base under an OCI
+    /// manifest) get that format's media type for the same bytes and
+    /// digest, as Buildah converts them; strict readers (umoci) refuse a
+    /// mix.
+    pub fn build(
+        config: &ImageConfig,
+        mut layers: Vec<Descriptor>,
+        docker_media_types: bool,
+    ) -> Self {
+        for layer in &mut layers {
+            let converted = if docker_media_types {
+                media::docker_layer_type(&layer.media_type)
+            } else {
+                media::oci_layer_type(&layer.media_type)
+            };
+            if converted != layer.media_type {
+                layer.media_type = converted.to_owned();
+            }
+        }
         let config_bytes = to_canonical_json(config);
         let (config_mt, manifest_mt) = if docker_media_types {
             (media::DOCKER_CONFIG, media::DOCKER_MANIFEST)
@@ -79,5 +99,55 @@ impl ImageDocuments {
             self.manifest_digest.clone(),
             self.manifest_bytes.len() as u64,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_holds_layer_media_types_of_its_own_format_only() {
+        let digest = |b: &[u8]| Digest::of_bytes(b);
+        let layers = vec![
+            Descriptor::new(media::DOCKER_LAYER_GZIP, digest(b"base"), 4),
+            Descriptor::new(media::DOCKER_LAYER_FOREIGN, digest(b"foreign"), 7),
+            Descriptor::new(media::OCI_LAYER_GZIP, digest(b"built"), 5),
+            Descriptor::new(media::OCI_LAYER_ZSTD, digest(b"zstd"), 4),
+        ];
+        let config = ImageConfig::default();
+        let oci = ImageDocuments::build(&config, layers.clone(), false);
+        let types: Vec<&str> = oci
+            .manifest
+            .layers
+            .iter()
+            .map(|l| l.media_type.as_str())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                media::OCI_LAYER_GZIP,
+                media::OCI_LAYER_NONDISTRIBUTABLE_GZIP,
+                media::OCI_LAYER_GZIP,
+                media::OCI_LAYER_ZSTD
+            ]
+        );
+        // Same blobs: only the type changes.
+        for (built, given) in oci.manifest.layers.iter().zip(&layers) {
+            assert_eq!((&built.digest, built.size), (&given.digest, given.size));
+        }
+        let docker = ImageDocuments::build(&config, layers, true);
+        assert_eq!(
+            docker.manifest.layers[0].media_type,
+            media::DOCKER_LAYER_GZIP
+        );
+        assert_eq!(
+            docker.manifest.layers[1].media_type,
+            media::DOCKER_LAYER_FOREIGN
+        );
+        assert_eq!(
+            docker.manifest.layers[2].media_type,
+            media::DOCKER_LAYER_GZIP
+        );
     }
 }

@@ -26,6 +26,34 @@ pub mod media {
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
     pub const DOCKER_LAYER_FOREIGN: &str =
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+    /// Uncompressed Docker layer (not in the schema2 spec, but written by
+    /// some tools).
+    pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+    pub const OCI_LAYER_NONDISTRIBUTABLE_GZIP: &str =
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
+
+    /// The OCI media type of a layer with the same bytes: Docker's gzip
+    /// layers become OCI gzip layers, foreign layers OCI non-distributable
+    /// ones; anything else is returned as it is.
+    pub fn oci_layer_type(media_type: &str) -> &str {
+        match media_type {
+            DOCKER_LAYER_GZIP => OCI_LAYER_GZIP,
+            DOCKER_LAYER_FOREIGN => OCI_LAYER_NONDISTRIBUTABLE_GZIP,
+            DOCKER_LAYER => OCI_LAYER,
+            other => other,
+        }
+    }
+
+    /// The Docker schema2 media type of a layer with the same bytes, the
+    /// inverse of [`oci_layer_type`]; zstd has no Docker type and stays.
+    pub fn docker_layer_type(media_type: &str) -> &str {
+        match media_type {
+            OCI_LAYER_GZIP => DOCKER_LAYER_GZIP,
+            OCI_LAYER_NONDISTRIBUTABLE_GZIP => DOCKER_LAYER_FOREIGN,
+            OCI_LAYER => DOCKER_LAYER,
+            other => other,
+        }
+    }
 
     /// Every manifest kind the client can read, for the `Accept` header.
     pub const ACCEPT_MANIFESTS: &[&str] = &[

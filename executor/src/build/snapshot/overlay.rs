@@ -11,10 +11,14 @@
 //!   directory always holds complete files and directories (a renamed lower
 //!   directory is copied, not recorded as a redirect), which makes it a valid
 //!   layer and a valid lower for the next step (`commit` renames it);
-//! - any number of lowers: paths go through short symlinks in the scratch
-//!   directory and, when the option string would still exceed a page, the
-//!   mount is done from a child process whose working directory is the
-//!   scratch directory so relative names can be used.
+//! - any number of lowers up to overlayfs's own limit of 500: paths go
+//!   through short symlinks in the scratch directory and, when the option
+//!   string would still exceed a page, the mount is done from a child
+//!   process whose working directory is the scratch directory so relative
+//!   names can be used (`l/1f3:` is 6 bytes a layer, 3000 for 500 layers);
+//! - the same layer directory may appear any number of times in the stack
+//!   (identical steps give byte-identical layers, which share one unpacked
+//!   directory), and empty layers cost no lower: see `mount_stack`.
 
 use super::{
     Change, ChangeEntry, ChangeKind, LowerLayout, Mounted, MountedState, SnapshotError,
@@ -94,7 +98,7 @@ impl Snapshotter for OverlaySnapshotter {
         for d in [&upper, &work, &merged, &links] {
             mkdir(d)?;
         }
-        let mut stack: Vec<PathBuf> = lowers.to_vec();
+        let mut stack = mount_stack(lowers)?;
         let mut empty = None;
         if stack.is_empty() {
             // overlayfs needs at least one lower directory.
@@ -139,10 +143,13 @@ impl Snapshotter for OverlaySnapshotter {
             target: merged.clone(),
             source,
         })?;
+        // The state keeps the stack as given: `commit` hands it back with
+        // the new layer on top, and `diff` looks paths up in it (the same
+        // answers as in the mounted stack, see `mount_stack`).
         Ok(Mounted {
             rootfs: merged,
             state: MountedState::Overlay(OverlayState {
-                lowers: stack,
+                lowers: lowers.to_vec(),
                 upper,
                 work,
                 links,
@@ -240,6 +247,42 @@ impl Snapshotter for OverlaySnapshotter {
         }
         Ok(())
     }
+}
+
+/// The lower stack as it is mounted: each directory at most once, and
+/// empty directories left out. overlayfs refuses a directory that appears
+/// twice in `lowerdir` (ELOOP, "conflicting lowerdir path"); a bind mount or
+/// symlink per position does not help, since the kernel compares the
+/// directories themselves. Both omissions keep the merged view identical:
+///
+/// - an empty layer directory contributes no name, whiteout or opaque
+///   marker to any lookup;
+/// - of a directory `L` that appears more than once, only the topmost
+///   occurrence is kept. For any path, either the topmost `L` decides it (it
+///   holds the path, a whiteout for it, a non-directory or an opaque
+///   directory on the way to it), and then nothing below matters, or it does
+///   not, and then no copy of `L` holds anything on the way either (they are
+///   the same directory), so every lower copy is transparent for that path.
+///   Keeping a lower copy instead would not be equivalent: the layers
+///   between the two positions would then win over `L`.
+fn mount_stack(lowers: &[PathBuf]) -> Result<Vec<PathBuf>, SnapshotError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut top_first = Vec::with_capacity(lowers.len());
+    for lower in lowers.iter().rev() {
+        let meta =
+            std::fs::metadata(lower).map_err(|e| SnapshotError::io("inspecting", lower, e))?;
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let mut entries =
+            std::fs::read_dir(lower).map_err(|e| SnapshotError::io("reading", lower, e))?;
+        if entries.next().is_none() {
+            continue;
+        }
+        top_first.push(lower.clone());
+    }
+    top_first.reverse();
+    Ok(top_first)
 }
 
 /// Removes the work, link and mount-point directories (never the lowers).
@@ -522,6 +565,48 @@ pub(crate) mod tests {
         for i in 0..200 {
             assert!(m.rootfs.join(format!("f{i}")).exists());
         }
+        snap.release(m).unwrap();
+    }
+
+    #[test]
+    fn a_layer_directory_repeated_in_the_stack_mounts_as_its_topmost_copy() {
+        let s = Scratch::new();
+        let a = s.path().join("a");
+        let l = s.path().join("l");
+        let b = s.path().join("b");
+        let empty = s.path().join("empty-layer");
+        for d in [&a, &l, &b, &empty] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(a.join("only-a"), b"a").unwrap();
+        std::fs::write(a.join("shared"), b"from a").unwrap();
+        std::fs::write(l.join("shared"), b"from l").unwrap();
+        std::fs::write(b.join("shared"), b"from b").unwrap();
+        std::fs::write(b.join("only-b"), b"b").unwrap();
+        let snap = OverlaySnapshotter::new();
+        // Seven identical steps on top of an empty layer and a repeated one.
+        let mut lowers = vec![a.clone(), empty.clone(), l.clone(), b.clone()];
+        lowers.extend(std::iter::repeat_n(l.clone(), 7));
+        lowers.push(empty.clone());
+        let m = snap.prepare(&lowers, &s.path().join("s")).unwrap();
+        // The topmost `l` wins over `b`, as in the stack as written.
+        assert_eq!(std::fs::read(m.rootfs.join("shared")).unwrap(), b"from l");
+        assert!(m.rootfs.join("only-a").exists() && m.rootfs.join("only-b").exists());
+        std::fs::write(m.rootfs.join("new"), b"n").unwrap();
+        let next = snap.commit(m, &s.path().join("layer")).unwrap();
+        assert_eq!(
+            next.len(),
+            lowers.len() + 1,
+            "commit keeps the stack as given"
+        );
+        let m = snap.prepare(&next, &s.path().join("s2")).unwrap();
+        assert_eq!(std::fs::read(m.rootfs.join("new")).unwrap(), b"n");
+        snap.release(m).unwrap();
+        // Only empty layers: still a mount.
+        let m = snap
+            .prepare(&[empty.clone(), empty], &s.path().join("s3"))
+            .unwrap();
+        assert!(snap.diff(&m).unwrap().is_empty());
         snap.release(m).unwrap();
     }
 
