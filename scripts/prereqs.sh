@@ -24,11 +24,12 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The registry package starts a system service listening on :5000; tests
-# start their own registries on free loopback ports and do not want it.
-if command -v systemctl >/dev/null 2>&1; then
-  systemctl disable --now docker-registry >/dev/null 2>&1 || true
-fi
-pkill -f '^/usr/bin/docker-registry serve /etc/docker/registry/config.yml' 2>/dev/null || true
+# Debian's docker-registry package runs a registry service on :5000 where
+# systemd runs. It is left alone, yours or not: the tests start their own
+# registries on free loopback ports (20000-31999) and need no port free.
+
+# promtool, for the metrics test (unpacked, not installed: see the script).
+scripts_dir=$(dirname "$0")
+"$scripts_dir/install-promtool.sh" >/dev/null
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt

@@ -6,9 +6,16 @@
 #      errors), for the oldest and newest Kubernetes versions we support,
 #      custom resources against a schema of their own, plus cross-references
 #      (deploy/tools/validate_manifests.py),
-#   3. checks that deliberately broken copies are rejected (so this check
+#   3. asserts what the manifests promise on the rendered objects
+#      (deploy/tools/check_promises.py: port 7070, pinned images, the build
+#      Job's archive extraction, token file and ephemeral storage, the
+#      `release` label, claim templates production shares with base), runs
+#      the `kiln-cache token create` line of tokens.toml when the CLI is
+#      built, and checks the PrometheusRule's groups with promtool (syntax
+#      and the unit tests beside it);
+#   4. checks that deliberately broken copies are rejected (so this check
 #      cannot silently pass),
-#   4. shellchecks the deploy scripts, lints the two Dockerfiles, parses the
+#   5. shellchecks the deploy scripts, lints the two Dockerfiles, parses the
 #      CI snippets, and dry-runs deploy/build-images.sh's context preparation
 #      with a stub builder.
 # Installs its own tools (idempotent). Exits non-zero on any problem.
@@ -49,7 +56,9 @@ kustomize_version=$(kubectl version --client -o json 2>/dev/null \
 if ! [[ "$kustomize_version" =~ ^v([0-9]+)\. ]] || ((BASH_REMATCH[1] < KUSTOMIZE_MAJOR_MIN)); then
   fail "kubectl's kustomize is '${kustomize_version:-none}', need v$KUSTOMIZE_MAJOR_MIN or later"
 fi
+promtool=$(scripts/install-promtool.sh)
 say "tools: kubernetes-validate $(installed_version kubernetes-validate)," \
+  "$("$promtool" --version 2>&1 | head -1 | cut -d' ' -f1-3)," \
   "kustomize $kustomize_version (kubectl), $(shellcheck --version | sed -n 's/^version: /shellcheck /p')"
 
 out=$(mktemp -d "${TMPDIR:-/tmp}/kiln-validate-deploy.XXXXXX")
@@ -91,7 +100,27 @@ fi
 "${validator[@]}" "${rendered[@]}" || fail "invalid manifests (above)"
 say "all rendered objects valid against Kubernetes ${K8S_VERSIONS[*]}"
 
-# --- 3. negative self-check ----------------------------------------------------
+# --- 3. promises, on the rendered objects ---------------------------------------
+python3 deploy/tools/check_promises.py "$out" || fail "manifest promises (above)"
+# The tokens.toml comment's `kiln-cache token create` line runs, when the
+# admin CLI is built (check_promises.py checks its syntax regardless).
+kiln_cache="${CARGO_TARGET_DIR:-target}/release/kiln-cache"
+if [[ -x "$kiln_cache" ]]; then
+  create=$(sed -n 's/^#   kiln-cache token create //p' deploy/kubernetes/base/tokens.toml)
+  [[ -n "$create" ]] || fail "tokens.toml shows no 'kiln-cache token create' line"
+  # shellcheck disable=SC2086 # the line's words are the arguments
+  "$kiln_cache" token create $create >/dev/null \
+    || fail "tokens.toml: 'kiln-cache token create $create' fails"
+  say "tokens.toml's 'kiln-cache token create $create' runs"
+fi
+cp deploy/kubernetes/components/prometheus-operator/prometheusrule.test.yaml "$out/"
+"$promtool" check rules "$out/kiln-cache.rules.yaml" >"$out/rules.log" 2>&1 \
+  || { cat "$out/rules.log" >&2; fail "promtool check rules"; }
+(cd "$out" && "$promtool" test rules prometheusrule.test.yaml) >"$out/rules-test.log" 2>&1 \
+  || { cat "$out/rules-test.log" >&2; fail "promtool test rules"; }
+say "PrometheusRule: $(grep -o '[0-9]* rules found' "$out/rules.log"), unit tests pass"
+
+# --- 4. negative self-check ----------------------------------------------------
 # The overlay with the most kinds (it includes the ServiceMonitor) is broken in
 # several ways, one at a time; each copy must be rejected.
 full="$out/overlays_production-prometheus-operator.yaml"
@@ -104,8 +133,9 @@ while IFS= read -r m; do
   say "negative self-check: '$m' rejected: $(grep -m1 -v ' objects (' "$out/broken-$m.log" | cut -c1-160)"
 done < <("${validator[@]}" --list-mutations)
 
-# --- 4. scripts, Dockerfiles, CI snippets --------------------------------------
-shellcheck deploy/build-images.sh scripts/validate-deploy.sh || fail "shellcheck"
+# --- 5. scripts, Dockerfiles, CI snippets --------------------------------------
+shellcheck deploy/build-images.sh scripts/validate-deploy.sh scripts/install-promtool.sh \
+  scripts/prereqs.sh || fail "shellcheck"
 say "shellcheck clean"
 
 # dockerfile_has FILE REGEX: the (continuation-joined) Dockerfile has a line

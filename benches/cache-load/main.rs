@@ -4,7 +4,7 @@
 //! large blob PUT/GET throughput against a running server:
 //!
 //! ```sh
-//! cache-load --server http://127.0.0.1:8080 [--duration 10] [--concurrency 32]
+//! cache-load --server http://127.0.0.1:7070 [--duration 10] [--concurrency 32]
 //!            [--blob-mb 100] [--blob-rounds 3] [--entries 10000] [--token T]
 //! ```
 //! Results are printed as a table; see docs/performance.md.
@@ -33,7 +33,7 @@ struct Opts {
 
 fn parse_args() -> Result<Opts, String> {
     let mut o = Opts {
-        server: "http://127.0.0.1:8080".into(),
+        server: "http://127.0.0.1:7070".into(),
         token: std::env::var("KILN_CACHE_TOKEN").ok(),
         duration: Duration::from_secs(10),
         concurrency: 32,

@@ -260,6 +260,9 @@ fn metrics_response(stats: &Stats, metrics: &PrometheusHandle) -> Response {
     gauge!(t::ENTRIES).set(stats.entries as f64);
     gauge!(t::BLOBS).set(stats.blobs as f64);
     gauge!(t::BLOB_BYTES).set(stats.blob_bytes as f64);
+    if let Some(max) = stats.max_size {
+        gauge!(t::MAX_SIZE).set(max as f64);
+    }
     counter!(t::EVICTIONS).absolute(stats.entries_evicted);
     counter!(t::EXPIRATIONS).absolute(stats.entries_expired);
     counter!(t::BLOBS_REMOVED).absolute(stats.blobs_removed);

@@ -3,7 +3,8 @@
 //!
 //! Exit codes (docs/cache-server.md): 0 success, 1 other failure, 2 usage,
 //! 3 not found, 4 unauthorized or forbidden, 5 server unreachable,
-//! 6 `verify` found corrupt or missing blobs.
+//! 6 `verify` found corrupt or missing blobs, 7 a TLS certificate was
+//! refused (the server's or ours).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use reqwest::StatusCode;
 use serde::Serialize;
 
 use crate::auth::{self, Scope};
-use crate::client::{AdminClient, ClientError, Leased};
+use crate::client::{AdminClient, ClientError, ClientTls, Leased};
 use crate::store::{Store, StoreConfig, VerifyReport};
 use crate::units::format_size;
 
@@ -24,6 +25,7 @@ pub const EXIT_NOT_FOUND: u8 = 3;
 pub const EXIT_AUTH: u8 = 4;
 pub const EXIT_UNREACHABLE: u8 = 5;
 pub const EXIT_CORRUPT: u8 = 6;
+pub const EXIT_CERTIFICATE: u8 = 7;
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -31,26 +33,59 @@ pub const EXIT_CORRUPT: u8 = 6;
     version,
     about = "Admin client of kiln-cache-server",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 unauthorized/forbidden, \
-                  5 server unreachable, 6 verify found corrupt or missing blobs."
+                  5 server unreachable, 6 verify found corrupt or missing blobs, \
+                  7 TLS certificate refused."
 )]
 pub struct CliArgs {
     /// Server base URL.
     #[arg(
         long,
         env = "KILN_CACHE_SERVER",
-        default_value = "http://127.0.0.1:8080",
+        default_value = "http://127.0.0.1:7070",
         global = true
     )]
     pub server: String,
     /// Bearer token (needs the admin scope for most commands).
     #[arg(long, env = "KILN_CACHE_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// Read the bearer token from this file (e.g. a mounted Secret); wins
+    /// over --token, and stays out of `ps` and shell history.
+    #[arg(
+        long,
+        env = "KILN_CACHE_TOKEN_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub token_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table", global = true)]
     pub output: Output,
     /// Accept any TLS certificate (self-signed test servers only).
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// PEM CA certificate(s) to trust besides the default ones: the private
+    /// CA that signed the server's certificate.
+    #[arg(long, env = "KILN_CACHE_CA_CERT", value_name = "FILE", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate for a server that requires one (mutual TLS;
+    /// with --client-key).
+    #[arg(
+        long,
+        env = "KILN_CACHE_CLIENT_CERT",
+        value_name = "FILE",
+        global = true,
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        env = "KILN_CACHE_CLIENT_KEY",
+        value_name = "FILE",
+        global = true,
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -116,6 +151,8 @@ pub enum TokenCommand {
 fn exit_code(e: &ClientError) -> u8 {
     match e {
         ClientError::Transport { .. } => EXIT_UNREACHABLE,
+        ClientError::Certificate { .. } => EXIT_CERTIFICATE,
+        ClientError::TlsFile { .. } => EXIT_USAGE,
         ClientError::Status { status, .. } => match *status {
             StatusCode::NOT_FOUND => EXIT_NOT_FOUND,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => EXIT_AUTH,
@@ -123,6 +160,18 @@ fn exit_code(e: &ClientError) -> u8 {
         },
         ClientError::Decode { .. } => EXIT_FAILURE,
     }
+}
+
+/// A token file's content without surrounding whitespace (a Secret written
+/// with `echo` ends in a newline); an empty file is an error.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading the token file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("the token file {} is empty", path.display()));
+    }
+    Ok(token.to_owned())
 }
 
 fn print_json<T: Serialize>(out: &mut impl Write, value: &T) -> std::io::Result<()> {
@@ -171,7 +220,16 @@ impl From<std::io::Error> for Failure {
 
 async fn run_inner(args: CliArgs, out: &mut impl Write) -> Result<u8, Failure> {
     let json = args.output == Output::Json;
-    let client = || AdminClient::new(&args.server, args.token.clone(), args.insecure);
+    let token = match &args.token_file {
+        Some(path) => Some(read_token_file(path).map_err(Failure::Other)?),
+        None => args.token.clone(),
+    };
+    let tls = ClientTls {
+        insecure: args.insecure,
+        ca_cert: args.ca_cert.clone(),
+        identity: args.client_cert.clone().zip(args.client_key.clone()),
+    };
+    let client = || AdminClient::new(&args.server, token.clone(), &tls);
     match args.command {
         Command::Stats => {
             let stats = client()?.stats().await?;

@@ -56,9 +56,15 @@ pub enum ConfigError {
     MissingData,
     #[error("--tls-cert and --tls-key must be given together")]
     HalfTls,
+    #[error("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")]
+    ClientCaWithoutTls,
     #[error(transparent)]
     Object(#[from] crate::objstore::ObjError),
 }
+
+/// kiln's cache port (docs/decisions.md, "The cache server listens on port
+/// 7070"): the server's default, `kiln-cache`'s and the manifests'.
+pub const DEFAULT_PORT: u16 = 7070;
 
 /// Command line of `kiln-cache-server`.
 #[derive(Debug, Default, Clone, clap::Parser)]
@@ -74,7 +80,7 @@ pub enum ConfigError {
 )]
 pub struct ServerArgs {
     /// Address to listen on; port 0 picks a free port (the bound address is
-    /// logged as "listening on ADDR:PORT") [default: 0.0.0.0:8080].
+    /// logged as "listening on ADDR:PORT") [default: 0.0.0.0:7070].
     #[arg(long, env = "KILN_CACHE_LISTEN", value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
     /// Data directory: RocksDB index, blobs, temporary uploads.
@@ -105,6 +111,10 @@ pub struct ServerArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "KILN_CACHE_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require every client to present a certificate
+    /// signed by one of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "KILN_CACHE_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
     /// TOML config file.
     #[arg(long, env = "KILN_CACHE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -145,6 +155,7 @@ struct FileConfig {
     tokens: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     log_format: Option<LogFormat>,
     port_file: Option<PathBuf>,
     shutdown_timeout: Option<String>,
@@ -190,7 +201,10 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     pub gc_interval: Duration,
     pub tokens: Option<PathBuf>,
+    /// Server certificate chain and key.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA bundle client certificates must chain to (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
     pub log_format: LogFormat,
     pub port_file: Option<PathBuf>,
     pub shutdown_timeout: Duration,
@@ -251,17 +265,22 @@ impl ServerArgs {
             (None, None) => None,
             _ => return Err(ConfigError::HalfTls),
         };
+        let tls_client_ca = self.tls_client_ca.or_else(|| rel(file.tls_client_ca));
+        if tls_client_ca.is_some() && tls.is_none() {
+            return Err(ConfigError::ClientCaWithoutTls);
+        }
         Ok(ServerConfig {
             listen: self
                 .listen
                 .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
             data,
             store,
             gc_interval: duration("gc-interval", self.gc_interval, file.gc_interval)?
                 .unwrap_or(Duration::from_secs(600)),
             tokens: self.tokens.or_else(|| rel(file.tokens)),
             tls,
+            tls_client_ca,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             port_file: self.port_file.or(file.port_file),
             shutdown_timeout: duration(
@@ -457,6 +476,32 @@ mod tests {
             ServerArgs::default().resolve(),
             Err(ConfigError::MissingData)
         ));
+    }
+
+    #[test]
+    fn client_certificates_need_tls_and_the_default_port_is_7070() {
+        let args = ServerArgs::try_parse_from([
+            "kiln-cache-server",
+            "--data",
+            "/x",
+            "--tls-client-ca",
+            "ca.pem",
+        ])
+        .unwrap();
+        assert!(matches!(
+            args.resolve(),
+            Err(ConfigError::ClientCaWithoutTls)
+        ));
+        let (_dir, file, args) = with_file(
+            "data = \"x\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_client_ca = \"ca.pem\"\n",
+            &[],
+        );
+        let cfg = args.resolve().unwrap();
+        assert_eq!(
+            cfg.tls_client_ca,
+            Some(file.parent().unwrap().join("ca.pem"))
+        );
+        assert_eq!(cfg.listen.port(), 7070);
     }
 
     /// A config file with `text` in a fresh directory, and the arguments

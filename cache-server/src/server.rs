@@ -80,7 +80,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn load_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+/// The TLS acceptor: the server's certificate and key, and with a client
+/// CA, a verifier that refuses clients without a certificate it signed.
+fn load_tls(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|e| ServerError::Tls(format!("reading {}: {e}", p.display())))
     };
@@ -101,10 +107,35 @@ fn load_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, Server
             ServerError::Tls(format!("{} contains no PEM private key", key.display()))
         })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let ca_pem = read(ca)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut ca_pem.as_slice()) {
+                let c =
+                    c.map_err(|e| ServerError::Tls(format!("parsing {}: {e}", ca.display())))?;
+                roots.add(c).map_err(|e| {
+                    ServerError::Tls(format!("{}: unusable CA certificate: {e}", ca.display()))
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(ServerError::Tls(format!(
+                    "{} contains no PEM certificate",
+                    ca.display()
+                )));
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| ServerError::Tls(format!("{}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -130,7 +161,7 @@ pub async fn serve(
         }
     };
     let tls = match &config.tls {
-        Some((cert, key)) => Some(load_tls(cert, key)?),
+        Some((cert, key)) => Some(load_tls(cert, key, config.tls_client_ca.as_deref())?),
         None => None,
     };
     // The storage backend: the local store in --data (the default), or a
@@ -183,6 +214,7 @@ pub async fn serve(
         max_size = ?config.store.max_size,
         storage = config.object.as_ref().map_or("local", |o| o.url.as_str()),
         tls = tls.is_some(),
+        client_certificates = config.tls_client_ca.is_some(),
         "listening on {local}"
     );
 

@@ -1235,6 +1235,9 @@ impl Store {
                         report.entries_evicted += 1;
                         self.inner.entries.fetch_sub(1, Ordering::Relaxed);
                         self.inner.evicted.fetch_add(1, Ordering::Relaxed);
+                        crate::telemetry::record_eviction(
+                            now_ms().saturating_sub(value.accessed_ms),
+                        );
                     }
                     self.inner.db.write(batch).map_err(db_err)?;
                     if let Some(layer) = &value.entry.layer {

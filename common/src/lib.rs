@@ -4,9 +4,12 @@
 //!   reader that refuses to finish when the bytes do not match.
 //! - [`cache_key`]: versioned, domain-separated blake3 cache keys.
 //! - [`wire`]: the JSON types of the cache server's HTTP API.
+//! - [`errors`]: error chains and certificate problems as cache clients
+//!   report them.
 
 pub mod cache_key;
 pub mod digest;
+pub mod errors;
 pub mod wire;
 
 pub use cache_key::{CacheKey, CacheKeyBuilder};

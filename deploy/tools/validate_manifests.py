@@ -13,6 +13,11 @@ Called by scripts/validate-deploy.sh with the YAML files that
 3. Cross-references that a schema cannot see: a Service or NetworkPolicy
    selecting no pod, a named port that no container declares, a ConfigMap or
    Secret that is mounted but neither rendered nor declared external.
+4. Policies the manifests promise (docs/operations.md): every image pinned
+   to a tag or digest (never `latest`), liveness and readiness probes on
+   long-running containers, requests and limits on every container
+   (ephemeral storage too, for Jobs: a build writes its root filesystem
+   there), and secrets mounted as files, never passed in arguments.
 
 Exit status: 0 if everything is valid, 1 if anything is not (each problem is
 printed as `file: Kind/name: message`), 2 on a usage error.
@@ -118,7 +123,61 @@ SERVICE_MONITOR_SCHEMA = {
     },
 }
 
-CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA}
+# monitoring.coreos.com/v1 PrometheusRule: the rule groups (what promtool
+# checks, see scripts/validate-deploy.sh) inside the object's envelope.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                                    "properties": {
+                                        "record": {"type": "string"},
+                                        "alert": {"type": "string"},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": _DURATION,
+                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE_SCHEMA,
+}
 
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
@@ -256,6 +315,52 @@ def reference_errors(docs: list[dict]) -> list[tuple[dict, str]]:
     return out
 
 
+LONG_RUNNING_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
+# Argument names that carry a secret value (a file flag, `--x-token-file`,
+# names where the secret is instead).
+_SECRET_WORDS = ("token", "password", "secret", "credential")
+
+
+def image_pinned(image: str) -> bool:
+    """A tag other than `latest`, or a digest, on the last path component."""
+    if "@sha256:" in image:
+        return True
+    last = image.rsplit("/", 1)[-1]
+    return ":" in last and not last.endswith(":latest")
+
+
+def policy_errors(docs: list[dict]) -> list[tuple[dict, str]]:
+    out: list[tuple[dict, str]] = []
+    for owner, _, _, spec in pod_templates(docs):
+        kind = owner.get("kind")
+        for c in (spec.get("initContainers", []) or []) + (spec.get("containers", []) or []):
+            cname = c.get("name")
+            image = c.get("image", "")
+            if not image_pinned(image):
+                out.append((owner, f"container {cname!r}: image {image!r} is not pinned to a tag or digest"))
+            if kind in LONG_RUNNING_KINDS and c in (spec.get("containers") or []):
+                for probe in ("livenessProbe", "readinessProbe"):
+                    if not c.get(probe):
+                        out.append((owner, f"container {cname!r} has no {probe}"))
+            if kind == "Job":
+                res = c.get("resources") or {}
+                for part in ("requests", "limits"):
+                    if "ephemeral-storage" not in (res.get(part) or {}):
+                        out.append((owner, f"container {cname!r}: no ephemeral-storage in resources.{part}"))
+            secret_env = {
+                e["name"] for e in c.get("env", []) or [] if (e.get("valueFrom") or {}).get("secretKeyRef")
+            }
+            for arg in (c.get("command") or []) + (c.get("args") or []):
+                arg = str(arg)
+                for var in secret_env:
+                    if f"$({var})" in arg:
+                        out.append((owner, f"container {cname!r}: argument {arg!r} passes the Secret-backed ${var}: mount the Secret and pass its file"))
+                name = arg.split("=", 1)[0]
+                if name.startswith("--") and any(w in name for w in _SECRET_WORDS) and not name.endswith("-file") and "=" in arg:
+                    out.append((owner, f"container {cname!r}: argument {name} carries a secret on the command line: use its -file variant with a mounted Secret"))
+    return out
+
+
 def validate_files(paths: list[Path], versions: list[str]) -> int:
     problems = 0
     for path in paths:
@@ -270,7 +375,7 @@ def validate_files(paths: list[Path], versions: list[str]) -> int:
                 print(f"{path}: {ident(doc)}: {err}", file=sys.stderr)
                 problems += 1
             count += 1
-        for doc, err in reference_errors(docs):
+        for doc, err in reference_errors(docs) + policy_errors(docs):
             print(f"{path}: {ident(doc)}: {err}", file=sys.stderr)
             problems += 1
         kinds = sorted({d.get("kind") for d in docs})
@@ -302,12 +407,36 @@ def mutate(kind: str, docs: list[dict]) -> list[dict]:
     elif kind == "crd-typo":  # a misspelt field in the custom resource
         ep = _first(docs, "ServiceMonitor")["spec"]["endpoints"][0]
         ep["intervall"] = ep.pop("interval")
+    elif kind == "rule-typo":  # a misspelt field in a PrometheusRule rule
+        rule = _first(docs, "PrometheusRule")["spec"]["groups"][0]["rules"][0]
+        rule["exp"] = rule.pop("expr")
+    elif kind == "unpinned-image":  # the image's tag lost (`latest`)
+        c = _first(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+        c["image"] = c["image"].rsplit(":", 1)[0]
+    elif kind == "missing-probe":  # a server without readiness probe
+        del _first(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    elif kind == "secret-in-args":  # a token expanded into the command line
+        c = _first(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+        c.setdefault("env", []).append(
+            {"name": "T", "valueFrom": {"secretKeyRef": {"name": _first(docs, "Secret")["metadata"]["name"], "key": "t"}}}
+        )
+        c["args"].append("--flag=$(T)")
     else:
         raise SystemExit(f"mutate: unknown mutation {kind}")
     return docs
 
 
-MUTATIONS = ["unknown-field", "wrong-type", "missing-required", "dangling-selector", "crd-typo"]
+MUTATIONS = [
+    "unknown-field",
+    "wrong-type",
+    "missing-required",
+    "dangling-selector",
+    "crd-typo",
+    "rule-typo",
+    "unpinned-image",
+    "missing-probe",
+    "secret-in-args",
+]
 
 
 def main() -> int:

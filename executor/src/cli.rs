@@ -122,8 +122,22 @@ pub struct ExecutorArgs {
     /// kiln-cache-server URL (without it the cache is embedded in --cache-dir).
     #[arg(long)]
     pub cache_server: Option<String>,
+    /// Bearer token of the cache server; prefer --cache-token-file.
     #[arg(long, env = "KILN_CACHE_TOKEN", hide_env_values = true)]
     pub cache_token: Option<String>,
+    // The cache server's token file and TLS: one group, kept together.
+    /// Read the cache token from this file (e.g. a mounted Secret); wins
+    /// over --cache-token and KILN_CACHE_TOKEN.
+    #[arg(long, env = "KILN_CACHE_TOKEN_FILE", value_name = "FILE")]
+    pub cache_token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) of the cache server (a private CA), trusted
+    /// besides the default ones.
+    #[arg(long, env = "KILN_CACHE_CA_CERT", value_name = "FILE")]
+    pub cache_ca_cert: Option<PathBuf>,
+    /// Client certificate and key for a cache server that requires one
+    /// (mutual TLS), as `CERT,KEY` (PEM files).
+    #[arg(long, env = "KILN_CACHE_CLIENT_CERT", value_name = "CERT,KEY")]
+    pub cache_client_cert: Option<String>,
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
     /// How long cache entries stay valid (Go duration, e.g. 336h).
@@ -219,6 +233,12 @@ pub struct ExecutorArgs {
 pub enum CliError {
     #[error("--build-arg {0:?}: expected K=V, or K with K set in the environment")]
     BuildArg(String),
+    #[error("--cache-client-cert {0:?}: expected CERT,KEY (two PEM files)")]
+    ClientCert(String),
+    #[error("--cache-token-file {path}: {message}")]
+    TokenFile { path: String, message: String },
+    #[error(transparent)]
+    Tls(#[from] crate::cache::http::TlsFileError),
 }
 
 impl ExecutorArgs {
@@ -246,6 +266,43 @@ impl ExecutorArgs {
             Some(p) if p.is_absolute() || p.exists() => p.clone(),
             Some(p) => self.context.join(p),
         }
+    }
+
+    /// Replaces the cache token with the content of `--cache-token-file`
+    /// (without surrounding whitespace), when given.
+    pub fn read_cache_token_file(&mut self) -> Result<(), CliError> {
+        let Some(path) = &self.cache_token_file else {
+            return Ok(());
+        };
+        let error = |message: String| CliError::TokenFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(error("the file is empty".into()));
+        }
+        self.cache_token = Some(token.to_owned());
+        Ok(())
+    }
+
+    /// The cache client's TLS material from `--cache-ca-cert` and
+    /// `--cache-client-cert CERT,KEY`, read and checked.
+    pub fn cache_tls(&self) -> Result<crate::cache::http::ClientTls, CliError> {
+        let identity = match &self.cache_client_cert {
+            None => None,
+            Some(v) => match v.split_once(',') {
+                Some((cert, key)) if !cert.is_empty() && !key.is_empty() => {
+                    Some((PathBuf::from(cert), PathBuf::from(key)))
+                }
+                _ => return Err(CliError::ClientCert(v.clone())),
+            },
+        };
+        Ok(crate::cache::http::ClientTls::load(
+            self.cache_ca_cert.as_deref(),
+            identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )?)
     }
 
     pub fn plan_options(&self) -> Result<PlanOptions, CliError> {
@@ -306,6 +363,46 @@ mod tests {
         assert_eq!(a.snapshotter, SnapshotterKind::Walk);
         assert!(parse(&["--compression", "lz4"]).is_err());
         assert!(parse(&["--isolation", "vm"]).is_err());
+    }
+
+    #[test]
+    fn cache_token_file_wins_over_the_flag_and_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "kiln_secret\n").unwrap();
+        let mut a = parse(&[
+            "--cache-token",
+            "on-the-command-line",
+            "--cache-token-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        a.read_cache_token_file().unwrap();
+        assert_eq!(a.cache_token.as_deref(), Some("kiln_secret"));
+
+        std::fs::write(&file, " \n").unwrap();
+        let err = a.read_cache_token_file().unwrap_err().to_string();
+        assert!(err.contains("empty") && err.contains("token"), "{err}");
+        let mut b = parse(&["--cache-token-file", "/nonexistent/kiln-token"]).unwrap();
+        let err = b.read_cache_token_file().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/kiln-token"), "{err}");
+    }
+
+    #[test]
+    fn cache_client_cert_needs_a_certificate_and_a_key() {
+        for bad in ["only-cert.pem", "cert.pem,", ",key.pem"] {
+            let a = parse(&["--cache-client-cert", bad]).unwrap();
+            assert!(
+                matches!(a.cache_tls(), Err(CliError::ClientCert(_))),
+                "{bad}"
+            );
+        }
+        let a = parse(&["--cache-ca-cert", "/nonexistent/ca.pem"]).unwrap();
+        let err = a.cache_tls().err().unwrap().to_string();
+        assert!(
+            err.contains("--cache-ca-cert") && err.contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,12 +8,12 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = ExecutorArgs::parse();
+    let mut args = ExecutorArgs::parse();
     init_logging(args.verbosity);
     let result = if args.dry_run {
         dry_run(&args)
     } else {
-        build(&args)
+        cache_settings(&mut args).and_then(|()| build(&args))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -29,8 +29,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The cache token from its file and the cache client's TLS material, read
+/// before anything is built: a bad file is an error, not a cacheless build.
+fn cache_settings(args: &mut ExecutorArgs) -> anyhow::Result<()> {
+    args.read_cache_token_file()?;
+    kiln_executor::cache::http::install_client_tls(args.cache_tls()?);
+    Ok(())
+}
+
 /// Library warnings (registry retries, skipped device nodes, ...) go to
-/// stderr at the level `-v/--verbosity` asks for.
+/// stderr at the level `-v/--verbosity` asks for, coloured only on a
+/// terminal and never with `NO_COLOR` set.
 fn init_logging(verbosity: Verbosity) {
     let level = match verbosity {
         Verbosity::Panic | Verbosity::Fatal | Verbosity::Error => "error",
@@ -44,8 +53,16 @@ fn init_logging(verbosity: Verbosity) {
             "kiln_executor={level},warn"
         )))
         .with_writer(std::io::stderr)
+        .with_ansi(use_ansi())
         .with_target(false)
         .try_init();
+}
+
+/// Colour only when stderr is a terminal and `NO_COLOR` is unset or empty
+/// (<https://no-color.org>); pod logs and files get plain text.
+fn use_ansi() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn build(args: &ExecutorArgs) -> anyhow::Result<()> {

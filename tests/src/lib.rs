@@ -465,7 +465,7 @@ impl Registry {
 
 /// A CA (`ca.pem`) and a server certificate for IP 127.0.0.1 signed by it
 /// (`server.pem`, `server.key`), made with the `openssl` CLI in `dir`.
-fn make_test_certificates(dir: &Path) -> Result<()> {
+pub fn make_test_certificates(dir: &Path) -> Result<()> {
     let ec = [
         "-newkey",
         "ec",
@@ -501,6 +501,35 @@ fn make_test_certificates(dir: &Path) -> Result<()> {
         .arg(dir.join("ca.key"))
         .arg("-out")
         .arg(dir.join("server.pem"))
+        .arg("-extfile")
+        .arg(&ext))?;
+    Ok(())
+}
+
+/// A client certificate (`client.pem`, `client.key`, extended key usage
+/// clientAuth) signed by the CA [`make_test_certificates`] made in `dir`.
+pub fn make_client_certificate(dir: &Path) -> Result<()> {
+    run(Command::new("openssl")
+        .args(["req", "-subj", "/CN=kiln-test-client", "-newkey", "ec"])
+        .args(["-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .arg("-keyout")
+        .arg(dir.join("client.key"))
+        .arg("-out")
+        .arg(dir.join("client.csr")))?;
+    let ext = dir.join("client.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+        .arg(dir.join("client.csr"))
+        .arg("-CA")
+        .arg(dir.join("ca.pem"))
+        .arg("-CAkey")
+        .arg(dir.join("ca.key"))
+        .arg("-out")
+        .arg(dir.join("client.pem"))
         .arg("-extfile")
         .arg(&ext))?;
     Ok(())

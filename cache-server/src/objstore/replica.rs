@@ -616,6 +616,9 @@ impl Replica {
                 free(e, &mut total);
                 doomed.push(e.clone());
                 report.entries_evicted += 1;
+                // The bucket keeps no access times: the entry's age since
+                // creation stands in for its idle time (docs/object-storage.md).
+                crate::telemetry::record_eviction(now.saturating_sub(e.last_modified_ms));
             }
         }
 

@@ -12,9 +12,19 @@
 //! too), a lookup answer up to [`MAX_LOOKUP_ANSWER`], an error body up to
 //! [`MAX_ERROR_BODY`]. A blob download has no total timeout (layers may be
 //! large) but fails when no byte arrives for [`IDLE_TIMEOUT`].
+//!
+//! TLS: besides the default CA certificates the client trusts a private CA
+//! (`--cache-ca-cert`) and presents a client certificate for mutual TLS
+//! (`--cache-client-cert`). That material is process configuration, like
+//! the root store itself: the binary installs it once with
+//! [`install_client_tls`] before a build opens the cache, and every
+//! [`HttpCache`] built afterwards uses it. A refused certificate is reported
+//! as such, naming the CA file trusted, not as a server that cannot be
+//! reached.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -34,6 +44,123 @@ pub const MAX_ERROR_BODY: usize = 64 << 10;
 /// A response that sends nothing for this long has failed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A TLS file the cache client cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {path}: {message}")]
+pub struct TlsFileError {
+    pub flag: &'static str,
+    pub path: String,
+    pub message: String,
+}
+
+/// The cache client's TLS material, read and parsed.
+#[derive(Clone)]
+pub struct ClientTls {
+    roots: Vec<reqwest::Certificate>,
+    /// Client certificate chain and key, PEM (checked by [`ClientTls::load`]).
+    identity: Option<Vec<u8>>,
+    /// The trusted CAs, for messages.
+    trust: String,
+}
+
+impl Default for ClientTls {
+    fn default() -> Self {
+        Self {
+            roots: Vec::new(),
+            identity: None,
+            trust: "the default CA certificates only; give a private CA with --cache-ca-cert FILE"
+                .into(),
+        }
+    }
+}
+
+impl ClientTls {
+    /// Reads the CA bundle and the client certificate and key (PEM).
+    pub fn load(
+        ca_cert: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<Self, TlsFileError> {
+        let read = |flag, p: &Path| {
+            std::fs::read(p).map_err(|e| TlsFileError {
+                flag,
+                path: p.display().to_string(),
+                message: e.to_string(),
+            })
+        };
+        let invalid = |flag, p: &Path, message: String| TlsFileError {
+            flag,
+            path: p.display().to_string(),
+            message,
+        };
+        let mut tls = ClientTls::default();
+        if let Some(ca) = ca_cert {
+            tls.roots = reqwest::Certificate::from_pem_bundle(&read("--cache-ca-cert", ca)?)
+                .map_err(|e| invalid("--cache-ca-cert", ca, kiln_common::errors::chain(&e)))?;
+            if tls.roots.is_empty() {
+                return Err(invalid(
+                    "--cache-ca-cert",
+                    ca,
+                    "contains no PEM certificate".into(),
+                ));
+            }
+            tls.trust = format!("{} and the default CA certificates", ca.display());
+        }
+        if let Some((cert, key)) = identity {
+            let mut pem = read("--cache-client-cert", cert)?;
+            pem.push(b'\n');
+            pem.extend(read("--cache-client-cert", key)?);
+            reqwest::Identity::from_pem(&pem).map_err(|e| {
+                invalid(
+                    "--cache-client-cert",
+                    cert,
+                    format!(
+                        "with key {}: {}",
+                        key.display(),
+                        kiln_common::errors::chain(&e)
+                    ),
+                )
+            })?;
+            tls.identity = Some(pem);
+        }
+        Ok(tls)
+    }
+}
+
+static CLIENT_TLS: OnceLock<ClientTls> = OnceLock::new();
+
+/// Sets the TLS material of every [`HttpCache`] made from now on; only the
+/// first call counts (the binary makes it once, at start).
+pub fn install_client_tls(tls: ClientTls) {
+    let _ = CLIENT_TLS.set(tls);
+}
+
+/// A request that got no answer, as text: the whole error chain, and for a
+/// refused certificate, which CAs were trusted. An `https` connection the
+/// server closed although no client certificate was given is most likely a
+/// server requiring one (see [`kiln_common::errors::is_connection_closed`]).
+fn send_error(e: &reqwest::Error) -> String {
+    use kiln_common::errors::{chain, is_certificate_problem, is_connection_closed};
+    let tls = CLIENT_TLS.get().cloned().unwrap_or_default();
+    let https = e.url().is_some_and(|u| u.scheme() == "https");
+    if is_certificate_problem(e) {
+        format!(
+            "TLS certificate problem: {} (trusted CAs: {})",
+            chain(e),
+            tls.trust
+        )
+    } else if https && tls.identity.is_none() && is_connection_closed(e) {
+        format!(
+            "TLS certificate problem, probably: the server closed the connection, as one that \
+             requires client certificates does for a client without one (give \
+             --cache-client-cert CERT,KEY): {} (trusted CAs: {})",
+            chain(e),
+            tls.trust
+        )
+    } else {
+        chain(e)
+    }
+}
+
 pub struct HttpCache {
     servers: Vec<String>,
     preferred: AtomicUsize,
@@ -48,14 +175,25 @@ impl HttpCache {
         token: Option<String>,
         runtime: Handle,
     ) -> Result<Self, CacheError> {
-        let client = reqwest::Client::builder()
+        let tls = CLIENT_TLS.get().cloned().unwrap_or_default();
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .read_timeout(IDLE_TIMEOUT)
-            .build()
-            .map_err(|e| CacheError::Unavailable {
-                location: servers.join(","),
-                message: e.to_string(),
-            })?;
+            .read_timeout(IDLE_TIMEOUT);
+        for root in tls.roots {
+            builder = builder.add_root_certificate(root);
+        }
+        if let Some(pem) = tls.identity {
+            let identity =
+                reqwest::Identity::from_pem(&pem).map_err(|e| CacheError::Unavailable {
+                    location: servers.join(","),
+                    message: format!("client certificate: {e}"),
+                })?;
+            builder = builder.identity(identity);
+        }
+        let client = builder.build().map_err(|e| CacheError::Unavailable {
+            location: servers.join(","),
+            message: e.to_string(),
+        })?;
         let servers = servers
             .into_iter()
             .map(|s| s.trim_end_matches('/').to_owned())
@@ -158,7 +296,7 @@ impl Cache for HttpCache {
                         .json(&body)
                         .send()
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| send_error(&e))?;
                     if !resp.status().is_success() {
                         return Err(error_text(resp).await);
                     }
