@@ -4,12 +4,15 @@
 //!   reader that refuses to finish when the bytes do not match.
 //! - [`cache_key`]: versioned, domain-separated blake3 cache keys.
 //! - [`wire`]: the JSON types of the cache server's HTTP API.
+//! - [`report`]: errors as one line, each cause once (the binaries' output).
 
 pub mod cache_key;
 pub mod digest;
+pub mod report;
 pub mod wire;
 
 pub use cache_key::{CacheKey, CacheKeyBuilder};
+pub use report::error_report;
 pub use digest::{Digest, DigestError, Sha256Writer, VerifyingReader};
 pub use wire::{
     CacheEntry, ErrorBody, ErrorDetail, LayerDescriptor, LookupRequest, LookupResponse,

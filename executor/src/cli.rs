@@ -228,6 +228,8 @@ impl ExecutorArgs {
     }
 }
 
+pub use kiln_common::error_report;
+
 #[cfg(test)]
 mod tests {
     use super::*;
