@@ -544,6 +544,35 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn connection_limits_come_from_flags_or_the_file_and_refuse_zero() {
+        let (_dir, _file, args) = with_file(
+            "data = \"d\"\nheader_read_timeout = \"5s\"\nmax_connections = 100\n",
+            &["--body-read-timeout", "2m"],
+        );
+        let limits = args.resolve().unwrap().limits;
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(limits.body_read_timeout, Duration::from_secs(120));
+        assert_eq!(limits.max_connections, Some(100));
+        let defaults = ServerArgs::try_parse_from(["kiln-cache-server", "--data", "/x"])
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .limits;
+        assert_eq!(defaults, ConnectionLimits::default());
+        for flags in [
+            ["--header-read-timeout", "0"],
+            ["--max-connections", "0"],
+        ] {
+            let args = ServerArgs::try_parse_from(
+                ["kiln-cache-server", "--data", "/x"].into_iter().chain(flags),
+            )
+            .unwrap();
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(&flags[0][2..]), "{err}");
+        }
+    }
+
     /// A config file with `text` in a fresh directory, and the arguments
     /// that point at it followed by `flags`.
     fn with_file(text: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf, ServerArgs) {
