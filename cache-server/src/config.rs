@@ -560,12 +560,11 @@ mod tests {
             .unwrap()
             .limits;
         assert_eq!(defaults, ConnectionLimits::default());
-        for flags in [
-            ["--header-read-timeout", "0"],
-            ["--max-connections", "0"],
-        ] {
+        for flags in [["--header-read-timeout", "0"], ["--max-connections", "0"]] {
             let args = ServerArgs::try_parse_from(
-                ["kiln-cache-server", "--data", "/x"].into_iter().chain(flags),
+                ["kiln-cache-server", "--data", "/x"]
+                    .into_iter()
+                    .chain(flags),
             )
             .unwrap();
             let err = args.resolve().unwrap_err().to_string();

@@ -12,8 +12,8 @@ pub mod report;
 pub mod wire;
 
 pub use cache_key::{CacheKey, CacheKeyBuilder};
-pub use report::error_report;
 pub use digest::{Digest, DigestError, Sha256Writer, VerifyingReader};
+pub use report::error_report;
 pub use wire::{
     CacheEntry, ErrorBody, ErrorDetail, LayerDescriptor, LookupRequest, LookupResponse,
 };
