@@ -127,6 +127,19 @@ pub struct ServerArgs {
     /// How long shutdown waits for in-flight requests [default: 30s].
     #[arg(long, env = "KILN_CACHE_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
+    /// A client must send a complete request head within this long of
+    /// connecting or of its previous response; an idle connection is closed
+    /// after it too [default: 30s].
+    #[arg(long, env = "KILN_CACHE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
+    /// A request body (an upload) that sends nothing for this long fails,
+    /// and so does a response the client stops reading [default: 60s].
+    #[arg(long, env = "KILN_CACHE_BODY_READ_TIMEOUT", value_name = "DURATION")]
+    pub body_read_timeout: Option<String>,
+    /// Connections served at once; more wait in the listen backlog
+    /// [default: half the open-file limit less 128, at most 4096].
+    #[arg(long, env = "KILN_CACHE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
     /// Accesses of one entry closer together than this are recorded once
     /// (LRU precision vs. write load) [default: 60s].
     #[arg(long, env = "KILN_CACHE_ACCESS_GRANULARITY", value_name = "DURATION")]
@@ -159,6 +172,9 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     port_file: Option<PathBuf>,
     shutdown_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
+    max_connections: Option<usize>,
     block_cache: Option<String>,
     access_granularity: Option<String>,
     storage: Option<String>,
@@ -193,6 +209,28 @@ impl FileConfig {
     }
 }
 
+/// What one client may hold of the server (see `server::serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From accepting a connection (or finishing a response on it) to a
+    /// complete request head; also how long a connection may sit idle.
+    pub header_read_timeout: Duration,
+    /// The longest pause inside a request body, or in reading a response.
+    pub body_read_timeout: Duration,
+    /// `None`: derived from the open-file limit when the server starts.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            max_connections: None,
+        }
+    }
+}
+
 /// Everything the server needs, resolved.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -208,6 +246,7 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     pub port_file: Option<PathBuf>,
     pub shutdown_timeout: Duration,
+    pub limits: ConnectionLimits,
     /// `None`: the local store in `data` (the default).
     pub object: Option<ObjectStorageConfig>,
 }
@@ -239,6 +278,7 @@ impl ServerArgs {
             .or_else(|| rel(file.data))
             .ok_or(ConfigError::MissingData)?;
         let defaults = StoreConfig::default();
+        let limits = ConnectionLimits::default();
         let store = StoreConfig {
             max_size: size("max-size", self.max_size, file.max_size)?,
             entry_ttl: duration("entry-ttl", self.entry_ttl, file.entry_ttl)?
@@ -289,8 +329,51 @@ impl ServerArgs {
                 file.shutdown_timeout,
             )?
             .unwrap_or(Duration::from_secs(30)),
+            limits: ConnectionLimits {
+                header_read_timeout: positive(
+                    "header-read-timeout",
+                    duration(
+                        "header-read-timeout",
+                        self.header_read_timeout,
+                        file.header_read_timeout,
+                    )?,
+                )?
+                .unwrap_or(limits.header_read_timeout),
+                body_read_timeout: positive(
+                    "body-read-timeout",
+                    duration(
+                        "body-read-timeout",
+                        self.body_read_timeout,
+                        file.body_read_timeout,
+                    )?,
+                )?
+                .unwrap_or(limits.body_read_timeout),
+                max_connections: match self.max_connections.or(file.max_connections) {
+                    Some(0) => {
+                        return Err(ConfigError::Invalid {
+                            setting: "max-connections",
+                            message: "must be at least 1".into(),
+                        });
+                    }
+                    n => n,
+                },
+            },
             object,
         })
+    }
+}
+
+/// A timeout of 0 would close every connection at once: refused.
+fn positive(
+    setting: &'static str,
+    value: Option<Duration>,
+) -> Result<Option<Duration>, ConfigError> {
+    match value {
+        Some(d) if d.is_zero() => Err(ConfigError::Invalid {
+            setting,
+            message: "must be more than 0".into(),
+        }),
+        v => Ok(v),
     }
 }
 
@@ -329,6 +412,8 @@ fn file_key(setting: &'static str) -> &'static str {
         "blob-grace" => "blob_grace",
         "gc-interval" => "gc_interval",
         "shutdown-timeout" => "shutdown_timeout",
+        "header-read-timeout" => "header_read_timeout",
+        "body-read-timeout" => "body_read_timeout",
         "access-granularity" => "access_granularity",
         "block-cache" => "block_cache",
         other => other,
@@ -502,6 +587,34 @@ mod tests {
             Some(file.parent().unwrap().join("ca.pem"))
         );
         assert_eq!(cfg.listen.port(), 7070);
+    }
+
+    #[test]
+    fn connection_limits_come_from_flags_or_the_file_and_refuse_zero() {
+        let (_dir, _file, args) = with_file(
+            "data = \"d\"\nheader_read_timeout = \"5s\"\nmax_connections = 100\n",
+            &["--body-read-timeout", "2m"],
+        );
+        let limits = args.resolve().unwrap().limits;
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(limits.body_read_timeout, Duration::from_secs(120));
+        assert_eq!(limits.max_connections, Some(100));
+        let defaults = ServerArgs::try_parse_from(["kiln-cache-server", "--data", "/x"])
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .limits;
+        assert_eq!(defaults, ConnectionLimits::default());
+        for flags in [["--header-read-timeout", "0"], ["--max-connections", "0"]] {
+            let args = ServerArgs::try_parse_from(
+                ["kiln-cache-server", "--data", "/x"]
+                    .into_iter()
+                    .chain(flags),
+            )
+            .unwrap();
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(&flags[0][2..]), "{err}");
+        }
     }
 
     /// A config file with `text` in a fresh directory, and the arguments

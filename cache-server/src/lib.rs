@@ -7,6 +7,8 @@
 //! - [`api`]: the HTTP routes of docs/cache-api.md over any backend.
 //! - [`auth`]: tokens file, scopes, namespaces.
 //! - [`server`]: binding, TLS, HTTP/1.1 + HTTP/2, GC task, graceful shutdown.
+//! - [`conn`]: per-connection limits: timeouts, the connection cap, the
+//!   open-file limit.
 //! - [`config`]: flags, `KILN_CACHE_*` environment and config file.
 //! - [`telemetry`]: logging and Prometheus metrics.
 //! - [`client`] and [`cli`]: the `kiln-cache` admin command line.
@@ -20,6 +22,7 @@ pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod content;
 pub mod objstore;
 pub mod server;

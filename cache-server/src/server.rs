@@ -5,6 +5,11 @@
 //! TLS), runs GC in the background ([`crate::backend::gc_loop`]) and shuts
 //! down gracefully.
 //!
+//! Every connection is held to [`crate::conn`]'s limits (a slot of
+//! `--max-connections`, the header and body read timeouts), and a failing
+//! accept backs off instead of spinning, so neither half-open connections
+//! nor a full file table stop the service.
+//!
 //! Shutdown is designed in: the future passed to [`serve`] stops the accept
 //! loop; connections then get [`ServerConfig::shutdown_timeout`] to finish
 //! their in-flight requests (idle keep-alive connections are closed at
@@ -14,20 +19,19 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tracing::{error, info, warn};
 
 use crate::api::{self, AppState};
 use crate::auth::{Auth, AuthError};
 use crate::backend::{LocalBackend, gc_loop};
 use crate::config::ServerConfig;
+use crate::conn::{self, Activity, Tracked, WatchedIo};
 use crate::objstore::{self, Storage};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -164,6 +168,19 @@ pub async fn serve(
         Some((cert, key)) => Some(load_tls(cert, key, config.tls_client_ca.as_deref())?),
         None => None,
     };
+    // The soft open-file limit is often 1024 while the hard one is far
+    // higher; the connection limit, not EMFILE, should decide who is served.
+    let nofile = match conn::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the open-file limit; assuming 1024");
+            1024
+        }
+    };
+    let limits = config.limits;
+    let max_connections = conn::max_connections(limits.max_connections, nofile);
+    let slots = Arc::new(Semaphore::new(max_connections));
+
     // The storage backend: the local store in --data (the default), or a
     // replica over a bucket shared with other replicas (--storage s3://...).
     let storage = match &config.object {
@@ -215,6 +232,10 @@ pub async fn serve(
         storage = config.object.as_ref().map_or("local", |o| o.url.as_str()),
         tls = tls.is_some(),
         client_certificates = config.tls_client_ca.is_some(),
+        max_connections,
+        open_files = nofile,
+        header_read_timeout = ?limits.header_read_timeout,
+        body_read_timeout = ?limits.body_read_timeout,
         "listening on {local}"
     );
 
@@ -241,8 +262,15 @@ pub async fn serve(
             objstore::serve::run(replica.clone(), auth, config.gc_interval, stop_rx)
         }
     };
-    let service = TowerToHyperService::new(router);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1: a complete request head within the header timeout of the
+    // connection's start or its previous response (a byte-at-a-time head
+    // does not extend it). The watchdog covers what hyper does not: the
+    // preface sniffing of `auto`, HTTP/2, TLS, stalled responses.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     // Larger HTTP/2 windows: the defaults (64 KiB) cap a single blob stream
     // far below what the disk and loopback can do.
     builder
@@ -253,57 +281,87 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
 
     tokio::pin!(shutdown);
+    let mut backoff = None;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // Typically EMFILE: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let watcher = graceful.watcher();
-                let builder = builder.clone();
-                let service = service.clone();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let result = match tls {
-                        Some(acceptor) => {
-                            let handshake = tokio::time::timeout(
-                                Duration::from_secs(10),
-                                acceptor.accept(stream),
-                            ).await;
-                            match handshake {
-                                Ok(Ok(tls_stream)) => {
-                                    let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
-                                    watcher.watch(conn).await
-                                }
-                                Ok(Err(e)) => {
-                                    warn!(%peer, error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    warn!(%peer, "TLS handshake timed out");
-                                    return;
-                                }
+        // A slot first: beyond the limit, connections wait in the listen
+        // backlog and cost this process no file descriptor.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = None;
+                pair
+            }
+            Err(e) => {
+                // EMFILE and friends: retrying at once would spin on the
+                // same error; wait, longer each time it repeats.
+                let wait = conn::accept_backoff(backoff);
+                backoff = Some(wait);
+                warn!(error = %e, retry_in = ?wait, "accept failed");
+                drop(permit);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let router = router.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let activity = Activity::new();
+            let service = Tracked::new(router, activity.clone(), limits);
+            let io = WatchedIo::new(stream, activity.clone());
+            let serve = async move {
+                match tls {
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(limits.header_read_timeout, acceptor.accept(io))
+                                .await;
+                        match handshake {
+                            Ok(Ok(tls_stream)) => {
+                                let conn =
+                                    builder.serve_connection(TokioIo::new(tls_stream), service);
+                                watcher.watch(conn).await
+                            }
+                            Ok(Err(e)) => {
+                                warn!(%peer, error = %e, "TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                warn!(%peer, "TLS handshake timed out");
+                                Ok(())
                             }
                         }
-                        None => {
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
-                            watcher.watch(conn).await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                });
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(io), service);
+                        watcher.watch(conn).await
+                    }
+                }
+            };
+            tokio::select! {
+                result = serve => if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                },
+                expired = conn::watchdog(activity, limits) => {
+                    // Dropping the connection closes the socket.
+                    tracing::debug!(%peer, "closing the connection: {expired}");
+                }
             }
-            () = &mut shutdown => break,
-        }
+        });
     }
 
     drop(listener);

@@ -6,14 +6,17 @@
 //! - [`wire`]: the JSON types of the cache server's HTTP API.
 //! - [`errors`]: error chains and certificate problems as cache clients
 //!   report them.
+//! - [`report`]: errors as one line, each cause once (the binaries' output).
 
 pub mod cache_key;
 pub mod digest;
 pub mod errors;
+pub mod report;
 pub mod wire;
 
 pub use cache_key::{CacheKey, CacheKeyBuilder};
 pub use digest::{Digest, DigestError, Sha256Writer, VerifyingReader};
+pub use report::error_report;
 pub use wire::{
     CacheEntry, ErrorBody, ErrorDetail, LayerDescriptor, LookupRequest, LookupResponse,
 };

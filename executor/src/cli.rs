@@ -318,6 +318,8 @@ impl ExecutorArgs {
     }
 }
 
+pub use kiln_common::error_report;
+
 #[cfg(test)]
 mod tests {
     use super::*;

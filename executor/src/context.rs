@@ -55,7 +55,9 @@ pub enum EntryKind {
     Symlink {
         target: String,
     },
-    /// FIFOs, sockets and device nodes: copied as what they are.
+    /// FIFOs, sockets and device nodes: never opened (a FIFO would block
+    /// the build); part of the selection's digest by name, mode and owner,
+    /// and skipped by COPY as BuildKit skips them.
     Special,
 }
 
@@ -390,7 +392,9 @@ impl BuildContext {
         entry
             .content_hash
             .get_or_init(|| {
-                let mut file = fs::File::open(&path).map_err(|e| e.to_string())?;
+                // Scanned as a regular file, but it may have been replaced
+                // since; a FIFO here must not block the build.
+                let mut file = open_regular_file(&path).map_err(|e| e.to_string())?;
                 let mut hasher = blake3::Hasher::new();
                 io::copy(&mut file, &mut hasher).map_err(|e| e.to_string())?;
                 Ok(*hasher.finalize().as_bytes())
@@ -401,6 +405,49 @@ impl BuildContext {
                 source: io::Error::other(message),
             })
     }
+}
+
+/// Opens `path` (following symlinks) only if it is a regular file.
+///
+/// The open is non-blocking, so a FIFO (or a device) under the name does
+/// not wait for a writer; the type is then checked on the opened file, so
+/// nothing can be swapped in between the check and the read.
+pub fn open_regular_file(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let ft = file.metadata()?.file_type();
+    if ft.is_file() {
+        // O_NONBLOCK means nothing for a regular file's reads.
+        return Ok(file);
+    }
+    let what = if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        "a special file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}, not a regular file"),
+    ))
+}
+
+/// Reads the whole of `path` if it is a regular file (see
+/// [`open_regular_file`]): how the Dockerfile and `.dockerignore` are read.
+pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = open_regular_file(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn entry_from(path: String, meta: &fs::Metadata, kind: EntryKind) -> ContextEntry {

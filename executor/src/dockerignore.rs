@@ -229,6 +229,20 @@ impl Pattern {
     }
 }
 
+/// The ignore file's text; an invalid UTF-8 sequence is an error naming
+/// its line (no pattern could match a context path with it: those are
+/// UTF-8).
+fn utf8(bytes: Vec<u8>) -> std::io::Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("invalid UTF-8 on line {line}"),
+        )
+    })
+}
+
 impl DockerIgnore {
     /// Reads `<dockerfile>.dockerignore` if it exists beside the Dockerfile,
     /// else `<context>/.dockerignore`, else no rules.
@@ -241,7 +255,8 @@ impl DockerIgnore {
         }
         candidates.push(context.join(".dockerignore"));
         for path in candidates {
-            match std::fs::read_to_string(&path) {
+            // Only a regular file: a FIFO under this name would block.
+            match crate::context::read_regular_file(&path).and_then(utf8) {
                 Ok(text) => {
                     let mut rules = DockerIgnore::parse(&text, &path)?;
                     rules.source = Some(path);

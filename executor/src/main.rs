@@ -18,7 +18,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kiln-executor: error: {e:#}");
+            eprintln!(
+                "kiln-executor: error: {}",
+                kiln_executor::cli::error_report(e.as_ref())
+            );
             // A failed RUN exits with the command's status (Kaniko's and
             // Buildah's behaviour); anything else is 1.
             let code = e

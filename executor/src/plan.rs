@@ -238,11 +238,14 @@ fn vars_size(vars: &Vars) -> usize {
 /// Reads the Dockerfile named by `opts` and plans the build.
 pub fn plan(opts: &PlanOptions) -> Result<Plan, PlanError> {
     let path = opts.dockerfile_path();
-    let source = std::fs::read_to_string(&path).map_err(|source| PlanError::Read {
+    // Bytes, as BuildKit reads them (see `dockerfile::parse_bytes`), and
+    // only from a regular file: a FIFO named Dockerfile must not block.
+    let source = crate::context::read_regular_file(&path).map_err(|source| PlanError::Read {
         path: path.clone(),
         source,
     })?;
-    plan_source(&source, &path, opts)
+    let parsed = dockerfile::parse_bytes(&source, &path)?;
+    Planner::new(&parsed, opts)?.run(opts)
 }
 
 /// Plans the build of Dockerfile text (`file` names it in errors).

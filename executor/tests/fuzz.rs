@@ -134,6 +134,14 @@ proptest! {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        let _ = dockerfile::parse_bytes(&bytes, Path::new("Dockerfile"));
+        let mut with_from = b"FROM a\n# \xff comment\n".to_vec();
+        with_from.extend_from_slice(&bytes);
+        let _ = dockerfile::parse_bytes(&with_from, Path::new("Dockerfile"));
+    }
+
+    #[test]
     fn soups_after_a_valid_from_never_panic(text in soup()) {
         exercise(&format!("FROM alpine AS a\n{text}"));
         exercise(&format!("ARG A\nFROM alpine\nRUN {text}\nCOPY {text} /\n"));

@@ -1,11 +1,28 @@
 //! `kiln-cache-server`: parses flags and runs [`kiln_cache_server::server::serve`].
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use kiln_cache_server::config::ServerArgs;
 use kiln_cache_server::{server, telemetry};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, each cause once (not anyhow's "Caused by" list,
+            // which repeats causes our messages already include).
+            eprintln!(
+                "kiln-cache-server: error: {}",
+                kiln_common::error_report(e.as_ref())
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let config = ServerArgs::parse()
         .resolve()
         .context("invalid configuration")?;

@@ -73,6 +73,17 @@ pub fn locate(segments: &[Segment], text: &str, byte: usize) -> Option<(usize, u
 
 /// Splits `source` into directives and logical lines.
 pub fn logical_lines(source: &str, file: &Path) -> Result<(Directives, Vec<LogicalLine>), Error> {
+    logical_lines_noting_comments(source, file, &mut |_| {})
+}
+
+/// [`logical_lines`], calling `comment` with the 1-based number of every
+/// physical line dropped as a comment (the only lines whose bytes reach
+/// nothing: not an instruction, a heredoc body or a parser directive).
+pub fn logical_lines_noting_comments(
+    source: &str,
+    file: &Path,
+    comment: &mut dyn FnMut(usize),
+) -> Result<(Directives, Vec<LogicalLine>), Error> {
     let source = source.strip_prefix('\u{feff}').unwrap_or(source);
     let physical: Vec<&str> = source
         .split('\n')
@@ -120,7 +131,11 @@ pub fn logical_lines(source: &str, file: &Path) -> Result<(Directives, Vec<Logic
         let raw = physical[idx];
         let trimmed = raw.trim_start();
         idx += 1;
-        if trimmed.is_empty() || trimmed.starts_with('#') {
+        if trimmed.starts_with('#') {
+            comment(idx);
+            continue;
+        }
+        if trimmed.is_empty() {
             continue;
         }
         let line = idx;
@@ -135,7 +150,11 @@ pub fn logical_lines(source: &str, file: &Path) -> Result<(Directives, Vec<Logic
             let next = physical[idx];
             idx += 1;
             let next_trimmed = next.trim_start();
-            if next_trimmed.starts_with('#') || next_trimmed.is_empty() {
+            if next_trimmed.starts_with('#') {
+                comment(idx);
+                continue;
+            }
+            if next_trimmed.is_empty() {
                 continue;
             }
             let (part, more) = strip_continuation(next, escape);

@@ -303,7 +303,15 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
         .map_err(|e| BuildError::Setup(format!("starting the async runtime: {e}")))?;
     let mut driver = Driver::new(opts, runtime)?;
     let result = driver.run();
+    // A failed build may leave uploads running (a base layer pulled just
+    // before the next one turned out truncated). They hold the cache — for
+    // the embedded one a RocksDB handle — and a process that exits under
+    // them tears down RocksDB's statics while they still use them (`pthread
+    // lock: Invalid argument`, SIGABRT). So they finish first (they record
+    // steps that did succeed), and the cache is closed before we return.
+    driver.wait_uploads();
     driver.cleanup();
+    drop(driver);
     result
 }
 
@@ -366,10 +374,23 @@ impl Driver {
         {
             return Err(BuildError::Setup(reason));
         }
+        // Everything below these holds image content: unpacked layers keep
+        // their setuid-root binaries and device nodes, scratch space holds
+        // a step's rootfs. Owner-only at the top, so no other local user
+        // can reach into them (also when an older kiln made them 0755).
+        for (sub, what) in [
+            ("store", "the local store"),
+            ("layers", "the layer directory"),
+            ("work", "scratch space"),
+            ("run-cache", "the RUN cache-mount directory"),
+            ("cache", "the embedded cache"),
+        ] {
+            private_dir(&opts.state_dir.join(sub))
+                .map_err(|e| setup(&format!("creating {what}"), &e))?;
+        }
         let store = LocalStore::new(opts.state_dir.join("store"))
             .map_err(|e| setup("opening the local store", &e))?;
         let layers_dir = opts.state_dir.join("layers");
-        fs::create_dir_all(&layers_dir).map_err(|e| setup("creating the layer directory", &e))?;
         let work = opts.state_dir.join("work").join(format!(
             "build-{}-{}",
             std::process::id(),
@@ -999,6 +1020,14 @@ fn open_embedded(opts: &BuildOptions) -> Result<Arc<dyn Cache>, crate::cache::Ca
         location: opts.state_dir.join("cache").display().to_string(),
         message: "this executor was built without the embedded cache".into(),
     })
+}
+
+/// Creates `dir` (and its parents) if needed and makes it mode 0700.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("making {} owner-only: {e}", dir.display()))
 }
 
 /// Seconds since the Unix epoch now (0 if the clock is before it).

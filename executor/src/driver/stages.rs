@@ -511,11 +511,12 @@ impl Driver {
             return Ok(dir);
         }
         self.ensure_blob(layer)?;
-        let tmp = self.layers_dir.join(format!(
-            ".tmp-{}-{}",
-            layer.diff_id.hex(),
-            std::process::id()
-        ));
+        // Unique per build, not per process: builds in other PID
+        // namespaces (containers sharing the directory) may have our PID.
+        let build = self.work.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = self
+            .layers_dir
+            .join(format!(".tmp-{}-{build}", layer.diff_id.hex()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
         let file = fs::File::open(&layer.blob).map_err(|e| {

@@ -182,8 +182,10 @@ pub trait Snapshotter: Send + Sync {
     fn diff(&self, mounted: &Mounted) -> Result<Change, SnapshotError>;
 
     /// Keeps the step's result: returns the lower stack the next step should
-    /// be prepared on. `dest` is a path (not existing yet) the snapshotter
-    /// may move the step's files to.
+    /// be prepared on. `dest` is a path the snapshotter may move the step's
+    /// files to. It is named after the layer's content (shared by builds on
+    /// one state directory): when it exists already, another build made the
+    /// same layer first, and its directory is used and ours discarded.
     fn commit(&self, mounted: Mounted, dest: &Path) -> Result<Vec<PathBuf>, SnapshotError>;
 
     /// Drops the writable view (unmounts, removes snapshotter state).

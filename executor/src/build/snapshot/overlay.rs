@@ -220,8 +220,20 @@ impl Snapshotter for OverlaySnapshotter {
         };
         umount(&rootfs, 0).map_err(|e| SnapshotError::io("unmounting", &rootfs, e))?;
         state.mounted = false;
-        std::fs::rename(&state.upper, dest)
-            .map_err(|e| SnapshotError::io("moving upper directory to", dest, e))?;
+        match std::fs::rename(&state.upper, dest) {
+            Ok(()) => {}
+            // rename(2) onto a non-empty directory: another build on this
+            // state directory committed the same layer (the name is its
+            // diff_id) since the caller looked. Theirs is as good as ours.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST))
+                    && dest.is_dir() =>
+            {
+                std::fs::remove_dir_all(&state.upper)
+                    .map_err(|e| SnapshotError::io("removing", &state.upper, e))?;
+            }
+            Err(e) => return Err(SnapshotError::io("moving upper directory to", dest, e)),
+        }
         let mut lowers: Vec<PathBuf> = state
             .lowers
             .iter()
@@ -547,6 +559,30 @@ pub(crate) mod tests {
         assert!(!m.rootfs.join("gone").exists());
         assert!(snap.diff(&m).unwrap().is_empty());
         snap.release(m).unwrap();
+    }
+
+    #[test]
+    fn committing_onto_a_layer_another_build_committed_uses_theirs() {
+        let s = Scratch::new();
+        let lower = s.path().join("lower");
+        base(&lower);
+        let snap = OverlaySnapshotter::new();
+        let dest = s.path().join("layers").join("same-diff-id");
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let ours = snap
+            .prepare(std::slice::from_ref(&lower), &s.path().join("a"))
+            .unwrap();
+        let theirs = snap
+            .prepare(std::slice::from_ref(&lower), &s.path().join("b"))
+            .unwrap();
+        for m in [&ours, &theirs] {
+            std::fs::write(m.rootfs.join("made"), b"same").unwrap();
+        }
+        snap.commit(theirs, &dest).unwrap();
+        let lowers = snap.commit(ours, &dest).unwrap();
+        assert_eq!(lowers, vec![lower.clone(), dest.clone()]);
+        assert_eq!(std::fs::read(dest.join("made")).unwrap(), b"same");
+        assert!(!s.path().join("a/upper").exists(), "our upper is discarded");
     }
 
     #[test]
