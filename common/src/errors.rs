@@ -9,14 +9,17 @@
 
 use std::error::Error;
 
-/// `e` and its sources, joined by ": ", each message once (a wrapper that
-/// already prints its source is not repeated).
+/// `e` and its sources, joined by ": ", each message once: many errors
+/// already include their cause in their own message (`cannot read X:
+/// <cause>`) and also return it as `source()`, so printing the chain as
+/// `{:#}` would show that cause twice. This is also the binaries' one-line
+/// error report ([`crate::error_report`]).
 pub fn chain(e: &(dyn Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(source) = next {
         let text = source.to_string();
-        if !out.contains(&text) {
+        if !text.is_empty() && !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
@@ -57,6 +60,31 @@ pub fn is_connection_closed(e: &(dyn Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read {path}: {source}")]
+    struct Inline {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("writing x")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_report_prints_every_cause_once() {
+        let inline = Inline {
+            path: "/ctx/Dockerfile".into(),
+            source: std::io::Error::other("stream did not contain valid UTF-8"),
+        };
+        assert_eq!(
+            chain(&inline),
+            "cannot read /ctx/Dockerfile: stream did not contain valid UTF-8"
+        );
+        let wrapped = Outer(std::io::Error::other("disk full"));
+        assert_eq!(chain(&wrapped), "writing x: disk full");
+    }
 
     #[derive(Debug)]
     struct Layer(&'static str, Option<Box<dyn Error + Send + Sync + 'static>>);

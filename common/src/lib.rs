@@ -4,19 +4,17 @@
 //!   reader that refuses to finish when the bytes do not match.
 //! - [`cache_key`]: versioned, domain-separated blake3 cache keys.
 //! - [`wire`]: the JSON types of the cache server's HTTP API.
-//! - [`errors`]: error chains and certificate problems as cache clients
-//!   report them.
-//! - [`report`]: errors as one line, each cause once (the binaries' output).
+//! - [`errors`]: error chains, each cause once (the binaries' one-line
+//!   reports), and certificate problems as cache clients report them.
 
 pub mod cache_key;
 pub mod digest;
 pub mod errors;
-pub mod report;
 pub mod wire;
 
 pub use cache_key::{CacheKey, CacheKeyBuilder};
 pub use digest::{Digest, DigestError, Sha256Writer, VerifyingReader};
-pub use report::error_report;
+pub use errors::chain as error_report;
 pub use wire::{
     CacheEntry, ErrorBody, ErrorDetail, LayerDescriptor, LookupRequest, LookupResponse,
 };
