@@ -178,7 +178,11 @@ impl HttpCache {
         let tls = CLIENT_TLS.get().cloned().unwrap_or_default();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .read_timeout(IDLE_TIMEOUT);
+            .read_timeout(IDLE_TIMEOUT)
+            // The server closes a quiet keep-alive connection after its
+            // header read timeout (30 s by default); reusing one it is about
+            // to close would fail a request for nothing.
+            .pool_idle_timeout(Duration::from_secs(20));
         for root in tls.roots {
             builder = builder.add_root_certificate(root);
         }

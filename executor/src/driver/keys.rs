@@ -200,15 +200,20 @@ mod tests {
         assert_ne!(a[3], b[3]);
     }
 
-    #[test]
-    fn layer_options_and_base_change_filesystem_keys() {
+    /// `FROM x` then `RUN a`, planned for linux/amd64.
+    fn one_run_plan() -> crate::plan::Plan {
         let opts = PlanOptions {
             context: ".".into(),
             build_platform: Some("linux/amd64".into()),
             platform: Some("linux/amd64".into()),
             ..Default::default()
         };
-        let plan = plan_source("FROM x\nRUN a\n", Path::new("Dockerfile"), &opts).unwrap();
+        plan_source("FROM x\nRUN a\n", Path::new("Dockerfile"), &opts).unwrap()
+    }
+
+    #[test]
+    fn layer_options_and_base_change_filesystem_keys() {
+        let plan = one_run_plan();
         let run = plan.stages[0].instructions.last().unwrap();
         let k1 = step_key(&base_key("b1"), run, None, "gzip", None);
         let k2 = step_key(&base_key("b1"), run, None, "zstd", None);
@@ -225,13 +230,7 @@ mod tests {
     #[test]
     fn a_runs_extra_privileges_change_its_key_and_only_its_own() {
         use crate::build::runner::security::StepSecurity;
-        let opts = PlanOptions {
-            context: ".".into(),
-            build_platform: Some("linux/amd64".into()),
-            platform: Some("linux/amd64".into()),
-            ..Default::default()
-        };
-        let plan = plan_source("FROM x\nRUN a\n", Path::new("Dockerfile"), &opts).unwrap();
+        let plan = one_run_plan();
         let run = plan.stages[0].instructions.last().unwrap();
         let default = StepSecurity::default().key_text();
         assert_eq!(default, None);
