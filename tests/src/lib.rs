@@ -935,6 +935,15 @@ pub fn append_layer_to_layout(layout: &Path, tag: &str, layer_tar: &[u8]) -> Res
     Ok(())
 }
 
+/// `umoci unpack`s `layout:latest` into `bundle` (as root, so owners are
+/// kept); returns the bundle's rootfs.
+pub fn umoci_unpack(layout: &Path, bundle: &Path) -> Result<PathBuf> {
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:latest", layout.display())])
+        .arg(bundle))?;
+    Ok(bundle.join("rootfs"))
+}
+
 /// The host architecture in OCI's names.
 pub fn host_arch() -> &'static str {
     match std::env::consts::ARCH {

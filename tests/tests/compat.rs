@@ -73,11 +73,7 @@ fn layout_of(ctx: &Path) -> PathBuf {
 
 /// `umoci unpack`s `layout:latest` into `bundle`; returns its rootfs.
 fn unpack(layout: &Path, bundle: &Path) -> PathBuf {
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:latest", layout.display())])
-        .arg(bundle))
-    .unwrap();
-    bundle.join("rootfs")
+    kiln_e2e::umoci_unpack(layout, bundle).unwrap()
 }
 
 fn owner(p: &Path) -> (u32, u32) {

@@ -14,7 +14,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_e2e::{fill_busybox_rootfs, kiln_bin, run};
+use kiln_e2e::{fill_busybox_rootfs, kiln_bin, run, umoci_unpack};
 
 const SNAPSHOTTERS: [&str; 2] = ["overlay", "walk"];
 
@@ -201,12 +201,8 @@ fn ordinary_privileged_build_steps_still_work() {
         assert_eq!(status_line(&stderr, "CapEff:"), Some("0000000000000000"));
         assert_eq!(status_line(&stderr, "CapBnd:"), Some("00000000a80425fb"));
         // The first RUN's layer holds the owned file and the device node.
-        let unpacked = ctx.path().join(format!("unpacked-{snapshotter}"));
-        run(Command::new("umoci")
-            .args(["raw", "unpack", "--image"])
-            .arg(format!("{}:latest", layout.display()))
-            .arg(&unpacked))
-        .expect("umoci raw unpack");
+        let unpacked = umoci_unpack(&layout, &ctx.path().join(format!("unpacked-{snapshotter}")))
+            .expect("umoci unpack");
         let owned = fs::metadata(unpacked.join("owned")).unwrap();
         assert_eq!((owned.uid(), owned.gid()), (123, 456));
         let node = fs::symlink_metadata(unpacked.join("dev-null-copy")).unwrap();
@@ -304,12 +300,11 @@ fn with_userns_auto_the_steps_root_is_unprivileged_and_the_layer_keeps_its_ids()
         assert!(host_uid >= 65_536, "the step's root is host uid {host_uid}");
         assert!(stderr.contains("mknod-refused"), "{stderr}");
         assert_eq!(status_line(&stderr, "CapEff:"), Some("00000000a80425fb"));
-        let unpacked = ctx.path().join(format!("userns-unpacked-{snapshotter}"));
-        run(Command::new("umoci")
-            .args(["raw", "unpack", "--image"])
-            .arg(format!("{}:latest", layout.display()))
-            .arg(&unpacked))
-        .expect("umoci raw unpack");
+        let unpacked = umoci_unpack(
+            &layout,
+            &ctx.path().join(format!("userns-unpacked-{snapshotter}")),
+        )
+        .expect("umoci unpack");
         let by_root = fs::metadata(unpacked.join("by-root")).unwrap();
         assert_eq!((by_root.uid(), by_root.gid()), (0, 0));
         let by_user = fs::metadata(unpacked.join("by-user")).unwrap();

@@ -784,16 +784,10 @@ fn remount_op(target: &Path, flags: libc::c_ulong) -> Result<Op, RunError> {
 /// build) and not larger than `limit`.
 fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
     let mut bytes = Vec::new();
-    file.take(limit).read_to_end(&mut bytes)?;
+    crate::context::open_regular_file(path)?
+        .take(limit)
+        .read_to_end(&mut bytes)?;
     Ok(bytes)
 }
 

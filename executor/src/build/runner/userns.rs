@@ -242,17 +242,16 @@ pub(crate) unsafe fn idmapped_bind(
     }
 }
 
-/// Wraps a raw descriptor from [`UserNamespace::raw_fd`] for tests.
-#[cfg(test)]
-pub(crate) fn duplicate(fd: libc::c_int) -> OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: dup of a valid descriptor gives one we own.
-    unsafe { OwnedFd::from_raw_fd(libc::dup(fd)) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Wraps a raw descriptor from [`UserNamespace::raw_fd`] for tests.
+    fn duplicate(fd: libc::c_int) -> OwnedFd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: dup of a valid descriptor gives one we own.
+        unsafe { OwnedFd::from_raw_fd(libc::dup(fd)) }
+    }
 
     #[test]
     fn roots_first_large_subordinate_range_is_used() {
