@@ -5,7 +5,7 @@
 //! done by the library modules they are handed to.
 
 use crate::plan::PlanOptions;
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -227,6 +227,26 @@ pub struct ExecutorArgs {
     pub push_retry: u32,
     #[arg(short = 'v', long, value_enum, default_value = "info")]
     pub verbosity: Verbosity,
+    // --- runtime flags (issue 15) ---
+    /// Log format: `color` (Kaniko's default: coloured on a terminal
+    /// without NO_COLOR, plain otherwise), `text` (never coloured) or
+    /// `json` (one object per event).
+    #[arg(long, value_enum, default_value = "color")]
+    pub log_format: LogFormat,
+    /// Start every text log line with its time (RFC 3339, UTC).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub log_timestamp: bool,
+    /// Whether `--isolation` was on the command line (an explicit `chroot`
+    /// never falls back to in-place isolation); set by [`ExecutorArgs::parse_args`].
+    #[arg(skip)]
+    pub isolation_explicit: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Color,
+    Json,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +338,55 @@ impl ExecutorArgs {
     }
 }
 
+impl ExecutorArgs {
+    /// Parses the process's arguments (exiting with clap's message on bad
+    /// ones), noting which flags were given rather than defaulted.
+    pub fn parse_args() -> Self {
+        Self::from_matches(Self::command().get_matches())
+    }
+
+    /// [`ExecutorArgs::parse_args`] on given arguments (for tests).
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Ok(Self::from_matches(
+            Self::command().try_get_matches_from(args)?,
+        ))
+    }
+
+    fn from_matches(matches: clap::ArgMatches) -> Self {
+        let mut args = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        args.isolation_explicit =
+            matches.value_source("isolation") == Some(clap::parser::ValueSource::CommandLine);
+        args
+    }
+
+    /// The log configuration `--log-format`, `--log-timestamp` and
+    /// `--verbosity` ask for. `panic`, `fatal` and `error` all print errors
+    /// only (the error that ends a build is always shown).
+    pub fn log_config(&self) -> crate::log::LogConfig {
+        use crate::log::{Format, Level};
+        crate::log::LogConfig {
+            format: match self.log_format {
+                LogFormat::Text => Format::Text,
+                LogFormat::Color => Format::Color,
+                LogFormat::Json => Format::Json,
+            },
+            max_level: match self.verbosity {
+                Verbosity::Panic | Verbosity::Fatal | Verbosity::Error => Level::Error,
+                Verbosity::Warn => Level::Warn,
+                Verbosity::Info => Level::Info,
+                Verbosity::Debug => Level::Debug,
+                Verbosity::Trace => Level::Trace,
+            },
+            timestamps: self.log_timestamp,
+            ansi: self.log_format == LogFormat::Color && crate::log::colour_allowed(),
+        }
+    }
+}
+
 pub use kiln_common::error_report;
 
 #[cfg(test)]
@@ -405,6 +474,48 @@ mod tests {
             err.contains("--cache-ca-cert") && err.contains("/nonexistent/ca.pem"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn log_flags_choose_format_timestamps_and_level() {
+        use crate::log::{Format, Level};
+        let default = parse(&[]).unwrap().log_config();
+        assert_eq!(default.format, Format::Color);
+        assert_eq!(default.max_level, Level::Info);
+        assert!(!default.timestamps);
+        let a = parse(&["--log-format=json", "--log-timestamp", "-v", "warn"]).unwrap();
+        let c = a.log_config();
+        assert_eq!(
+            (c.format, c.max_level, c.timestamps),
+            (Format::Json, Level::Warn, true)
+        );
+        assert!(!c.ansi, "only the color format colours");
+        let b = parse(&[
+            "--log-format",
+            "text",
+            "--log-timestamp=false",
+            "--verbosity=panic",
+        ])
+        .unwrap()
+        .log_config();
+        assert_eq!(
+            (b.format, b.max_level, b.timestamps),
+            (Format::Text, Level::Error, false)
+        );
+        assert!(parse(&["--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn an_explicit_isolation_is_told_from_the_default() {
+        let args = |extra: &[&str]| {
+            ExecutorArgs::try_parse_args(
+                std::iter::once("kiln-executor").chain(extra.iter().copied()),
+            )
+            .unwrap()
+        };
+        assert!(!args(&[]).isolation_explicit);
+        assert!(args(&["--isolation", "chroot"]).isolation_explicit);
+        assert!(args(&["--isolation=none"]).isolation_explicit);
     }
 
     #[test]

@@ -2,25 +2,26 @@
 //! This binary only parses flags and hands them to the library.
 
 use anyhow::Context;
-use clap::Parser;
-use kiln_executor::cli::{ExecutorArgs, Verbosity};
+use kiln_executor::cli::ExecutorArgs;
+use kiln_executor::log::{Level, Logger, TracingBridge};
 use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let mut args = ExecutorArgs::parse();
-    init_logging(args.verbosity);
+    let mut args = ExecutorArgs::parse_args();
+    let log = init_logging(&args);
     let result = if args.dry_run {
-        dry_run(&args)
+        dry_run(&args, &log)
     } else {
-        cache_settings(&mut args).and_then(|()| build(&args))
+        cache_settings(&mut args).and_then(|()| build(&args, &log))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!(
-                "kiln-executor: error: {}",
-                kiln_executor::cli::error_report(e.as_ref())
+            log.log(
+                Level::Error,
+                &kiln_executor::cli::error_report(e.as_ref()),
+                &[("event", "build_failed".into())],
             );
             // A failed RUN exits with the command's status (Kaniko's and
             // Buildah's behaviour); anything else is 1.
@@ -40,56 +41,47 @@ fn cache_settings(args: &mut ExecutorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Library warnings (registry retries, skipped device nodes, ...) go to
-/// stderr at the level `-v/--verbosity` asks for, coloured only on a
-/// terminal and never with `NO_COLOR` set.
-fn init_logging(verbosity: Verbosity) {
-    let level = match verbosity {
-        Verbosity::Panic | Verbosity::Fatal | Verbosity::Error => "error",
-        Verbosity::Warn => "warn",
-        Verbosity::Info => "info",
-        Verbosity::Debug => "debug",
-        Verbosity::Trace => "trace",
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
-            "kiln_executor={level},warn"
-        )))
-        .with_writer(std::io::stderr)
-        .with_ansi(use_ansi())
-        .with_target(false)
-        .try_init();
+/// One logger for everything the executor prints (`--log-format`,
+/// `--log-timestamp`, `-v/--verbosity`); the library's `tracing` events
+/// (registry retries, skipped device nodes, ...) go through it too.
+fn init_logging(args: &ExecutorArgs) -> Logger {
+    use tracing_subscriber::layer::SubscriberExt;
+    let log = Logger::stderr(args.log_config());
+    let subscriber = tracing_subscriber::registry().with(TracingBridge::new(log.clone()));
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    log
 }
 
-/// Colour only when stderr is a terminal and `NO_COLOR` is unset or empty
-/// (<https://no-color.org>); pod logs and files get plain text.
-fn use_ansi() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
-fn build(args: &ExecutorArgs) -> anyhow::Result<()> {
-    let opts = args.build_options()?;
+fn build(args: &ExecutorArgs, log: &Logger) -> anyhow::Result<()> {
+    let mut opts = args.build_options()?;
+    opts.log = log.clone();
     for (given, flag) in [
         (args.single_snapshot, "--single-snapshot"),
         (args.cleanup, "--cleanup"),
     ] {
         if given {
-            eprintln!(
-                "kiln-executor: warning: {flag} is accepted for Kaniko compatibility but has no effect"
-            );
+            log.warn(&format!(
+                "{flag} is accepted for Kaniko compatibility but has no effect"
+            ));
         }
     }
     let outcome = kiln_executor::driver::build(opts)?;
-    eprintln!("kiln-executor: built {}", outcome.manifest_digest);
+    log.log(
+        Level::Info,
+        &format!("kiln-executor: built {}", outcome.manifest_digest),
+        &[
+            ("event", "image".into()),
+            ("digest", outcome.manifest_digest.to_string().into()),
+        ],
+    );
     Ok(())
 }
 
-fn dry_run(args: &ExecutorArgs) -> anyhow::Result<()> {
+fn dry_run(args: &ExecutorArgs, log: &Logger) -> anyhow::Result<()> {
     let opts = args.plan_options()?;
     let plan = kiln_executor::plan::plan(&opts)?;
     for warning in &plan.warnings {
-        eprintln!("kiln-executor: warning: {warning}");
+        log.warn(warning);
     }
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut stdout, &plan).context("writing the plan")?;

@@ -166,8 +166,8 @@ impl Driver {
                 self.hits = hits;
             }
             Err(e) => {
-                self.log(&format!(
-                    "warning: the cache is unavailable, building without it: {e}"
+                self.warn(&format!(
+                    "the cache is unavailable, building without it: {e}"
                 ));
                 self.cache = None;
             }
@@ -276,8 +276,8 @@ impl Driver {
                         step.uploaded_bytes = Some(done.bytes);
                     }
                 }
-                Ok(Err(e)) => self.log(&format!("warning: uploading to the cache failed: {e}")),
-                Err(_) => self.log("warning: a cache upload panicked"),
+                Ok(Err(e)) => self.warn(&format!("uploading to the cache failed: {e}")),
+                Err(_) => self.warn("a cache upload panicked"),
             }
         }
         total
@@ -295,6 +295,11 @@ impl Driver {
         let digest = layer.desc.digest.clone();
         let mut cache_error = None;
         if let Some(cache) = self.cache.clone().filter(|_| self.opts.cache.mode.reads()) {
+            let _progress = self.opts.log.progress(
+                &format!("fetching layer {digest} from the cache"),
+                Some(layer.desc.size),
+                crate::store::bytes_received(),
+            );
             match cache.fetch_blob(&digest, layer.desc.size, &self.store) {
                 Ok(_) => {
                     self.bytes_downloaded += layer.desc.size;
@@ -312,8 +317,8 @@ impl Driver {
             .filter(|e| !matches!(e, CacheError::NotFound(_)))
             && is_base
         {
-            self.log(&format!(
-                "warning: the cache could not deliver base layer {digest} ({e}); pulling it from the registry"
+            self.warn(&format!(
+                "the cache could not deliver base layer {digest} ({e}); pulling it from the registry"
             ));
         }
         let Some((pulled, base_layer)) = self.base_layers.get(&digest).cloned() else {
@@ -326,6 +331,11 @@ impl Driver {
             "pulling layer {digest} ({} bytes)",
             layer.desc.size
         ));
+        let _progress = self.opts.log.progress(
+            &format!("pulling layer {digest}"),
+            Some(layer.desc.size),
+            crate::store::bytes_received(),
+        );
         self.runtime
             .block_on(
                 self.client

@@ -3,10 +3,10 @@
 //! here, once, so the driver itself reads no environment.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use crate::build::layer::Compression;
 use crate::build::runner::NetworkMode;
+use crate::build::runner::probe::{self, IsolationDenied};
 use crate::build::runner::security::{Seccomp, StepSecurity};
 use crate::build::runner::userns::IdMapping;
 use crate::cli::{self, ExecutorArgs};
@@ -46,6 +46,75 @@ pub enum OptionsError {
         "no output: give --destination, --oci-layout-path or --tar-path (or --no-push to build only)"
     )]
     NoOutput,
+    /// Chroot isolation is impossible here and kiln may not fall back.
+    #[error("{0}")]
+    Isolation(String),
+}
+
+/// How RUN steps will be isolated, decided at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationChoice {
+    pub isolation: Isolation,
+    /// The one line that says kiln fell back to in-place isolation, and why.
+    pub notice: Option<String>,
+}
+
+/// The isolation for `--isolation` (`explicit`: given on the command line,
+/// not defaulted). `none` is taken as asked. For `chroot`, `probe` asks the
+/// kernel whether a step can be isolated; if not, a defaulted `chroot`
+/// inside a container (`container` says why it looks like one) becomes
+/// in-place isolation with a notice, and anything else is an error naming
+/// both fixes. `needs_namespaces` (`--userns auto`) forbids the fallback
+/// like an explicit `chroot`. Nothing is decided late: the first cache
+/// miss never finds out.
+pub fn choose_isolation(
+    requested: cli::Isolation,
+    explicit: bool,
+    needs_namespaces: bool,
+    probe: impl FnOnce() -> Result<(), IsolationDenied>,
+    container: impl FnOnce() -> Option<String>,
+) -> Result<IsolationChoice, OptionsError> {
+    if requested == cli::Isolation::None {
+        return Ok(IsolationChoice {
+            isolation: Isolation::None,
+            notice: None,
+        });
+    }
+    let chroot = IsolationChoice {
+        isolation: Isolation::Chroot,
+        notice: None,
+    };
+    let Err(denied) = probe() else {
+        return Ok(chroot);
+    };
+    let grant = "grant the executor CAP_SYS_ADMIN and let it create namespaces \
+                 (e.g. a privileged pod, or securityContext.capabilities.add [SYS_ADMIN] \
+                 with seccomp and AppArmor unconfined)";
+    match container() {
+        Some(hint) if !explicit && !needs_namespaces => Ok(IsolationChoice {
+            isolation: Isolation::None,
+            notice: Some(format!(
+                "isolation: this container may not create namespaces ({denied}); RUN steps \
+                 run in place in the executor's own container (--isolation none), as Kaniko's \
+                 do ({hint}); give --isolation none to skip this check"
+            )),
+        }),
+        Some(hint) => Err(OptionsError::Isolation(format!(
+            "{} needs namespaces, which this container may not create ({denied}); \
+             use --isolation none (RUN steps in place in this container; {hint}), or {grant}",
+            if needs_namespaces {
+                "--userns auto"
+            } else {
+                "--isolation chroot"
+            }
+        ))),
+        None => Err(OptionsError::Isolation(format!(
+            "RUN steps cannot be isolated: creating namespaces is not permitted ({denied}), \
+             and this does not look like a container, so kiln will not build in place over \
+             this machine's own root filesystem. Either {grant}, or run kiln inside a \
+             container with --isolation none"
+        ))),
+    }
 }
 
 /// Where blobs and unpacked layers are kept when `--cache-dir` is not given.
@@ -120,6 +189,14 @@ impl ExecutorArgs {
             push_retries: self.push_retry,
             ..RegistryOptions::default()
         };
+        let isolation = choose_isolation(
+            self.isolation,
+            self.isolation_explicit,
+            self.userns == cli::UsernsMode::Auto,
+            probe::probe_chroot,
+            probe::in_container,
+        )?;
+        let in_place = isolation.isolation == Isolation::None;
         Ok(BuildOptions {
             plan: self.plan_options()?,
             destinations: self.destination.clone(),
@@ -132,20 +209,16 @@ impl ExecutorArgs {
             source_date_epoch,
             compression,
             labels,
-            isolation: match self.isolation {
-                cli::Isolation::Chroot => Isolation::Chroot,
-                cli::Isolation::None => Isolation::None,
-            },
+            isolation: isolation.isolation,
+            isolation_notice: isolation.notice,
             // In place there is nothing to mount an overlay on: `/` is the
             // rootfs, so --isolation none always walks.
             // Overlayfs refuses to be an idmapped mount itself, which
             // --userns auto needs of the rootfs (docs/security.md).
-            snapshotter: Some(match (self.isolation, self.snapshotter) {
-                (cli::Isolation::None, _) | (_, cli::SnapshotterKind::Walk) => {
-                    SnapshotterKind::Walk
-                }
+            snapshotter: Some(match (in_place, self.snapshotter) {
+                (true, _) | (_, cli::SnapshotterKind::Walk) => SnapshotterKind::Walk,
                 _ if self.userns == cli::UsernsMode::Auto => SnapshotterKind::Walk,
-                (cli::Isolation::Chroot, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
+                (false, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
             }),
             state_dir: self.cache_dir.clone().unwrap_or_else(default_state_dir),
             registry,
@@ -157,7 +230,7 @@ impl ExecutorArgs {
             run_security: self.run_security()?,
             allow_insecure: self.allow_insecure()?,
             ignore_paths: self.ignore_path.clone(),
-            log: Arc::new(Mutex::new(std::io::stderr())),
+            log: crate::log::Logger::stderr(self.log_config()),
             cache: CacheOptions {
                 enabled: self.cache,
                 mode: match self.cache_mode {
@@ -298,6 +371,76 @@ pub fn parse_size(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn denied() -> Result<(), IsolationDenied> {
+        Err(IsolationDenied {
+            call: "unshare(CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWIPC|CLONE_NEWUTS)",
+            errno: libc::EPERM,
+        })
+    }
+
+    fn docker() -> Option<String> {
+        Some("/.dockerenv exists".into())
+    }
+
+    #[test]
+    fn a_default_chroot_falls_back_in_place_only_in_a_container() {
+        let chosen =
+            choose_isolation(cli::Isolation::Chroot, false, false, denied, docker).unwrap();
+        assert_eq!(chosen.isolation, Isolation::None);
+        let notice = chosen.notice.unwrap();
+        assert!(
+            notice.contains("--isolation none")
+                && notice.contains("Operation not permitted")
+                && notice.contains("/.dockerenv")
+                && !notice.contains('\n'),
+            "{notice}"
+        );
+
+        let outside = choose_isolation(cli::Isolation::Chroot, false, false, denied, || None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            outside.contains("--isolation none") && outside.contains("CAP_SYS_ADMIN"),
+            "{outside}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_chroot_or_userns_auto_never_falls_back() {
+        for (explicit, userns) in [(true, false), (false, true)] {
+            let err = choose_isolation(cli::Isolation::Chroot, explicit, userns, denied, docker)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("--isolation none") && err.contains("CAP_SYS_ADMIN"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn isolation_stays_as_asked_when_the_kernel_allows_it() {
+        let ok = || Ok(());
+        let chosen = choose_isolation(cli::Isolation::Chroot, false, false, ok, docker).unwrap();
+        assert_eq!(
+            chosen,
+            IsolationChoice {
+                isolation: Isolation::Chroot,
+                notice: None
+            }
+        );
+        // `none` is not probed at all.
+        let none = choose_isolation(
+            cli::Isolation::None,
+            true,
+            false,
+            || panic!("probed"),
+            || None,
+        )
+        .unwrap();
+        assert_eq!(none.isolation, Isolation::None);
+    }
 
     #[test]
     fn sizes_parse_with_binary_and_decimal_units() {

@@ -27,7 +27,6 @@ mod stages;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -41,7 +40,7 @@ use keys::{SourceIdentity, StepKey};
 use crate::build::config::{self as image_config, ConfigBuilder};
 use crate::build::layer::{Compression, LayerOptions, MtimePolicy, write_layer};
 use crate::build::runner::chroot::ChrootRunner;
-use crate::build::runner::none::{NoneRunner, detect_container};
+use crate::build::runner::none::NoneRunner;
 use crate::build::runner::security::StepSecurity;
 use crate::build::runner::{ExitStatus, MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
 use crate::build::snapshot::overlay::OverlaySnapshotter;
@@ -105,8 +104,13 @@ pub struct BuildOptions {
     /// privileged.
     pub allow_insecure: bool,
     pub ignore_paths: Vec<PathBuf>,
-    /// Step output and progress lines go here (stderr in the binary).
-    pub log: Arc<Mutex<dyn Write + Send>>,
+    /// Every line the build prints: step headers and results, RUN output,
+    /// progress, warnings (stderr in the binary).
+    pub log: crate::log::Logger,
+    /// Said once before anything is built: why RUN steps run in place
+    /// although chroot isolation was the default (see
+    /// [`from_cli::choose_isolation`]).
+    pub isolation_notice: Option<String>,
     pub cache: CacheOptions,
     /// `--report FILE`: the JSON build report.
     pub report: Option<PathBuf>,
@@ -303,6 +307,15 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
         .map_err(|e| BuildError::Setup(format!("starting the async runtime: {e}")))?;
     let mut driver = Driver::new(opts, runtime)?;
     let result = driver.run();
+    if let Err(e) = &result {
+        // The report of a failed build names the failing step and the
+        // error; it is written after the uploads of the steps that did
+        // succeed, so their numbers are in it.
+        driver.wait_uploads();
+        if let Err(report_error) = driver.failure_report(e) {
+            driver.warn(&format!("writing the report: {report_error}"));
+        }
+    }
     // A failed build may leave uploads running (a base layer pulled just
     // before the next one turned out truncated). They hold the cache — for
     // the embedded one a RocksDB handle — and a process that exits under
@@ -362,6 +375,19 @@ struct Driver {
     remote: HashMap<String, remote::RemoteSource>,
     bytes_downloaded: u64,
     started: Instant,
+    /// The step being applied, for the report of a build that fails in it.
+    current_step: Option<FailedStep>,
+    /// What the build is doing (`"building"`, `"pushing"`, ...), for the
+    /// report of a build that fails outside a step.
+    phase: &'static str,
+}
+
+/// Where a failed build stopped, as the report names it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct FailedStep {
+    stage: usize,
+    line: usize,
+    instruction: String,
 }
 
 impl Driver {
@@ -433,6 +459,16 @@ impl Driver {
             Isolation::None => Box::new(NoneRunner::new(opts.force)),
         };
         let dockerfile_name = opts.plan.dockerfile_path().display().to_string();
+        if let Some(notice) = &opts.isolation_notice {
+            opts.log.log(
+                crate::log::Level::Warn,
+                notice,
+                &[
+                    ("event", "isolation_fallback".into()),
+                    ("isolation", "none".into()),
+                ],
+            );
+        }
         let cache = open_cache(&opts, runtime.handle().clone(), &opts.log);
         Ok(Driver {
             cache,
@@ -451,6 +487,8 @@ impl Driver {
             base_layers: HashMap::new(),
             bytes_downloaded: 0,
             started: Instant::now(),
+            current_step: None,
+            phase: "planning",
             platform: Platform::host(),
             opts,
             runtime,
@@ -477,9 +515,11 @@ impl Driver {
     }
 
     fn log(&self, line: &str) {
-        if let Ok(mut w) = self.opts.log.lock() {
-            let _ = writeln!(w, "{line}");
-        }
+        self.opts.log.info(line);
+    }
+
+    fn warn(&self, line: &str) {
+        self.opts.log.warn(line);
     }
 
     fn run(&mut self) -> Result<BuildOutcome, BuildError> {
@@ -488,6 +528,7 @@ impl Driver {
             .target_platform
             .parse()
             .map_err(|e| BuildError::Setup(format!("target platform: {e}")))?;
+        self.phase = "resolving base images";
         for &index in &first.stages_to_build {
             if let StageSource::Image(name) = &first.stages[index].source {
                 self.resolve_base(name)?;
@@ -504,10 +545,12 @@ impl Driver {
         let mut plan = crate::plan::plan(&plan_opts)?;
         self.splice_onbuild_triggers(&mut plan, &plan_opts)?;
         for warning in &plan.warnings {
-            self.log(&format!("warning: {warning}"));
+            self.warn(warning);
         }
         self.compute_keys(&plan)?;
+        self.phase = "looking up the cache";
         self.lookup_keys();
+        self.phase = "building";
         // A hit's layer is fetched only when something needs it, so a cache
         // that cannot deliver it is found out late, possibly after later
         // steps used the hit's descriptor. Then the build starts over with
@@ -525,12 +568,13 @@ impl Driver {
                     }
                     self.lost_hits.insert(lost.key);
                     let step = plan_step_of(&plan, &self.keys, &lost.key);
-                    self.log(&format!(
-                        "warning: the cache could not deliver layer {} of {step}: {}; building the step instead",
+                    self.warn(&format!(
+                        "the cache could not deliver layer {} of {step}: {}; building the step instead",
                         lost.digest, lost.reason
                     ));
                     self.stages.clear();
                     self.steps.clear();
+                    self.phase = "building";
                 }
             }
         };
@@ -564,18 +608,71 @@ impl Driver {
         let count = |c: &str| outcome.steps.iter().filter(|s| s.cache == c).count();
         let (hits, misses) = (count("hit"), count("miss"));
         let elapsed = self.started.elapsed();
-        self.log(&format!(
-            "built {} in {:.2}s: {} steps, {hits} cached, {misses} run; {uploaded} bytes uploaded, {} bytes downloaded from the cache",
-            outcome.manifest_digest,
-            elapsed.as_secs_f64(),
-            outcome.steps.len(),
-            self.bytes_downloaded
-        ));
+        self.opts.log.log(
+            crate::log::Level::Info,
+            &format!(
+                "built {} in {:.2}s: {} steps, {hits} cached, {misses} run; {uploaded} bytes uploaded, {} bytes downloaded from the cache",
+                outcome.manifest_digest,
+                elapsed.as_secs_f64(),
+                outcome.steps.len(),
+                self.bytes_downloaded
+            ),
+            &[
+                ("event", "build_end".into()),
+                ("digest", outcome.manifest_digest.to_string().into()),
+                ("duration_ms", (elapsed.as_millis() as u64).into()),
+                ("steps", outcome.steps.len().into()),
+                ("hits", hits.into()),
+                ("misses", misses.into()),
+                ("bytes_uploaded", uploaded.into()),
+                ("bytes_downloaded", self.bytes_downloaded.into()),
+            ],
+        );
+        self.write_report(
+            &outcome.steps,
+            serde_json::json!({"digest": outcome.manifest_digest}),
+            uploaded,
+            None,
+        )
+    }
+
+    /// The report of a build that failed: the steps done so far, the step
+    /// it failed in (or what it was doing: pushing, writing the image, ...)
+    /// and the error with its causes.
+    fn failure_report(&self, error: &BuildError) -> Result<(), BuildError> {
+        let uploaded = self.steps.iter().filter_map(|s| s.uploaded_bytes).sum();
+        let step = match error {
+            // Output errors happen after the last step finished.
+            BuildError::Output(_) => None,
+            _ => self.current_step.clone(),
+        };
+        let failure = serde_json::json!({
+            "phase": if step.is_some() { "building" } else { self.phase },
+            "step": step,
+            "message": kiln_common::error_report(error),
+            "exit_code": error.exit_code(),
+        });
+        self.write_report(
+            &self.steps,
+            serde_json::Value::Null,
+            uploaded,
+            Some(failure),
+        )
+    }
+
+    fn write_report(
+        &self,
+        steps: &[StepRecord],
+        image: serde_json::Value,
+        uploaded: u64,
+        error: Option<serde_json::Value>,
+    ) -> Result<(), BuildError> {
         let Some(path) = &self.opts.report else {
             return Ok(());
         };
-        let report = serde_json::json!({
-            "steps": outcome.steps.iter().map(|s| serde_json::json!({
+        let count = |c: &str| steps.iter().filter(|s| s.cache == c).count();
+        let mut report = serde_json::json!({
+            "steps": steps.iter().map(|s| serde_json::json!({
                 "stage": s.stage,
                 "line": s.line,
                 "instruction": s.instruction,
@@ -591,18 +688,22 @@ impl Driver {
                 },
                 "bytes": {"layer": s.layer_size, "uploaded": s.uploaded_bytes},
             })).collect::<Vec<_>>(),
-            "image": {"digest": outcome.manifest_digest},
+            "image": image,
             "summary": {
-                "steps": outcome.steps.len(),
-                "hits": hits,
-                "misses": misses,
-                "duration_ms": elapsed.as_millis() as u64,
+                "steps": steps.len(),
+                "hits": count("hit"),
+                "misses": count("miss"),
+                "duration_ms": self.started.elapsed().as_millis() as u64,
                 "lookup_ms": self.lookup_ms,
                 "bytes_uploaded": uploaded,
                 "bytes_downloaded": self.bytes_downloaded,
                 "cache": self.cache.as_ref().map(|c| c.location()),
+                "success": error.is_none(),
             },
         });
+        if let Some(error) = error {
+            report["error"] = error;
+        }
         let text =
             serde_json::to_vec_pretty(&report).map_err(|e| BuildError::Output(e.to_string()))?;
         fs::write(path, text).map_err(|e| BuildError::Output(format!("{}: {e}", path.display())))
@@ -626,8 +727,7 @@ impl BlobSource for Blobs {
 
 /// Why `--isolation none` must not run here, if it must not.
 fn refuse_in_place() -> Option<String> {
-    let container_env = std::env::var("container").ok();
-    match detect_container(Path::new("/"), container_env.as_deref()) {
+    match crate::build::runner::probe::in_container() {
         Some(_) => None,
         None => Some(
             "--isolation none unpacks images over this machine's own root filesystem; \
@@ -981,7 +1081,7 @@ fn stage_index(plan: &Plan, from: &str) -> Option<usize> {
 fn open_cache(
     opts: &BuildOptions,
     runtime: tokio::runtime::Handle,
-    log: &Arc<Mutex<dyn Write + Send>>,
+    log: &crate::log::Logger,
 ) -> Option<Arc<dyn Cache>> {
     if !opts.cache.enabled {
         return None;
@@ -1000,9 +1100,7 @@ fn open_cache(
     match opened {
         Ok(c) => Some(c),
         Err(e) => {
-            if let Ok(mut w) = log.lock() {
-                let _ = writeln!(w, "warning: building without a cache: {e}");
-            }
+            log.warn(&format!("building without a cache: {e}"));
             None
         }
     }

@@ -73,7 +73,9 @@ impl Driver {
         let config = &target.config;
         let layers: Vec<Descriptor> = target.layers.iter().map(|l| l.desc.clone()).collect();
         let docs = ImageDocuments::build(config, layers, false);
+        self.phase = "fetching the image's layers";
         self.fetch_missing_blobs(&target)?;
+        self.phase = "writing the image";
         let mut blobs: HashMap<Digest, PathBuf> = self
             .extra_blobs
             .lock()
@@ -117,13 +119,17 @@ impl Driver {
         }
         if !self.opts.no_push && !destinations.is_empty() {
             let hints: Vec<ImageRef> = target.registry_ref.iter().cloned().collect();
+            self.phase = "pushing";
             let digest = self
                 .runtime
                 .block_on(
                     self.client
                         .push_image(&docs, &destinations, &source, &hints),
                 )
-                .map_err(|e| out_err(&e))?;
+                // The whole chain: a refused connection or a certificate
+                // is the cause the user needs, not just "pushing failed".
+                .map_err(|e| BuildError::Output(kiln_common::error_report(&e)))?;
+            self.phase = "writing the image";
             for d in &destinations {
                 self.log(&format!("pushed {d}@{digest}"));
             }

@@ -58,6 +58,7 @@ impl Driver {
                 self.steps.push(done.record);
                 continue;
             }
+            self.step_started(stage.index, ins, step_key.as_ref());
             let (cache, layer) = self
                 .cached_or_run(
                     plan,
@@ -67,6 +68,10 @@ impl Driver {
                     &mut builder,
                     &mut state,
                 )
+                .map_err(|message| {
+                    self.step_ended(stage.index, ins, "failed", started.elapsed(), None);
+                    message
+                })
                 .map_err(|message| match self.failed_run.take() {
                     Some(status) => BuildError::RunFailed {
                         file: self.dockerfile_name.clone(),
@@ -83,11 +88,9 @@ impl Driver {
                     },
                 })?;
             if cache != "none" {
-                self.log(&format!(
-                    "[stage {} line {}] cache {cache}: {}",
-                    stage.index, ins.line, ins.original
-                ));
+                self.step_ended(stage.index, ins, cache, started.elapsed(), layer.as_ref());
             }
+            self.current_step = None;
             let ran_layer = layer.clone();
             self.steps.push(StepRecord {
                 stage: stage.index,
@@ -217,8 +220,7 @@ impl Driver {
                 let security = self.run_security(run)?;
                 let mut env = env;
                 env.extend(secret_env);
-                let log = self.opts.log.clone();
-                let prefix = format!("[stage {} line {}] ", stage.index, ins.line);
+                let (prefix, log) = self.opts.log.run_output(stage.index, ins.line);
                 let layer = self.filesystem_step(
                     stage,
                     ins,
@@ -448,11 +450,95 @@ impl Driver {
         };
         state.layers.push(layer_ref.clone());
         builder.add_layer(layer.diff_id, created_by);
-        self.log(&format!(
-            "[stage {} line {}] layer {} ({} bytes)",
-            stage.index, ins.line, layer_ref.desc.digest, layer_ref.desc.size
-        ));
+        self.opts.log.log(
+            crate::log::Level::Debug,
+            &format!(
+                "[stage {} line {}] layer {} ({} bytes)",
+                stage.index, ins.line, layer_ref.desc.digest, layer_ref.desc.size
+            ),
+            &[
+                ("event", "layer".into()),
+                ("stage", stage.index.into()),
+                ("line", ins.line.into()),
+                ("digest", layer_ref.desc.digest.to_string().into()),
+                ("bytes", layer_ref.desc.size.into()),
+            ],
+        );
         Ok(Some(layer_ref))
+    }
+
+    /// The step's header, printed before it runs (so that its output and a
+    /// slow step are attributed while they happen), and at debug level the
+    /// key it is looked up under.
+    fn step_started(&mut self, stage: usize, ins: &PlannedInstruction, key: Option<&StepKey>) {
+        self.current_step = Some(FailedStep {
+            stage,
+            line: ins.line,
+            instruction: ins.original.clone(),
+        });
+        if matches!(ins.instruction, Instruction::From(_)) {
+            return;
+        }
+        let fields = |event: &'static str| -> Vec<crate::log::Field<'static>> {
+            vec![
+                ("event", event.into()),
+                ("stage", stage.into()),
+                ("line", ins.line.into()),
+                ("instruction", ins.original.clone().into()),
+            ]
+        };
+        self.opts.log.log(
+            crate::log::Level::Info,
+            &format!("[stage {stage} line {}] {}", ins.line, ins.original),
+            &fields("step_start"),
+        );
+        if let Some(key) = key.filter(|k| k.filesystem) {
+            let mut f = fields("step_key");
+            f.push(("key", key.key.to_string().into()));
+            self.opts.log.log(
+                crate::log::Level::Debug,
+                &format!("[stage {stage} line {}] cache key {}", ins.line, key.key),
+                &f,
+            );
+        }
+    }
+
+    /// The step's end line: `hit`, `miss` or `failed`, and how long it took.
+    fn step_ended(
+        &self,
+        stage: usize,
+        ins: &PlannedInstruction,
+        outcome: &str,
+        took: std::time::Duration,
+        layer: Option<&LayerRef>,
+    ) {
+        let what = match outcome {
+            "hit" | "miss" => format!("cache {outcome}"),
+            other => other.to_owned(),
+        };
+        self.opts.log.log(
+            crate::log::Level::Info,
+            &format!(
+                "[stage {stage} line {}] {what}: {} ({})",
+                ins.line,
+                ins.original,
+                crate::log::human_duration(took)
+            ),
+            &[
+                ("event", "step_end".into()),
+                ("stage", stage.into()),
+                ("line", ins.line.into()),
+                ("instruction", ins.original.clone().into()),
+                ("outcome", outcome.into()),
+                ("duration_ms", (took.as_millis() as u64).into()),
+                (
+                    "layer",
+                    layer.map_or(serde_json::Value::Null, |l| {
+                        l.desc.digest.to_string().into()
+                    }),
+                ),
+            ],
+        );
     }
 
     /// The snapshotter's lower stack for the stage's current layers.
@@ -527,7 +613,16 @@ impl Driver {
             )
         })?;
         let opts = self.unpack_options(UnpackMode::OverlayLower);
-        if let Err(e) = unpack_layer(file, &tmp, &opts, Some(&layer.diff_id)) {
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = self.opts.log.progress(
+            &format!("unpacking layer {}", layer.desc.digest),
+            Some(layer.desc.size),
+            read.clone(),
+        );
+        let file = crate::log::CountingReader::new(file, read);
+        let unpacked = unpack_layer(file, &tmp, &opts, Some(&layer.diff_id));
+        drop(progress);
+        if let Err(e) = unpacked {
             let _ = fs::remove_dir_all(&tmp);
             return Err(self.unpack_failed(layer, e));
         }

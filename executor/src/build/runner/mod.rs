@@ -19,6 +19,7 @@
 
 pub mod chroot;
 pub mod none;
+pub mod probe;
 pub mod security;
 pub mod userns;
 

@@ -5,7 +5,8 @@
 //! Promises:
 //! - it refuses to run unless `/` looks like a container (`/.dockerenv`,
 //!   `/run/.containerenv`, a `container` environment variable, a container
-//!   cgroup of PID 1, or an overlay root mount) or `force` is set, because
+//!   cgroup of PID 1, an overlay root mount, or `KUBERNETES_SERVICE_HOST`:
+//!   [`super::probe::in_container`]) or `force` is set, because
 //!   the step overwrites the filesystem it runs on;
 //! - user, groups, environment and working directory as in the chroot
 //!   runner; `--network none` uses a network namespace when the pod allows
@@ -111,8 +112,7 @@ impl Runner for NoneRunner {
             )));
         }
         if !self.force {
-            let env = std::env::var("container").ok();
-            if detect_container(Path::new("/"), env.as_deref()).is_none() {
+            if super::probe::in_container().is_none() {
                 return Err(RunError::Refused(
                     "/ does not look like a container; it would be modified in place (use --force to run anyway)"
                         .into(),
