@@ -171,6 +171,10 @@ trap cleanup EXIT
 exe_ctx="$work/executor"
 install -d "$exe_ctx/kiln/.docker" "$exe_ctx/kiln/ssl/certs" "$exe_ctx/etc" "$exe_ctx/busybox"
 put_binary "$static_exe" "$exe_ctx/kiln/kiln-executor"
+# Kaniko's paths: /kaniko/executor, /kaniko/.docker, /kaniko/ssl (Dockerfile).
+ln -s kiln-executor "$exe_ctx/kiln/executor"
+install -d "$exe_ctx/links"
+ln -s kiln "$exe_ctx/links/kaniko"
 install -m 0644 "$ca_bundle" "$exe_ctx/kiln/ssl/certs/ca-certificates.crt"
 printf 'hosts: files dns\n' >"$exe_ctx/etc/nsswitch.conf"
 install -m 0755 "$busybox_bin" "$exe_ctx/busybox/busybox"

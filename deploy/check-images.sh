@@ -123,14 +123,33 @@ expect "executor user" "$(jq -r '.User // ""' <<<"$config")" ""
 expect "executor workdir" "$(jq -r .WorkingDir <<<"$config")" /workspace
 jq -e '.Env | index("DOCKER_CONFIG=/kiln/.docker/")' <<<"$config" >/dev/null \
   || die "executor: DOCKER_CONFIG is not /kiln/.docker/"
-# Nothing outside /kiln but nsswitch.conf: no loader, no libraries, no shell.
+# Nothing outside /kiln but nsswitch.conf and the /kaniko link: no loader,
+# no libraries, no shell.
 listing=$(files executor "$tag")
-stray=$(grep -Ev '^(kiln|kiln/.*|etc/?|etc/nsswitch\.conf|workspace/?)$' <<<"$listing" || true)
+stray=$(grep -Ev '^(kiln|kiln/.*|etc/?|etc/nsswitch\.conf|workspace/?|kaniko)$' <<<"$listing" || true)
 [[ -z "$stray" ]] || die "executor: unexpected files in the image: $stray"
 grep -qx 'kiln/ssl/certs/ca-certificates.crt' <<<"$listing" || die "executor: no CA bundle"
-ok "executor: only /kiln, /etc/nsswitch.conf and /workspace"
+ok "executor: only /kiln, /kaniko, /etc/nsswitch.conf and /workspace"
+# link NAME TAG PATH TARGET: PATH is a symbolic link to TARGET in the layers.
+link() {
+  local dir=$layout_dir/$1 manifest layer seen=""
+  manifest=$(jq -r --arg t "$2" \
+    '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' \
+    "$dir/index.json")
+  while read -r layer; do
+    seen=$(tar -tvf "$dir/blobs/${layer/://}" | awk -v p="$3" \
+      '$1 ~ /^l/ && ($6 == p || $6 == "./" p || $6 == "/" p) {print $8}' | tail -n 1)
+    [[ -z "$seen" ]] || break
+  done < <(jq -r '.layers[].digest' "$dir/blobs/${manifest/://}")
+  expect "$1 /$3" "$seen" "$4"
+}
+link executor "$tag" kaniko kiln
+link executor "$tag" kiln/executor kiln-executor
+ok "executor: /kaniko -> kiln, /kiln/executor -> kiln-executor"
 run_expect executor "$tag" '^Usage: kiln-executor' -- /kiln/kiln-executor --help
 ok "executor: buildah run /kiln/kiln-executor --help"
+run_expect executor "$tag" '^Usage: kiln-executor' -- /kaniko/executor --help
+ok "executor: buildah run /kaniko/executor --help (Kaniko's path)"
 
 # --- executor-debug ---------------------------------------------------------
 tag=$version-debug
@@ -140,6 +159,13 @@ jq -e '.Env | index("PATH=/usr/local/bin:/kiln:/busybox")' <<<"$config" >/dev/nu
   || die "executor-debug: PATH does not hold /busybox"
 run_expect executor-debug "$tag" '^Usage: kiln-executor' -- /busybox/sh -c 'kiln-executor --help'
 ok "executor-debug: buildah run /busybox/sh -c 'kiln-executor --help'"
+# A GitLab Kaniko job's script: credentials written where Kaniko reads them
+# land in the image's DOCKER_CONFIG, and /kaniko/executor runs.
+run_expect executor-debug "$tag" '^same-config Usage: kiln-executor' -- /busybox/sh -c \
+  'mkdir -p /kaniko/.docker && echo "{\"auths\":{}}" > /kaniko/.docker/config.json &&
+   cmp -s /kaniko/.docker/config.json "${DOCKER_CONFIG%/}/config.json" &&
+   printf "same-config " && /kaniko/executor --help | grep "^Usage:"'
+ok "executor-debug: /kaniko/.docker/config.json is \$DOCKER_CONFIG/config.json; /kaniko/executor runs"
 
 # --- cache-server -----------------------------------------------------------
 tag=$version

@@ -439,9 +439,9 @@ pub fn human_duration(d: Duration) -> String {
 }
 
 /// Sends `tracing` events (from the library and its dependencies) to a
-/// [`Logger`]: kiln's own at the logger's threshold, other crates' only
-/// when they are warnings or errors (a dependency's info is noise in a CI
-/// log).
+/// [`Logger`]: the executor's own at the logger's threshold, other
+/// crates' (the embedded cache's store included) only when they are
+/// warnings or errors (a dependency's info is noise in a CI log).
 pub struct TracingBridge {
     logger: Logger,
 }
@@ -463,7 +463,7 @@ impl TracingBridge {
 
     fn wanted(&self, metadata: &tracing::Metadata<'_>) -> bool {
         let level = Self::level_of(metadata);
-        let ours = metadata.target().starts_with("kiln");
+        let ours = metadata.target().starts_with("kiln_executor");
         self.logger.enabled(level) && (ours || level <= Level::Warn)
     }
 }

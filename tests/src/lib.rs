@@ -32,6 +32,7 @@ use base64::Engine;
 pub mod azurite;
 mod garage;
 pub mod hostile;
+pub mod runtime;
 pub mod s3;
 
 /// Path of one of the workspace's binaries next to the running test

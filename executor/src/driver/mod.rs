@@ -450,6 +450,12 @@ impl Driver {
                         }
                         ignored.push(exe);
                     }
+                    // kiln's image links Kaniko's /kaniko to /kiln; a
+                    // Kaniko-style job may also mount things there.
+                    let kaniko = Path::new("/kaniko");
+                    if kaniko.symlink_metadata().is_ok() {
+                        ignored.push(kaniko.to_path_buf());
+                    }
                 }
                 Box::new(WalkSnapshotter::new(ignored).ignoring_mount_points())
             }
