@@ -364,8 +364,8 @@ impl ExecutorArgs {
     }
 
     /// The log configuration `--log-format`, `--log-timestamp` and
-    /// `--verbosity` ask for. `panic`, `fatal` and `error` all print errors
-    /// only (the error that ends a build is always shown).
+    /// `--verbosity` ask for. `panic` and `fatal` print only the error that
+    /// ends the run (which every level shows).
     pub fn log_config(&self) -> crate::log::LogConfig {
         use crate::log::{Format, Level};
         crate::log::LogConfig {
@@ -375,7 +375,8 @@ impl ExecutorArgs {
                 LogFormat::Json => Format::Json,
             },
             max_level: match self.verbosity {
-                Verbosity::Panic | Verbosity::Fatal | Verbosity::Error => Level::Error,
+                Verbosity::Panic | Verbosity::Fatal => Level::Fatal,
+                Verbosity::Error => Level::Error,
                 Verbosity::Warn => Level::Warn,
                 Verbosity::Info => Level::Info,
                 Verbosity::Debug => Level::Debug,
@@ -500,7 +501,7 @@ mod tests {
         .log_config();
         assert_eq!(
             (b.format, b.max_level, b.timestamps),
-            (Format::Text, Level::Error, false)
+            (Format::Text, Level::Fatal, false)
         );
         assert!(parse(&["--log-format", "xml"]).is_err());
     }

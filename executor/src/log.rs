@@ -4,7 +4,8 @@
 //! `--log-format` offers, the `--verbosity` filter and `--log-timestamp`.
 //!
 //! - `text`: one plain line per event, the message as is (`warning: `,
-//!   `error: `, `debug: ` before the messages of those levels), never an
+//!   `error: `, `debug: ` before the messages of those levels, and
+//!   `kiln-executor: error: ` before the one that ends the run), never an
 //!   escape sequence;
 //! - `color` (the default, as Kaniko's): `text` with the level and step
 //!   outcomes coloured, but only when the output is a terminal and
@@ -31,6 +32,9 @@ use serde_json::{Map, Value};
 /// threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
+    /// The error that ends the executor (Kaniko's `fatal`); printed at
+    /// every verbosity.
+    Fatal,
     Error,
     Warn,
     Info,
@@ -41,6 +45,7 @@ pub enum Level {
 impl Level {
     pub fn as_str(self) -> &'static str {
         match self {
+            Level::Fatal => "fatal",
             Level::Error => "error",
             Level::Warn => "warning",
             Level::Info => "info",
@@ -159,6 +164,11 @@ impl Logger {
         }
     }
 
+    /// The error that ends the executor, whatever the verbosity.
+    pub fn fatal(&self, msg: &str, fields: &[Field<'_>]) {
+        self.emit(Level::Fatal, msg, fields);
+    }
+
     pub fn error(&self, msg: &str) {
         self.log(Level::Error, msg, &[]);
     }
@@ -272,6 +282,21 @@ impl Drop for Progress {
     }
 }
 
+static BYTES_RECEIVED: std::sync::LazyLock<Arc<AtomicU64>> =
+    std::sync::LazyLock::new(Default::default);
+static BYTES_SENT: std::sync::LazyLock<Arc<AtomicU64>> = std::sync::LazyLock::new(Default::default);
+
+/// Bytes written into the local store by any download of this process (the
+/// counter a pull's [`Logger::progress`] reads).
+pub fn bytes_received() -> Arc<AtomicU64> {
+    BYTES_RECEIVED.clone()
+}
+
+/// Bytes of blobs sent to registries by this process (a push's progress).
+pub fn bytes_sent() -> Arc<AtomicU64> {
+    BYTES_SENT.clone()
+}
+
 /// A reader that adds what it reads to a counter (for [`Logger::progress`]).
 pub struct CountingReader<R> {
     inner: R,
@@ -358,6 +383,8 @@ pub fn render(
             }
             let prefix = match level {
                 Level::Info => None,
+                // kiln's documented form of the error that ends a run.
+                Level::Fatal => Some(("kiln-executor: error: ", "\x1b[1;31m")),
                 Level::Error => Some(("error: ", "\x1b[1;31m")),
                 Level::Warn => Some(("warning: ", "\x1b[33m")),
                 Level::Debug => Some(("debug: ", "\x1b[2m")),
@@ -575,6 +602,10 @@ mod tests {
         assert_eq!(render(&c, Level::Info, "built x", &[], at()), "built x");
         assert_eq!(render(&c, Level::Warn, "slow", &[], at()), "warning: slow");
         assert_eq!(render(&c, Level::Error, "bad", &[], at()), "error: bad");
+        assert_eq!(
+            render(&c, Level::Fatal, "no output", &[], at()),
+            "kiln-executor: error: no output"
+        );
         // `ansi` is about the terminal; text never uses it.
         let ansi = LogConfig { ansi: true, ..c };
         assert!(!render(&ansi, Level::Warn, "slow", &[], at()).contains('\x1b'));
@@ -640,7 +671,11 @@ mod tests {
         log.info("step line");
         log.debug("detail");
         log.warn("careful");
-        assert_eq!(out.text(), "warning: careful\n");
+        log.fatal("the end", &[]);
+        assert_eq!(
+            out.text(),
+            "warning: careful\nkiln-executor: error: the end\n"
+        );
     }
 
     #[test]

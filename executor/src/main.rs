@@ -18,8 +18,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log.log(
-                Level::Error,
+            log.fatal(
                 &kiln_executor::cli::error_report(e.as_ref()),
                 &[("event", "build_failed".into())],
             );

@@ -206,20 +206,12 @@ impl BlobWriter {
     }
 }
 
-/// Bytes written into any store of this process so far: what the progress
-/// of a pull (registry or cache, whichever writes) is measured with.
-static BYTES_RECEIVED: std::sync::LazyLock<std::sync::Arc<std::sync::atomic::AtomicU64>> =
-    std::sync::LazyLock::new(Default::default);
-
-/// The counter behind [`BYTES_RECEIVED`], for [`crate::log::Logger::progress`].
-pub fn bytes_received() -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-    BYTES_RECEIVED.clone()
-}
-
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.out.write(buf)?;
-        BYTES_RECEIVED.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        // What the progress of a pull (registry or cache, whichever writes
+        // the blob) is measured with.
+        crate::log::bytes_received().fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -253,7 +253,7 @@ fn a_failing_run_step_still_writes_the_report_with_the_step_and_the_error() {
     // The end line of the failed step is in the log, before the error.
     let log = stderr(&out);
     let (end_at, _) = line_with(&log, "failed: RUN echo about to fail");
-    let (error_at, _) = line_with(&log, "error: ");
+    let (error_at, _) = line_with(&log, "kiln-executor: error: ");
     assert!(end_at < error_at, "{log}");
 }
 

@@ -298,7 +298,7 @@ impl Driver {
             let _progress = self.opts.log.progress(
                 &format!("fetching layer {digest} from the cache"),
                 Some(layer.desc.size),
-                crate::store::bytes_received(),
+                crate::log::bytes_received(),
             );
             match cache.fetch_blob(&digest, layer.desc.size, &self.store) {
                 Ok(_) => {
@@ -334,7 +334,7 @@ impl Driver {
         let _progress = self.opts.log.progress(
             &format!("pulling layer {digest}"),
             Some(layer.desc.size),
-            crate::store::bytes_received(),
+            crate::log::bytes_received(),
         );
         self.runtime
             .block_on(

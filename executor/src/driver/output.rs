@@ -120,6 +120,12 @@ impl Driver {
         if !self.opts.no_push && !destinations.is_empty() {
             let hints: Vec<ImageRef> = target.registry_ref.iter().cloned().collect();
             self.phase = "pushing";
+            let names: Vec<String> = destinations.iter().map(|d| d.to_string()).collect();
+            let _progress = self.opts.log.progress(
+                &format!("pushing {}", names.join(", ")),
+                None,
+                crate::log::bytes_sent(),
+            );
             let digest = self
                 .runtime
                 .block_on(

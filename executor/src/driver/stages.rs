@@ -68,9 +68,8 @@ impl Driver {
                     &mut builder,
                     &mut state,
                 )
-                .map_err(|message| {
+                .inspect_err(|_| {
                     self.step_ended(stage.index, ins, "failed", started.elapsed(), None);
-                    message
                 })
                 .map_err(|message| match self.failed_run.take() {
                     Some(status) => BuildError::RunFailed {

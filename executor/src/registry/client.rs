@@ -887,8 +887,12 @@ impl RegistryClient {
         let mut f = std::fs::File::open(path).map_err(io)?;
         f.seek(SeekFrom::Start(offset)).map_err(io)?;
         let f = tokio::fs::File::from_std(f).take(len);
+        // Counted as sent for the push's progress lines (crate::log).
+        let sent = crate::log::bytes_sent();
         Ok(reqwest::Body::wrap_stream(
-            tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024),
+            tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024).inspect_ok(move |chunk| {
+                sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }),
         ))
     }
 

@@ -111,13 +111,11 @@ impl Runner for NoneRunner {
                 spec.rootfs.display()
             )));
         }
-        if !self.force {
-            if super::probe::in_container().is_none() {
-                return Err(RunError::Refused(
-                    "/ does not look like a container; it would be modified in place (use --force to run anyway)"
-                        .into(),
-                ));
-            }
+        if !self.force && super::probe::in_container().is_none() {
+            return Err(RunError::Refused(
+                "/ does not look like a container; it would be modified in place (use --force to run anyway)"
+                    .into(),
+            ));
         }
         if !spec.mounts.is_empty() {
             return Err(RunError::Refused(
