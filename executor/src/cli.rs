@@ -342,7 +342,13 @@ impl ExecutorArgs {
     /// Parses the process's arguments (exiting with clap's message on bad
     /// ones), noting which flags were given rather than defaulted.
     pub fn parse_args() -> Self {
-        Self::from_matches(Self::command().get_matches())
+        Self::from_matches(Self::usage_named().get_matches())
+    }
+
+    /// The command, its usage naming `kiln-executor` also when it is
+    /// started as Kaniko's `/kaniko/executor` (clap would take argv\[0\]).
+    fn usage_named() -> clap::Command {
+        Self::command().bin_name("kiln-executor")
     }
 
     /// [`ExecutorArgs::parse_args`] on given arguments (for tests).
