@@ -22,7 +22,7 @@
 //! output and is printed at every verbosity, as Kaniko does.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -218,26 +218,21 @@ impl Logger {
     /// first. `counter` is read, not reset: the transfer's bytes are its
     /// growth since this call.
     pub fn progress(&self, what: &str, total: Option<u64>, counter: Arc<AtomicU64>) -> Progress {
-        let stop = Arc::new(AtomicBool::new(false));
+        // Dropping the sender wakes the ticker at once: a transfer that
+        // ends costs no wait for the next tick.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let logger = self.clone();
         let what = what.to_owned();
         let start_value = counter.load(Ordering::Relaxed);
-        let stop_flag = stop.clone();
         let interval =
             Duration::from_millis(self.inner.progress_interval_ms.load(Ordering::Relaxed));
         let handle = std::thread::Builder::new()
             .name("kiln-progress".into())
             .spawn(move || {
                 let started = Instant::now();
-                let mut next = started + interval;
-                let tick = interval.min(Duration::from_millis(100));
-                while !stop_flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(tick);
-                    let now = Instant::now();
-                    if now < next || stop_flag.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    next = now + interval;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(interval)
+                {
                     let done = counter.load(Ordering::Relaxed).saturating_sub(start_value);
                     let secs = started.elapsed().as_secs_f64().max(0.001);
                     let rate = (done as f64 / secs) as u64;
@@ -263,19 +258,22 @@ impl Logger {
                 }
             })
             .ok();
-        Progress { stop, handle }
+        Progress {
+            stop: Some(stop),
+            handle,
+        }
     }
 }
 
 /// The ticker of [`Logger::progress`]; dropping it stops the reports.
 pub struct Progress {
-    stop: Arc<AtomicBool>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -718,9 +716,14 @@ mod tests {
         let log = Logger::new(config(Format::Json), out.clone())
             .with_progress_interval(Duration::from_millis(300));
         let counter = Arc::new(AtomicU64::new(5));
+        let fast = Instant::now();
         {
             let _fast = log.progress("pulling fast", Some(10), counter.clone());
         }
+        assert!(
+            fast.elapsed() < Duration::from_millis(80),
+            "ending a transfer does not wait for the ticker"
+        );
         assert_eq!(
             out.text(),
             "",
