@@ -392,3 +392,117 @@ fn outside_a_container_without_namespaces_the_executor_refuses_at_startup() {
         "{log}"
     );
 }
+
+/// A build through `cache`, JSON log; returns the events and the report.
+fn json_build(
+    registry: &Registry,
+    ctx: &std::path::Path,
+    state: &std::path::Path,
+    cache: &str,
+) -> (Vec<serde_json::Value>, serde_json::Value) {
+    let report = state.with_extension("report.json");
+    let out = Command::new(kiln_bin("kiln-executor"))
+        .arg("--context")
+        .arg(ctx)
+        .args(["--insecure-registry", &registry.host(), "--no-push"])
+        .args(["--cache-server", cache, "--log-format", "json"])
+        .arg("--cache-dir")
+        .arg(state)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    let events = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let report = serde_json::from_slice(&fs::read(&report).unwrap()).unwrap();
+    (events, report)
+}
+
+fn millis_of(time: &serde_json::Value) -> u64 {
+    // `2026-12-02T01:07:31.123Z` -> milliseconds since midnight.
+    let t = time.as_str().unwrap();
+    let clock = &t[11..23];
+    let (h, rest) = clock.split_once(':').unwrap();
+    let (m, rest) = rest.split_once(':').unwrap();
+    let (s, ms) = rest.split_once('.').unwrap();
+    let n = |x: &str| x.parse::<u64>().unwrap();
+    ((n(h) * 60 + n(m)) * 60 + n(s)) * 1000 + n(ms)
+}
+
+#[test]
+fn a_slow_layer_download_prints_progress_every_two_seconds_and_a_fast_one_none() {
+    use kiln_e2e::hostile::{BlobAnswer, HostileCache, LookupAnswer};
+    let registry = Registry::start(RegistryAuth::None).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    kiln_e2e::push_busybox(&registry, work.path(), "library/busybox:latest", &[]).unwrap();
+    let ctx = work.path().join("ctx");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {}\nRUN echo one > /one\nRUN cat /one > /two\n",
+            registry.reference("library/busybox:latest")
+        ),
+    )
+    .unwrap();
+
+    // Warm a real cache server; its layers arrive quickly: no progress.
+    let server = kiln_e2e::CacheServer::start().unwrap();
+    let warm_state = work.path().join("warm");
+    let (events, report) = json_build(&registry, &ctx, &warm_state, &server.url());
+    assert!(
+        !events.iter().any(|e| e["event"] == "progress"),
+        "{events:?}"
+    );
+    let step = step_at(&report, 2);
+    let key = step["key"].as_str().unwrap().to_string();
+    let digest = step["layer"].as_str().unwrap().to_string();
+    let (status, entry) = server.get(&format!("/v1/entries/{key}")).unwrap();
+    assert_eq!(status, 200, "{entry}");
+    let hex = digest.trim_start_matches("sha256:");
+    let layer = fs::read(
+        warm_state
+            .join("store/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex),
+    )
+    .unwrap();
+
+    // A cache that sends half of line 2's layer and then stalls: line 3
+    // needs that layer's files, so the executor waits for it (until its
+    // idle timeout) and reports while it waits.
+    let hostile = HostileCache::start(
+        LookupAnswer::Entries(vec![(key, entry)]),
+        std::collections::HashMap::from([(digest.clone(), BlobAnswer::Stall(layer.clone()))]),
+    )
+    .unwrap();
+    let (events, report) = json_build(&registry, &ctx, &work.path().join("cold"), &hostile.url());
+    let progress: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["event"] == "progress").collect();
+    assert!(progress.len() >= 3, "{events:?}");
+    for p in &progress {
+        let msg = p["msg"].as_str().unwrap();
+        assert!(
+            msg.starts_with(&format!("fetching layer {digest} from the cache: ")),
+            "{msg}"
+        );
+        assert!(msg.ends_with("/s"), "the rate: {msg}");
+        assert_eq!(p["total"], layer.len() as u64);
+        assert!(p["bytes"].as_u64().unwrap() <= layer.len() as u64);
+        assert!(p["rate_bytes_per_s"].is_u64());
+    }
+    for pair in progress.windows(2) {
+        const DAY: u64 = 86_400_000;
+        let gap = (millis_of(&pair[1]["time"]) + DAY - millis_of(&pair[0]["time"])) % DAY;
+        assert!(
+            (1900..=3000).contains(&gap),
+            "one report every 2 s, not more often: {gap} ms"
+        );
+    }
+    // The stalled hit was built instead; the build went on.
+    assert_eq!(step_at(&report, 2)["cache"], "miss", "{report:#}");
+}
