@@ -2,9 +2,9 @@
 //! `kiln-executor`: the CI log (step headers before the step, end lines
 //! with outcome and duration, `--log-format json`, no escape sequences in
 //! a pipe or with `NO_COLOR`, `--verbosity`), `--report` for builds and
-//! pushes that fail, and the isolation fallback in a pod that may not
-//! create namespaces (run in a throwaway root with `CAP_SYS_ADMIN` dropped,
-//! never in place on this machine's `/`).
+//! pushes that fail, progress lines of a slow download, and the isolation
+//! fallback in a pod that may not create namespaces (run in a throwaway
+//! root with `CAP_SYS_ADMIN` dropped, never in place on this machine's `/`).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
