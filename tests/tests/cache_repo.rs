@@ -142,9 +142,10 @@ fn cache_of(report: &serde_json::Value) -> Vec<String> {
 }
 
 /// A cold build fills the repository; a second executor with fresh local
-/// state is all hits, downloads the layers from the repository (it pushes
-/// to another repository, so it needs them) and makes the same image; its
-/// lookup is one manifest answer for six steps.
+/// state is all hits and makes the same image; its lookup is one manifest
+/// answer for six steps. Pushing to another repository of the same
+/// registry, it mounts the layers from the cache repository instead of
+/// downloading them; a third, writing a tarball, downloads them from there.
 fn second_build_is_all_hits_from_the_repository(auth: RegistryAuth) {
     let env = Env::new(auth);
     let ctx = env.context("app", "bravo\n");
@@ -166,20 +167,7 @@ fn second_build_is_all_hits_from_the_repository(auth: RegistryAuth) {
     let (_, second) = env.build_ok(&ctx, &env.state("two"), "copy:v1", &[]);
     assert_eq!(cache_of(&second), ["hit"; 6], "{second}");
     assert_eq!(second["image"]["digest"], first["image"]["digest"]);
-    assert!(second["summary"]["bytes_downloaded"].as_u64().unwrap() > 0);
     let requests = env.requests_since(since);
-    let layer_gets = requests
-        .iter()
-        .filter(|r| {
-            r.method == "GET"
-                && r.path.starts_with(&format!("/v2/{CACHE}/blobs/"))
-                && r.status == 200
-        })
-        .count();
-    assert!(
-        layer_gets >= 5,
-        "layers come from the cache repository: {requests:?}"
-    );
     let lookup = lookup_requests(&requests);
     let answered: Vec<_> = lookup.iter().filter(|r| r.status == 200).collect();
     assert_eq!(
@@ -197,6 +185,46 @@ fn second_build_is_all_hits_from_the_repository(auth: RegistryAuth) {
         "nothing new to write"
     );
     assert_eq!(env.cache_tags(), tags);
+    assert_eq!(second["summary"]["bytes_downloaded"], 0, "{second}");
+    let mounted = requests
+        .iter()
+        .filter(|r| {
+            r.method == "POST"
+                && r.path.starts_with("/v2/copy/blobs/uploads/?mount=")
+                && r.path.ends_with(&format!("from={CACHE}"))
+                && r.status == 201
+        })
+        .count();
+    assert!(
+        mounted >= 6,
+        "layers mounted from the cache repository: {requests:?}"
+    );
+
+    let since = env.registry.requests().len();
+    let tarball = env.work.path().join("image.tar");
+    let tar_path = tarball.to_str().unwrap();
+    let (_, third) = env.build_ok(
+        &ctx,
+        &env.state("three"),
+        "copy:v1",
+        &["--no-push", "--tar-path", tar_path],
+    );
+    assert_eq!(cache_of(&third), ["hit"; 6], "{third}");
+    assert_eq!(third["image"]["digest"], first["image"]["digest"]);
+    assert!(third["summary"]["bytes_downloaded"].as_u64().unwrap() > 0);
+    let requests = env.requests_since(since);
+    let layer_gets = requests
+        .iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path.starts_with(&format!("/v2/{CACHE}/blobs/"))
+                && r.status == 200
+        })
+        .count();
+    assert!(
+        layer_gets >= 6,
+        "layers come from the cache repository: {requests:?}"
+    );
 }
 
 #[test]
@@ -297,7 +325,15 @@ fn a_corrupted_layer_in_the_cache_repository_is_rejected_and_rebuilt() {
     bytes[middle] ^= 0xff;
     fs::write(&file, &bytes).unwrap();
 
-    let (stderr, second) = env.build_ok(&ctx, &env.state("two"), "other:v1", &[]);
+    // A tarball needs every layer's bytes (a push to this registry would
+    // mount the blob without reading it).
+    let tarball = env.work.path().join("image.tar");
+    let (stderr, second) = env.build_ok(
+        &ctx,
+        &env.state("two"),
+        "other:v1",
+        &["--no-push", "--tar-path", tarball.to_str().unwrap()],
+    );
     let cache = cache_of(&second);
     assert_eq!(
         cache[4], "miss",

@@ -251,6 +251,13 @@ pub fn parse_cache_repo(repo: &str) -> Result<crate::registry::ImageRef, Options
         repo: repo.to_owned(),
         reason,
     };
+    if repo.starts_with("oci:") {
+        return Err(invalid(
+            "a local OCI layout as the cache is not supported: the embedded cache in \
+             --cache-dir is the local one"
+                .into(),
+        ));
+    }
     let parsed = crate::registry::ImageRef::parse(repo).map_err(|e| invalid(e.to_string()))?;
     let last = repo.rsplit('/').next().unwrap_or(repo);
     if parsed.digest().is_some() || last.contains(':') {
@@ -371,6 +378,8 @@ mod tests {
             .is_err()
         );
         assert!(parse_cache_repo("Example.com/Cache").is_err());
+        let err = parse_cache_repo("oci:/var/cache/layout").unwrap_err();
+        assert!(err.to_string().contains("--cache-dir"), "{err}");
     }
 
     #[test]
