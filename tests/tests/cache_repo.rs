@@ -346,3 +346,32 @@ fn a_corrupted_layer_in_the_cache_repository_is_rejected_and_rebuilt() {
     // Never a wrong layer: the image is the first build's, byte for byte.
     assert_eq!(second["image"]["digest"], first["image"]["digest"]);
 }
+
+#[test]
+fn a_multi_stage_build_is_answered_by_one_manifest_too() {
+    let env = Env::new(RegistryAuth::None);
+    let dir = env.work.path().join("multi");
+    fs::create_dir_all(&dir).unwrap();
+    let base = env.registry.reference("library/busybox:latest");
+    fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM {base} AS build\nRUN echo built > /artifact\nRUN echo more >> /artifact\n\
+             FROM {base}\nCOPY --from=build /artifact /artifact\nRUN cat /artifact > /copy\n"
+        ),
+    )
+    .unwrap();
+    let (_, first) = env.build_ok(&dir, &env.state("one"), "multi:v1", &[]);
+    assert_eq!(cache_of(&first), ["miss"; 4], "{first}");
+    let since = env.registry.requests().len();
+    let (_, second) = env.build_ok(&dir, &env.state("two"), "multi:v2", &[]);
+    assert_eq!(cache_of(&second), ["hit"; 4], "{second}");
+    assert_eq!(second["image"]["digest"], first["image"]["digest"]);
+    let requests = env.requests_since(since);
+    let lookup = lookup_requests(&requests);
+    assert_eq!(
+        lookup.len(),
+        1,
+        "the first stage's first tag holds the second stage's entries: {lookup:?}"
+    );
+}
