@@ -92,7 +92,13 @@ pub trait Cache: Send + Sync {
         &self,
         chains: &[Vec<CacheKey>],
     ) -> Result<BTreeMap<CacheKey, CacheEntry>, CacheError> {
-        let keys: Vec<CacheKey> = chains.iter().flatten().copied().collect();
+        let mut seen = std::collections::BTreeSet::new();
+        let keys: Vec<CacheKey> = chains
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|k| seen.insert(*k))
+            .collect();
         self.lookup(&keys)
     }
 
