@@ -240,6 +240,15 @@ pub struct ExecutorArgs {
     /// never falls back to in-place isolation); set by [`ExecutorArgs::parse_args`].
     #[arg(skip)]
     pub isolation_explicit: bool,
+    // --- cacherepo flags (issue 15) ---
+    /// Registry repository that holds the layer cache (`registry/path`, no
+    /// tag), for builds without a cache server; --cache-server wins when
+    /// both are given (docs/cache-repo.md).
+    #[arg(long, value_name = "REPO")]
+    pub cache_repo: Option<String>,
+    /// Look the cache up but push nothing to it (no layers, no entries).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub no_push_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,12 +6,17 @@
 //! sends more bytes than asked for is cut off at the size), `put_blob` makes a layer
 //! available to every other executor, and `put_entry` records a step's
 //! result first-writer-wins (a conflicting entry is the cache's to keep, not
-//! an error of this build). Two implementations:
+//! an error of this build). Lookups get the keys as chains (each stage's
+//! filesystem keys in build order) and a cache may hold writes back until
+//! [`Cache::finish`]; both default to the plain calls. Three
+//! implementations:
 //!
 //! - [`embedded::EmbeddedCache`]: the cache server's own storage engine,
 //!   in-process, on `--cache-dir` (the default: no server needed);
 //! - [`http::HttpCache`]: a `kiln-cache-server` (`--cache-server`), one URL
-//!   or several tried in order.
+//!   or several tried in order;
+//! - [`registry::RegistryCache`]: a repository of an OCI registry
+//!   (`--cache-repo`), entries as artifact manifests, layers as blobs.
 //!
 //! The driver treats every cache error as a reason to build without the
 //! cache, never as a reason to fail the build.
@@ -19,6 +24,7 @@
 #[cfg(feature = "embedded-cache")]
 pub mod embedded;
 pub mod http;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,4 +83,30 @@ pub trait Cache: Send + Sync {
     fn put_blob(&self, digest: &Digest, path: &Path) -> Result<(), CacheError>;
 
     fn put_entry(&self, key: &CacheKey, entry: &CacheEntry) -> Result<(), CacheError>;
+
+    /// [`Cache::lookup`] of a whole build, with the structure of its keys:
+    /// one chain per stage, each step's key derived from the one before.
+    /// A cache whose lookups cost a request per key uses it to ask for
+    /// fewer (a step nobody finished has no successor anybody built).
+    fn lookup_chains(
+        &self,
+        chains: &[Vec<CacheKey>],
+    ) -> Result<BTreeMap<CacheKey, CacheEntry>, CacheError> {
+        let mut seen = std::collections::BTreeSet::new();
+        let keys: Vec<CacheKey> = chains
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|k| seen.insert(*k))
+            .collect();
+        self.lookup(&keys)
+    }
+
+    /// The build's uploads are done; `chains` are its keys as for
+    /// [`Cache::lookup_chains`], without hits whose layer could not be had.
+    /// A cache that holds writes back (the registry one) makes them now.
+    fn finish(&self, chains: &[Vec<CacheKey>]) -> Result<(), CacheError> {
+        let _ = chains;
+        Ok(())
+    }
 }

@@ -143,16 +143,12 @@ impl Driver {
         if !self.opts.cache.mode.reads() {
             return;
         }
-        let mut wanted: Vec<CacheKey> = self
-            .keys
-            .values()
-            .filter(|k| k.filesystem)
-            .map(|k| k.key)
-            .collect();
+        let chains = self.key_chains();
+        let mut wanted: Vec<CacheKey> = chains.iter().flatten().copied().collect();
         wanted.sort();
         wanted.dedup();
         let started = Instant::now();
-        let answer = cache.lookup(&wanted);
+        let answer = cache.lookup_chains(&chains);
         self.lookup_ms = started.elapsed().as_millis() as u64;
         match answer {
             Ok(hits) => {
@@ -171,6 +167,45 @@ impl Driver {
                 ));
                 self.cache = None;
             }
+        }
+    }
+
+    /// The build's filesystem keys as chains: per stage, in build order
+    /// (each key derives from the one before it).
+    pub(super) fn key_chains(&self) -> Vec<Vec<CacheKey>> {
+        let mut positions: Vec<(&(usize, usize), &StepKey)> =
+            self.keys.iter().filter(|(_, k)| k.filesystem).collect();
+        positions.sort_by_key(|(p, _)| **p);
+        let mut chains: Vec<Vec<CacheKey>> = Vec::new();
+        let mut stage = None;
+        for ((index, _), key) in positions {
+            if stage != Some(*index) {
+                stage = Some(*index);
+                chains.push(Vec::new());
+            }
+            if let Some(chain) = chains.last_mut() {
+                chain.push(key.key);
+            }
+        }
+        chains
+    }
+
+    /// Lets the cache make the writes it held back (the registry cache's
+    /// tags), once every upload is done; hits whose layer could not be had
+    /// are left out, so no new entry repeats them. A failure is a warning.
+    pub(super) fn finish_cache(&mut self) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        if !self.opts.cache.mode.writes() {
+            return;
+        }
+        let mut chains = self.key_chains();
+        for chain in &mut chains {
+            chain.retain(|k| !self.lost_hits.contains(k));
+        }
+        if let Err(e) = cache.finish(&chains) {
+            self.opts.log.warn(&format!("writing the cache failed: {e}"));
         }
     }
 

@@ -42,6 +42,10 @@ pub enum OptionsError {
     UsernsInPlace,
     #[error("--max-layer-size {0:?}: expected a size such as 32GiB, 500MiB or 1000000 (bytes)")]
     MaxLayerSize(String),
+    #[error("--cache-repo {repo:?}: {reason}")]
+    CacheRepo { repo: String, reason: String },
+    #[error("--no-push-cache and --cache-mode write-only contradict each other")]
+    NoPushCacheWriteOnly,
     #[error(
         "no output: give --destination, --oci-layout-path or --tar-path (or --no-push to build only)"
     )]
@@ -233,11 +237,22 @@ impl ExecutorArgs {
             log: crate::log::Logger::stderr(self.log_config()),
             cache: CacheOptions {
                 enabled: self.cache,
-                mode: match self.cache_mode {
-                    cli::CacheMode::ReadWrite => CacheMode::ReadWrite,
-                    cli::CacheMode::ReadOnly => CacheMode::ReadOnly,
-                    cli::CacheMode::WriteOnly => CacheMode::WriteOnly,
+                // --no-push-cache: look up, write nothing (Kaniko's meaning).
+                mode: match (self.cache_mode, self.no_push_cache) {
+                    (cli::CacheMode::ReadWrite, false) => CacheMode::ReadWrite,
+                    (cli::CacheMode::ReadWrite | cli::CacheMode::ReadOnly, _) => {
+                        CacheMode::ReadOnly
+                    }
+                    (cli::CacheMode::WriteOnly, false) => CacheMode::WriteOnly,
+                    (cli::CacheMode::WriteOnly, true) => {
+                        return Err(OptionsError::NoPushCacheWriteOnly);
+                    }
                 },
+                repo: self
+                    .cache_repo
+                    .as_deref()
+                    .map(parse_cache_repo)
+                    .transpose()?,
                 servers: self
                     .cache_server
                     .iter()
@@ -300,6 +315,30 @@ impl ExecutorArgs {
         }
         Ok(allowed)
     }
+}
+
+/// `--cache-repo registry/path`: a repository, as Kaniko takes it; a tag
+/// or digest is refused (kiln names the tags itself).
+pub fn parse_cache_repo(repo: &str) -> Result<crate::registry::ImageRef, OptionsError> {
+    let invalid = |reason: String| OptionsError::CacheRepo {
+        repo: repo.to_owned(),
+        reason,
+    };
+    if repo.starts_with("oci:") {
+        return Err(invalid(
+            "a local OCI layout as the cache is not supported: the embedded cache in \
+             --cache-dir is the local one"
+                .into(),
+        ));
+    }
+    let parsed = crate::registry::ImageRef::parse(repo).map_err(|e| invalid(e.to_string()))?;
+    let last = repo.rsplit('/').next().unwrap_or(repo);
+    if parsed.digest().is_some() || last.contains(':') {
+        return Err(invalid(
+            "give a repository without a tag or digest (kiln tags its entries kiln-<key>)".into(),
+        ));
+    }
+    Ok(parsed)
 }
 
 /// `--secret id=npmrc,src=/home/me/.npmrc` or `id=token,env=API_TOKEN`
@@ -465,6 +504,46 @@ mod tests {
         assert!(matches!(e.source, SecretSource::Env(v) if v == "API_TOKEN"));
         assert!(parse_secret("src=/x").is_err());
         assert!(parse_secret("id=a,bogus=1").is_err());
+    }
+
+    #[test]
+    fn cache_repos_are_repositories_without_tag_or_digest() {
+        let r = parse_cache_repo("registry.example.com:5000/team/cache").unwrap();
+        assert_eq!(r.registry(), "registry.example.com:5000");
+        assert_eq!(r.repository(), "team/cache");
+        assert!(parse_cache_repo("localhost:5000/cache").is_ok());
+        assert!(parse_cache_repo("example.com/cache:v1").is_err());
+        assert!(
+            parse_cache_repo(&format!(
+                "example.com/cache@{}",
+                kiln_common::Digest::of_bytes(b"x")
+            ))
+            .is_err()
+        );
+        assert!(parse_cache_repo("Example.com/Cache").is_err());
+        let err = parse_cache_repo("oci:/var/cache/layout").unwrap_err();
+        assert!(err.to_string().contains("--cache-dir"), "{err}");
+    }
+
+    #[test]
+    fn no_push_cache_reads_but_never_writes() {
+        use clap::Parser;
+        let args = |extra: &[&str]| {
+            let mut v = vec!["kiln-executor", "--no-push"];
+            v.extend_from_slice(extra);
+            ExecutorArgs::try_parse_from(v).unwrap().build_options()
+        };
+        let mode = args(&["--cache-repo", "example.com/cache", "--no-push-cache"])
+            .unwrap()
+            .cache
+            .mode;
+        assert!(mode.reads() && !mode.writes());
+        let mode = args(&["--no-push-cache=false"]).unwrap().cache.mode;
+        assert!(mode.reads() && mode.writes());
+        assert!(matches!(
+            args(&["--no-push-cache", "--cache-mode", "write-only"]),
+            Err(OptionsError::NoPushCacheWriteOnly)
+        ));
     }
 
     #[test]

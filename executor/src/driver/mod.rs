@@ -145,6 +145,9 @@ pub struct CacheOptions {
     pub token: Option<String>,
     /// Entries older than this are not reused (embedded cache).
     pub ttl: Option<std::time::Duration>,
+    /// `--cache-repo`: the registry-backed cache, used when no server is
+    /// given.
+    pub repo: Option<ImageRef>,
 }
 
 impl Default for CacheOptions {
@@ -155,6 +158,7 @@ impl Default for CacheOptions {
             servers: Vec::new(),
             token: None,
             ttl: None,
+            repo: None,
         }
     }
 }
@@ -323,6 +327,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
     // lock: Invalid argument`, SIGABRT). So they finish first (they record
     // steps that did succeed), and the cache is closed before we return.
     driver.wait_uploads();
+    driver.finish_cache();
     driver.cleanup();
     drop(driver);
     result
@@ -1092,17 +1097,26 @@ fn open_cache(
     if !opts.cache.enabled {
         return None;
     }
-    let opened: Result<Arc<dyn Cache>, crate::cache::CacheError> = if opts.cache.servers.is_empty()
-    {
-        open_embedded(opts)
-    } else {
-        crate::cache::http::HttpCache::new(
-            opts.cache.servers.clone(),
-            opts.cache.token.clone(),
-            runtime,
-        )
-        .map(|c| Arc::new(c) as Arc<dyn Cache>)
-    };
+    let opened: Result<Arc<dyn Cache>, crate::cache::CacheError> =
+        if let (true, Some(repo)) = (opts.cache.servers.is_empty(), &opts.cache.repo) {
+            crate::cache::registry::RegistryCache::new(repo, opts.registry.clone(), runtime)
+                .map(|c| Arc::new(c) as Arc<dyn Cache>)
+        } else if opts.cache.servers.is_empty() {
+            open_embedded(opts)
+        } else {
+            if let Some(repo) = &opts.cache.repo {
+                log.warn(&format!(
+                    "--cache-repo {} is not used: --cache-server is given and wins",
+                    repo.name()
+                ));
+            }
+            crate::cache::http::HttpCache::new(
+                opts.cache.servers.clone(),
+                opts.cache.token.clone(),
+                runtime,
+            )
+            .map(|c| Arc::new(c) as Arc<dyn Cache>)
+        };
     match opened {
         Ok(c) => Some(c),
         Err(e) => {

@@ -13,9 +13,20 @@ impl Driver {
         rfc3339(secs)
     }
 
+    /// The `--cache-repo` repository when this build's cache is in it: a
+    /// push to the same registry mounts layers from there.
+    pub(super) fn cache_repository(&self) -> Option<&ImageRef> {
+        self.cache.as_ref()?;
+        if !self.opts.cache.servers.is_empty() {
+            return None;
+        }
+        self.opts.cache.repo.as_ref()
+    }
+
     /// Layers that came from the cache are downloaded only if an output
     /// needs their bytes: a layout or tarball always does, a push only when
-    /// some destination registry does not have the blob yet.
+    /// some destination registry does not have the blob yet and cannot
+    /// mount it from the cache repository.
     pub(super) fn fetch_missing_blobs(&mut self, target: &StageState) -> Result<(), BuildError> {
         let extra = self
             .extra_blobs
@@ -41,10 +52,27 @@ impl Driver {
                 .filter_map(|d| ImageRef::parse(d).ok())
                 .collect()
         };
+        let cache_repo = self.cache_repository().cloned();
         for layer in missing {
             let mut needed = local_output;
+            let mut in_cache_repo = None;
             if !needed {
                 for dest in &destinations {
+                    if let Some(repo) = cache_repo
+                        .as_ref()
+                        .filter(|r| r.registry() == dest.registry())
+                    {
+                        let mountable = *in_cache_repo.get_or_insert_with(|| {
+                            self.runtime
+                                .block_on(self.client.blob_exists(repo, &layer.desc.digest))
+                                .ok()
+                                .flatten()
+                                .is_some()
+                        });
+                        if mountable {
+                            continue;
+                        }
+                    }
                     let present = self
                         .runtime
                         .block_on(self.client.blob_exists(dest, &layer.desc.digest))
@@ -118,7 +146,14 @@ impl Driver {
             self.log(&format!("wrote docker archive {}", path.display()));
         }
         if !self.opts.no_push && !destinations.is_empty() {
-            let hints: Vec<ImageRef> = target.registry_ref.iter().cloned().collect();
+            // The cache repository first: it holds the layers this build
+            // did not download (fetch_missing_blobs counts on the mount).
+            let hints: Vec<ImageRef> = self
+                .cache_repository()
+                .into_iter()
+                .chain(target.registry_ref.as_ref())
+                .cloned()
+                .collect();
             self.phase = "pushing";
             let names: Vec<String> = destinations.iter().map(|d| d.to_string()).collect();
             let _progress = self.opts.log.progress(

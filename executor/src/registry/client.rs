@@ -1149,6 +1149,10 @@ impl RegistryClient {
     }
 }
 
+// Artifact calls (the registry-backed cache) live in their own file.
+#[path = "artifacts.rs"]
+pub mod artifacts;
+
 #[cfg(test)]
 mod tests {
     use super::*;
