@@ -2,14 +2,23 @@
 //! This binary only parses flags and hands them to the library.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use kiln_executor::cli::{ExecutorArgs, Verbosity};
 use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let mut args = ExecutorArgs::parse();
+    let matches = ExecutorArgs::command().get_matches();
+    let mut args = match ExecutorArgs::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     init_logging(args.verbosity);
+    // Flags that tune Kaniko's own machinery: one line each on what kiln
+    // does instead (kiln_executor::kaniko_flags).
+    for warning in kiln_executor::kaniko_flags::machinery_warnings(&matches) {
+        eprintln!("kiln-executor: warning: {warning}");
+    }
     let result = if args.dry_run {
         dry_run(&args)
     } else {
@@ -70,16 +79,6 @@ fn use_ansi() -> bool {
 
 fn build(args: &ExecutorArgs) -> anyhow::Result<()> {
     let opts = args.build_options()?;
-    for (given, flag) in [
-        (args.single_snapshot, "--single-snapshot"),
-        (args.cleanup, "--cleanup"),
-    ] {
-        if given {
-            eprintln!(
-                "kiln-executor: warning: {flag} is accepted for Kaniko compatibility but has no effect"
-            );
-        }
-    }
     let outcome = kiln_executor::driver::build(opts)?;
     eprintln!("kiln-executor: built {}", outcome.manifest_digest);
     Ok(())
