@@ -513,6 +513,47 @@ mod tests {
     }
 
     #[test]
+    fn single_value_flags_keep_the_last_value_and_repeatable_ones_accumulate() {
+        let a = parse(&[
+            "--target",
+            "a",
+            "--target=b",
+            "--cache=false",
+            "--cache",
+            "--push-retry",
+            "1",
+            "--push-retry=3",
+            "-d",
+            "r/a:1",
+            "--destination=r/a:2",
+            "--tarPath",
+            "/t1",
+            "--tar-path",
+            "/t2",
+            "--customPlatform=linux/arm64",
+            "--snapshot-mode=redo",
+            "--snapshotMode",
+            "time",
+            "--ignore-var-run=false",
+            "--whitelist-var-run",
+            "--no-push=1",
+            "--no-push=F",
+        ])
+        .unwrap();
+        assert_eq!(a.target.as_deref(), Some("b"));
+        assert!(a.cache);
+        assert_eq!(a.push_retry, 3);
+        assert_eq!(a.destination, ["r/a:1", "r/a:2"]);
+        assert_eq!(a.tar_path, Some(PathBuf::from("/t2")));
+        assert_eq!(a.custom_platform.as_deref(), Some("linux/arm64"));
+        assert_eq!(a.snapshot_mode.as_deref(), Some("time"));
+        assert!(a.ignore_var_run && !a.no_push);
+        assert!(parse(&["--no-push=yes"]).is_err());
+        assert!(parse(&["--snapshot-mode=fast"]).is_err());
+        assert!(parse(&["--log-format=xml"]).is_err());
+    }
+
+    #[test]
     fn unknown_flags_are_errors() {
         assert!(parse(&["--no-such-flag"]).is_err());
     }
