@@ -73,7 +73,10 @@ macro_rules! kaniko_bool {
 #[command(
     name = "kiln-executor",
     version,
-    about = "Builds OCI images from Dockerfiles without a Docker daemon"
+    about = "Builds OCI images from Dockerfiles without a Docker daemon",
+    // pflag's rule: a single-value flag given twice keeps the last value
+    // (repeatable flags such as --destination still accumulate).
+    args_override_self = true
 )]
 pub struct ExecutorArgs {
     /// Build context directory.
@@ -95,13 +98,14 @@ pub struct ExecutorArgs {
     /// Image label `K=V` (repeatable).
     #[arg(long, value_name = "K=V")]
     pub label: Vec<String>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    /// Build without pushing (also `KANIKO_NO_PUSH=true`).
+    #[arg(long, env = "KANIKO_NO_PUSH", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub no_push: bool,
     /// Write the image as an OCI image layout directory.
     #[arg(long)]
     pub oci_layout_path: Option<PathBuf>,
     /// Write the image as a `docker load` tarball.
-    #[arg(long)]
+    #[arg(long, visible_alias = "tarPath")]
     pub tar_path: Option<PathBuf>,
     /// Write the manifest digest to this file.
     #[arg(long)]
@@ -175,18 +179,20 @@ pub struct ExecutorArgs {
     #[arg(long)]
     pub registry_certificate: Vec<String>,
     /// Mirror for Docker Hub pulls (repeatable).
-    #[arg(long)]
+    #[arg(long, env = "KANIKO_REGISTRY_MIRROR")]
     pub registry_mirror: Vec<String>,
     /// Target platform `os/arch[/variant]` (default: the host's).
-    #[arg(long)]
+    #[arg(long, visible_alias = "customPlatform")]
     pub custom_platform: Option<String>,
-    /// Take one snapshot at the end of the build instead of one per step.
+    /// One layer per stage: the stage's filesystem steps share one writable
+    /// rootfs and are snapshotted once, after the last of them.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub single_snapshot: bool,
     /// Path left out of snapshots (repeatable).
     #[arg(long)]
     pub ignore_path: Vec<PathBuf>,
-    /// Clean the filesystem at the end of the build.
+    /// At the end, remove the unpacked layers of the state directory
+    /// (docs/kaniko-migration.md).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub cleanup: bool,
     /// Build secret `id=NAME,src=PATH` for `RUN --mount=type=secret`.
@@ -249,7 +255,100 @@ pub struct ExecutorArgs {
     /// Look the cache up but push nothing to it (no layers, no entries).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub no_push_cache: bool,
+    /// Kaniko flags that only tune Kaniko's own machinery, given with a
+    /// value kiln does not follow: one warning each
+    /// ([`crate::kaniko_flags::machinery_warnings`]); set by [`ExecutorArgs::parse_args`].
+    #[arg(skip)]
+    pub machinery_warnings: Vec<String>,
+    // --- flags flags (issue 15) ---
+    // Every Kaniko v1.24.0 flag kiln did not have; `crate::kaniko_flags`
+    // says for each what kiln does with it.
+    /// Write `<destination with tag>@<digest>` lines to this file.
+    #[arg(long, value_name = "FILE")]
+    pub image_name_tag_with_digest_file: Option<PathBuf>,
+    /// Kaniko's snapshot strategy (full, redo, time); kiln's snapshots never
+    /// depend on it (accepted, with a warning when not `full`).
+    #[arg(long, visible_alias = "snapshotMode", value_parser = ["full", "redo", "time"])]
+    pub snapshot_mode: Option<String>,
+    /// Kaniko's experimental RUN change detection; kiln's snapshotters
+    /// always diff (accepted, with a warning).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub use_new_run: bool,
+    /// Kaniko caches COPY layers only with this; kiln caches every
+    /// filesystem step (accepted, with a warning when false).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub cache_copy_layers: bool,
+    /// Kaniko's switch for caching RUN layers; kiln always caches them
+    /// (accepted, with a warning when false).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true", action = kaniko_bool!())]
+    pub cache_run_layers: bool,
+    /// Kaniko's in-memory compression of cached layers; kiln streams every
+    /// layer to disk compressed (accepted, with a warning when false).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true", action = kaniko_bool!())]
+    pub compressed_caching: bool,
+    /// kiln always builds only the stages the target needs (accepted, with
+    /// a warning when false).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub skip_unused_stages: bool,
+    /// Sub path within the given context.
+    #[arg(long, value_name = "PATH")]
+    pub context_sub_path: Option<String>,
+    /// Git options for a git context: `branch=B`, `single-branch=true`,
+    /// `recurse-submodules=true`, `insecure-skip-tls=true` (repeatable).
+    #[arg(long, value_name = "K=V")]
+    pub git: Vec<String>,
+    /// GCS bucket holding the build context as a tarball.
+    #[arg(short = 'b', long)]
+    pub bucket: Option<String>,
+    /// Registry reached without verifying its TLS certificate (repeatable).
+    #[arg(long, value_name = "REGISTRY")]
+    pub skip_tls_verify_registry: Vec<String>,
+    /// `registry=/path/cert.pem,/path/key.pem`: client certificate for
+    /// mutual TLS with that registry (repeatable).
+    #[arg(long, value_name = "REGISTRY=CERT,KEY")]
+    pub registry_client_cert: Vec<String>,
+    /// `original.registry=new.registry[;...]`: pull from the new registry
+    /// instead (repeatable; also KANIKO_REGISTRY_MAP).
+    #[arg(long, env = "KANIKO_REGISTRY_MAP", value_name = "FROM=TO")]
+    pub registry_map: Vec<String>,
+    /// When no mirror has an image, fail instead of pulling from Docker Hub.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub skip_default_registry_fallback: bool,
+    /// Treat a registry's "tag is immutable" refusal as success.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub push_ignore_immutable_tag_errors: bool,
+    /// Do not check push permission before the build.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub skip_push_permission_check: bool,
+    /// How many more times a base-image layer whose extraction failed is
+    /// fetched again and extracted again.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub image_fs_extract_retry: u32,
+    /// Leave /var/run out of every layer, as Kaniko does (`=false` keeps
+    /// it). `--whitelist-var-run` is Kaniko's deprecated name.
+    #[arg(long, visible_alias = "whitelist-var-run", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true", action = kaniko_bool!())]
+    pub ignore_var_run: bool,
+    /// kiln's state directory (blobs, unpacked layers, the embedded cache,
+    /// scratch space) when --cache-dir is not given; also KANIKO_DIR.
+    #[arg(long, env = "KANIKO_DIR", value_name = "DIR")]
+    pub kaniko_dir: Option<PathBuf>,
+    /// Give every instruction a layer, empty ones included, as Kaniko's
+    /// --force-build-metadata does.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub force_build_metadata: bool,
 }
+
+
+/// A boolean as Go's `strconv.ParseBool` (pflag) reads it: `1`, `t`, `T`,
+/// `TRUE`, `true`, `True` and their false forms.
+pub fn go_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{text:?} is not a boolean (true or false)")),
+    }
+}
+
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -375,6 +474,7 @@ impl ExecutorArgs {
         let mut args = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         args.isolation_explicit =
             matches.value_source("isolation") == Some(clap::parser::ValueSource::CommandLine);
+        args.machinery_warnings = crate::kaniko_flags::machinery_warnings(&matches);
         args
     }
 
@@ -532,6 +632,47 @@ mod tests {
         assert!(!args(&[]).isolation_explicit);
         assert!(args(&["--isolation", "chroot"]).isolation_explicit);
         assert!(args(&["--isolation=none"]).isolation_explicit);
+    }
+
+    #[test]
+    fn single_value_flags_keep_the_last_value_and_repeatable_ones_accumulate() {
+        let a = parse(&[
+            "--target",
+            "a",
+            "--target=b",
+            "--cache=false",
+            "--cache",
+            "--push-retry",
+            "1",
+            "--push-retry=3",
+            "-d",
+            "r/a:1",
+            "--destination=r/a:2",
+            "--tarPath",
+            "/t1",
+            "--tar-path",
+            "/t2",
+            "--customPlatform=linux/arm64",
+            "--snapshot-mode=redo",
+            "--snapshotMode",
+            "time",
+            "--ignore-var-run=false",
+            "--whitelist-var-run",
+            "--no-push=1",
+            "--no-push=F",
+        ])
+        .unwrap();
+        assert_eq!(a.target.as_deref(), Some("b"));
+        assert!(a.cache);
+        assert_eq!(a.push_retry, 3);
+        assert_eq!(a.destination, ["r/a:1", "r/a:2"]);
+        assert_eq!(a.tar_path, Some(PathBuf::from("/t2")));
+        assert_eq!(a.custom_platform.as_deref(), Some("linux/arm64"));
+        assert_eq!(a.snapshot_mode.as_deref(), Some("time"));
+        assert!(a.ignore_var_run && !a.no_push);
+        assert!(parse(&["--no-push=yes"]).is_err());
+        assert!(parse(&["--snapshot-mode=fast"]).is_err());
+        assert!(parse(&["--log-format=xml"]).is_err());
     }
 
     #[test]

@@ -10,6 +10,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let mut args = ExecutorArgs::parse_args();
     let log = init_logging(&args);
+    // Flags that tune Kaniko's own machinery: one line each on what kiln
+    // does instead (kiln_executor::kaniko_flags).
+    for warning in &args.machinery_warnings {
+        log.warn(warning);
+    }
     let result = if args.dry_run {
         dry_run(&args, &log)
     } else {
@@ -54,16 +59,6 @@ fn init_logging(args: &ExecutorArgs) -> Logger {
 fn build(args: &ExecutorArgs, log: &Logger) -> anyhow::Result<()> {
     let mut opts = args.build_options()?;
     opts.log = log.clone();
-    for (given, flag) in [
-        (args.single_snapshot, "--single-snapshot"),
-        (args.cleanup, "--cleanup"),
-    ] {
-        if given {
-            log.warn(&format!(
-                "{flag} is accepted for Kaniko compatibility but has no effect"
-            ));
-        }
-    }
     let outcome = kiln_executor::driver::build(opts)?;
     log.log(
         Level::Info,

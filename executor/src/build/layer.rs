@@ -139,6 +139,20 @@ pub fn write_layer(
     if change.is_empty() {
         return Ok(None);
     }
+    write_any_layer(change, opts, out_dir).map(Some)
+}
+
+/// An empty layer (a tar of no entries), for `--force-build-metadata`,
+/// which gives every instruction a layer as Kaniko does.
+pub fn write_empty_layer(opts: &LayerOptions, out_dir: &Path) -> Result<Layer, LayerError> {
+    write_any_layer(&Change::default(), opts, out_dir)
+}
+
+fn write_any_layer(
+    change: &Change,
+    opts: &LayerOptions,
+    out_dir: &Path,
+) -> Result<Layer, LayerError> {
     let out_err = |source| LayerError::Output {
         dir: out_dir.to_path_buf(),
         source,
@@ -178,14 +192,14 @@ pub fn write_layer(
 
     let path = out_dir.join(digest.hex());
     tmp.persist(&path).map_err(|e| out_err(e.error))?;
-    Ok(Some(Layer {
+    Ok(Layer {
         path,
         media_type: opts.compression.media_type(),
         digest,
         size,
         diff_id,
         uncompressed_size,
-    }))
+    })
 }
 
 fn compress(

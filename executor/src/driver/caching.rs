@@ -7,10 +7,19 @@ use crate::cache::CacheError;
 
 impl Driver {
     pub(super) fn compute_keys(&mut self, plan: &Plan) -> Result<(), BuildError> {
-        let options = format!(
+        let mut options = format!(
             "{:?} reproducible={} epoch={:?}",
             self.opts.compression, self.opts.reproducible, self.opts.source_date_epoch
         );
+        // Only when on, so that every other build keeps its keys: a
+        // single-snapshot layer holds a whole stage, a forced one may be
+        // empty where a normal step records no layer.
+        if self.opts.single_snapshot && !self.opts.force_build_metadata {
+            options.push_str(" single-snapshot");
+        }
+        if self.opts.force_build_metadata {
+            options.push_str(" force-build-metadata");
+        }
         for &index in &plan.stages_to_build {
             let stage = &plan.stages[index];
             let mut parent = match &stage.source {
@@ -224,6 +233,12 @@ impl Driver {
         let Some(step_key) = step_key.filter(|k| k.filesystem) else {
             return self.instruction(plan, stage, ins, builder, state);
         };
+        if self.defer_snapshot {
+            // Its changes go into the stage's single snapshot: there is no
+            // result of its own to look up or to upload.
+            let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
+            return Ok((if cache == "none" { "none" } else { "miss" }, layer));
+        }
         let created_by = history_text(ins);
         if let Some(entry) = self.hits.get(&step_key.key).cloned() {
             let layer = entry.layer.map(|layer| LayerRef {
@@ -657,7 +672,7 @@ impl Driver {
 /// stage without running it: the layer is added by descriptor, and the
 /// stack is rebuilt from the layers when a later step needs it (unpacked
 /// layers are reused by diff_id).
-fn apply_recorded(
+pub(super) fn apply_recorded(
     ins: &PlannedInstruction,
     layer: Option<LayerRef>,
     created_by: &str,

@@ -30,7 +30,9 @@ pub enum OptionsError {
     },
     #[error("--secret {0:?}: expected id=ID,src=FILE or id=ID,env=VARIABLE")]
     Secret(String),
-    #[error("--cache-ttl {0:?}: expected a duration such as 336h, 30m or 7d")]
+    #[error(
+        "--cache-ttl {0:?}: expected a Go duration such as 336h, 1h30m, 1.5h, 90s or 500ms (a number and a unit: ns, us, ms, s, m, h; kiln also takes d)"
+    )]
     CacheTtl(String),
     #[error("--cap-add/--cap-drop: {0}")]
     Capability(#[from] crate::build::runner::security::UnknownCapability),
@@ -151,7 +153,9 @@ impl ExecutorArgs {
             ),
             _ => None,
         };
-        let compression = match (self.compression, self.compression_level) {
+        // -1 is Kaniko's (and zlib's) "the default level".
+        let level = self.compression_level.filter(|l| *l != -1);
+        let compression = match (self.compression, level) {
             (cli::Compression::Gzip, None) => Compression::Gzip { level: 6 },
             (cli::Compression::Gzip, Some(l)) if (0..=9).contains(&l) => {
                 Compression::Gzip { level: l as u32 }
@@ -209,6 +213,11 @@ impl ExecutorArgs {
             tar_path: self.tar_path.clone(),
             digest_file: self.digest_file.clone(),
             image_name_with_digest_file: self.image_name_with_digest_file.clone(),
+            image_name_tag_with_digest_file: self.image_name_tag_with_digest_file.clone(),
+            single_snapshot: self.single_snapshot,
+            force_build_metadata: self.force_build_metadata,
+            cleanup: self.cleanup,
+            image_fs_extract_retry: self.image_fs_extract_retry,
             reproducible: self.reproducible || source_date_epoch.is_some(),
             source_date_epoch,
             compression,
@@ -224,7 +233,7 @@ impl ExecutorArgs {
                 _ if self.userns == cli::UsernsMode::Auto => SnapshotterKind::Walk,
                 (false, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
             }),
-            state_dir: self.cache_dir.clone().unwrap_or_else(default_state_dir),
+            state_dir: self.state_dir(),
             registry,
             force: self.force,
             network: match self.network {
@@ -233,7 +242,7 @@ impl ExecutorArgs {
             },
             run_security: self.run_security()?,
             allow_insecure: self.allow_insecure()?,
-            ignore_paths: self.ignore_path.clone(),
+            ignore_paths: self.ignore_paths(),
             log: crate::log::Logger::stderr(self.log_config()),
             cache: CacheOptions {
                 enabled: self.cache,
@@ -280,6 +289,26 @@ impl ExecutorArgs {
 }
 
 impl ExecutorArgs {
+    /// `--cache-dir`, else Kaniko's `--kaniko-dir` (or `KANIKO_DIR`, which
+    /// clap has already folded into it), else [`default_state_dir`].
+    pub fn state_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .or_else(|| self.kaniko_dir.clone())
+            .unwrap_or_else(default_state_dir)
+    }
+
+    /// `--ignore-path`s, plus `/var/run` unless `--ignore-var-run=false`
+    /// (Kaniko's default: what a pod mounts there, such as service account
+    /// secrets or a docker socket, never belongs in the image).
+    pub fn ignore_paths(&self) -> Vec<PathBuf> {
+        let mut paths = self.ignore_path.clone();
+        if self.ignore_var_run {
+            paths.push(PathBuf::from("/var/run"));
+        }
+        paths
+    }
+
     /// Docker's defaults, changed by `--cap-add`, `--cap-drop` (drops
     /// applied after adds, as Docker) and `--security-opt`.
     fn run_security(&self) -> Result<StepSecurity, OptionsError> {
@@ -367,20 +396,64 @@ pub fn parse_secret(spec: &str) -> Result<Secret, OptionsError> {
     }
 }
 
-/// `336h`, `30m`, `45s`, `7d`: Go-style durations as Kaniko takes them.
+/// A duration as Go's `time.ParseDuration` reads it, as Kaniko takes
+/// `--cache-ttl`: one or more decimal numbers, each with an optional
+/// fraction and a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), such as
+/// `336h0m0s`, `1h30m`, `1.5h`, `90s`, `500ms`; `0` alone is zero. kiln also
+/// takes days (`7d`). Negative durations, a number without a unit and
+/// anything else are `None`.
 pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    Some(std::time::Duration::from_secs(seconds))
+    let mut rest = text.trim().strip_prefix('+').unwrap_or(text.trim());
+    if rest == "0" {
+        return Some(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total_nanos: u128 = 0;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(number_len);
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
+            return None;
+        }
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "d" => 86_400_000_000_000,
+            _ => return None,
+        };
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().ok()?
+        };
+        let mut part = whole.checked_mul(unit_nanos)?;
+        // The fraction's digits, scaled exactly (Go keeps nanoseconds).
+        let mut scale = unit_nanos;
+        for digit in fraction.bytes() {
+            scale /= 10;
+            part = part.checked_add(u128::from(digit - b'0') * scale)?;
+        }
+        total_nanos = total_nanos.checked_add(part)?;
+        rest = next;
+    }
+    let secs = u64::try_from(total_nanos / 1_000_000_000).ok()?;
+    Some(std::time::Duration::new(
+        secs,
+        (total_nanos % 1_000_000_000) as u32,
+    ))
 }
 
 /// `32GiB`, `500MiB`, `10G`, `4096`: a byte count with an optional binary
@@ -559,5 +632,90 @@ mod tests {
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("h"), None);
         assert_eq!(parse_duration("5w"), None);
+    }
+
+    #[test]
+    fn cache_ttl_takes_go_durations_and_rejects_the_rest() {
+        use std::time::Duration;
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("336h0m0s"), Some(h(336)));
+        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration(".5m"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("1m1.5s"),
+            Some(Duration::from_millis(61_500))
+        );
+        assert_eq!(parse_duration("2us"), Some(Duration::from_nanos(2000)));
+        assert_eq!(parse_duration("3ns"), Some(Duration::from_nanos(3)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        for bad in [
+            "", "-1h", "1.2.3h", "1hh", "h1", "1 h", "1h 30m", ".h", "2weeks",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        let mut args = <ExecutorArgs as clap::Parser>::try_parse_from([
+            "kiln-executor",
+            "--no-push",
+            "--cache-ttl=1.5d2x",
+        ])
+        .unwrap();
+        let err = args.build_options().err().unwrap().to_string();
+        assert!(
+            err.contains("--cache-ttl \"1.5d2x\"") && err.contains("1h30m"),
+            "{err}"
+        );
+        args.cache_ttl = "1h30m".into();
+        let ttl = args.build_options().unwrap().cache.ttl;
+        assert_eq!(ttl, Some(Duration::from_secs(5400)));
+    }
+
+    #[test]
+    fn kaniko_dir_is_the_state_directory_unless_cache_dir_is_given() {
+        let parse = |args: &[&str]| {
+            <ExecutorArgs as clap::Parser>::try_parse_from(
+                std::iter::once("kiln-executor").chain(args.iter().copied()),
+            )
+            .unwrap()
+        };
+        assert_eq!(parse(&["--kaniko-dir=/k"]).state_dir(), PathBuf::from("/k"));
+        assert_eq!(
+            parse(&["--kaniko-dir=/k", "--cache-dir", "/c"]).state_dir(),
+            PathBuf::from("/c")
+        );
+    }
+
+    #[test]
+    fn var_run_is_ignored_unless_asked_to_keep_it() {
+        let parse = |args: &[&str]| {
+            <ExecutorArgs as clap::Parser>::try_parse_from(
+                std::iter::once("kiln-executor").chain(args.iter().copied()),
+            )
+            .unwrap()
+        };
+        let var_run = PathBuf::from("/var/run");
+        assert!(parse(&[]).ignore_paths().contains(&var_run));
+        assert!(
+            !parse(&["--ignore-var-run=false"])
+                .ignore_paths()
+                .contains(&var_run)
+        );
+        assert!(
+            !parse(&["--whitelist-var-run=false"])
+                .ignore_paths()
+                .contains(&var_run)
+        );
+        assert_eq!(
+            parse(&[
+                "--ignore-path",
+                "/a",
+                "--ignore-var-run=false",
+                "--ignore-path=/b"
+            ])
+            .ignore_paths(),
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
     }
 }

@@ -83,6 +83,20 @@ pub struct BuildOptions {
     pub tar_path: Option<PathBuf>,
     pub digest_file: Option<PathBuf>,
     pub image_name_with_digest_file: Option<PathBuf>,
+    /// `--image-name-tag-with-digest-file`: `<repo>:<tag>@<digest>` lines.
+    pub image_name_tag_with_digest_file: Option<PathBuf>,
+    /// `--single-snapshot`: one layer per stage, after its last filesystem
+    /// step.
+    pub single_snapshot: bool,
+    /// `--force-build-metadata`: every instruction gets a layer (an empty
+    /// one where nothing changed).
+    pub force_build_metadata: bool,
+    /// `--cleanup`: remove unpacked layers and scratch space at the end
+    /// (and, in place, what the build put on `/`).
+    pub cleanup: bool,
+    /// `--image-fs-extract-retry`: how many more times a base layer that
+    /// fails to extract is fetched and extracted again.
+    pub image_fs_extract_retry: u32,
     /// Timestamps pinned (to `source_date_epoch`, else 0) so the same inputs
     /// give the same digest anywhere.
     pub reproducible: bool,
@@ -103,6 +117,8 @@ pub struct BuildOptions {
     /// `--allow security.insecure`: `RUN --security=insecure` may run
     /// privileged.
     pub allow_insecure: bool,
+    /// Left out of every layer, whichever the snapshotter (`--ignore-path`,
+    /// `/var/run` unless `--ignore-var-run=false`).
     pub ignore_paths: Vec<PathBuf>,
     /// Every line the build prints: step headers and results, RUN output,
     /// progress, warnings (stderr in the binary).
@@ -385,6 +401,19 @@ struct Driver {
     /// What the build is doing (`"building"`, `"pushing"`, ...), for the
     /// report of a build that fails outside a step.
     phase: &'static str,
+    /// `--single-snapshot`: the writable rootfs the stage's filesystem
+    /// steps share until the last of them is snapshotted.
+    open_snapshot: Option<OpenSnapshot>,
+    /// Set by the stage loop: the current filesystem step is not the
+    /// stage's last, so under `--single-snapshot` it leaves the rootfs open.
+    defer_snapshot: bool,
+}
+
+/// A prepared rootfs kept open across steps (`--single-snapshot`).
+struct OpenSnapshot {
+    mounted: crate::build::snapshot::Mounted,
+    lowers: Vec<PathBuf>,
+    scratch: PathBuf,
 }
 
 /// Where a failed build stopped, as the report names it.
@@ -500,6 +529,8 @@ impl Driver {
             started: Instant::now(),
             current_step: None,
             phase: "planning",
+            open_snapshot: None,
+            defer_snapshot: false,
             platform: Platform::host(),
             opts,
             runtime,
@@ -520,9 +551,35 @@ impl Driver {
     }
 
     fn cleanup(&mut self) {
+        if let Some(open) = self.open_snapshot.take() {
+            let _ = self.snapshotter.release(open.mounted);
+        }
         // Unpacked layers and blobs stay (they are the local cache); the
         // scratch space of this build goes.
         let _ = fs::remove_dir_all(&self.work);
+        if self.opts.cleanup {
+            self.clean_up_everything();
+        }
+    }
+
+    /// `--cleanup`, Kaniko's "clean the filesystem at the end", so the next
+    /// build in the same container starts from nothing: the unpacked
+    /// layers go. Blobs and the embedded cache stay: they are
+    /// content-addressed and cannot make a later build differ. In place
+    /// (`--isolation none`) the files the build put on `/` stay (not done
+    /// yet; docs/kaniko-migration.md).
+    fn clean_up_everything(&mut self) {
+        match fs::remove_dir_all(&self.layers_dir) {
+            Ok(()) => self.log(&format!(
+                "cleanup: removed the unpacked layers in {}",
+                self.layers_dir.display()
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => self.warn(&format!(
+                "--cleanup: removing {}: {e}",
+                self.layers_dir.display()
+            )),
+        }
     }
 
     fn log(&self, line: &str) {

@@ -186,11 +186,51 @@ impl Driver {
                 .collect();
             fs::write(path, lines).map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
         }
+        if let Some(path) = &self.opts.image_name_tag_with_digest_file {
+            fs::write(
+                path,
+                name_tag_digest_lines(&destinations, &docs.manifest_digest),
+            )
+            .map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
+        }
         let _ = plan;
         Ok(BuildOutcome {
             manifest_digest: docs.manifest_digest.clone(),
             image: docs,
             steps: std::mem::take(&mut self.steps),
         })
+    }
+}
+
+/// Kaniko's `--image-name-tag-with-digest-file`: one
+/// `<registry>/<repository>:<tag>@<digest>` line per destination (a
+/// destination named by digest alone has no tag to write).
+fn name_tag_digest_lines(destinations: &[ImageRef], digest: &Digest) -> String {
+    destinations
+        .iter()
+        .map(|d| match d.tag() {
+            Some(tag) => format!("{}:{tag}@{digest}\n", d.name()),
+            None => format!("{}@{digest}\n", d.name()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_tag_digest_lines_keep_each_destinations_tag() {
+        let digest: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+        let destinations: Vec<ImageRef> = ["reg.example:5000/team/app:v1", "busybox"]
+            .iter()
+            .map(|d| ImageRef::parse(d).unwrap())
+            .collect();
+        assert_eq!(
+            name_tag_digest_lines(&destinations, &digest),
+            format!(
+                "reg.example:5000/team/app:v1@{digest}\ndocker.io/library/busybox:latest@{digest}\n"
+            )
+        );
     }
 }

@@ -47,11 +47,59 @@ impl Driver {
         // The triggers were spliced into the plan; the new image does not
         // inherit them (Docker's rule).
         builder.take_base_onbuild();
+        // An earlier attempt (restarted after a lost cache hit) may have
+        // left a --single-snapshot rootfs open.
+        if let Some(open) = self.open_snapshot.take() {
+            let _ = self.snapshotter.release(open.mounted);
+        }
+        // --single-snapshot: the stage's filesystem steps share one rootfs,
+        // snapshotted after the last of them. Kaniko's
+        // --force-build-metadata snapshots every instruction, so it wins.
+        let last_filesystem_step = (self.opts.single_snapshot && !self.opts.force_build_metadata)
+            .then(|| {
+                stage
+                    .instructions
+                    .iter()
+                    .rposition(keys::is_filesystem_step)
+            })
+            .flatten();
+        // When the stage's one layer is known (a cache hit, or built before
+        // a restart), the steps it covers need not run.
+        let stage_layer_known = last_filesystem_step
+            .and_then(|p| self.keys.get(&(stage.index, p)))
+            .is_some_and(|k| self.hits.contains_key(&k.key) || self.ran.contains_key(&k.key));
         for (position, ins) in stage.instructions.iter().enumerate() {
             let started = Instant::now();
             let step_key = self.keys.get(&(stage.index, position)).cloned();
             self.last_phase = PhaseTimes::default();
             self.failed_run = None;
+            self.defer_snapshot = last_filesystem_step.is_some_and(|last| position < last)
+                && keys::is_filesystem_step(ins);
+            if self.defer_snapshot && stage_layer_known {
+                super::caching::apply_recorded(
+                    ins,
+                    None,
+                    &history_text(ins),
+                    &mut builder,
+                    &mut state,
+                );
+                self.steps.push(StepRecord {
+                    stage: stage.index,
+                    line: ins.line,
+                    instruction: ins.original.clone(),
+                    key: None,
+                    inputs: step_key.map(|k| k.inputs).unwrap_or_default(),
+                    cache: "hit",
+                    layer: None,
+                    layer_size: None,
+                    duration_ms: 0,
+                    run_ms: None,
+                    snapshot_ms: None,
+                    upload_ms: None,
+                    uploaded_bytes: None,
+                });
+                continue;
+            }
             let filesystem_key = step_key.as_ref().filter(|k| k.filesystem).map(|k| k.key);
             if let Some(done) = filesystem_key.and_then(|k| self.ran.get(&k)).cloned() {
                 self.replay(ins, &done, &mut builder, &mut state);
@@ -106,7 +154,9 @@ impl Driver {
                 upload_ms: None,
                 uploaded_bytes: None,
             });
-            if let (Some(key), "miss") = (filesystem_key, cache)
+            // A step whose changes wait for the stage's single snapshot has
+            // no result of its own to replay.
+            if let (Some(key), "miss", false) = (filesystem_key, cache, self.defer_snapshot)
                 && let Some(record) = self.steps.last().cloned()
             {
                 self.ran.insert(
@@ -118,6 +168,7 @@ impl Driver {
                 );
             }
         }
+        self.defer_snapshot = false;
         if stage.index == plan.target {
             for (k, v) in &self.opts.labels {
                 builder.add_label(k, v);
@@ -331,8 +382,57 @@ impl Driver {
                 return Ok(("run", layer));
             }
         }
+        if self.opts.force_build_metadata {
+            let layer = self.empty_layer(builder, state, &created_by)?;
+            return Ok(("none", Some(layer)));
+        }
         builder.add_empty_history(&created_by);
         Ok(("none", None))
+    }
+
+    /// `--force-build-metadata` on a metadata instruction: an empty layer,
+    /// as Kaniko adds one. The rootfs is unchanged, so the lower stack stays.
+    fn empty_layer(
+        &mut self,
+        builder: &mut ConfigBuilder,
+        state: &mut StageState,
+        created_by: &str,
+    ) -> Result<LayerRef, String> {
+        let layer = crate::build::layer::write_empty_layer(&self.layer_options(), &self.work)
+            .map_err(|e| e.to_string())?;
+        let blob = self.store_layer(&layer)?;
+        let layer_ref = LayerRef {
+            desc: Descriptor::new(layer.media_type, layer.digest.clone(), layer.size),
+            diff_id: layer.diff_id.clone(),
+            blob,
+            hit: None,
+        };
+        state.layers.push(layer_ref.clone());
+        builder.add_layer(layer.diff_id, created_by);
+        Ok(layer_ref)
+    }
+
+    fn layer_options(&self) -> LayerOptions {
+        LayerOptions {
+            compression: self.opts.compression,
+            mtime: if self.opts.reproducible {
+                MtimePolicy::Clamp(self.opts.source_date_epoch.unwrap_or(0))
+            } else {
+                MtimePolicy::Keep
+            },
+        }
+    }
+
+    /// Moves a layer written in scratch space into the local store.
+    fn store_layer(&self, layer: &crate::build::layer::Layer) -> Result<PathBuf, String> {
+        let blob = self.store.path(&layer.digest);
+        if let Some(parent) = blob.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        fs::rename(&layer.path, &blob)
+            .map_err(|e| format!("storing layer {}: {e}", layer.digest))?;
+        Ok(blob)
     }
 
     /// Materialises the stage's rootfs, runs `action` in a writable view of
@@ -364,17 +464,24 @@ impl Driver {
         created_by: &str,
         action: impl FnOnce(&mut Driver, &Path) -> Result<(), String>,
     ) -> Result<Option<LayerRef>, String> {
-        let lowers = self.ensure_lowers(state, stage.index)?;
-        self.scratch_counter += 1;
-        let scratch = self.work.join(format!(
-            "step-{}-{}-{}",
-            stage.index, ins.line, self.scratch_counter
-        ));
-        fs::create_dir_all(&scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
-        let mounted = self
-            .snapshotter
-            .prepare(&lowers, &scratch)
-            .map_err(|e| e.to_string())?;
+        let (mounted, lowers, scratch) = match self.open_snapshot.take() {
+            Some(open) => (open.mounted, open.lowers, open.scratch),
+            None => {
+                let lowers = self.ensure_lowers(state, stage.index)?;
+                self.scratch_counter += 1;
+                let scratch = self.work.join(format!(
+                    "step-{}-{}-{}",
+                    stage.index, ins.line, self.scratch_counter
+                ));
+                fs::create_dir_all(&scratch)
+                    .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+                let mounted = self
+                    .snapshotter
+                    .prepare(&lowers, &scratch)
+                    .map_err(|e| e.to_string())?;
+                (mounted, lowers, scratch)
+            }
+        };
         let rootfs = mounted.rootfs.clone();
         let run_started = Instant::now();
         if let Err(e) = action(self, &rootfs) {
@@ -382,23 +489,33 @@ impl Driver {
             return Err(e);
         }
         self.last_phase.run_ms = Some(run_started.elapsed().as_millis() as u64);
+        if self.defer_snapshot {
+            // --single-snapshot: a later step of the stage takes the layer.
+            self.open_snapshot = Some(OpenSnapshot {
+                mounted,
+                lowers,
+                scratch,
+            });
+            builder.add_empty_history(created_by);
+            return Ok(None);
+        }
         let snapshot_started = Instant::now();
         let change = match self.snapshotter.diff(&mounted) {
-            Ok(c) => c,
+            Ok(c) => c.without(&self.opts.ignore_paths),
             Err(e) => {
                 let _ = self.snapshotter.release(mounted);
                 return Err(e.to_string());
             }
         };
-        let layer_opts = LayerOptions {
-            compression: self.opts.compression,
-            mtime: if self.opts.reproducible {
-                MtimePolicy::Clamp(self.opts.source_date_epoch.unwrap_or(0))
-            } else {
-                MtimePolicy::Keep
-            },
+        let layer_opts = self.layer_options();
+        // --force-build-metadata: a step that changed nothing still gets
+        // a layer, an empty one.
+        let written = if self.opts.force_build_metadata && change.is_empty() {
+            crate::build::layer::write_empty_layer(&layer_opts, &self.work).map(Some)
+        } else {
+            write_layer(&change, &layer_opts, &self.work)
         };
-        let written = match write_layer(&change, &layer_opts, &self.work) {
+        let written = match written {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.snapshotter.release(mounted);
@@ -414,13 +531,7 @@ impl Driver {
             builder.add_empty_history(created_by);
             return Ok(None);
         };
-        let blob = self.store.path(&layer.digest);
-        if let Some(parent) = blob.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-        }
-        fs::rename(&layer.path, &blob)
-            .map_err(|e| format!("storing layer {}: {e}", layer.digest))?;
+        let blob = self.store_layer(&layer)?;
         let unpacked = self.layers_dir.join(layer.diff_id.hex());
         let new_lowers =
             if self.snapshotter.lower_layout() == LowerLayout::Stacked && unpacked.exists() {
@@ -571,15 +682,23 @@ impl Driver {
                 let opts = self.unpack_options(UnpackMode::Apply);
                 for layer in state.layers.clone() {
                     self.ensure_blob(&layer)?;
-                    let file = fs::File::open(&layer.blob).map_err(|e| {
-                        format!(
-                            "opening layer {} at {}: {e}",
-                            layer.desc.digest,
-                            layer.blob.display()
-                        )
-                    })?;
-                    if let Err(e) = unpack_layer(file, &root, &opts, Some(&layer.diff_id)) {
-                        return Err(self.unpack_failed(&layer, e));
+                    let mut attempt = 0;
+                    loop {
+                        let file = fs::File::open(&layer.blob).map_err(|e| {
+                            format!(
+                                "opening layer {} at {}: {e}",
+                                layer.desc.digest,
+                                layer.blob.display()
+                            )
+                        })?;
+                        // Applying a layer again over a partial first
+                        // attempt gives the same tree: entries replace
+                        // what is there.
+                        match unpack_layer(file, &root, &opts, Some(&layer.diff_id)) {
+                            Ok(_) => break,
+                            Err(e) if self.refetch_to_retry(&layer, &e, attempt)? => attempt += 1,
+                            Err(e) => return Err(self.unpack_failed(&layer, e)),
+                        }
                     }
                 }
                 vec![root]
@@ -602,28 +721,37 @@ impl Driver {
         let tmp = self
             .layers_dir
             .join(format!(".tmp-{}-{build}", layer.diff_id.hex()));
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-        let file = fs::File::open(&layer.blob).map_err(|e| {
-            format!(
-                "opening layer {} at {}: {e}",
-                layer.desc.digest,
-                layer.blob.display()
-            )
-        })?;
         let opts = self.unpack_options(UnpackMode::OverlayLower);
-        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let progress = self.opts.log.progress(
-            &format!("unpacking layer {}", layer.desc.digest),
-            Some(layer.desc.size),
-            read.clone(),
-        );
-        let file = crate::log::CountingReader::new(file, read);
-        let unpacked = unpack_layer(file, &tmp, &opts, Some(&layer.diff_id));
-        drop(progress);
-        if let Err(e) = unpacked {
+        let mut attempt = 0;
+        loop {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(self.unpack_failed(layer, e));
+            fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+            let file = fs::File::open(&layer.blob).map_err(|e| {
+                format!(
+                    "opening layer {} at {}: {e}",
+                    layer.desc.digest,
+                    layer.blob.display()
+                )
+            })?;
+            let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let progress = self.opts.log.progress(
+                &format!("unpacking layer {}", layer.desc.digest),
+                Some(layer.desc.size),
+                read.clone(),
+            );
+            let file = crate::log::CountingReader::new(file, read);
+            let unpacked = unpack_layer(file, &tmp, &opts, Some(&layer.diff_id));
+            drop(progress);
+            match unpacked {
+                Ok(_) => break,
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    if !self.refetch_to_retry(layer, &e, attempt)? {
+                        return Err(self.unpack_failed(layer, e));
+                    }
+                    attempt += 1;
+                }
+            }
         }
         match fs::rename(&tmp, &dir) {
             Ok(()) => Ok(dir),
@@ -642,6 +770,30 @@ impl Driver {
             max_expanded_size: self.unpack_limit,
             ..UnpackOptions::default()
         }
+    }
+
+    /// `--image-fs-extract-retry`: whether a base-image layer that failed to
+    /// extract (attempt `attempt`, from 0) is tried again; if so its local
+    /// copy is dropped and fetched again first (from the cache or its
+    /// registry), since a damaged download is what a retry can mend.
+    fn refetch_to_retry(
+        &mut self,
+        layer: &LayerRef,
+        error: &crate::unpack::UnpackError,
+        attempt: u32,
+    ) -> Result<bool, String> {
+        let retries = self.opts.image_fs_extract_retry;
+        if attempt >= retries || !self.base_layers.contains_key(&layer.desc.digest) {
+            return Ok(false);
+        }
+        self.warn(&format!(
+            "extracting base layer {} failed ({error}); fetching it again (retry {} of {retries})",
+            layer.desc.digest,
+            attempt + 1
+        ));
+        let _ = fs::remove_file(&layer.blob);
+        self.ensure_blob(layer)?;
+        Ok(true)
     }
 
     /// The message for a layer that did not unpack. A cache hit's layer

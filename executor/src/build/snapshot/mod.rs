@@ -124,6 +124,32 @@ impl Change {
         }
     }
 
+    /// The change without the paths at or below `ignored` (relative to the
+    /// rootfs or absolute in the image: `/var/run` and `var/run` are the
+    /// same), so ignored paths never reach a layer whichever snapshotter
+    /// found them. Ancestors of what remains are kept.
+    pub fn without(self, ignored: &[PathBuf]) -> Change {
+        let ignored: Vec<PathBuf> = ignored
+            .iter()
+            .map(|p| {
+                p.components()
+                    .filter(|c| matches!(c, std::path::Component::Normal(_)))
+                    .collect::<PathBuf>()
+            })
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        if ignored.is_empty() {
+            return self;
+        }
+        Change {
+            entries: self
+                .entries
+                .into_iter()
+                .filter(|e| !ignored.iter().any(|i| e.path.starts_with(i)))
+                .collect(),
+        }
+    }
+
     pub fn entries(&self) -> &[ChangeEntry] {
         &self.entries
     }
@@ -246,6 +272,32 @@ mod tests {
                 source: "/r/a/b".into(),
                 opaque: false
             }
+        );
+    }
+
+    #[test]
+    fn ignored_paths_and_everything_below_them_leave_the_change() {
+        let w = |p: &str| ChangeEntry {
+            path: p.into(),
+            kind: ChangeKind::Write {
+                source: Path::new("/r").join(p),
+                opaque: false,
+            },
+        };
+        let c = Change::new(
+            vec![w("var/run/secrets/token"), w("var/runner"), w("etc/x")],
+            Path::new("/r"),
+        )
+        .without(&[PathBuf::from("/var/run"), PathBuf::from("/")]);
+        let paths: Vec<_> = c.entries().iter().map(|e| e.path.clone()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                PathBuf::from("etc"),
+                "etc/x".into(),
+                "var".into(),
+                "var/runner".into()
+            ]
         );
     }
 }
