@@ -396,6 +396,7 @@ impl Driver {
             } else {
                 MtimePolicy::Keep
             },
+            threads: 0,
         };
         let written = match write_layer(&change, &layer_opts, &self.work) {
             Ok(l) => l,
