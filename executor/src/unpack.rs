@@ -428,7 +428,10 @@ impl FilePool {
                         if let (Err(e), None) = (result, &p.1) {
                             p.1 = Some(e);
                         }
-                        state.done.notify_all();
+                        // Only `wait` listens, and only for "all done".
+                        if p.0 == 0 {
+                            state.done.notify_all();
+                        }
                     }
                 });
             // With no worker at all, `submit` runs the jobs itself.
