@@ -270,7 +270,8 @@ done
 jq -rs '
   def median: sort | if length == 0 then null
     elif length % 2 == 1 then .[length / 2 | floor]
-    else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+    else (.[length / 2 - 1] + .[length / 2]) / 2 end
+    | if . == null then . else . * 100 | round / 100 end;
   group_by(.tool)[] | select(map(select(.ok)) | length > 0)
   | (map(select(.ok))) as $ok
   | "| \(.[0].tool) | \($ok | length)/\(length) | \($ok | map(.wall_s) | median) s | \($ok | map(.max_rss_kb / 1024 | floor) | median) MiB | \($ok | map(.cpu_s) | median) s |"
