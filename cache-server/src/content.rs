@@ -65,6 +65,20 @@ impl ContentStore {
         }
     }
 
+    /// A new temporary name that is a hard link to `src`: a blob adopted
+    /// from a file that already holds its bytes, without copying them.
+    pub fn link_temp(&self, src: &Path) -> io::Result<PathBuf> {
+        loop {
+            let name = format!("link-{}", hex::encode(rand::random::<[u8; 12]>()));
+            let path = self.tmp.join(name);
+            match fs::hard_link(src, &path) {
+                Ok(()) => return Ok(path),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Removes every leftover temporary file; returns how many there were.
     pub fn remove_temp_files(&self) -> io::Result<usize> {
         let mut removed = 0;
@@ -162,6 +176,15 @@ impl ContentStore {
 /// fsync on a directory makes the names created or renamed in it durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// True for link errors that mean "not here", not "broken": a different
+/// filesystem, or one that does not allow hard links.
+pub fn cannot_link(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK) | Some(libc::EOPNOTSUPP)
+    )
 }
 
 /// True for "the disk is full" errors (ENOSPC, EDQUOT).

@@ -1077,6 +1077,54 @@ impl Store {
         })
     }
 
+    /// Adopts the file at `src` as blob `expected` by hard-linking it into
+    /// the content store: one copy of the bytes on disk, shared with
+    /// whoever owns `src` (the embedded cache and the executor's local
+    /// store under one `--cache-dir`). The bytes are hashed first and
+    /// refused unless they match `expected`. `Ok(None)` when `src` cannot be
+    /// linked here (another filesystem, links not permitted): the caller
+    /// copies instead. Committed blobs are never written in place, so
+    /// sharing the inode is safe.
+    pub fn link_blob(
+        &self,
+        src: &Path,
+        expected: &Digest,
+    ) -> Result<Option<BlobCommit>, StoreError> {
+        if self.blob_meta(expected)?.is_some() && self.inner.content.blob_path(expected).is_file() {
+            return Ok(Some(BlobCommit::Existed));
+        }
+        let temp = match self.inner.content.link_temp(src) {
+            Ok(p) => p,
+            Err(e) if content::cannot_link(&e) => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::io(
+                    format!("linking {} into the content store", src.display()),
+                    e,
+                ));
+            }
+        };
+        let checked =
+            hash_file(&temp).map_err(|e| StoreError::io(format!("reading {}", src.display()), e));
+        let result = match checked {
+            Ok((actual, _)) if actual != *expected => Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            }),
+            Ok((_, size)) => self.install_blob(&temp, expected, size).map(Some),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        result
+    }
+
+    /// Where a committed blob's file is. Only meaningful while the blob is
+    /// pinned (an [`OpenBlob`] is held): eviction may remove it otherwise.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.content.blob_path(digest)
+    }
+
     /// Index metadata of a stored blob.
     pub fn stat_blob(&self, digest: &Digest) -> Result<Option<BlobInfo>, StoreError> {
         Ok(self.blob_meta(digest)?.map(|m| BlobInfo {
@@ -1549,6 +1597,13 @@ impl Write for BlobWriter {
     }
 }
 
+fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut hasher = Sha256Writer::new(io::sink());
+    io::copy(&mut File::open(path)?, &mut hasher)?;
+    let (_, digest, size) = hasher.finish();
+    Ok((digest, size))
+}
+
 /// Asks the kernel to start writing `[from, to)` of `file` to disk without
 /// waiting; purely a hint, so errors are ignored.
 fn start_writeback(file: &File, from: u64, to: u64) {
@@ -1626,6 +1681,48 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn linked_blob_shares_the_source_inode_and_is_indexed() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cache"), StoreConfig::default()).unwrap();
+        let src = dir.path().join("layer");
+        std::fs::write(&src, b"layer bytes").unwrap();
+        let d = Digest::of_bytes(b"layer bytes");
+        assert_eq!(
+            store.link_blob(&src, &d).unwrap(),
+            Some(BlobCommit::Created)
+        );
+        let stored = store.blob_path(&d);
+        assert_eq!(
+            std::fs::metadata(&stored).unwrap().ino(),
+            std::fs::metadata(&src).unwrap().ino()
+        );
+        assert_eq!(store.stat_blob(&d).unwrap().unwrap().size, 11);
+        assert_eq!(
+            store.link_blob(&src, &d).unwrap(),
+            Some(BlobCommit::Existed)
+        );
+        assert_eq!(files_in(&dir.path().join("cache/tmp")), 0);
+    }
+
+    #[test]
+    fn linked_blob_with_other_bytes_is_refused_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cache"), StoreConfig::default()).unwrap();
+        let src = dir.path().join("layer");
+        std::fs::write(&src, b"evil").unwrap();
+        let want = Digest::of_bytes(b"good");
+        let err = store.link_blob(&src, &want).unwrap_err();
+        assert!(
+            matches!(err, StoreError::DigestMismatch { ref actual, .. } if *actual == Digest::of_bytes(b"evil")),
+            "{err}"
+        );
+        assert!(store.stat_blob(&want).unwrap().is_none());
+        assert!(!store.blob_path(&want).exists());
+        assert_eq!(files_in(&dir.path().join("cache/tmp")), 0);
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! `<dir>/tmp` while their sha256 is computed, and [`BlobWriter::commit`]
 //! fsyncs and renames the file to its final name only if the digest (and
 //! size, when given) match. A blob is never visible under its digest while
-//! partial, and a dropped writer leaves nothing behind.
+//! partial, and a dropped writer leaves nothing behind. A blob whose bytes
+//! already sit in a file on the same filesystem (the embedded cache's copy)
+//! is hard-linked in by [`LocalStore::link_from`], never copied.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use kiln_cache_server::content::cannot_link;
 use kiln_common::{Digest, Sha256Writer};
 
 use crate::oci::BlobSource;
@@ -105,6 +108,61 @@ impl LocalStore {
             tmp,
             out: Sha256Writer::new(BufWriter::with_capacity(256 * 1024, file)),
         })
+    }
+
+    /// Adopts the file at `src` as blob `expected` by hard-linking it in:
+    /// the bytes stay one copy on disk, shared with the file's owner (the
+    /// embedded cache under the same `--cache-dir`). They are hashed first
+    /// and refused unless they match `expected` and `expected_size`.
+    /// `Ok(None)` when `src` cannot be linked here (another filesystem,
+    /// links not permitted): the caller copies instead. Blobs are never
+    /// written in place, so sharing the inode is safe.
+    pub fn link_from(
+        &self,
+        src: &Path,
+        expected: &Digest,
+        expected_size: u64,
+    ) -> Result<Option<PathBuf>, StoreError> {
+        let dest = self.path(expected);
+        if dest.is_file() {
+            return Ok(Some(dest));
+        }
+        let tmp_dir = self.root.join("tmp");
+        let tmp = match tempfile::Builder::new()
+            .prefix("link-")
+            .make_in(&tmp_dir, |p| fs::hard_link(src, p))
+        {
+            Ok(t) => t,
+            Err(e) if cannot_link(&e) => return Ok(None),
+            Err(e) => return Err(io_err(src)(e)),
+        };
+        let mut hasher = Sha256Writer::new(io::sink());
+        io::copy(
+            &mut File::open(tmp.path()).map_err(io_err(src))?,
+            &mut hasher,
+        )
+        .map_err(io_err(src))?;
+        let (_, actual, size) = hasher.finish();
+        if &actual != expected {
+            return Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        if size != expected_size {
+            return Err(StoreError::SizeMismatch {
+                digest: expected.clone(),
+                expected: expected_size,
+                actual: size,
+            });
+        }
+        let parent = dest.parent().unwrap_or(self.root());
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        tmp.persist(&dest).map_err(|e| io_err(&dest)(e.error))?;
+        if let Ok(d) = File::open(parent) {
+            let _ = d.sync_all();
+        }
+        Ok(Some(dest))
     }
 
     /// Stores small in-memory content (configs, manifests) and returns its digest.
@@ -294,6 +352,34 @@ mod tests {
         assert_eq!(tmp_files(&store), 1);
         drop(w);
         assert_eq!(tmp_files(&store), 0);
+    }
+
+    #[test]
+    fn linked_blob_shares_the_inode_and_wrong_bytes_are_refused() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("store")).unwrap();
+        let src = dir.path().join("blob");
+        fs::write(&src, b"hello").unwrap();
+        let d = Digest::of_bytes(b"hello");
+        let path = store.link_from(&src, &d, 5).unwrap().unwrap();
+        assert_eq!(path, store.path(&d));
+        assert_eq!(
+            fs::metadata(&path).unwrap().ino(),
+            fs::metadata(&src).unwrap().ino()
+        );
+        let other = Digest::of_bytes(b"other");
+        assert!(matches!(
+            store.link_from(&src, &other, 5),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        let wrong_size = LocalStore::new(dir.path().join("store2")).unwrap();
+        assert!(matches!(
+            wrong_size.link_from(&src, &d, 4),
+            Err(StoreError::SizeMismatch { .. })
+        ));
+        assert!(!store.contains(&other) && !wrong_size.contains(&d));
+        assert_eq!(tmp_files(&store) + tmp_files(&wrong_size), 0);
     }
 
     #[test]

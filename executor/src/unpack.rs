@@ -31,7 +31,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -272,12 +272,20 @@ pub fn unpack_tar<R: Read>(
         written: HashSet::new(),
         dir_times: Vec::new(),
         expanded: 0,
+        plain_dirs: HashMap::new(),
+        fresh_dirs: HashSet::new(),
+        created: HashSet::new(),
+        pool: None,
+        umask: current_umask(),
+        // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+        ids: unsafe { (libc::geteuid(), libc::getegid()) },
     };
     let mut archive = tar::Archive::new(tar_stream);
     for entry in archive.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
         u.entry(&mut entry)?;
     }
+    u.barrier()?;
     u.finish_dirs()?;
     Ok(u.stats)
 }
@@ -295,6 +303,215 @@ struct Unpacker {
     dir_times: Vec<(PathBuf, u64)>,
     /// Expanded size so far (see [`UnpackOptions::max_expanded_size`]).
     expanded: u64,
+    /// Directories known to be "plain" (true) or not: new entries in a
+    /// plain directory get exactly the unpacker's own ids and
+    /// `mode & !umask`, because its group is our gid (so neither a setgid
+    /// bit nor the `grpid` mount option changes a new entry's group), it has
+    /// no setgid bit (which new directories would inherit) and no default
+    /// ACL (which would replace the umask). In them a `chown` to our own ids
+    /// and a `chmod` to the mode given at creation would change nothing and
+    /// are skipped; everywhere else they are always made. Filled as
+    /// directories are created, or checked once (`lstat`, `lgetxattr`).
+    plain_dirs: HashMap<PathBuf, bool>,
+    /// Directories this unpack created (empty when made): a name in one is
+    /// free unless this unpack used it (`created`).
+    fresh_dirs: HashSet<PathBuf>,
+    /// Every host path this unpack created or replaced.
+    created: HashSet<PathBuf>,
+    /// Writes small new files on worker threads ([`FilePool`]); started
+    /// with the first such file.
+    pool: Option<FilePool>,
+    /// The process umask, when it could be read.
+    umask: Option<u32>,
+    /// Effective uid and gid: the owner of what this process creates.
+    ids: (u32, u32),
+}
+
+/// Regular files at most this big go to the [`FilePool`] (read into memory
+/// first); bigger ones are streamed by the unpacking thread.
+const POOL_FILE_MAX: u64 = 256 * 1024;
+/// Files queued for the pool: bounds its memory to about 8 MiB.
+const POOL_QUEUE: usize = 32;
+/// Worker threads of the pool. Creating a file mostly waits for the file
+/// system, not the CPU, so this does not follow the core count.
+const POOL_WORKERS: usize = 4;
+
+/// One new regular file for the pool: create (`O_EXCL`, never following a
+/// link), write, chown and chmod when needed, set the mtime.
+struct FileJob {
+    raw: Vec<u8>,
+    path: PathBuf,
+    data: Vec<u8>,
+    create_mode: u32,
+    chmod: Option<u32>,
+    chown: Option<(u32, u32)>,
+    mtime: u64,
+}
+
+impl FileJob {
+    fn run(self) -> Result<(), UnpackError> {
+        let err = |op: &'static str| {
+            let entry = lossy(&self.raw);
+            let path = self.path.clone();
+            move |source| UnpackError::Io {
+                entry,
+                op,
+                path,
+                source,
+            }
+        };
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(self.create_mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.path)
+            .map_err(err("create"))?;
+        io::Write::write_all(&mut f, &self.data).map_err(err("write"))?;
+        if let Some((uid, gid)) = self.chown {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(err("chown"))?;
+        }
+        if let Some(mode) = self.chmod {
+            f.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(err("chmod"))?;
+        }
+        set_fd_mtime(&f, self.mtime).map_err(err("set mtime"))
+    }
+}
+
+/// Worker threads writing [`FileJob`]s, with a count of unfinished jobs to
+/// wait on and the first error.
+struct FilePool {
+    jobs: Option<std::sync::mpsc::SyncSender<FileJob>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    state: std::sync::Arc<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// (jobs submitted and not finished, first error).
+    progress: std::sync::Mutex<(usize, Option<UnpackError>)>,
+    done: std::sync::Condvar,
+}
+
+impl FilePool {
+    fn new() -> FilePool {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(POOL_QUEUE);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let state = std::sync::Arc::new(PoolState::default());
+        let mut workers = Vec::new();
+        for i in 0..POOL_WORKERS {
+            let rx = std::sync::Arc::clone(&rx);
+            let state = std::sync::Arc::clone(&state);
+            let spawned = std::thread::Builder::new()
+                .name(format!("unpack-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => match rx.recv() {
+                                Ok(job) => job,
+                                Err(_) => return,
+                            },
+                            Err(_) => return,
+                        };
+                        // A panic must still count the job as finished,
+                        // or `wait` would never return.
+                        let result =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()))
+                                .unwrap_or_else(|_| {
+                                    Err(UnpackError::Read(io::Error::other(
+                                        "an unpack worker thread panicked",
+                                    )))
+                                });
+                        let mut p = state.progress.lock().unwrap_or_else(|e| e.into_inner());
+                        p.0 -= 1;
+                        if let (Err(e), None) = (result, &p.1) {
+                            p.1 = Some(e);
+                        }
+                        // Only `wait` listens, and only for "all done".
+                        if p.0 == 0 {
+                            state.done.notify_all();
+                        }
+                    }
+                });
+            // With no worker at all, `submit` runs the jobs itself.
+            if let Ok(handle) = spawned {
+                workers.push(handle);
+            }
+        }
+        FilePool {
+            jobs: Some(tx),
+            workers,
+            state,
+        }
+    }
+
+    fn submit(&mut self, job: FileJob) -> Result<(), UnpackError> {
+        if self.workers.is_empty() {
+            return job.run();
+        }
+        {
+            let mut p = self
+                .state
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = p.1.take() {
+                return Err(e);
+            }
+            p.0 += 1;
+        }
+        let sent = self.jobs.as_ref().map(|tx| tx.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(UnpackError::Read(io::Error::other(
+                "the unpack worker threads stopped",
+            )));
+        }
+        Ok(())
+    }
+
+    fn wait(&self) -> Result<(), UnpackError> {
+        let mut p = self
+            .state
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while p.0 > 0 {
+            p = self.state.done.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        match p.1.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for FilePool {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers once it is drained.
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Reads the umask without changing it (`umask(2)` can only set it, which
+/// would race with other threads creating files).
+fn current_umask() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+}
+
+/// How to create an entry in a directory, decided before creating it.
+struct Creation {
+    /// Mode to pass to the creating call.
+    mode: u32,
+    /// The entry already has `mode` (no chmod needed afterwards).
+    mode_exact: bool,
+    /// The entry is owned as the header says once created (no chown needed).
+    owner_exact: bool,
 }
 
 /// Splits an entry name into components; `None` if it contains `..`.
@@ -354,6 +571,8 @@ impl Unpacker {
         if let Some(p) = self.resolved.get(&key) {
             return Ok(p.clone());
         }
+        // Looking names up must see every file created so far.
+        self.barrier()?;
         let mut todo: Vec<OsString> = parts.iter().rev().map(|p| p.to_os_string()).collect();
         let mut stack: Vec<OsString> = Vec::new();
         let mut links = 0;
@@ -396,6 +615,16 @@ impl Unpacker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                     fs::create_dir(&host).map_err(self.io(entry, "mkdir", &host))?;
+                    // A new directory inherits setgid and default ACLs
+                    // from its parent only.
+                    if host
+                        .parent()
+                        .is_some_and(|p| self.plain_dirs.get(p) == Some(&true))
+                    {
+                        self.plain_dirs.insert(host.clone(), true);
+                    }
+                    self.fresh_dirs.insert(host.clone());
+                    self.created.insert(host.clone());
                     stack.push(c);
                 }
                 Err(e) => return Err(self.io(entry, "lstat", &host)(e)),
@@ -412,6 +641,8 @@ impl Unpacker {
         match fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
                 self.resolved.clear();
+                self.plain_dirs.retain(|p, _| !p.starts_with(path));
+                self.fresh_dirs.retain(|p| !p.starts_with(path));
                 fs::remove_dir_all(path).map_err(self.io(entry, "remove", path))
             }
             Ok(m) => {
@@ -423,6 +654,116 @@ impl Unpacker {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.io(entry, "lstat", path)(e)),
         }
+    }
+
+    /// Hands a small new file to the worker pool (see `entry`).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_file<R: Read>(
+        &mut self,
+        e: &mut tar::Entry<'_, R>,
+        raw: Vec<u8>,
+        path: PathBuf,
+        parent: &Path,
+        header: &tar::Header,
+        mode: u32,
+        mtime: u64,
+        content: u64,
+    ) -> Result<(), UnpackError> {
+        let how = self.creation(parent, header, mode);
+        let chown = match (self.opts.preserve_ownership, how.owner_exact) {
+            (true, false) => Some(owner(header)?),
+            _ => None,
+        };
+        let mut data = Vec::with_capacity(content as usize);
+        e.read_to_end(&mut data).map_err(UnpackError::Read)?;
+        self.stats.file_bytes += content;
+        self.created.insert(path.clone());
+        if self.opts.mode == UnpackMode::Apply {
+            self.written.insert(path.clone());
+        }
+        let job = FileJob {
+            raw,
+            path,
+            data,
+            create_mode: how.mode,
+            chmod: (!how.mode_exact).then_some(mode),
+            chown,
+            mtime,
+        };
+        let pool = match &mut self.pool {
+            Some(pool) => pool,
+            none => none.insert(FilePool::new()),
+        };
+        pool.submit(job)
+    }
+
+    /// Waits until the worker pool has written every file handed to it;
+    /// the first error any of them met is returned here.
+    fn barrier(&mut self) -> Result<(), UnpackError> {
+        match &self.pool {
+            Some(pool) => pool.wait(),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates the entry at `path` with `create`; if the name is taken,
+    /// removes what is there (as [`Self::remove_existing`]) and creates it
+    /// again. Trying first saves an `lstat` per entry on a fresh root.
+    fn create_replacing<T>(
+        &mut self,
+        raw: &[u8],
+        op: &'static str,
+        path: &Path,
+        mut create: impl FnMut(&Path) -> io::Result<T>,
+    ) -> Result<T, UnpackError> {
+        match create(path) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.remove_existing(raw, path)?;
+                create(path).map_err(self.io(raw, op, path))
+            }
+            Err(e) => Err(self.io(raw, op, path)(e)),
+        }
+    }
+
+    /// How to create an entry with `mode` (permission and special bits)
+    /// owned by the header's ids in directory `parent`; see `plain_dirs`.
+    fn creation(&mut self, parent: &Path, header: &tar::Header, mode: u32) -> Creation {
+        let plain = self.is_plain(parent);
+        let owner_exact = !self.opts.preserve_ownership
+            || (plain && owner(header).is_ok_and(|ids| ids == self.ids));
+        // Special bits are set by chmod after chown (which clears them).
+        match self.umask {
+            Some(umask) if plain && mode & 0o7000 == 0 && mode & umask == 0 => Creation {
+                mode,
+                mode_exact: true,
+                owner_exact,
+            },
+            _ => Creation {
+                mode: 0o600,
+                mode_exact: false,
+                owner_exact,
+            },
+        }
+    }
+
+    /// Whether `dir` is plain (see `plain_dirs`), checking it once.
+    fn is_plain(&mut self, dir: &Path) -> bool {
+        if let Some(known) = self.plain_dirs.get(dir) {
+            return *known;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let plain = match fs::symlink_metadata(dir) {
+            Ok(m) => {
+                m.is_dir()
+                    && m.gid() == self.ids.1
+                    && m.mode() & libc::S_ISGID == 0
+                    && !has_default_acl(dir)
+            }
+            Err(_) => false,
+        };
+        self.plain_dirs.insert(dir.to_path_buf(), plain);
+        plain
     }
 
     /// Counts `content` bytes (plus the entry's overhead) towards the
@@ -478,11 +819,33 @@ impl Unpacker {
         };
         let name = name.to_os_string();
         let parent = self.resolve_dir(&raw, parent_parts, true)?;
+        let path = parent.join(&name);
+        let whiteout = name.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes());
+
+        // A small plain file under a new name in a directory this unpack
+        // made cannot meet anything on disk: a worker creates and writes it
+        // while this thread goes on. Everything else waits until the
+        // workers are done, so it sees the tree exactly as a one-by-one
+        // unpack would.
+        if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous)
+            && !whiteout
+            && pax_sparse.is_none()
+            && content <= POOL_FILE_MAX
+            && !pax.iter().any(|(k, _)| k.starts_with("SCHILY.xattr."))
+            && self.fresh_dirs.contains(&parent)
+            && !self.created.contains(&path)
+        {
+            let header = e.header().clone();
+            let mode = header.mode().map_err(UnpackError::Read)? & 0o7777;
+            let mtime = header.mtime().unwrap_or(0);
+            return self.pool_file(e, raw, path, &parent, &header, mode, mtime, content);
+        }
+        self.barrier()?;
+        self.created.insert(path.clone());
 
         if let Some(hidden) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
             return self.whiteout(&raw, &parent, &name, hidden);
         }
-        let path = parent.join(&name);
         let header = e.header().clone();
         let mode = header.mode().map_err(UnpackError::Read)? & 0o7777;
         let mtime = header.mtime().unwrap_or(0);
@@ -490,23 +853,60 @@ impl Unpacker {
 
         match kind {
             tar::EntryType::Directory => {
-                match fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        self.remove_existing(&raw, &path)?;
-                        fs::create_dir(&path).map_err(self.io(&raw, "mkdir", &path))?;
+                let how = self.creation(&parent, &header, mode);
+                let mkdir = |p: &Path| {
+                    std::fs::DirBuilder::new()
+                        .mode(if how.mode_exact { how.mode } else { 0o777 })
+                        .create(p)
+                };
+                let created = match mkdir(&path) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        match fs::symlink_metadata(&path) {
+                            Ok(m) if m.is_dir() => false,
+                            _ => {
+                                self.remove_existing(&raw, &path)?;
+                                mkdir(&path).map_err(self.io(&raw, "mkdir", &path))?;
+                                true
+                            }
+                        }
                     }
-                    Err(_) => fs::create_dir(&path).map_err(self.io(&raw, "mkdir", &path))?,
+                    Err(e) => return Err(self.io(&raw, "mkdir", &path)(e)),
+                };
+                if !(created && how.owner_exact) {
+                    self.set_owner(&raw, &path, &header)?;
                 }
-                self.set_owner(&raw, &path, &header)?;
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                    .map_err(self.io(&raw, "chmod", &path))?;
+                if !(created && how.mode_exact) {
+                    fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                        .map_err(self.io(&raw, "chmod", &path))?;
+                }
                 self.set_xattrs(&raw, &path, &xattrs)?;
+                // Known plain only when made here in a plain parent and left
+                // with our group, no setgid bit and no default ACL; any
+                // other directory is checked when first used.
+                let acl = xattrs.iter().any(|(k, _)| k == "system.posix_acl_default");
+                let our_group = !self.opts.preserve_ownership
+                    || owner(&header).is_ok_and(|(_, gid)| gid == self.ids.1);
+                if created
+                    && self.plain_dirs.get(&parent) == Some(&true)
+                    && our_group
+                    && mode & libc::S_ISGID == 0
+                    && !acl
+                {
+                    self.plain_dirs.insert(path.clone(), true);
+                } else {
+                    self.plain_dirs.remove(&path);
+                }
+                if created {
+                    self.fresh_dirs.insert(path.clone());
+                }
                 self.dir_times.push((path.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                self.remove_existing(&raw, &path)?;
+                let mut how = self.creation(&parent, &header, mode);
                 let f = if kind == tar::EntryType::GNUSparse {
+                    self.remove_existing(&raw, &path)?;
+                    how.mode_exact = false;
                     // The tar crate holds the GNU sparse map (including its
                     // extension headers, which it reads itself) and seeks
                     // over the holes when it writes the file.
@@ -523,13 +923,14 @@ impl Unpacker {
                         }
                     }
                 } else {
-                    let mut f = OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                        .open(&path)
-                        .map_err(self.io(&raw, "create", &path))?;
+                    let mut f = self.create_replacing(&raw, "create", &path, |p| {
+                        OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(how.mode)
+                            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                            .open(p)
+                    })?;
                     match &pax_sparse {
                         Some(sparse) => {
                             sparse.write(e, &mut f, content).map_err(|err| match err {
@@ -547,13 +948,16 @@ impl Unpacker {
                     f
                 };
                 self.stats.file_bytes += content;
-                if self.opts.preserve_ownership {
+                if self.opts.preserve_ownership && !how.owner_exact {
                     let (uid, gid) = owner(&header)?;
                     std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
                         .map_err(self.io(&raw, "chown", &path))?;
                 }
-                f.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(self.io(&raw, "chmod", &path))?;
+                // No special bits (see `creation`), so chown left the mode.
+                if !how.mode_exact {
+                    f.set_permissions(fs::Permissions::from_mode(mode))
+                        .map_err(self.io(&raw, "chmod", &path))?;
+                }
                 self.set_xattrs(&raw, &path, &xattrs)?;
                 set_fd_mtime(&f, mtime).map_err(self.io(&raw, "set mtime", &path))?;
             }
@@ -562,13 +966,16 @@ impl Unpacker {
                     .link_name_bytes()
                     .ok_or_else(|| Self::unsafe_entry(&raw, "symlink without a target"))?
                     .into_owned();
-                self.remove_existing(&raw, &path)?;
+                let how = self.creation(&parent, &header, 0o777);
                 // The target is stored verbatim: it is data, and every later
                 // lookup through it is resolved inside the root.
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
-                    .map_err(self.io(&raw, "symlink", &path))?;
+                self.create_replacing(&raw, "symlink", &path, |p| {
+                    std::os::unix::fs::symlink(OsStr::from_bytes(&target), p)
+                })?;
                 self.resolved.clear();
-                self.set_owner(&raw, &path, &header)?;
+                if !how.owner_exact {
+                    self.set_owner(&raw, &path, &header)?;
+                }
                 self.set_xattrs(&raw, &path, &xattrs)?;
                 set_path_mtime(&path, mtime, true).map_err(self.io(&raw, "set mtime", &path))?;
             }
@@ -596,13 +1003,12 @@ impl Unpacker {
                     Err(err) => return Err(self.io(&raw, "hard link target", &tpath)(err)),
                 }
                 if tpath != path {
-                    self.remove_existing(&raw, &path)?;
                     // linkat without AT_SYMLINK_FOLLOW: links the name itself.
-                    fs::hard_link(&tpath, &path).map_err(self.io(&raw, "link", &path))?;
+                    self.create_replacing(&raw, "link", &path, |p| fs::hard_link(&tpath, p))?;
                 }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                self.remove_existing(&raw, &path)?;
+                let how = self.creation(&parent, &header, mode);
                 let (ftype, major, minor) = match kind {
                     tar::EntryType::Char => {
                         (libc::S_IFCHR, header.device_major(), header.device_minor())
@@ -614,20 +1020,29 @@ impl Unpacker {
                 };
                 let major = major.ok().flatten().unwrap_or(0);
                 let minor = minor.ok().flatten().unwrap_or(0);
-                match mknod(&path, ftype | mode, major, minor) {
+                let made = self.create_replacing(&raw, "mknod", &path, |p| {
+                    mknod(p, ftype | how.mode, major, minor)
+                });
+                match made {
                     Ok(()) => {}
-                    Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                    Err(UnpackError::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::EPERM) =>
+                    {
                         let msg =
                             format!("skipped device node {} (mknod not permitted)", lossy(&raw));
                         tracing::warn!("{msg}");
                         self.stats.warnings.push(msg);
                         return Ok(());
                     }
-                    Err(err) => return Err(self.io(&raw, "mknod", &path)(err)),
+                    Err(err) => return Err(err),
                 }
-                self.set_owner(&raw, &path, &header)?;
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                    .map_err(self.io(&raw, "chmod", &path))?;
+                if !how.owner_exact {
+                    self.set_owner(&raw, &path, &header)?;
+                }
+                if !how.mode_exact {
+                    fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                        .map_err(self.io(&raw, "chmod", &path))?;
+                }
                 self.set_xattrs(&raw, &path, &xattrs)?;
                 set_path_mtime(&path, mtime, true).map_err(self.io(&raw, "set mtime", &path))?;
             }
@@ -668,8 +1083,9 @@ impl Unpacker {
                 .map_err(self.io(raw, "set opaque xattr", parent)),
             (UnpackMode::OverlayLower, false) => {
                 let target = parent.join(OsStr::from_bytes(hidden));
-                self.remove_existing(raw, &target)?;
-                mknod(&target, libc::S_IFCHR, 0, 0).map_err(self.io(raw, "mknod whiteout", &target))
+                self.create_replacing(raw, "mknod whiteout", &target, |p| {
+                    mknod(p, libc::S_IFCHR, 0, 0)
+                })
             }
         }
     }
@@ -958,6 +1374,29 @@ fn mknod(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
     }
 }
 
+/// True unless `dir` certainly has no default ACL (errors count as "has
+/// one": the caller then makes every chown and chmod).
+fn has_default_acl(dir: &Path) -> bool {
+    let Ok(c) = cpath(dir) else { return true };
+    // SAFETY: valid NUL-terminated strings; a NULL buffer of size 0 only
+    // asks for the value's size.
+    let r = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"system.posix_acl_default".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if r >= 0 {
+        return true;
+    }
+    !matches!(
+        io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA) | Some(libc::EOPNOTSUPP)
+    )
+}
+
 fn lsetxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     let c = cpath(path)?;
     let n = CString::new(name)
@@ -1149,6 +1588,89 @@ mod tests {
             fs::read(sb.root.join("etc/passwd")).unwrap(),
             b"root:x:0:0::/root:/bin/sh\n"
         );
+    }
+
+    /// Appends a regular file with the given owner and mode.
+    fn owned_file(
+        mut t: TarBuilder,
+        name: &str,
+        data: &[u8],
+        ids: (u64, u64),
+        mode: u32,
+    ) -> TarBuilder {
+        let mut h = TarBuilder::header(tar::EntryType::Regular, name, mode);
+        h.set_uid(ids.0);
+        h.set_gid(ids.1);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        t.b.append(&h, data).unwrap();
+        t
+    }
+
+    #[test]
+    fn many_small_files_keep_entry_order_owners_modes_and_mtimes() {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let sb = Sandbox::new();
+        let modes = [0o644, 0o600, 0o755, 0o664, 0o400, 0o4755];
+        let mut t = TarBuilder::new().dir("d/");
+        for i in 0..300 {
+            t = t.file_mode(
+                &format!("d/f{i}"),
+                format!("file {i}").as_bytes(),
+                modes[i % 6],
+            );
+        }
+        // Later entries of the same name win, links see their target,
+        // a whiteout removes what this layer wrote before it.
+        t = t
+            .file("d/f5", b"second")
+            .hardlink("d/h7", "d/f7")
+            .file("d/.wh.f9", b"")
+            .file("d/sub/deep", b"implicit parent");
+        t = owned_file(t, "d/own", b"o", (1234, 5678), 0o640);
+        // A setgid directory of another group: its new files would
+        // inherit that group without the chown.
+        let mut h = TarBuilder::header(tar::EntryType::Directory, "g/", 0o2775);
+        h.set_gid(4321);
+        h.set_size(0);
+        h.set_cksum();
+        t.b.append(&h, &[][..]).unwrap();
+        t = owned_file(t, "g/x", b"x", (0, 0), 0o644);
+        let stats = sb.unpack(&t.bytes()).unwrap();
+        assert_eq!(stats.entries, 1 + 300 + 4 + 1 + 1 + 1);
+        let d = sb.root.join("d");
+        for i in (0..300).filter(|i| *i != 5 && *i != 9) {
+            let p = d.join(format!("f{i}"));
+            assert_eq!(fs::read(&p).unwrap(), format!("file {i}").as_bytes());
+            let m = fs::metadata(&p).unwrap();
+            assert_eq!(m.mode() & 0o7777, modes[i % 6], "mode of f{i}");
+            assert_eq!(m.mtime(), 1_000_000);
+            if root {
+                assert_eq!((m.uid(), m.gid()), (0, 0));
+            }
+        }
+        assert_eq!(fs::read(d.join("f5")).unwrap(), b"second");
+        assert!(!d.join("f9").exists());
+        assert_eq!(
+            fs::metadata(d.join("h7")).unwrap().ino(),
+            fs::metadata(d.join("f7")).unwrap().ino()
+        );
+        assert_eq!(fs::read(d.join("sub/deep")).unwrap(), b"implicit parent");
+        assert_eq!(fs::metadata(&d).unwrap().mtime(), 1_000_000);
+        let own = fs::metadata(d.join("own")).unwrap();
+        assert_eq!(own.mode() & 0o7777, 0o640);
+        let gx = fs::metadata(sb.root.join("g/x")).unwrap();
+        assert_eq!(gx.mode() & 0o7777, 0o644);
+        if root {
+            assert_eq!((own.uid(), own.gid()), (1234, 5678));
+            assert_eq!(
+                gx.gid(),
+                0,
+                "chowned back from the setgid directory's group"
+            );
+            assert_eq!(fs::metadata(sb.root.join("g")).unwrap().gid(), 4321);
+        }
     }
 
     #[test]

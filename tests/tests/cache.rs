@@ -465,3 +465,94 @@ fn several_cache_servers_fail_over_to_the_one_that_answers() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The embedded cache and the local store under one `--cache-dir` share
+/// each blob's bytes: every blob-named file's content is one inode on disk,
+/// whether the cache adopted the store's file (first build) or the store
+/// got it back from the cache (after the store was wiped).
+#[test]
+fn the_embedded_cache_and_the_local_store_keep_one_copy_of_each_blob() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let first = "FROM BASE\nRUN head -c 300000 /dev/urandom > /noise\n";
+    let ctx_one = env.context("one-copy", first, &[]);
+    // A hit on the first RUN, then a miss: the rootfs needs every earlier
+    // layer back from the cache.
+    let ctx_two = env.context("one-copy-2", &format!("{first}RUN echo 2 > /two\n"), &[]);
+    let state = env.fresh_state("one-copy");
+    let build = |ctx: &Path, state: &Path| {
+        let out = Command::new(kiln_bin("kiln-executor"))
+            .arg("--context")
+            .arg(ctx)
+            .arg("--destination")
+            .arg(env.registry.reference("onecopy:v1"))
+            .args(["--insecure-registry", &env.registry.host(), "--no-push"])
+            .arg("--cache-dir")
+            .arg(state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Content digest -> (inodes, trees holding it), over every file named
+    // like a blob (64 hex digits) below `state`.
+    let copies = |state: &Path| {
+        let mut by_content: BTreeMap<String, (BTreeSet<u64>, BTreeSet<String>)> = BTreeMap::new();
+        for p in walk_files(state) {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
+            let bytes = fs::read(&p).unwrap();
+            let tree = p
+                .strip_prefix(state)
+                .unwrap()
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy()
+                .to_string();
+            let e = by_content
+                .entry(kiln_common::Digest::of_bytes(&bytes).hex().to_string())
+                .or_default();
+            e.0.insert(fs::metadata(&p).unwrap().ino());
+            e.1.insert(tree);
+        }
+        by_content
+    };
+    let check = |state: &Path, in_both: usize| {
+        let all = copies(state);
+        let shared: Vec<_> = all
+            .iter()
+            .filter(|(_, (_, trees))| trees.contains("store") && trees.contains("cache"))
+            .collect();
+        assert!(
+            shared.len() >= in_both,
+            "at least {in_both} blobs are in both the store and the cache: {all:?}"
+        );
+        for (digest, (inodes, trees)) in &all {
+            assert_eq!(
+                inodes.len(),
+                1,
+                "blob {digest} is stored {} times (in {trees:?})",
+                inodes.len()
+            );
+        }
+    };
+    // The pulled base layer went into the store and then into the cache
+    // (the built layer is written in the build's scratch directory, which
+    // is gone after the build).
+    build(&ctx_one, &state);
+    check(&state, 1);
+    // The base layer and the first RUN's layer come back from the cache
+    // (the unpacked layers are gone too, so the blobs are needed).
+    fs::remove_dir_all(state.join("store")).unwrap();
+    fs::remove_dir_all(state.join("layers")).unwrap();
+    build(&ctx_two, &state);
+    check(&state, 2);
+}

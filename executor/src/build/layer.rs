@@ -9,10 +9,12 @@
 //!   layer written once and then as link entries; mtimes kept, clamped or
 //!   overridden ([`MtimePolicy`]) for reproducible builds;
 //! - one pass, constant memory: tar → sha256 (diff_id) → bounded channel →
-//!   compressor thread → sha256 (digest) → temporary file, renamed to
-//!   `<out_dir>/<digest hex>` only when complete;
+//!   compressor thread (gzip and zstd spread over all cores, with bytes
+//!   independent of the thread count: [`compress`]) → sha256 (digest) →
+//!   temporary file, renamed to `<out_dir>/<digest hex>` only when complete;
 //! - an empty change gives `None`: no layer at all.
 
+use crate::build::compress::{self, ParallelGzip};
 use crate::build::fsutil;
 use crate::build::snapshot::{Change, ChangeKind};
 use kiln_common::{Digest, Sha256Writer};
@@ -88,6 +90,9 @@ impl MtimePolicy {
 pub struct LayerOptions {
     pub compression: Compression,
     pub mtime: MtimePolicy,
+    /// Compression threads; 0 (the default) means all cores. The layer's
+    /// bytes are the same for every value ([`compress`]).
+    pub threads: usize,
 }
 
 /// A written layer blob.
@@ -166,9 +171,10 @@ fn write_any_layer(
 
     let (tx, rx) = sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
     let compression = opts.compression;
+    let threads = opts.threads;
     let compressor = std::thread::Builder::new()
         .name("layer-compress".into())
-        .spawn(move || compress(rx, compression, file))
+        .spawn(move || compress(rx, compression, threads, file))
         .map_err(LayerError::Compress)?;
 
     let mut tar_sink = Sha256Writer::new(ChannelWriter::new(tx));
@@ -205,21 +211,20 @@ fn write_any_layer(
 fn compress(
     rx: Receiver<Vec<u8>>,
     compression: Compression,
+    threads: usize,
     file: File,
 ) -> io::Result<(Digest, u64)> {
     let hashed = Sha256Writer::new(BufWriter::with_capacity(CHUNK, file));
     let hashed = match compression {
         Compression::Gzip { level } => {
-            let mut enc = flate2::GzBuilder::new()
-                .operating_system(255)
-                .write(hashed, flate2::Compression::new(level.min(9)));
+            let mut enc = ParallelGzip::new(hashed, level, threads)?;
             for chunk in rx {
                 enc.write_all(&chunk)?;
             }
             enc.finish()?
         }
         Compression::Zstd { level } => {
-            let mut enc = zstd::Encoder::new(hashed, level)?;
+            let mut enc = compress::zstd_encoder(hashed, level, threads)?;
             for chunk in rx {
                 enc.write_all(&chunk)?;
             }
@@ -782,6 +787,7 @@ mod tests {
             let opts = LayerOptions {
                 compression,
                 mtime: MtimePolicy::Keep,
+                threads: 2,
             };
             let layer = write_layer(&change, &opts, out.path()).unwrap().unwrap();
             let blob = std::fs::read(&layer.path).unwrap();

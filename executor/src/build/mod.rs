@@ -7,6 +7,8 @@
 //!   what a step changed ([`snapshot::Snapshotter`], with `overlay` and `walk`).
 //! - [`layer`]: turns a [`snapshot::Change`] into a deterministic, compressed
 //!   layer blob with its digest and diff_id, in one streaming pass.
+//! - [`compress`]: gzip and zstd on all cores, with bytes that do not depend
+//!   on the thread count.
 //! - [`config`]: the OCI image config, edited the way Docker applies metadata
 //!   instructions.
 //! - [`user`]: `user[:group]` resolution against a rootfs's passwd and group.
@@ -14,6 +16,7 @@
 //! The build driver combines them without knowing which implementation of a
 //! trait it holds; see docs/build-engine.md.
 
+pub mod compress;
 pub mod config;
 pub mod fsutil;
 pub mod layer;

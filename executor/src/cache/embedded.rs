@@ -1,6 +1,8 @@
 //! The embedded cache: kiln-cache-server's storage engine opened in-process
 //! on a local directory. Same index, same content store, same guarantees as
 //! the server, without a network hop; the default when no server is given.
+//! Blobs are shared with the executor's local store by hard links, so each
+//! blob is on disk once under `--cache-dir`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -82,6 +84,15 @@ impl Cache for EmbeddedCache {
                 open.size
             )));
         }
+        // One copy under --cache-dir: link the cache's file into the local
+        // store (the pin in `open` keeps eviction away meanwhile); copy
+        // only when the two are on different filesystems.
+        if let Some(path) = local
+            .link_from(&self.store.blob_path(digest), digest, open.size)
+            .map_err(|e| blob_err(e.to_string()))?
+        {
+            return Ok(path);
+        }
         let mut reader = VerifyingReader::new(open.file, digest.clone()).with_size(open.size);
         let mut writer = local.writer().map_err(|e| blob_err(e.to_string()))?;
         io::copy(&mut reader, &mut writer).map_err(|e| blob_err(e.to_string()))?;
@@ -100,6 +111,16 @@ impl Cache for EmbeddedCache {
 
     fn put_blob(&self, digest: &Digest, path: &Path) -> Result<(), CacheError> {
         if self.has_blob(digest)? {
+            return Ok(());
+        }
+        // One copy under --cache-dir: the local store's file becomes the
+        // cache's blob by a hard link (hashed first, like any upload).
+        if self
+            .store
+            .link_blob(path, digest)
+            .map_err(|e| self.err(e))?
+            .is_some()
+        {
             return Ok(());
         }
         let mut file =

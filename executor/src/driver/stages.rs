@@ -420,6 +420,7 @@ impl Driver {
             } else {
                 MtimePolicy::Keep
             },
+            threads: 0,
         }
     }
 
