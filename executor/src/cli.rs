@@ -171,10 +171,13 @@ pub struct ExecutorArgs {
     pub skip_tls_verify: bool,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub skip_tls_verify_pull: bool,
-    /// `registry=/path/to/ca.pem` (repeatable).
+    /// `REGISTRY=/path/to/ca.pem`: a CA trusted for that registry, besides
+    /// the default ones (repeatable; a bare path is trusted for every
+    /// registry).
     #[arg(long)]
     pub registry_certificate: Vec<String>,
-    /// Mirror for Docker Hub pulls (repeatable).
+    /// Mirror for Docker Hub pulls, `host[:port][/path]` (repeatable; also
+    /// KANIKO_REGISTRY_MIRROR).
     #[arg(long)]
     pub registry_mirror: Vec<String>,
     /// Target platform `os/arch[/variant]` (default: the host's).
@@ -227,6 +230,30 @@ pub struct ExecutorArgs {
     pub push_retry: u32,
     #[arg(short = 'v', long, value_enum, default_value = "info")]
     pub verbosity: Verbosity,
+    // --- registry flags (issue 15) ---
+    /// Registry (`host[:port]`) whose TLS certificate is not verified
+    /// (repeatable).
+    #[arg(long, value_name = "REGISTRY")]
+    pub skip_tls_verify_registry: Vec<String>,
+    /// Client certificate for a registry that requires one (mutual TLS), as
+    /// `REGISTRY=CERT,KEY` (PEM files; repeatable).
+    #[arg(long, value_name = "REGISTRY=CERT,KEY")]
+    pub registry_client_cert: Vec<String>,
+    /// Mirrors of a registry, as `ORIGINAL=MIRROR[;MIRROR...]` (a mirror is
+    /// `host[/path]`; repeatable; also KANIKO_REGISTRY_MAP).
+    #[arg(long, value_name = "ORIGINAL=MIRROR")]
+    pub registry_map: Vec<String>,
+    /// Fail when every mirror fails instead of pulling from the registry
+    /// itself.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub skip_default_registry_fallback: bool,
+    /// A registry refusing to overwrite an immutable tag is not an error.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub push_ignore_immutable_tag_errors: bool,
+    /// Do not check, before the build, that every destination accepts a
+    /// push with the credentials found.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub skip_push_permission_check: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
