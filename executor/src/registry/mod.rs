@@ -189,11 +189,11 @@ impl RegistryError {
     /// or "immutable" in the body.
     pub fn is_immutable_tag(&self) -> bool {
         let text = match self {
-            RegistryError::Status { status, body, .. }
-                if matches!(status, 400 | 403 | 409 | 412) =>
-            {
-                body
-            }
+            RegistryError::Status {
+                status: 400 | 403 | 409 | 412,
+                body,
+                ..
+            } => body,
             RegistryError::Auth { reason, .. } => reason,
             _ => return false,
         };
