@@ -421,7 +421,7 @@ fn the_push_permission_check_fails_in_seconds_before_the_build() {
     ran.failed()
         .says("push permission check")
         .says(&dest)
-        .says("user erin")
+        .says("as erin (Docker config")
         .says(s(&config));
     assert!(ran.took < Duration::from_secs(10), "took {:?}", ran.took);
     assert!(

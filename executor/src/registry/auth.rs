@@ -94,7 +94,7 @@ impl Credentials {
                 "an identity token".to_string()
             }
             (None, Some(_)) => format!("an identity token of {}", self.username),
-            (None, None) => format!("user {}", self.username),
+            (None, None) => self.username.clone(),
         }
     }
 }

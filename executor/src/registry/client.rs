@@ -539,7 +539,7 @@ impl RegistryClient {
     }
 
     /// Who we are at `host` and where that came from, for auth errors:
-    /// `as user alice (Docker config /kaniko/.docker/config.json)`.
+    /// `as alice (Docker config /kaniko/.docker/config.json)`.
     fn identity_description(&self, host: &str) -> String {
         let lookup = if host == super::reference::DOCKER_HUB_API {
             DOCKER_HUB
@@ -679,7 +679,7 @@ impl RegistryClient {
             return Err(RegistryError::Auth {
                 url: url.to_string(),
                 reason: format!(
-                    "registry {}: the token endpoint answered {method} {status} {}: {}",
+                    "registry {}: the token endpoint answered {status} ({method}), {}: {}",
                     ep.host,
                     self.identity_description(&ep.host),
                     body.trim()
