@@ -1735,6 +1735,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn push_retry_retries_a_manifest_push_that_failed_transiently() {
+        let (host, seen) = scripted_server(vec![(503, "busy".into()), (201, String::new())]);
+        let c = client(RegistryOptions {
+            insecure_registries: vec![host.clone()],
+            push_retries: 1,
+            retry_backoff: Duration::from_millis(1),
+            ..Default::default()
+        });
+        let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+        c.put_manifest(&dest, manifest_json().as_bytes(), media::OCI_MANIFEST)
+            .await
+            .unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        let (host, _) = scripted_server(vec![(503, "busy".into()), (201, String::new())]);
+        let c = client(RegistryOptions {
+            insecure_registries: vec![host.clone()],
+            push_retries: 0,
+            ..Default::default()
+        });
+        let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+        let err = c
+            .put_manifest(&dest, manifest_json().as_bytes(), media::OCI_MANIFEST)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("503"), "{err}");
+    }
+
+    #[tokio::test]
     async fn the_push_permission_check_starts_an_upload_and_cancels_it() {
         let (host, seen) = scripted_server_with_headers(vec![
             (
