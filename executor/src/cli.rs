@@ -175,11 +175,14 @@ pub struct ExecutorArgs {
     pub skip_tls_verify: bool,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub skip_tls_verify_pull: bool,
-    /// `registry=/path/to/ca.pem` (repeatable).
+    /// `REGISTRY=/path/to/ca.pem`: a CA trusted for that registry, besides
+    /// the default ones (repeatable; a bare path is trusted for every
+    /// registry).
     #[arg(long)]
     pub registry_certificate: Vec<String>,
-    /// Mirror for Docker Hub pulls (repeatable).
-    #[arg(long, env = "KANIKO_REGISTRY_MIRROR")]
+    /// Mirror for Docker Hub pulls, `host[:port][/path]` (repeatable; also
+    /// KANIKO_REGISTRY_MIRROR).
+    #[arg(long)]
     pub registry_mirror: Vec<String>,
     /// Target platform `os/arch[/variant]` (default: the host's).
     #[arg(long, visible_alias = "customPlatform")]
@@ -300,26 +303,6 @@ pub struct ExecutorArgs {
     /// GCS bucket holding the build context as a tarball.
     #[arg(short = 'b', long)]
     pub bucket: Option<String>,
-    /// Registry reached without verifying its TLS certificate (repeatable).
-    #[arg(long, value_name = "REGISTRY")]
-    pub skip_tls_verify_registry: Vec<String>,
-    /// `registry=/path/cert.pem,/path/key.pem`: client certificate for
-    /// mutual TLS with that registry (repeatable).
-    #[arg(long, value_name = "REGISTRY=CERT,KEY")]
-    pub registry_client_cert: Vec<String>,
-    /// `original.registry=new.registry[;...]`: pull from the new registry
-    /// instead (repeatable; also KANIKO_REGISTRY_MAP).
-    #[arg(long, env = "KANIKO_REGISTRY_MAP", value_name = "FROM=TO")]
-    pub registry_map: Vec<String>,
-    /// When no mirror has an image, fail instead of pulling from Docker Hub.
-    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
-    pub skip_default_registry_fallback: bool,
-    /// Treat a registry's "tag is immutable" refusal as success.
-    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
-    pub push_ignore_immutable_tag_errors: bool,
-    /// Do not check push permission before the build.
-    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
-    pub skip_push_permission_check: bool,
     /// How many more times a base-image layer whose extraction failed is
     /// fetched again and extracted again.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -336,8 +319,31 @@ pub struct ExecutorArgs {
     /// --force-build-metadata does.
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub force_build_metadata: bool,
+    // --- registry flags (issue 15) ---
+    /// Registry (`host[:port]`) whose TLS certificate is not verified
+    /// (repeatable).
+    #[arg(long, value_name = "REGISTRY")]
+    pub skip_tls_verify_registry: Vec<String>,
+    /// Client certificate for a registry that requires one (mutual TLS), as
+    /// `REGISTRY=CERT,KEY` (PEM files; repeatable).
+    #[arg(long, value_name = "REGISTRY=CERT,KEY")]
+    pub registry_client_cert: Vec<String>,
+    /// Mirrors of a registry, as `ORIGINAL=MIRROR[;MIRROR...]` (a mirror is
+    /// `host[/path]`; repeatable; also KANIKO_REGISTRY_MAP).
+    #[arg(long, value_name = "ORIGINAL=MIRROR")]
+    pub registry_map: Vec<String>,
+    /// Fail when every mirror fails instead of pulling from the registry
+    /// itself.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub skip_default_registry_fallback: bool,
+    /// A registry refusing to overwrite an immutable tag is not an error.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub push_ignore_immutable_tag_errors: bool,
+    /// Do not check, before the build, that every destination accepts a
+    /// push with the credentials found.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
+    pub skip_push_permission_check: bool,
 }
-
 
 /// A boolean as Go's `strconv.ParseBool` (pflag) reads it: `1`, `t`, `T`,
 /// `TRUE`, `true`, `True` and their false forms.
@@ -348,7 +354,6 @@ pub fn go_bool(text: &str) -> Result<bool, String> {
         _ => Err(format!("{text:?} is not a boolean (true or false)")),
     }
 }
-
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {

@@ -33,6 +33,7 @@ pub mod azurite;
 pub mod cache_repo;
 mod garage;
 pub mod hostile;
+pub mod kaniko_registry;
 pub mod runtime;
 pub mod s3;
 
@@ -638,6 +639,12 @@ impl TokenServer {
     pub fn cert_path(&self) -> &Path {
         &self.cert
     }
+
+    /// The OAuth2 refresh token (Docker's `identitytoken`) this server
+    /// accepts for `user` on `POST /token` with `grant_type=refresh_token`.
+    pub fn refresh_token(user: &str) -> String {
+        format!("{user}-refresh-token")
+    }
 }
 
 impl Drop for TokenServer {
@@ -723,15 +730,18 @@ fn handle_token_request(
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut authorization = None;
+    let mut content_length = 0usize;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
-        if let Some((k, v)) = line.split_once(':')
-            && k.trim().eq_ignore_ascii_case("authorization")
-        {
-            authorization = Some(v.trim().to_string());
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("authorization") {
+                authorization = Some(v.trim().to_string());
+            } else if k.trim().eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0).min(1 << 16);
+            }
         }
     }
     let target = request_line.split_whitespace().nth(1).unwrap_or("");
@@ -742,13 +752,38 @@ fn handle_token_request(
             scopes.push(percent_decode(v));
         }
     }
+    // Docker's OAuth2 exchange of an identity (refresh) token: a form POST
+    // whose `scope` holds the scopes separated by spaces.
+    let mut refresh_ok = false;
+    if request_line.starts_with("POST ") {
+        let mut body = vec![0u8; content_length];
+        reader.read_exact(&mut body)?;
+        let form = String::from_utf8_lossy(&body).into_owned();
+        let mut grant = None;
+        let mut refresh = None;
+        for pair in form.split('&') {
+            match pair.split_once('=') {
+                Some(("scope", v)) => scopes.extend(
+                    percent_decode(v)
+                        .split(' ')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                ),
+                Some(("grant_type", v)) => grant = Some(percent_decode(v)),
+                Some(("refresh_token", v)) => refresh = Some(percent_decode(v)),
+                _ => {}
+            }
+        }
+        refresh_ok = grant.as_deref() == Some("refresh_token")
+            && refresh == Some(TokenServer::refresh_token(&signer.user));
+    }
     let expected = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", signer.user, signer.password))
     );
     let mut conn = conn;
-    if authorization.as_deref() != Some(expected.as_str()) {
+    if !refresh_ok && authorization.as_deref() != Some(expected.as_str()) {
         let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#;
         write!(
             conn,
@@ -758,7 +793,12 @@ fn handle_token_request(
         return Ok(());
     }
     if let Ok(mut r) = requests.lock() {
-        r.push(scopes.join(" "));
+        let grant = if refresh_ok {
+            "oauth2 refresh_token: "
+        } else {
+            ""
+        };
+        r.push(format!("{grant}{}", scopes.join(" ")));
     }
     let access: Vec<serde_json::Value> = scopes
         .iter()

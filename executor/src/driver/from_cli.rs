@@ -48,6 +48,12 @@ pub enum OptionsError {
     CacheRepo { repo: String, reason: String },
     #[error("--no-push-cache and --cache-mode write-only contradict each other")]
     NoPushCacheWriteOnly,
+    #[error("--registry-client-cert {0:?}: expected REGISTRY=CERT,KEY (two PEM files)")]
+    RegistryClientCert(String),
+    #[error("{0} {1:?}: expected ORIGINAL=MIRROR[;MIRROR...][;ORIGINAL2=MIRROR2...]")]
+    RegistryMap(&'static str, String),
+    #[error("--registry-certificate {0:?}: expected REGISTRY=/path/to/ca.pem")]
+    RegistryCertificate(String),
     #[error(
         "no output: give --destination, --oci-layout-path or --tar-path (or --no-push to build only)"
     )]
@@ -181,22 +187,10 @@ impl ExecutorArgs {
         {
             return Err(OptionsError::NoOutput);
         }
-        let registry = RegistryOptions {
-            insecure: self.insecure,
-            insecure_pull: self.insecure_pull,
-            insecure_registries: self.insecure_registry.clone(),
-            skip_tls_verify: self.skip_tls_verify,
-            skip_tls_verify_pull: self.skip_tls_verify_pull,
-            ca_certificates: self
-                .registry_certificate
-                .iter()
-                .map(|c| PathBuf::from(c.rsplit_once('=').map(|(_, p)| p).unwrap_or(c)))
-                .collect(),
-            mirrors: self.registry_mirror.clone(),
-            pull_retries: self.image_download_retry,
-            push_retries: self.push_retry,
-            ..RegistryOptions::default()
-        };
+        let registry = self.registry_options(
+            std::env::var("KANIKO_REGISTRY_MIRROR").ok(),
+            std::env::var("KANIKO_REGISTRY_MAP").ok(),
+        )?;
         let isolation = choose_isolation(
             self.isolation,
             self.isolation_explicit,
@@ -209,6 +203,7 @@ impl ExecutorArgs {
             plan: self.plan_options()?,
             destinations: self.destination.clone(),
             no_push: self.no_push,
+            check_push_permission: !self.skip_push_permission_check && !self.no_push,
             oci_layout_path: self.oci_layout_path.clone(),
             tar_path: self.tar_path.clone(),
             digest_file: self.digest_file.clone(),
@@ -309,6 +304,80 @@ impl ExecutorArgs {
         paths
     }
 
+    /// The registry client's settings from the registry flags and Kaniko's
+    /// environment variables (`KANIKO_REGISTRY_MIRROR`: mirrors separated
+    /// by `,` or `;`; `KANIKO_REGISTRY_MAP`: as `--registry-map`), which
+    /// add to the flags as they do in Kaniko.
+    pub fn registry_options(
+        &self,
+        env_mirrors: Option<String>,
+        env_map: Option<String>,
+    ) -> Result<RegistryOptions, OptionsError> {
+        let mut opts = RegistryOptions {
+            insecure: self.insecure,
+            insecure_pull: self.insecure_pull,
+            insecure_registries: self.insecure_registry.clone(),
+            skip_tls_verify: self.skip_tls_verify,
+            skip_tls_verify_pull: self.skip_tls_verify_pull,
+            skip_tls_verify_registries: self.skip_tls_verify_registry.clone(),
+            pull_retries: self.image_download_retry,
+            push_retries: self.push_retry,
+            skip_default_registry_fallback: self.skip_default_registry_fallback,
+            push_ignore_immutable_tag_errors: self.push_ignore_immutable_tag_errors,
+            ..RegistryOptions::default()
+        };
+        for c in &self.registry_certificate {
+            match c.split_once('=') {
+                Some((reg, path)) if !reg.is_empty() && !path.is_empty() => opts
+                    .registry_ca_certificates
+                    .entry(reg.to_string())
+                    .or_default()
+                    .push(PathBuf::from(path)),
+                Some(_) => return Err(OptionsError::RegistryCertificate(c.clone())),
+                // A bare path (kiln before Kaniko's form): every registry.
+                None => opts.ca_certificates.push(PathBuf::from(c)),
+            }
+        }
+        for c in &self.registry_client_cert {
+            let parsed = c
+                .split_once('=')
+                .and_then(|(reg, files)| Some((reg, files.split_once(',')?)))
+                .filter(|(reg, (cert, key))| {
+                    !reg.is_empty() && !cert.is_empty() && !key.is_empty()
+                });
+            let Some((reg, (cert, key))) = parsed else {
+                return Err(OptionsError::RegistryClientCert(c.clone()));
+            };
+            opts.client_certificates
+                .insert(reg.to_string(), (PathBuf::from(cert), PathBuf::from(key)));
+        }
+        opts.mirrors = self
+            .registry_mirror
+            .iter()
+            .cloned()
+            .chain(env_mirrors.iter().flat_map(|v| {
+                v.split([',', ';'])
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            }))
+            .collect();
+        for m in &self.registry_map {
+            opts.registry_maps.extend(
+                parse_registry_map(m)
+                    .ok_or_else(|| OptionsError::RegistryMap("--registry-map", m.clone()))?,
+            );
+        }
+        if let Some(m) = env_map.filter(|m| !m.trim().is_empty()) {
+            opts.registry_maps.extend(
+                parse_registry_map(&m)
+                    .ok_or_else(|| OptionsError::RegistryMap("KANIKO_REGISTRY_MAP", m.clone()))?,
+            );
+        }
+        Ok(opts)
+    }
+
     /// Docker's defaults, changed by `--cap-add`, `--cap-drop` (drops
     /// applied after adds, as Docker) and `--security-opt`.
     fn run_security(&self) -> Result<StepSecurity, OptionsError> {
@@ -368,6 +437,28 @@ pub fn parse_cache_repo(repo: &str) -> Result<crate::registry::ImageRef, Options
         ));
     }
     Ok(parsed)
+/// `--registry-map` values: `orig=m1;m2` (mirrors of one registry,
+/// separated by `;` or `,`), several registries as `a=m1;b=m2`; `None` when
+/// a mirror comes before any `ORIGINAL=` or a part is empty.
+pub fn parse_registry_map(value: &str) -> Option<Vec<(String, Vec<String>)>> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for part in value
+        .split([';', ','])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match part.split_once('=') {
+            Some((orig, mirror)) => {
+                let (orig, mirror) = (orig.trim(), mirror.trim());
+                if orig.is_empty() || mirror.is_empty() {
+                    return None;
+                }
+                out.push((orig.to_string(), vec![mirror.to_string()]));
+            }
+            None => out.last_mut()?.1.push(part.to_string()),
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// `--secret id=npmrc,src=/home/me/.npmrc` or `id=token,env=API_TOKEN`
@@ -577,6 +668,121 @@ mod tests {
         assert!(matches!(e.source, SecretSource::Env(v) if v == "API_TOKEN"));
         assert!(parse_secret("src=/x").is_err());
         assert!(parse_secret("id=a,bogus=1").is_err());
+    }
+
+    fn args(a: &[&str]) -> ExecutorArgs {
+        use clap::Parser;
+        ExecutorArgs::try_parse_from(std::iter::once("kiln-executor").chain(a.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn registry_maps_take_several_mirrors_and_several_registries() {
+        assert_eq!(
+            parse_registry_map("index.docker.io=mirror.gcr.io;m2.example/cache"),
+            Some(vec![(
+                "index.docker.io".into(),
+                vec!["mirror.gcr.io".into(), "m2.example/cache".into()]
+            )])
+        );
+        assert_eq!(
+            parse_registry_map("a.example=m1.example;b.example=m2.example,m3.example"),
+            Some(vec![
+                ("a.example".into(), vec!["m1.example".into()]),
+                (
+                    "b.example".into(),
+                    vec!["m2.example".into(), "m3.example".into()]
+                ),
+            ])
+        );
+        assert_eq!(parse_registry_map("m1.example"), None);
+        assert_eq!(parse_registry_map("=m1.example"), None);
+        assert_eq!(parse_registry_map("a.example="), None);
+        assert_eq!(parse_registry_map(""), None);
+    }
+
+    #[test]
+    fn registry_flags_and_kaniko_environment_become_client_options() {
+        let a = args(&[
+            "--registry-certificate",
+            "reg.example=/ca/reg.pem",
+            "--registry-certificate=/ca/all.pem",
+            "--registry-client-cert",
+            "reg.example:5000=/c.pem,/k.pem",
+            "--registry-mirror",
+            "mirror.example/cache",
+            "--registry-map",
+            "quay.io=q.example",
+            "--skip-tls-verify-registry",
+            "self.example",
+            "--skip-tls-verify-registry=other.example",
+            "--skip-default-registry-fallback",
+            "--push-ignore-immutable-tag-errors=true",
+            "--push-retry",
+            "2",
+        ]);
+        let o = a
+            .registry_options(
+                Some("m2.example, m3.example;m4.example".into()),
+                Some("ghcr.io=g.example".into()),
+            )
+            .unwrap();
+        assert_eq!(
+            o.registry_ca_certificates.get("reg.example"),
+            Some(&vec![PathBuf::from("/ca/reg.pem")])
+        );
+        assert_eq!(o.ca_certificates, vec![PathBuf::from("/ca/all.pem")]);
+        assert_eq!(
+            o.client_certificates.get("reg.example:5000"),
+            Some(&(PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        assert_eq!(
+            o.mirrors,
+            [
+                "mirror.example/cache",
+                "m2.example",
+                "m3.example",
+                "m4.example"
+            ]
+        );
+        assert_eq!(
+            o.registry_maps,
+            vec![
+                ("quay.io".to_string(), vec!["q.example".to_string()]),
+                ("ghcr.io".to_string(), vec!["g.example".to_string()]),
+            ]
+        );
+        assert_eq!(
+            o.skip_tls_verify_registries,
+            ["self.example", "other.example"]
+        );
+        assert!(o.skip_default_registry_fallback && o.push_ignore_immutable_tag_errors);
+        assert_eq!(o.push_retries, 2);
+        for bad in ["reg.example=/c.pem", "/c.pem,/k.pem", "reg.example=,/k.pem"] {
+            let a = args(&["--registry-client-cert", bad]);
+            assert!(
+                matches!(
+                    a.registry_options(None, None),
+                    Err(OptionsError::RegistryClientCert(_))
+                ),
+                "{bad}"
+            );
+        }
+        let a = args(&["--registry-map", "just-a-mirror.example"]);
+        assert!(a.registry_options(None, None).is_err());
+        assert!(args(&[]).registry_options(None, Some("x".into())).is_err());
+    }
+
+    #[test]
+    fn push_permission_is_checked_unless_skipped_or_not_pushing() {
+        let check = |a: &[&str]| args(a).build_options().unwrap().check_push_permission;
+        assert!(check(&["-d", "r.example/a:1"]));
+        assert!(!check(&[
+            "-d",
+            "r.example/a:1",
+            "--skip-push-permission-check"
+        ]));
+        assert!(!check(&["-d", "r.example/a:1", "--no-push"]));
     }
 
     #[test]

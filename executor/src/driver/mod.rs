@@ -79,6 +79,9 @@ pub struct BuildOptions {
     pub plan: PlanOptions,
     pub destinations: Vec<String>,
     pub no_push: bool,
+    /// Check, before anything is built, that every destination accepts a
+    /// push (Kaniko's check; off with `--skip-push-permission-check`).
+    pub check_push_permission: bool,
     pub oci_layout_path: Option<PathBuf>,
     pub tar_path: Option<PathBuf>,
     pub digest_file: Option<PathBuf>,
@@ -590,7 +593,34 @@ impl Driver {
         self.opts.log.warn(line);
     }
 
+    /// Kaniko's `CheckPushPermissions`: one check per destination
+    /// repository, before the build, so bad credentials fail in seconds.
+    fn check_push_permissions(&self) -> Result<(), BuildError> {
+        if !self.opts.check_push_permission {
+            return Ok(());
+        }
+        let mut checked = std::collections::HashSet::new();
+        for d in &self.opts.destinations {
+            let r = ImageRef::parse(d)
+                .map_err(|e| BuildError::Output(format!("destination {d}: {e}")))?;
+            if !checked.insert((r.registry().to_string(), r.repository().to_string())) {
+                continue;
+            }
+            self.runtime
+                .block_on(self.client.check_push_permission(&r))
+                .map_err(|e| {
+                    BuildError::Setup(format!(
+                        "push permission check for destination {d} (before the build; \
+                         --skip-push-permission-check skips it): {}",
+                        kiln_common::errors::chain(&e)
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
     fn run(&mut self) -> Result<BuildOutcome, BuildError> {
+        self.check_push_permissions()?;
         let first = crate::plan::plan(&self.opts.plan)?;
         self.platform = first
             .target_platform

@@ -7,6 +7,15 @@
 //! from the challenge's realm for exactly the scopes needed and cached per
 //! scope); transient failures are retried with exponential backoff.
 //!
+//! Transport follows Kaniko's flags: per-registry CA certificates and
+//! client certificates (mutual TLS), TLS verification skipped per registry,
+//! plain HTTP where asked, mirrors (`host/path` asks for
+//! `/v2/path/<repo>/...`) with or without falling back to the registry
+//! itself. A request that got no answer says why in the user's terms: an
+//! untrusted certificate (and which CA files were trusted), a plain-HTTP
+//! registry reached over HTTPS or the other way round (naming
+//! `--insecure-registry`), a refused connection, a failed DNS lookup.
+//!
 //! Nothing a registry sends is trusted to be small: a blob is read up to
 //! its descriptor's size and not one byte further (fewer is an error too),
 //! manifests and indexes up to [`MAX_MANIFEST_SIZE`] (Distribution's own
@@ -62,9 +71,49 @@ enum Direction {
 struct Endpoint {
     /// `scheme://host[:port]`
     base: String,
-    /// `host[:port]`, the key for credentials and cached challenges.
+    /// `host[:port]`, the key for credentials, TLS settings and cached
+    /// challenges.
     host: String,
     verify_tls: bool,
+    /// Repository prefix on a mirror (`mirror.example/cache` holds
+    /// `library/busybox` as `cache/library/busybox`); empty elsewhere.
+    prefix: String,
+}
+
+impl Endpoint {
+    /// The repository's name at this endpoint.
+    fn repo(&self, r: &ImageRef) -> String {
+        if self.prefix.is_empty() {
+            r.repository().to_string()
+        } else {
+            format!("{}/{}", self.prefix, r.repository())
+        }
+    }
+}
+
+/// HTTP clients for one TLS configuration, and how to describe it.
+struct Transport {
+    verified: reqwest::Client,
+    unverified: reqwest::Client,
+    /// The CA certificates trusted, for messages.
+    trust: String,
+    /// Whether a client certificate is presented.
+    identity: bool,
+}
+
+/// A registry host as the TLS and mirror settings name it: without a
+/// scheme or path; Docker Hub's names are its API host.
+fn normalize_host(host: &str) -> String {
+    let h = host
+        .strip_prefix("https://")
+        .or_else(|| host.strip_prefix("http://"))
+        .unwrap_or(host);
+    let h = h.split('/').next().unwrap_or(h);
+    if super::auth::is_hub(h) {
+        super::reference::DOCKER_HUB_API.to_string()
+    } else {
+        h.to_string()
+    }
 }
 
 /// An image resolved in a registry: its documents, pinned by digest, and
@@ -89,12 +138,16 @@ pub struct RawManifest {
 struct AuthState {
     challenges: HashMap<String, Challenge>,
     tokens: HashMap<(String, String), (String, Instant)>,
+    /// Credentials by host, looked up once: a credential helper is a
+    /// process to run, not something to ask on every request.
+    credentials: HashMap<String, Option<Credentials>>,
 }
 
 pub struct RegistryClient {
     opts: RegistryOptions,
-    verified: reqwest::Client,
-    unverified: reqwest::Client,
+    default_transport: Transport,
+    /// Registries with their own CA or client certificates, by host.
+    transports: HashMap<String, Transport>,
     docker_config: DockerConfig,
     auth: Mutex<AuthState>,
 }
@@ -177,6 +230,7 @@ async fn read_limited(resp: Response, url: &str, cap: u64) -> Result<Vec<u8>, Re
         let chunk = chunk.map_err(|source| RegistryError::Http {
             method: "GET",
             url: url.to_string(),
+            detail: kiln_common::errors::chain(&source),
             source,
         })?;
         if (out.len() + chunk.len()) as u64 > cap {
@@ -187,40 +241,110 @@ async fn read_limited(resp: Response, url: &str, cap: u64) -> Result<Vec<u8>, Re
     Ok(out)
 }
 
+/// HTTP clients trusting the default CA certificates plus `cas`, and
+/// presenting `identity` (certificate, key) when given.
+fn build_transport(
+    cas: &[PathBuf],
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Result<Transport, RegistryError> {
+    let mut verified = reqwest::Client::builder();
+    let mut unverified = reqwest::Client::builder().danger_accept_invalid_certs(true);
+    for path in cas {
+        let pem = std::fs::read(path).map_err(|source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            RegistryError::Config(format!("CA certificate {}: {e}", path.display()))
+        })?;
+        if certs.is_empty() {
+            return Err(RegistryError::Config(format!(
+                "CA certificate {}: no PEM certificate in it",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            verified = verified.add_root_certificate(cert.clone());
+            unverified = unverified.add_root_certificate(cert);
+        }
+    }
+    if let Some((cert, key)) = identity {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| RegistryError::Io {
+                path: p.clone(),
+                source,
+            })
+        };
+        let mut pem = read(cert)?;
+        pem.push(b'\n');
+        pem.extend(read(key)?);
+        let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            RegistryError::Config(format!(
+                "client certificate {} with key {}: {}",
+                cert.display(),
+                key.display(),
+                kiln_common::errors::chain(&e)
+            ))
+        })?;
+        verified = verified.identity(id.clone());
+        unverified = unverified.identity(id);
+    }
+    let build = |b: reqwest::ClientBuilder| {
+        b.user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(30))
+            // No total timeout (a layer may take minutes), but a
+            // connection that stalls this long is retried.
+            .read_timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
+    };
+    let mut trust = "the default ones".to_string();
+    for p in cas {
+        trust.push_str(&format!(", {}", p.display()));
+    }
+    Ok(Transport {
+        verified: build(verified)?,
+        unverified: build(unverified)?,
+        trust,
+        identity: identity.is_some(),
+    })
+}
+
 impl RegistryClient {
     pub fn new(opts: RegistryOptions) -> Result<Self, RegistryError> {
-        let mut verified = reqwest::Client::builder();
-        let mut unverified = reqwest::Client::builder().danger_accept_invalid_certs(true);
-        for path in &opts.ca_certificates {
-            let pem = std::fs::read(path).map_err(|source| RegistryError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                RegistryError::Config(format!("CA certificate {}: {e}", path.display()))
-            })?;
-            for cert in certs {
-                verified = verified.add_root_certificate(cert.clone());
-                unverified = unverified.add_root_certificate(cert);
+        let default_transport = build_transport(&opts.ca_certificates, None)?;
+        let mut transports = HashMap::new();
+        let mut hosts: Vec<String> = opts
+            .registry_ca_certificates
+            .keys()
+            .chain(opts.client_certificates.keys())
+            .map(|h| normalize_host(h))
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        for host in hosts {
+            let mut cas = opts.ca_certificates.clone();
+            let mut identity = None;
+            for (h, files) in &opts.registry_ca_certificates {
+                if normalize_host(h) == host {
+                    cas.extend(files.iter().cloned());
+                }
             }
+            for (h, pair) in &opts.client_certificates {
+                if normalize_host(h) == host {
+                    identity = Some(pair);
+                }
+            }
+            transports.insert(host, build_transport(&cas, identity)?);
         }
-        let build = |b: reqwest::ClientBuilder| {
-            b.user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(30))
-                // No total timeout (a layer may take minutes), but a
-                // connection that stalls this long is retried.
-                .read_timeout(Duration::from_secs(120))
-                .build()
-                .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
-        };
         let docker_config = match (&opts.docker_config_path, opts.use_docker_config) {
             (_, false) => DockerConfig::default(),
             (Some(path), true) => DockerConfig::load(path)?,
             (None, true) => DockerConfig::load_default()?,
         };
         Ok(RegistryClient {
-            verified: build(verified)?,
-            unverified: build(unverified)?,
+            default_transport,
+            transports,
             docker_config,
             auth: Mutex::new(AuthState::default()),
             opts,
@@ -233,12 +357,16 @@ impl RegistryClient {
 
     fn endpoint(&self, host: &str, dir: Direction) -> Endpoint {
         let o = &self.opts;
+        let named = |list: &[String]| {
+            list.iter()
+                .any(|h| normalize_host(h) == normalize_host(host))
+        };
         let plain = o.insecure
             || (dir == Direction::Pull && o.insecure_pull)
-            || o.insecure_registries.iter().any(|h| h == host);
+            || named(&o.insecure_registries);
         let skip_verify = o.skip_tls_verify
             || (dir == Direction::Pull && o.skip_tls_verify_pull)
-            || o.skip_tls_verify_registries.iter().any(|h| h == host);
+            || named(&o.skip_tls_verify_registries);
         let host = if host == DOCKER_HUB {
             super::reference::DOCKER_HUB_API
         } else {
@@ -248,35 +376,146 @@ impl RegistryClient {
             base: format!("{}://{host}", if plain { "http" } else { "https" }),
             host: host.to_string(),
             verify_tls: !skip_verify,
+            prefix: String::new(),
         }
     }
 
-    /// Mirror endpoints first (Docker Hub only), then the registry itself.
-    fn pull_endpoints(&self, r: &ImageRef) -> Vec<Endpoint> {
+    /// A mirror given as `[scheme://]host[:port][/path]`.
+    fn mirror_endpoint(&self, mirror: &str) -> Endpoint {
+        let m = mirror.trim().trim_end_matches('/');
+        let (scheme, rest) = match m.split_once("://") {
+            Some((s, h)) => (Some(s), h),
+            None => (None, m),
+        };
+        let (host, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut ep = self.endpoint(host, Direction::Pull);
+        if let Some(s) = scheme {
+            ep.base = format!("{s}://{host}");
+        }
+        ep.prefix = prefix.trim_matches('/').to_string();
+        ep
+    }
+
+    /// Where to pull `r` from, in order: its mirrors (`--registry-mirror`
+    /// for Docker Hub, `--registry-map` for any registry), then the
+    /// registry itself unless `--skip-default-registry-fallback` (and
+    /// there is a mirror to fall back from).
+    fn pull_endpoints(&self, r: &ImageRef) -> Vec<(Endpoint, bool)> {
         let mut out = Vec::new();
+        let registry = normalize_host(r.registry());
         if r.registry() == DOCKER_HUB {
-            for m in &self.opts.mirrors {
-                let m = m.trim_end_matches('/');
-                let (scheme, host) = match m.split_once("://") {
-                    Some((s, h)) => (Some(s), h),
-                    None => (None, m),
-                };
-                let mut ep = self.endpoint(host, Direction::Pull);
-                if let Some(s) = scheme {
-                    ep.base = format!("{s}://{host}");
-                }
-                out.push(ep);
+            out.extend(
+                self.opts
+                    .mirrors
+                    .iter()
+                    .map(|m| (self.mirror_endpoint(m), true)),
+            );
+        }
+        for (orig, mirrors) in &self.opts.registry_maps {
+            if normalize_host(orig) == registry {
+                out.extend(mirrors.iter().map(|m| (self.mirror_endpoint(m), true)));
             }
         }
-        out.push(self.endpoint(r.registry(), Direction::Pull));
+        if out.is_empty() || !self.opts.skip_default_registry_fallback {
+            out.push((self.endpoint(r.registry(), Direction::Pull), false));
+        }
         out
     }
 
+    fn transport(&self, ep: &Endpoint) -> &Transport {
+        self.transports
+            .get(&ep.host)
+            .unwrap_or(&self.default_transport)
+    }
+
     fn http(&self, ep: &Endpoint) -> &reqwest::Client {
+        let t = self.transport(ep);
         if ep.verify_tls {
-            &self.verified
+            &t.verified
         } else {
-            &self.unverified
+            &t.unverified
+        }
+    }
+
+    /// A request to `url` that got no answer, explained: see the module
+    /// documentation.
+    fn transport_error(
+        &self,
+        ep: &Endpoint,
+        method: &'static str,
+        url: &str,
+        source: reqwest::Error,
+    ) -> RegistryError {
+        use kiln_common::errors::{chain, is_certificate_problem, is_connection_closed};
+        let text = chain(&source);
+        let lower = text.to_ascii_lowercase();
+        let https = url.starts_with("https://");
+        let t = self.transport(ep);
+        let host = &ep.host;
+        let refused = {
+            let mut e: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+            let mut found = false;
+            while let Some(err) = e {
+                if let Some(io) = err.downcast_ref::<std::io::Error>()
+                    && io.kind() == std::io::ErrorKind::ConnectionRefused
+                {
+                    found = true;
+                }
+                e = err.source();
+            }
+            found || lower.contains("connection refused")
+        };
+        let detail = if https
+            && (lower.contains("invalidcontenttype")
+                || lower.contains("corrupt message")
+                || lower.contains("wrong version number"))
+        {
+            format!(
+                "the registry does not speak TLS here: it looks like a plain-HTTP registry                  reached over HTTPS (give --insecure-registry {host} if it is meant to be                  plain HTTP): {text}"
+            )
+        } else if https
+            && is_certificate_problem(&source)
+            && (lower.contains("certificaterequired")
+                || lower.contains("badcertificate")
+                || lower.contains("fatal alert"))
+        {
+            format!(
+                "TLS certificate problem: the registry refused {}: {text} (give \
+                 --registry-client-cert {host}=CERT,KEY with a certificate it accepts)",
+                if t.identity {
+                    "the client certificate given"
+                } else {
+                    "a connection without a client certificate"
+                }
+            )
+        } else if https && is_certificate_problem(&source) {
+            format!(
+                "TLS certificate problem: {text} (trusted CA certificates: {}; give                  --registry-certificate {host}=CA.pem to trust its CA, or                  --skip-tls-verify-registry {host})",
+                t.trust
+            )
+        } else if https && !t.identity && is_connection_closed(&source) {
+            format!(
+                "TLS certificate problem, probably: the registry closed the connection, as                  one that requires a client certificate does for a client without one (give                  --registry-client-cert {host}=CERT,KEY): {text} (trusted CA certificates: {})",
+                t.trust
+            )
+        } else if refused {
+            format!("connection refused: nothing accepts connections at {host}: {text}")
+        } else if lower.contains("dns error")
+            || lower.contains("failed to lookup address")
+            || lower.contains("name or service not known")
+        {
+            let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+            format!("DNS lookup of {name} failed: {text}")
+        } else if source.is_timeout() {
+            format!("timed out: {text}")
+        } else {
+            text
+        };
+        RegistryError::Http {
+            method,
+            url: url.to_string(),
+            detail,
+            source,
         }
     }
 
@@ -289,7 +528,42 @@ impl RegistryClient {
         if let Some(c) = self.opts.credentials.get(lookup) {
             return Ok(Some(c.clone()));
         }
-        self.docker_config.credentials_for(lookup)
+        if let Some(c) = self.lock().credentials.get(lookup) {
+            return Ok(c.clone());
+        }
+        let found = self.docker_config.credentials_for(lookup)?;
+        self.lock()
+            .credentials
+            .insert(lookup.to_string(), found.clone());
+        Ok(found)
+    }
+
+    /// Who we are at `host` and where that came from, for auth errors:
+    /// `as alice (Docker config /kaniko/.docker/config.json)`.
+    fn identity_description(&self, host: &str) -> String {
+        let lookup = if host == super::reference::DOCKER_HUB_API {
+            DOCKER_HUB
+        } else {
+            host
+        };
+        if let Some(c) = self.opts.credentials.get(lookup) {
+            return format!("as {} (given to the client)", c.describe());
+        }
+        match self.credentials(host) {
+            Ok(Some(c)) => format!(
+                "as {} ({})",
+                c.describe(),
+                self.docker_config.source_description()
+            ),
+            Ok(None) => match self.docker_config.path() {
+                Some(p) => format!(
+                    "anonymously ({} has no credentials for {lookup})",
+                    p.display()
+                ),
+                None => format!("anonymously ({})", self.docker_config.source_description()),
+            },
+            Err(e) => format!("anonymously ({e})"),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AuthState> {
@@ -299,16 +573,23 @@ impl RegistryClient {
     }
 
     /// The `Authorization` header for `scopes` on `ep`, if a challenge from
-    /// that host is known (the first request to a host goes anonymous).
+    /// that host is known (the first request to a host goes anonymous); a
+    /// registry token is sent as it is, from the first request on.
     async fn authorization(
         &self,
         ep: &Endpoint,
         scopes: &[String],
     ) -> Result<Option<String>, RegistryError> {
+        let creds = self.credentials(&ep.host)?;
+        if let Some(t) = creds.as_ref().and_then(|c| c.registry_token.as_ref()) {
+            return Ok(Some(format!("Bearer {t}")));
+        }
         let challenge = self.lock().challenges.get(&ep.host).cloned();
         match challenge {
             None => Ok(None),
-            Some(Challenge::Basic) => Ok(self.credentials(&ep.host)?.map(|c| c.basic_header())),
+            Some(Challenge::Basic) => Ok(creds
+                .filter(|c| c.identity_token.is_none())
+                .map(|c| c.basic_header())),
             Some(Challenge::Bearer { realm, service }) => {
                 let key = (ep.host.clone(), scopes.join(" "));
                 if let Some((tok, until)) = self.lock().tokens.get(&key)
@@ -317,7 +598,7 @@ impl RegistryClient {
                     return Ok(Some(format!("Bearer {tok}")));
                 }
                 let (tok, ttl) = self
-                    .fetch_token(ep, &realm, service.as_deref(), scopes)
+                    .fetch_token(ep, &realm, service.as_deref(), scopes, creds.as_ref())
                     .await?;
                 self.lock()
                     .tokens
@@ -327,41 +608,82 @@ impl RegistryClient {
         }
     }
 
+    /// A token for `scopes` from the challenge's realm: with an identity
+    /// token, Docker's OAuth2 exchange (`POST` of
+    /// `grant_type=refresh_token`); otherwise the distribution spec's `GET`
+    /// with Basic credentials (or none). A token server that does not
+    /// implement OAuth2 (404 to the `POST`) is asked with `GET`, as Docker
+    /// and go-containerregistry do.
     async fn fetch_token(
         &self,
         ep: &Endpoint,
         realm: &str,
         service: Option<&str>,
         scopes: &[String],
+        creds: Option<&Credentials>,
     ) -> Result<(String, Duration), RegistryError> {
         let mut url = Url::parse(realm).map_err(|e| RegistryError::Auth {
             url: realm.to_string(),
             reason: format!("invalid token realm: {e}"),
         })?;
-        {
-            let mut q = url.query_pairs_mut();
+        let refresh = creds.and_then(|c| c.identity_token.as_deref());
+        let mut resp = None;
+        if let Some(refresh) = refresh {
+            let mut form = vec![
+                ("grant_type", "refresh_token".to_string()),
+                ("refresh_token", refresh.to_string()),
+                ("client_id", "kiln".to_string()),
+                ("scope", scopes.join(" ")),
+            ];
             if let Some(s) = service {
-                q.append_pair("service", s);
+                form.push(("service", s.to_string()));
             }
-            for s in scopes {
-                q.append_pair("scope", s);
+            let r = self
+                .http(ep)
+                .post(url.clone())
+                .form(&form)
+                .send()
+                .await
+                .map_err(|source| self.transport_error(ep, "POST", url.as_str(), source))?;
+            if r.status() != StatusCode::NOT_FOUND && r.status() != StatusCode::METHOD_NOT_ALLOWED {
+                resp = Some(("POST", r));
             }
         }
-        let mut req = self.http(ep).get(url.clone());
-        if let Some(c) = self.credentials(&ep.host)? {
-            req = req.basic_auth(&c.username, Some(&c.password));
-        }
-        let resp = req.send().await.map_err(|source| RegistryError::Http {
-            method: "GET",
-            url: url.to_string(),
-            source,
-        })?;
+        let (method, resp) = match resp {
+            Some(r) => r,
+            None => {
+                {
+                    let mut q = url.query_pairs_mut();
+                    if let Some(s) = service {
+                        q.append_pair("service", s);
+                    }
+                    for s in scopes {
+                        q.append_pair("scope", s);
+                    }
+                }
+                let mut req = self.http(ep).get(url.clone());
+                if let Some(c) = creds.filter(|c| c.identity_token.is_none()) {
+                    req = req.basic_auth(&c.username, Some(&c.password));
+                }
+                let r = req
+                    .send()
+                    .await
+                    .map_err(|source| self.transport_error(ep, "GET", url.as_str(), source))?;
+                ("GET", r)
+            }
+        };
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = error_body(resp).await;
+            let mut body = error_body(resp).await;
+            body.truncate(500);
             return Err(RegistryError::Auth {
                 url: url.to_string(),
-                reason: format!("token endpoint answered {status}: {}", body.trim()),
+                reason: format!(
+                    "registry {}: the token endpoint answered {status} ({method}), {}: {}",
+                    ep.host,
+                    self.identity_description(&ep.host),
+                    body.trim()
+                ),
             });
         }
         #[derive(Deserialize)]
@@ -378,6 +700,7 @@ impl RegistryClient {
         let token = t
             .token
             .or(t.access_token)
+            .filter(|t| !t.is_empty())
             .ok_or_else(|| RegistryError::Auth {
                 url: url.to_string(),
                 reason: "token response has no token".into(),
@@ -388,7 +711,9 @@ impl RegistryClient {
     }
 
     /// Sends a request built by `make`, authenticating as the registry's
-    /// 401 challenge asks and retrying once with credentials.
+    /// 401 challenge asks and retrying once with credentials. A 401 that
+    /// remains, or a 403, is an [`RegistryError::Auth`] naming the
+    /// registry and where the credentials came from.
     async fn send(
         &self,
         ep: &Endpoint,
@@ -403,12 +728,42 @@ impl RegistryClient {
             if let Some(h) = self.authorization(ep, scopes).await? {
                 req = req.header(AUTHORIZATION, h);
             }
-            let resp = req.send().await.map_err(|source| RegistryError::Http {
-                method: name,
-                url: url.to_string(),
-                source,
-            })?;
-            if resp.status() != StatusCode::UNAUTHORIZED {
+            let resp = req
+                .send()
+                .await
+                .map_err(|source| self.transport_error(ep, name, url, source))?;
+            let status = resp.status();
+            if status == StatusCode::BAD_REQUEST && url.starts_with("http://") {
+                // Go's TLS servers (Distribution, Harbor, ...) answer a
+                // plain-HTTP request with 400 and this sentence.
+                let body = error_body(resp).await;
+                if body.contains("HTTP request to an HTTPS server") {
+                    return Err(RegistryError::Protocol {
+                        url: url.to_string(),
+                        reason: format!(
+                            "{} serves HTTPS, but was asked in plain HTTP (it is named in \
+                             --insecure-registry, or --insecure/--insecure-pull is given): \
+                             drop it there to use HTTPS",
+                            ep.host
+                        ),
+                    });
+                }
+                return Err(status_error(name, url, status, body));
+            }
+            if status == StatusCode::FORBIDDEN {
+                let mut body = error_body(resp).await;
+                body.truncate(500);
+                return Err(RegistryError::Auth {
+                    url: url.to_string(),
+                    reason: format!(
+                        "registry {}: {name} denied (403) {}: {}",
+                        ep.host,
+                        self.identity_description(&ep.host),
+                        body.trim()
+                    ),
+                });
+            }
+            if status != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }
             let header = resp
@@ -426,16 +781,14 @@ impl RegistryClient {
                     st.challenges.insert(ep.host.clone(), c);
                 }
                 _ => {
-                    let who = match self.credentials(&ep.host)? {
-                        Some(c) => format!("as {}", c.username),
-                        None => "anonymously (no credentials found)".to_string(),
-                    };
                     let mut body = error_body(resp).await;
                     body.truncate(500);
                     return Err(RegistryError::Auth {
                         url: url.to_string(),
                         reason: format!(
-                            "{name} unauthorized {who}{}: {}",
+                            "registry {}: {name} unauthorized (401) {}{}: {}",
+                            ep.host,
+                            self.identity_description(&ep.host),
                             if known.is_some() {
                                 " after authenticating"
                             } else {
@@ -449,7 +802,11 @@ impl RegistryClient {
         }
         Err(RegistryError::Auth {
             url: url.to_string(),
-            reason: "unauthorized".into(),
+            reason: format!(
+                "registry {}: unauthorized {}",
+                ep.host,
+                self.identity_description(&ep.host)
+            ),
         })
     }
 
@@ -482,8 +839,9 @@ impl RegistryClient {
         r: &ImageRef,
         reference: &str,
     ) -> Result<RawManifest, RegistryError> {
-        let url = format!("{}/v2/{}/manifests/{reference}", ep.base, r.repository());
-        let scopes = [pull_scope(r.repository())];
+        let repo = ep.repo(r);
+        let url = format!("{}/v2/{repo}/manifests/{reference}", ep.base);
+        let scopes = [pull_scope(&repo)];
         let accept = media::ACCEPT_MANIFESTS.join(", ");
         let resp = self
             .send(ep, &scopes, Method::GET, &url, |b| {
@@ -547,8 +905,9 @@ impl RegistryClient {
         r: &ImageRef,
         desc: &Descriptor,
     ) -> Result<Vec<u8>, RegistryError> {
-        let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository(), desc.digest);
-        let scopes = [pull_scope(r.repository())];
+        let repo = ep.repo(r);
+        let url = format!("{}/v2/{repo}/blobs/{}", ep.base, desc.digest);
+        let scopes = [pull_scope(&repo)];
         if desc.size > MAX_CONFIG_SIZE {
             return Err(RegistryError::Blob {
                 digest: desc.digest.clone(),
@@ -649,28 +1008,56 @@ impl RegistryClient {
     }
 
     /// Resolves `r` to one image manifest (choosing `platform` from an
-    /// index) and fetches its config; layers are not downloaded. Docker Hub
-    /// images are tried on the configured mirrors first.
+    /// index) and fetches its config; layers are not downloaded. Images are
+    /// tried on their mirrors first (see `pull_endpoints`); the layers are
+    /// then fetched from whichever endpoint answered.
     pub async fn resolve(
         &self,
         r: &ImageRef,
         platform: &Platform,
     ) -> Result<PulledImage, RegistryError> {
         let endpoints = self.pull_endpoints(r);
-        let last = endpoints.len() - 1;
-        for (i, ep) in endpoints.iter().enumerate() {
+        let mirrors = endpoints.iter().filter(|(_, m)| *m).count();
+        let mut failures = Vec::new();
+        for (ep, is_mirror) in &endpoints {
             match self
                 .retry(self.opts.pull_retries, || self.resolve_at(ep, r, platform))
                 .await
             {
-                Ok(p) => return Ok(p),
-                Err(e) if i < last => {
-                    tracing::warn!("mirror {} failed for {r}: {e}; trying the next", ep.base)
+                Ok(p) => {
+                    if *is_mirror {
+                        tracing::info!("pulled {r} from mirror {}/v2/{}", ep.base, ep.repo(r));
+                    }
+                    return Ok(p);
                 }
-                Err(e) => return Err(e),
+                Err(e) if *is_mirror => {
+                    let e = kiln_common::errors::chain(&e);
+                    tracing::warn!(
+                        "mirror {}/v2/{} failed for {r}: {e}; trying the next mirror or the registry itself",
+                        ep.base,
+                        ep.repo(r),
+                    );
+                    failures.push(e);
+                }
+                Err(e) if mirrors == 0 => return Err(e),
+                Err(e) => {
+                    failures.push(kiln_common::errors::chain(&e));
+                    break;
+                }
             }
         }
-        Err(RegistryError::Config("no registry endpoint".into()))
+        Err(RegistryError::Manifest {
+            reference: r.to_string(),
+            reason: format!(
+                "no mirror had it{}: {}",
+                if endpoints.iter().all(|(_, m)| *m) {
+                    " (--skip-default-registry-fallback: the registry itself was not asked)"
+                } else {
+                    ", nor the registry itself"
+                },
+                failures.join("; ")
+            ),
+        })
     }
 
     async fn fetch_blob_once(
@@ -680,9 +1067,9 @@ impl RegistryClient {
         store: &LocalStore,
     ) -> Result<PathBuf, RegistryError> {
         let ep = &pulled.endpoint;
-        let r = &pulled.reference;
-        let url = format!("{}/v2/{}/blobs/{}", ep.base, r.repository(), desc.digest);
-        let scopes = [pull_scope(r.repository())];
+        let repo = ep.repo(&pulled.reference);
+        let url = format!("{}/v2/{repo}/blobs/{}", ep.base, desc.digest);
+        let scopes = [pull_scope(&repo)];
         let resp = self.send(ep, &scopes, Method::GET, &url, Ok).await?;
         if !resp.status().is_success() {
             return Err(fail("GET", &url, resp).await);
@@ -737,11 +1124,7 @@ impl RegistryClient {
                     }
                 }
                 Err(source) => {
-                    failure = Some(RegistryError::Http {
-                        method: "GET",
-                        url: url.clone(),
-                        source,
-                    });
+                    failure = Some(self.transport_error(ep, "GET", &url, source));
                     break;
                 }
             }
@@ -1027,31 +1410,78 @@ impl RegistryClient {
             .unwrap_or_else(|| digest.to_string());
         let url = format!("{}/v2/{}/manifests/{reference}", ep.base, dest.repository());
         let scopes = [push_scope(dest.repository())];
+        let pushed = self
+            .retry(self.opts.push_retries, || async {
+                let resp = self
+                    .send(&ep, &scopes, Method::PUT, &url, |b| {
+                        Ok(b.header(CONTENT_TYPE, media_type).body(bytes.to_vec()))
+                    })
+                    .await?;
+                if resp.status() != StatusCode::CREATED {
+                    return Err(fail("PUT", &url, resp).await);
+                }
+                let served = resp
+                    .headers()
+                    .get("Docker-Content-Digest")
+                    .and_then(|v| v.to_str().ok());
+                if let Some(served) = served
+                    && served != digest.to_string()
+                {
+                    return Err(RegistryError::Manifest {
+                        reference: dest.to_string(),
+                        reason: format!(
+                            "registry stored the manifest as {served}, expected {digest}"
+                        ),
+                    });
+                }
+                Ok(())
+            })
+            .await;
+        match pushed {
+            Err(e) if self.opts.push_ignore_immutable_tag_errors && e.is_immutable_tag() => {
+                tracing::warn!(
+                    "{dest}: the registry keeps this tag immutable; not overwritten \
+                     (--push-ignore-immutable-tag-errors): {}",
+                    kiln_common::errors::chain(&e)
+                );
+                Ok(digest)
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(digest),
+        }
+    }
+
+    /// Kaniko's push permission check, done before the build: authenticate
+    /// for the push scope of `dest`'s repository, start a blob upload
+    /// (`POST /v2/<repo>/blobs/uploads/`) and cancel it (`DELETE` of the
+    /// upload's location), so bad credentials or a missing permission fail
+    /// in seconds rather than after the build. Nothing is written.
+    pub async fn check_push_permission(&self, dest: &ImageRef) -> Result<(), RegistryError> {
+        let ep = self.endpoint(dest.registry(), Direction::Push);
+        let repo = dest.repository();
+        let scopes = [push_scope(repo)];
+        let url = format!("{}/v2/{repo}/blobs/uploads/", ep.base);
         self.retry(self.opts.push_retries, || async {
             let resp = self
-                .send(&ep, &scopes, Method::PUT, &url, |b| {
-                    Ok(b.header(CONTENT_TYPE, media_type).body(bytes.to_vec()))
+                .send(&ep, &scopes, Method::POST, &url, |b| {
+                    Ok(b.header(CONTENT_LENGTH, "0"))
                 })
                 .await?;
-            if resp.status() != StatusCode::CREATED {
-                return Err(fail("PUT", &url, resp).await);
+            if !resp.status().is_success() {
+                return Err(fail("POST", &url, resp).await);
             }
-            let served = resp
-                .headers()
-                .get("Docker-Content-Digest")
-                .and_then(|v| v.to_str().ok());
-            if let Some(served) = served
-                && served != digest.to_string()
-            {
-                return Err(RegistryError::Manifest {
-                    reference: dest.to_string(),
-                    reason: format!("registry stored the manifest as {served}, expected {digest}"),
-                });
+            // Cancelling is a courtesy (abandoned uploads expire anyway):
+            // its failure does not fail the check.
+            if let Ok(location) = Self::resolve_location(&ep.base, &resp, &url) {
+                match self.send(&ep, &scopes, Method::DELETE, &location, Ok).await {
+                    Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
+                    Ok(r) => tracing::debug!("cancelling upload {location}: HTTP {}", r.status()),
+                    Err(e) => tracing::debug!("cancelling upload {location}: {e}"),
+                }
             }
             Ok(())
         })
-        .await?;
-        Ok(digest)
+        .await
     }
 
     /// Pushes an image to every destination and returns its manifest
@@ -1211,7 +1641,7 @@ mod tests {
             ..Default::default()
         });
         let hub = c.pull_endpoints(&ImageRef::parse("busybox").unwrap());
-        let bases: Vec<&str> = hub.iter().map(|e| e.base.as_str()).collect();
+        let bases: Vec<&str> = hub.iter().map(|(e, _)| e.base.as_str()).collect();
         assert_eq!(
             bases,
             [
@@ -1224,16 +1654,263 @@ mod tests {
         assert_eq!(other.len(), 1);
     }
 
+    #[test]
+    fn a_mirror_path_prefixes_the_repository_as_kaniko_does() {
+        let c = client(RegistryOptions {
+            mirrors: vec!["mirror.example/cache/hub".into()],
+            registry_maps: vec![(
+                "quay.io".into(),
+                vec!["q1.example/quay".into(), "http://127.0.0.1:5001".into()],
+            )],
+            ..Default::default()
+        });
+        let busybox = ImageRef::parse("busybox").unwrap();
+        let eps = c.pull_endpoints(&busybox);
+        let (mirror, is_mirror) = &eps[0];
+        assert!(*is_mirror);
+        assert_eq!(mirror.base, "https://mirror.example");
+        assert_eq!(mirror.repo(&busybox), "cache/hub/library/busybox");
+        assert_eq!(eps[1].0.repo(&busybox), "library/busybox");
+        assert!(!eps[1].1);
+        let quay = ImageRef::parse("quay.io/a/b").unwrap();
+        let eps: Vec<(String, String)> = c
+            .pull_endpoints(&quay)
+            .iter()
+            .map(|(e, _)| (e.base.clone(), e.repo(&quay)))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("https://q1.example".to_string(), "quay/a/b".to_string()),
+                ("http://127.0.0.1:5001".to_string(), "a/b".to_string()),
+                ("https://quay.io".to_string(), "a/b".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn registry_map_keys_name_docker_hub_by_any_of_its_names() {
+        let c = client(RegistryOptions {
+            registry_maps: vec![("index.docker.io".into(), vec!["m.example".into()])],
+            skip_default_registry_fallback: true,
+            ..Default::default()
+        });
+        let eps = c.pull_endpoints(&ImageRef::parse("docker.io/library/alpine").unwrap());
+        assert_eq!(eps.len(), 1, "no fallback to Docker Hub itself");
+        assert_eq!(eps[0].0.base, "https://m.example");
+        // Without a mirror there is nothing to skip.
+        assert_eq!(
+            c.pull_endpoints(&ImageRef::parse("quay.io/a/b").unwrap())
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn an_immutable_tag_is_no_failure_only_when_asked() {
+        let taken = r#"{"errors":[{"code":"MANIFEST_TAGGED","message":"tag v1 is immutable"}]}"#;
+        for ignore in [false, true] {
+            let (host, seen) = scripted_server(vec![(409, taken.into())]);
+            let c = client(RegistryOptions {
+                insecure_registries: vec![host.clone()],
+                push_ignore_immutable_tag_errors: ignore,
+                ..Default::default()
+            });
+            let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+            let body = manifest_json();
+            let pushed = c
+                .put_manifest(&dest, body.as_bytes(), media::OCI_MANIFEST)
+                .await;
+            assert_eq!(seen.lock().unwrap()[0], "PUT /v2/x/manifests/v1 HTTP/1.1");
+            match pushed {
+                Ok(d) => {
+                    assert!(ignore);
+                    assert_eq!(d, Digest::of_bytes(body.as_bytes()));
+                }
+                Err(e) => {
+                    assert!(!ignore, "{e}");
+                    assert!(e.to_string().contains("MANIFEST_TAGGED"), "{e}");
+                }
+            }
+        }
+        let plain = RegistryError::Status {
+            method: "PUT",
+            url: "u".into(),
+            status: 400,
+            body: "MANIFEST_INVALID".into(),
+        };
+        assert!(!plain.is_immutable_tag());
+    }
+
+    #[tokio::test]
+    async fn push_retry_retries_a_manifest_push_that_failed_transiently() {
+        let (host, seen) = scripted_server(vec![(503, "busy".into()), (201, String::new())]);
+        let c = client(RegistryOptions {
+            insecure_registries: vec![host.clone()],
+            push_retries: 1,
+            retry_backoff: Duration::from_millis(1),
+            ..Default::default()
+        });
+        let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+        c.put_manifest(&dest, manifest_json().as_bytes(), media::OCI_MANIFEST)
+            .await
+            .unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        let (host, _) = scripted_server(vec![(503, "busy".into()), (201, String::new())]);
+        let c = client(RegistryOptions {
+            insecure_registries: vec![host.clone()],
+            push_retries: 0,
+            ..Default::default()
+        });
+        let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+        let err = c
+            .put_manifest(&dest, manifest_json().as_bytes(), media::OCI_MANIFEST)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("503"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_push_permission_check_starts_an_upload_and_cancels_it() {
+        let (host, seen) = scripted_server_with_headers(vec![
+            (
+                202,
+                String::new(),
+                "Location: /v2/team/app/blobs/uploads/abc\r\n".into(),
+            ),
+            (204, String::new(), String::new()),
+        ]);
+        let c = test_client(&host, 0);
+        c.check_push_permission(&ImageRef::parse(&format!("{host}/team/app:1")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "POST /v2/team/app/blobs/uploads/ HTTP/1.1",
+                "DELETE /v2/team/app/blobs/uploads/abc HTTP/1.1"
+            ]
+        );
+        let (host, _) = scripted_server(vec![(
+            403,
+            r#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#
+                .into(),
+        )]);
+        let c = test_client(&host, 0);
+        let err = c
+            .check_push_permission(&ImageRef::parse(&format!("{host}/team/app:1")).unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("authentication failed") && err.contains("403"),
+            "{err}"
+        );
+        assert!(err.contains(&format!("registry {host}")), "{err}");
+        assert!(err.contains("anonymously (no Docker config"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_says_so_with_the_url() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let host = format!("127.0.0.1:{port}");
+        let c = test_client(&host, 0);
+        let err = c
+            .get_manifest(&ImageRef::parse(&format!("{host}/x:1")).unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("connection refused"), "{err}");
+        assert!(
+            err.contains(&format!("http://{host}/v2/x/manifests/1")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_plain_http_registry_reached_over_https_is_named_as_such() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        let c = client(RegistryOptions::default());
+        let err = c
+            .get_manifest(&ImageRef::parse(&format!("{host}/x:1")).unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plain-HTTP registry"), "{err}");
+        assert!(
+            err.contains(&format!("--insecure-registry {host}")),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("https://{host}/v2/x/manifests/1")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn per_registry_tls_material_is_checked_when_the_client_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = RegistryClient::new(RegistryOptions {
+            registry_ca_certificates: [("r.example".to_string(), vec![empty.clone()])].into(),
+            use_docker_config: false,
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("empty.pem"), "{err}");
+        let err = RegistryClient::new(RegistryOptions {
+            client_certificates: [(
+                "r.example".to_string(),
+                (dir.path().join("absent.pem"), empty),
+            )]
+            .into(),
+            use_docker_config: false,
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("absent.pem"), "{err}");
+    }
+
     /// A scripted HTTP server on 127.0.0.1: answers each connection with
     /// the next (status, body) and records the request lines.
     fn scripted_server(script: Vec<(u16, String)>) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+        scripted_server_with_headers(
+            script
+                .into_iter()
+                .map(|(s, b)| (s, b, String::new()))
+                .collect(),
+        )
+    }
+
+    /// [`scripted_server`] with extra header lines (`Name: value\r\n`) per answer.
+    fn scripted_server_with_headers(
+        script: Vec<(u16, String, String)>,
+    ) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
         use std::io::{BufRead, BufReader};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let host = listener.local_addr().unwrap().to_string();
         let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         std::thread::spawn(move || {
-            for (status, body) in script {
+            for (status, body, headers) in script {
                 let Ok((mut conn, _)) = listener.accept() else {
                     return;
                 };
@@ -1249,7 +1926,7 @@ mod tests {
                 log.lock().unwrap().push(first.trim().to_string());
                 let _ = write!(
                     conn,
-                    "HTTP/1.1 {status} X\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status} X\r\nContent-Type: {}\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
                     media::OCI_MANIFEST,
                     body.len()
                 );

@@ -10,7 +10,10 @@
 //!   chunked uploads, cross-repository mounts, manifests, several
 //!   destinations).
 //! - [`RegistryOptions`]: transport settings (plain HTTP registries, TLS
-//!   verification, extra CA certificates, Docker Hub mirrors, retries).
+//!   verification, extra CA certificates and client certificates per
+//!   registry, mirrors and registry maps, retries), with Kaniko's meaning
+//!   for each of its flags (docs/user-guide.md, "Credentials and
+//!   registries").
 
 pub mod auth;
 pub mod client;
@@ -41,11 +44,28 @@ pub struct RegistryOptions {
     pub skip_tls_verify_pull: bool,
     /// Hosts whose TLS certificates are not verified (`--skip-tls-verify-registry`).
     pub skip_tls_verify_registries: Vec<String>,
-    /// Extra PEM CA certificates trusted for every registry (`--registry-certificate`).
+    /// Extra PEM CA certificates trusted for every registry
+    /// (`--registry-certificate PATH` without a registry).
     pub ca_certificates: Vec<PathBuf>,
+    /// Extra PEM CA certificates trusted for one registry host
+    /// (`--registry-certificate REG=PATH`), on top of the default ones.
+    pub registry_ca_certificates: HashMap<String, Vec<PathBuf>>,
+    /// Client certificate and key (PEM) presented to one registry host
+    /// (`--registry-client-cert REG=CERT,KEY`, mutual TLS).
+    pub client_certificates: HashMap<String, (PathBuf, PathBuf)>,
     /// Mirrors tried, in order, before Docker Hub (`--registry-mirror`),
-    /// as `host[:port]` or `http(s)://host[:port]`.
+    /// as `host[:port][/path]` (optionally with `http(s)://`): an image
+    /// `library/busybox` is asked for at `/v2/path/library/busybox/...`.
     pub mirrors: Vec<String>,
+    /// Mirrors of any registry, tried in order before it
+    /// (`--registry-map ORIG=MIRROR`), same form as `mirrors`.
+    pub registry_maps: Vec<(String, Vec<String>)>,
+    /// When every mirror fails, fail instead of pulling from the registry
+    /// itself (`--skip-default-registry-fallback`).
+    pub skip_default_registry_fallback: bool,
+    /// A registry refusing to overwrite an immutable tag is no failure
+    /// (`--push-ignore-immutable-tag-errors`).
+    pub push_ignore_immutable_tag_errors: bool,
     /// Retries of a failed download (`--image-download-retry`).
     pub pull_retries: u32,
     /// Retries of a failed upload (`--push-retry`).
@@ -75,7 +95,12 @@ impl Default for RegistryOptions {
             skip_tls_verify_pull: false,
             skip_tls_verify_registries: Vec::new(),
             ca_certificates: Vec::new(),
+            registry_ca_certificates: HashMap::new(),
+            client_certificates: HashMap::new(),
             mirrors: Vec::new(),
+            registry_maps: Vec::new(),
+            skip_default_registry_fallback: false,
+            push_ignore_immutable_tag_errors: false,
             pull_retries: 3,
             push_retries: 3,
             max_concurrent_transfers: 4,
@@ -90,13 +115,19 @@ impl Default for RegistryOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{method} {url}: {source}")]
+    /// No HTTP answer: `detail` says why in the user's terms (certificate,
+    /// plain HTTP, refused, DNS) and the flag that may fix it.
+    #[error("{method} {url}: {detail}")]
     Http {
         method: &'static str,
         url: String,
+        detail: String,
         #[source]
         source: reqwest::Error,
     },
+    /// An answer that shows the wrong protocol (HTTP to an HTTPS port).
+    #[error("{url}: {reason}")]
+    Protocol { url: String, reason: String },
     #[error("{method} {url}: HTTP {status}: {body}")]
     Status {
         method: &'static str,
@@ -104,6 +135,8 @@ pub enum RegistryError {
         status: u16,
         body: String,
     },
+    /// 401/403: `reason` names the registry, who we were and where the
+    /// credentials came from (the Docker config file, or that none was found).
     #[error("{url}: authentication failed: {reason}")]
     Auth { url: String, reason: String },
     #[error("image {reference}: {reason}")]
@@ -148,5 +181,25 @@ impl RegistryError {
             | RegistryError::Store(crate::store::StoreError::SizeMismatch { .. }) => true,
             _ => false,
         }
+    }
+
+    /// Whether the registry refused to overwrite a tag because the
+    /// repository's tags are immutable: Harbor, ECR, Artifact Registry and
+    /// others answer 400/403/409/412 with `TAG_INVALID`, `MANIFEST_TAGGED`
+    /// or "immutable" in the body.
+    pub fn is_immutable_tag(&self) -> bool {
+        let text = match self {
+            RegistryError::Status {
+                status: 400 | 403 | 409 | 412,
+                body,
+                ..
+            } => body,
+            RegistryError::Auth { reason, .. } => reason,
+            _ => return false,
+        };
+        let lower = text.to_ascii_lowercase();
+        text.contains("TAG_INVALID")
+            || text.contains("MANIFEST_TAGGED")
+            || lower.contains("immutable")
     }
 }
