@@ -437,6 +437,8 @@ pub fn parse_cache_repo(repo: &str) -> Result<crate::registry::ImageRef, Options
         ));
     }
     Ok(parsed)
+}
+
 /// `--registry-map` values: `orig=m1;m2` (mirrors of one registry,
 /// separated by `;` or `,`), several registries as `a=m1;b=m2`; `None` when
 /// a mirror comes before any `ORIGINAL=` or a part is empty.

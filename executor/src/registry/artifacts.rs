@@ -92,6 +92,7 @@ impl RegistryClient {
                 let chunk = chunk.map_err(|source| RegistryError::Http {
                     method: "GET",
                     url: url.clone(),
+                    detail: kiln_common::errors::chain(&source),
                     source,
                 })?;
                 received += chunk.len() as u64;
