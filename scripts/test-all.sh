@@ -30,4 +30,8 @@ export KILN_S3S_FS="$S3S_FS" KILN_GARAGE="$GARAGE" KILN_AZURITE="$AZURITE" KILN_
 # One optimised profile for everything, so RocksDB's C++ is compiled once.
 # The end-to-end tests run the real binaries: build them first.
 cargo build --release --workspace --locked --bins
+# kiln's own images, built by kiln and checked with skopeo and buildah; the
+# GitLab Kaniko job test (tests/tests/gitlab_kaniko_job.rs) runs in them.
+deploy/build-images.sh --oci-layout out/images --check
+export KILN_EXECUTOR_IMAGES="$PWD/out/images" KILN_REQUIRE_IMAGES=1
 exec cargo test --release --workspace --locked "$@"

@@ -290,13 +290,7 @@ pub const FLAGS: &[KanikoFlag] = &[
     ),
     flag("skip-tls-verify", None, Bool, Same, ""),
     flag("skip-tls-verify-pull", None, Bool, Same, ""),
-    flag(
-        "skip-tls-verify-registry",
-        None,
-        Repeated,
-        Same,
-        "",
-    ),
+    flag("skip-tls-verify-registry", None, Repeated, Same, ""),
     flag(
         "registry-certificate",
         None,
@@ -325,13 +319,7 @@ pub const FLAGS: &[KanikoFlag] = &[
         Same,
         "`host[/path]`: the path prefixes the repository (`/v2/<path>/<repo>/...`); also `KANIKO_REGISTRY_MIRROR`; kiln also accepts an `http(s)://` scheme.",
     ),
-    flag(
-        "skip-default-registry-fallback",
-        None,
-        Bool,
-        Same,
-        "",
-    ),
+    flag("skip-default-registry-fallback", None, Bool, Same, ""),
     flag(
         "push-retry",
         None,

@@ -12,4 +12,5 @@ pub mod oci;
 pub mod plan;
 pub mod registry;
 pub mod store;
+pub mod tls_roots;
 pub mod unpack;

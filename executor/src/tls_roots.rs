@@ -18,30 +18,36 @@ pub struct TlsRootsError {
     pub message: String,
 }
 
-/// The certificates the environment adds, as reqwest root certificates.
-pub fn from_env() -> Result<Vec<reqwest::Certificate>, TlsRootsError> {
+/// The CA certificates the environment adds, and the files they came from
+/// (for messages about untrusted certificates).
+#[derive(Debug, Default)]
+pub struct EnvRoots {
+    pub certificates: Vec<reqwest::Certificate>,
+    pub sources: Vec<PathBuf>,
+}
+
+/// The certificates `SSL_CERT_FILE` and `SSL_CERT_DIR` add.
+pub fn from_env() -> Result<EnvRoots, TlsRootsError> {
     roots(
         std::env::var_os("SSL_CERT_FILE").map(PathBuf::from),
         std::env::var_os("SSL_CERT_DIR").map(|d| std::env::split_paths(&d).collect()),
     )
 }
 
-fn roots(
-    file: Option<PathBuf>,
-    dirs: Option<Vec<PathBuf>>,
-) -> Result<Vec<reqwest::Certificate>, TlsRootsError> {
-    let mut out = Vec::new();
+fn roots(file: Option<PathBuf>, dirs: Option<Vec<PathBuf>>) -> Result<EnvRoots, TlsRootsError> {
+    let mut out = EnvRoots::default();
     if let Some(path) = file.filter(|p| !p.as_os_str().is_empty()) {
         let error = |message: String| TlsRootsError {
             variable: "SSL_CERT_FILE",
             path: path.clone(),
             message,
         };
-        let certs = read_bundle(&path).map_err(error)?;
+        let certs = read_bundle(&path).map_err(&error)?;
         if certs.is_empty() {
             return Err(error("no PEM certificate in the file".into()));
         }
-        out.extend(certs);
+        out.certificates.extend(certs);
+        out.sources.push(path);
     }
     for dir in dirs.unwrap_or_default() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -49,8 +55,12 @@ fn roots(
         };
         let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         files.sort();
-        for path in files.iter().filter(|p| p.is_file()) {
-            out.extend(read_bundle(path).unwrap_or_default());
+        for path in files.into_iter().filter(|p| p.is_file()) {
+            let certs = read_bundle(&path).unwrap_or_default();
+            if !certs.is_empty() {
+                out.certificates.extend(certs);
+                out.sources.push(path);
+            }
         }
     }
     Ok(out)
@@ -71,7 +81,14 @@ mod tests {
     fn test_ca(dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(name);
         let status = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
             .args(["-nodes", "-days", "1", "-subj", "/CN=kiln test CA"])
             .arg("-keyout")
             .arg(dir.join(format!("{name}.key")))
@@ -96,11 +113,16 @@ mod tests {
         std::fs::write(certs.join("one.crt"), &a).unwrap();
         std::fs::write(certs.join("README"), "not a certificate").unwrap();
 
-        assert_eq!(roots(Some(bundle), None).unwrap().len(), 2);
-        assert_eq!(roots(None, Some(vec![certs.clone()])).unwrap().len(), 1);
+        let from_file = roots(Some(bundle.clone()), None).unwrap();
+        assert_eq!(from_file.certificates.len(), 2);
+        assert_eq!(from_file.sources, [bundle]);
+        let from_dir = roots(None, Some(vec![certs.clone()])).unwrap();
+        assert_eq!(from_dir.certificates.len(), 1);
+        assert_eq!(from_dir.sources, [certs.join("one.crt")]);
         let missing_dir = dir.path().join("nonexistent");
-        assert_eq!(roots(None, Some(vec![missing_dir, certs])).unwrap().len(), 1);
-        assert!(roots(None, None).unwrap().is_empty());
+        let both = roots(None, Some(vec![missing_dir, certs])).unwrap();
+        assert_eq!(both.certificates.len(), 1);
+        assert!(roots(None, None).unwrap().certificates.is_empty());
     }
 
     #[test]
@@ -108,7 +130,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.crt");
         let err = roots(Some(missing.clone()), None).unwrap_err().to_string();
-        assert!(err.contains("SSL_CERT_FILE") && err.contains("missing.crt"), "{err}");
+        assert!(
+            err.contains("SSL_CERT_FILE") && err.contains("missing.crt"),
+            "{err}"
+        );
         let empty = dir.path().join("empty.crt");
         std::fs::write(&empty, "").unwrap();
         let err = roots(Some(empty), None).unwrap_err().to_string();

@@ -183,7 +183,11 @@ impl HttpCache {
             // header read timeout (30 s by default); reusing one it is about
             // to close would fail a request for nothing.
             .pool_idle_timeout(Duration::from_secs(20));
-        for root in tls.roots {
+        let env_roots = crate::tls_roots::from_env().map_err(|e| CacheError::Unavailable {
+            location: servers.join(","),
+            message: e.to_string(),
+        })?;
+        for root in tls.roots.into_iter().chain(env_roots.certificates) {
             builder = builder.add_root_certificate(root);
         }
         if let Some(pem) = tls.identity {

@@ -214,7 +214,9 @@ impl Driver {
             chain.retain(|k| !self.lost_hits.contains(k));
         }
         if let Err(e) = cache.finish(&chains) {
-            self.opts.log.warn(&format!("writing the cache failed: {e}"));
+            self.opts
+                .log
+                .warn(&format!("writing the cache failed: {e}"));
         }
     }
 

@@ -268,6 +268,14 @@ fn build_transport(
             unverified = unverified.add_root_certificate(cert);
         }
     }
+    // SSL_CERT_FILE / SSL_CERT_DIR, as Go programs read them: GitLab's
+    // Kaniko recipe appends a private CA to /kaniko/ssl/certs/ca-certificates.crt.
+    let env_roots =
+        crate::tls_roots::from_env().map_err(|e| RegistryError::Config(e.to_string()))?;
+    for cert in env_roots.certificates {
+        verified = verified.add_root_certificate(cert.clone());
+        unverified = unverified.add_root_certificate(cert);
+    }
     if let Some((cert, key)) = identity {
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|source| RegistryError::Io {
@@ -299,7 +307,7 @@ fn build_transport(
             .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
     };
     let mut trust = "the default ones".to_string();
-    for p in cas {
+    for p in cas.iter().chain(&env_roots.sources) {
         trust.push_str(&format!(", {}", p.display()));
     }
     Ok(Transport {
