@@ -178,14 +178,7 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// True for link errors that mean "not here", not "broken": a different
-/// filesystem, or one that does not allow hard links.
-pub fn cannot_link(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK) | Some(libc::EOPNOTSUPP)
-    )
-}
+pub use kiln_common::errors::cannot_link;
 
 /// True for "the disk is full" errors (ENOSPC, EDQUOT).
 pub fn is_no_space(err: &io::Error) -> bool {

@@ -5,7 +5,8 @@
 //! request"); the reason a TLS handshake failed sits several sources down.
 //! [`chain`] renders the whole chain once, and [`is_certificate_problem`]
 //! tells a refused certificate (ours or the server's) from a server that
-//! cannot be reached, so the two get different advice.
+//! cannot be reached, so the two get different advice. [`cannot_link`]
+//! classifies the one filesystem error both content stores act on.
 
 use std::error::Error;
 
@@ -55,6 +56,17 @@ pub fn is_connection_closed(e: &(dyn Error + 'static)) -> bool {
     ]
     .iter()
     .any(|w| text.contains(w))
+}
+
+/// True for hard-link errors that mean "not here", not "broken": a
+/// different filesystem, or one that does not allow hard links (the
+/// executor's store and the embedded cache share blobs by hard link and
+/// copy only then).
+pub fn cannot_link(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK) | Some(libc::EOPNOTSUPP)
+    )
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use kiln_cache_server::content::cannot_link;
+use kiln_common::errors::cannot_link;
 use kiln_common::{Digest, Sha256Writer};
 
 use crate::oci::BlobSource;
