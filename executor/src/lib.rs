@@ -5,6 +5,7 @@ pub mod cli;
 pub mod context;
 pub mod dockerfile;
 pub mod dockerignore;
+pub mod erofs;
 pub mod driver;
 pub mod oci;
 pub mod plan;

@@ -148,6 +148,7 @@ impl ExecutorArgs {
                 (cli::Isolation::Chroot, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
             }),
             state_dir: self.cache_dir.clone().unwrap_or_else(default_state_dir),
+            mountable_layers: self.mountable_layers,
             registry,
             force: self.force,
             network: match self.network {

@@ -20,6 +20,7 @@ mod caching;
 pub mod copy;
 pub mod from_cli;
 pub mod keys;
+mod mountable;
 mod output;
 pub mod remote;
 mod sources;
@@ -115,6 +116,10 @@ pub struct BuildOptions {
     /// `--max-layer-size`: how large one layer may expand when unpacked
     /// (see [`crate::unpack::UnpackOptions::max_expanded_size`]).
     pub max_layer_size: u64,
+    /// `--mountable-layers`: under chroot isolation with the overlay
+    /// snapshotter, mount base and cached layers as EROFS images instead of
+    /// unpacking them (docs/architecture.md, "Mountable layers").
+    pub mountable_layers: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +367,8 @@ struct Driver {
     remote: HashMap<String, remote::RemoteSource>,
     bytes_downloaded: u64,
     started: Instant,
+    /// Layer images mounted by this build (see `mountable`).
+    mounts: mountable::LayerMounts,
 }
 
 impl Driver {
@@ -384,6 +391,7 @@ impl Driver {
             ("work", "scratch space"),
             ("run-cache", "the RUN cache-mount directory"),
             ("cache", "the embedded cache"),
+            ("images", "the layer image cache"),
         ] {
             private_dir(&opts.state_dir.join(sub))
                 .map_err(|e| setup(&format!("creating {what}"), &e))?;
@@ -433,6 +441,16 @@ impl Driver {
             Isolation::None => Box::new(NoneRunner::new(opts.force)),
         };
         let dockerfile_name = opts.plan.dockerfile_path().display().to_string();
+        let mut mounts = mountable::LayerMounts::default();
+        if opts.mountable_layers
+            && opts.isolation == Isolation::Chroot
+            && kind == SnapshotterKind::Overlay
+        {
+            match crate::erofs::ImageCache::new(&opts.state_dir) {
+                Ok(images) => mounts.images = Some(images),
+                Err(e) => tracing::warn!("layer images off: {e}"),
+            }
+        }
         let cache = open_cache(&opts, runtime.handle().clone(), &opts.log);
         Ok(Driver {
             cache,
@@ -451,6 +469,7 @@ impl Driver {
             base_layers: HashMap::new(),
             bytes_downloaded: 0,
             started: Instant::now(),
+            mounts,
             platform: Platform::host(),
             opts,
             runtime,
@@ -472,7 +491,9 @@ impl Driver {
 
     fn cleanup(&mut self) {
         // Unpacked layers and blobs stay (they are the local cache); the
-        // scratch space of this build goes.
+        // scratch space of this build goes, after the layer images mounted
+        // in it.
+        self.unmount_layers();
         let _ = fs::remove_dir_all(&self.work);
     }
 
