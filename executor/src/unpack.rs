@@ -748,7 +748,9 @@ fn owner(h: &tar::Header) -> Result<(u32, u32), UnpackError> {
 }
 
 /// The entry's PAX extension records (empty without any).
-pub(crate) fn read_pax<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
+pub(crate) fn read_pax<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
     let mut out = Vec::new();
     if let Some(exts) = e.pax_extensions().map_err(UnpackError::Read)? {
         for ext in exts {
@@ -866,7 +868,12 @@ impl PaxSparse {
 
     /// Writes the data regions of `data` (the entry) where the map puts
     /// them; the file is `real_size` long and holes stay holes.
-    pub(crate) fn write(&self, data: &mut dyn Read, f: &mut File, real_size: u64) -> Result<(), SparseError> {
+    pub(crate) fn write(
+        &self,
+        data: &mut dyn Read,
+        f: &mut File,
+        real_size: u64,
+    ) -> Result<(), SparseError> {
         use std::io::{Seek, SeekFrom};
         let mut data = BufReader::new(data);
         let regions = match self {

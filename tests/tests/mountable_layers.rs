@@ -84,7 +84,9 @@ impl Tar {
         self.entry(h, b"")
     }
     fn pax(mut self, records: &[(&str, &[u8])]) -> Self {
-        self.b.append_pax_extensions(records.iter().copied()).unwrap();
+        self.b
+            .append_pax_extensions(records.iter().copied())
+            .unwrap();
         self
     }
     fn bytes(self) -> Vec<u8> {
@@ -129,7 +131,10 @@ fn snapshot(root: &Path) -> (BTreeMap<PathBuf, Seen>, BTreeSet<Vec<PathBuf>>) {
             let bytes = fs::read(path).unwrap();
             ("file", format!("{} {}", m.len(), Digest::of_bytes(&bytes)))
         } else if ft.is_symlink() {
-            ("symlink", fs::read_link(path).unwrap().display().to_string())
+            (
+                "symlink",
+                fs::read_link(path).unwrap().display().to_string(),
+            )
         } else if ft.is_char_device() {
             ("char", m.rdev().to_string())
         } else if ft.is_block_device() {
@@ -305,7 +310,10 @@ fn image_and_unpack_agree_on_whiteouts_and_opaque_directories() {
 fn image_and_unpack_agree_on_hostile_layers() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("dotdot", Tar::new().file("../escaped", b"x").bytes()),
-        ("dotdot inside", Tar::new().file("a/../../outside/x", b"x").bytes()),
+        (
+            "dotdot inside",
+            Tar::new().file("a/../../outside/x", b"x").bytes(),
+        ),
         ("absolute name", Tar::new().file("/abs/file", b"x").bytes()),
         (
             "absolute symlink followed inside",
@@ -401,7 +409,13 @@ fn image_and_unpack_agree_on_pax_sparse_files() {
         ("GNU.sparse.name", &b"sparse"[..]),
     ])
     .unwrap();
-    let mut h = Tar::header(tar::EntryType::Regular, "GNUSparseFile.0/sparse", 0o600, 0, 0);
+    let mut h = Tar::header(
+        tar::EntryType::Regular,
+        "GNUSparseFile.0/sparse",
+        0o600,
+        0,
+        0,
+    );
     let mut data = vec![1u8; 10];
     data.extend([2u8; 20]);
     h.set_size(data.len() as u64);
@@ -454,7 +468,10 @@ fn corrupted_or_truncated_image_is_refused_and_removed() {
             #[allow(clippy::permissions_set_readonly_false)]
             perms.set_readonly(false);
             fs::set_permissions(&image.path, perms).unwrap();
-            fs::OpenOptions::new().write(true).open(&image.path).unwrap()
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&image.path)
+                .unwrap()
         }
     };
     f.set_len(4096).unwrap();
@@ -540,7 +557,10 @@ impl BuildEnv {
     }
 
     fn base_layer(&self) -> (String, Digest) {
-        let inspect = self.registry.skopeo_inspect("library/busybox:latest").unwrap();
+        let inspect = self
+            .registry
+            .skopeo_inspect("library/busybox:latest")
+            .unwrap();
         let layer = inspect["Layers"][0].as_str().unwrap().to_string();
         let out = Command::new("skopeo")
             .args(["inspect", "--config", "--tls-verify=false"])
@@ -581,20 +601,32 @@ fn a_fresh_executor_mounts_the_base_image_from_the_cache_server() {
 
     // First executor: pulls the base layer, converts it, mounts it, shares
     // the image.
-    let one = env.context("one", "FROM BASE\nRUN cat /bin/busybox > /copy && echo one > /one\n");
+    let one = env.context(
+        "one",
+        "FROM BASE\nRUN cat /bin/busybox > /copy && echo one > /one\n",
+    );
     let state_one = env.work.path().join("state-one");
     let log = env.build_ok(&one, &state_one);
-    assert!(log.contains("mounted image") && log.contains("converted"), "{log}");
+    assert!(
+        log.contains("mounted image") && log.contains("converted"),
+        "{log}"
+    );
     assert!(
         !state_one.join("layers").join(diff_id.hex()).exists(),
         "the base was unpacked:\n{log}"
     );
     assert_eq!(layer_gets(), 1, "the first executor pulls the base layer");
-    assert!(mounts_below(env.work.path()).is_empty(), "a mount outlived the build");
+    assert!(
+        mounts_below(env.work.path()).is_empty(),
+        "a mount outlived the build"
+    );
 
     // A fresh executor whose step misses: the base comes from the cache
     // server as an image, mounted, never unpacked, never pulled.
-    let two = env.context("two", "FROM BASE\nRUN test -s /bin/busybox && echo two > /two\n");
+    let two = env.context(
+        "two",
+        "FROM BASE\nRUN test -s /bin/busybox && echo two > /two\n",
+    );
     let state_two = env.work.path().join("state-two");
     let log = env.build_ok(&two, &state_two);
     assert!(log.contains("downloaded from the cache"), "{log}");
@@ -609,13 +641,19 @@ fn a_fresh_executor_mounts_the_base_image_from_the_cache_server() {
         "the base was unpacked:\n{log}"
     );
     assert_eq!(layer_gets(), 1, "the base layer was pulled again");
-    assert!(mounts_below(env.work.path()).is_empty(), "a mount outlived the build");
+    assert!(
+        mounts_below(env.work.path()).is_empty(),
+        "a mount outlived the build"
+    );
 
     // The same node again: the local image, no download.
     let three = env.context("three", "FROM BASE\nRUN echo three > /three\n");
     let log = env.build_ok(&three, &state_two);
     assert!(log.contains("from the local image cache"), "{log}");
-    assert!(mounts_below(env.work.path()).is_empty(), "a mount outlived the build");
+    assert!(
+        mounts_below(env.work.path()).is_empty(),
+        "a mount outlived the build"
+    );
 }
 
 #[test]
@@ -640,7 +678,10 @@ fn sigterm_mid_build_leaves_no_mount_behind() {
             child.try_wait().unwrap().is_none(),
             "the build ended early:\n{log}"
         );
-        assert!(std::time::Instant::now() < deadline, "no mount seen:\n{log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mount seen:\n{log}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let killed = Command::new("kill")
@@ -696,7 +737,9 @@ fn measure_unpack_against_convert_and_mount() {
     };
     sync();
     let t = std::time::Instant::now();
-    let (image, cstats) = images.convert(Path::new(&layer), &diff_id, 64 << 30).unwrap();
+    let (image, cstats) = images
+        .convert(Path::new(&layer), &diff_id, 64 << 30)
+        .unwrap();
     let convert = t.elapsed();
     sync();
     let t = std::time::Instant::now();

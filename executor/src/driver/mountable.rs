@@ -58,7 +58,10 @@ impl Driver {
         let local = match images.verified(&layer.diff_id) {
             Ok(found) => found,
             Err(e) => {
-                self.log(&format!("layer {}: {e}; building it again", layer.desc.digest));
+                self.log(&format!(
+                    "layer {}: {e}; building it again",
+                    layer.desc.digest
+                ));
                 None
             }
         };
@@ -88,10 +91,7 @@ impl Driver {
                 (image, how)
             }
         };
-        let dir = self
-            .work
-            .join("layer-mounts")
-            .join(layer.diff_id.hex());
+        let dir = self.work.join("layer-mounts").join(layer.diff_id.hex());
         fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         mount::mount_image(&image.path, &dir)
             .map_err(|e| format!("mounting {}: {e}", image.path.display()))?;
@@ -102,7 +102,9 @@ impl Driver {
             image.size,
             started.elapsed().as_millis()
         ));
-        self.mounts.mounted.insert(layer.diff_id.clone(), dir.clone());
+        self.mounts
+            .mounted
+            .insert(layer.diff_id.clone(), dir.clone());
         Ok(dir)
     }
 
@@ -124,11 +126,16 @@ impl Driver {
         let entry = match cache.lookup(&[key]) {
             Ok(mut found) => found.remove(&key)?,
             Err(e) => {
-                self.log(&format!("warning: looking up the image of layer {}: {e}", layer.desc.digest));
+                self.log(&format!(
+                    "warning: looking up the image of layer {}: {e}",
+                    layer.desc.digest
+                ));
                 return None;
             }
         };
-        let desc = entry.layer.filter(|d| d.media_type == IMAGE_MEDIA_TYPE && d.diff_id == layer.diff_id)?;
+        let desc = entry
+            .layer
+            .filter(|d| d.media_type == IMAGE_MEDIA_TYPE && d.diff_id == layer.diff_id)?;
         let fetched = cache
             .fetch_blob(&desc.digest, desc.size, &self.store)
             .map_err(|e| e.to_string())

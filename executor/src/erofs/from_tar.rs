@@ -60,19 +60,13 @@ pub struct ConvertStats {
 /// Converts a (possibly compressed) layer into an image written to `out`.
 /// With `diff_id`, the uncompressed stream must hash to it. `tmp_dir` holds
 /// the expansion of PAX sparse files while they are copied in.
-pub fn convert_layer<R: Read>(
+pub fn convert_layer<R: Read + Send>(
     layer: R,
     diff_id: Option<&Digest>,
     out: File,
     tmp_dir: &Path,
     max_expanded_size: u64,
 ) -> Result<(File, ConvertStats), ConvertError> {
-    let plain =
-        decompress(BufReader::with_capacity(256 * 1024, layer)).map_err(ConvertError::Read)?;
-    let src: Box<dyn Read> = match diff_id {
-        Some(d) => Box::new(VerifyingReader::new(plain, d.clone())),
-        None => plain,
-    };
     let mut c = Converter {
         w: ImageWriter::new(out).map_err(|e| ConvertError::Write(e.into()))?,
         stats: ConvertStats::default(),
@@ -80,18 +74,97 @@ pub fn convert_layer<R: Read>(
         limit: max_expanded_size,
         tmp_dir,
     };
-    let mut archive = tar::Archive::new(src);
-    for entry in archive.entries().map_err(ConvertError::Read)? {
-        let mut entry = entry.map_err(ConvertError::Read)?;
-        c.entry(&mut entry)?;
-    }
-    // The digest covers the padding after the end-of-archive marker too.
-    let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(ConvertError::Read)?;
+    // Decompression and the diff_id's hash run on their own thread, handing
+    // the tar over in 1 MiB chunks (at most 4 in flight), so they overlap
+    // with the image writes and memory stays bounded.
+    const CHUNK: usize = 1 << 20;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(move || -> io::Result<()> {
+            let plain = decompress(BufReader::with_capacity(256 * 1024, layer))?;
+            let mut src: Box<dyn Read> = match diff_id {
+                Some(d) => Box::new(VerifyingReader::new(plain, d.clone())),
+                None => plain,
+            };
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let mut filled = 0;
+                while filled < CHUNK {
+                    match src.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let msg = e.to_string();
+                            let _ = tx.send(Err(e));
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return Ok(());
+                }
+                buf.truncate(filled);
+                // The converter stopped (an error): nothing more to verify
+                // for anyone.
+                if tx.send(Ok(buf)).is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        let reader = ChunkReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let mut archive = tar::Archive::new(reader);
+        let result = (|| -> Result<(), ConvertError> {
+            for entry in archive.entries().map_err(ConvertError::Read)? {
+                let mut entry = entry.map_err(ConvertError::Read)?;
+                c.entry(&mut entry)?;
+            }
+            // The digest covers the padding after the end-of-archive
+            // marker too: read to the end, where a mismatch surfaces.
+            io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(ConvertError::Read)?;
+            Ok(())
+        })();
+        let produced = producer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("decompression thread panicked")));
+        result?;
+        produced.map_err(ConvertError::Read)?;
+        Ok::<(), ConvertError>(())
+    })?;
     let Converter { w, mut stats, .. } = c;
     let (file, len) = w.finish()?;
     stats.image_bytes = len;
     Ok((file, stats))
+}
+
+/// The reading end of the decompression thread's channel.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 struct Converter<'a> {
@@ -245,10 +318,12 @@ impl Converter<'_> {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse
         );
         let content = match &pax_sparse {
-            Some(sparse) if is_file => sparse.real_size(&raw).map_err(|_| ConvertError::Sparse {
-                entry: lossy(&raw),
-                reason: "no GNU.sparse.size or GNU.sparse.realsize".into(),
-            })?,
+            Some(sparse) if is_file => {
+                sparse.real_size(&raw).map_err(|_| ConvertError::Sparse {
+                    entry: lossy(&raw),
+                    reason: "no GNU.sparse.size or GNU.sparse.realsize".into(),
+                })?
+            }
             _ if is_file => e.size(),
             _ => 0,
         };
@@ -354,7 +429,10 @@ impl Converter<'_> {
                 // symlink(2) makes every link 0777, whatever the header says.
                 let id = self.w.add(Node {
                     kind: Kind::Symlink(target),
-                    meta: Meta { mode: 0o777, ..meta },
+                    meta: Meta {
+                        mode: 0o777,
+                        ..meta
+                    },
                 });
                 self.set(parent, &name, id);
             }

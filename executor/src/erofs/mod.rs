@@ -77,9 +77,7 @@ pub fn file_digest(path: &Path) -> io::Result<(Digest, u64)> {
 impl ImageCache {
     /// Opens (creating) the image directory under `state_dir`.
     pub fn new(state_dir: &Path) -> Result<Self, ImageError> {
-        let dir = state_dir
-            .join("images")
-            .join(format!("v{FORMAT_VERSION}"));
+        let dir = state_dir.join("images").join(format!("v{FORMAT_VERSION}"));
         let tmp = state_dir.join("images").join("tmp");
         for d in [&dir, &tmp] {
             fs::create_dir_all(d).map_err(io_err(d))?;
@@ -150,7 +148,9 @@ impl ImageCache {
                 diff_id: diff_id.clone(),
                 source,
             })?;
-        file.sync_all().map_err(io_err(tmp.path()))?;
+        // No fsync: every mount verifies the image against the digest
+        // recorded below, so an image a crash left incomplete is rebuilt,
+        // never mounted; waiting for the disk here would double the cost.
         drop(file);
         let image = self.commit(tmp, diff_id, None)?;
         Ok((image, stats))
@@ -179,7 +179,12 @@ impl ImageCache {
     /// Moves a blob already verified as `digest` (a download in the local
     /// store, on the same filesystem) into place as the image of `diff_id`,
     /// hashing it again on the way.
-    pub fn adopt(&self, blob: &Path, diff_id: &Digest, digest: &Digest) -> Result<Image, ImageError> {
+    pub fn adopt(
+        &self,
+        blob: &Path,
+        diff_id: &Digest,
+        digest: &Digest,
+    ) -> Result<Image, ImageError> {
         let tmp = tempfile::Builder::new()
             .prefix("adopt-")
             .tempfile_in(&self.tmp)
@@ -206,7 +211,10 @@ impl ImageCache {
         hashed: Option<Digest>,
     ) -> Result<Image, ImageError> {
         let (digest, size) = match hashed {
-            Some(d) => (d, fs::metadata(tmp.path()).map_err(io_err(tmp.path()))?.len()),
+            Some(d) => (
+                d,
+                fs::metadata(tmp.path()).map_err(io_err(tmp.path()))?.len(),
+            ),
             None => file_digest(tmp.path()).map_err(io_err(tmp.path()))?,
         };
         use std::os::unix::fs::PermissionsExt;
@@ -214,19 +222,11 @@ impl ImageCache {
         let path = self.image_path(diff_id);
         tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
         let dpath = self.digest_path(diff_id);
-        let dtmp = self.tmp.join(format!(
-            "{}.sha256.{}",
-            diff_id.hex(),
-            std::process::id()
-        ));
+        let dtmp = self
+            .tmp
+            .join(format!("{}.sha256.{}", diff_id.hex(), std::process::id()));
         fs::write(&dtmp, format!("{digest}\n")).map_err(io_err(&dtmp))?;
-        File::open(&dtmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(&dtmp))?;
         fs::rename(&dtmp, &dpath).map_err(io_err(&dpath))?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
         Ok(Image { path, digest, size })
     }
 }

@@ -19,7 +19,8 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 const SLOTS: usize = 4096;
-static MOUNTS: [AtomicPtr<libc::c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+static MOUNTS: [AtomicPtr<libc::c_char>; SLOTS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
 static HANDLER: Once = Once::new();
 
 fn cpath(p: &Path) -> io::Result<CString> {
@@ -34,7 +35,12 @@ pub fn register(target: &Path) {
     let ptr = c.into_raw();
     for slot in &MOUNTS {
         if slot
-            .compare_exchange(std::ptr::null_mut(), ptr, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                std::ptr::null_mut(),
+                ptr,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
         {
             return;
@@ -57,7 +63,8 @@ pub fn unregister(target: &Path) {
         }
         // SAFETY: non-null slot pointers are leaked CStrings, never freed.
         if unsafe { std::ffi::CStr::from_ptr(p) } == c.as_c_str() {
-            let _ = slot.compare_exchange(p, std::ptr::null_mut(), Ordering::AcqRel, Ordering::Acquire);
+            let _ =
+                slot.compare_exchange(p, std::ptr::null_mut(), Ordering::AcqRel, Ordering::Acquire);
             return;
         }
     }
