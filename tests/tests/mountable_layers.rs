@@ -759,3 +759,27 @@ fn measure_unpack_against_convert_and_mount() {
     drop(m);
     let _ = fs::remove_dir_all(&unpacked);
 }
+
+#[test]
+fn a_huge_sparse_file_is_left_to_the_unpacker() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("GNU.sparse.size", &b"4294967296"[..]),
+        ("GNU.sparse.numblocks", &b"1"[..]),
+        ("GNU.sparse.map", &b"0,10"[..]),
+        ("GNU.sparse.name", &b"huge"[..]),
+    ])
+    .unwrap();
+    let mut h = Tar::header(tar::EntryType::Regular, "GNUSparseFile.0/huge", 0o600, 0, 0);
+    h.set_size(10);
+    h.set_cksum();
+    b.append(&h, &[1u8; 10][..]).unwrap();
+    let layer = b.into_inner().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = fs::File::create(dir.path().join("img")).unwrap();
+    let err = convert_layer(&layer[..], None, out, dir.path(), 8 << 30).unwrap_err();
+    assert!(
+        matches!(err, kiln_executor::erofs::ConvertError::Unsupported { .. }),
+        "{err}"
+    );
+}

@@ -161,8 +161,12 @@ impl Driver {
 
     /// Uploads a freshly converted image with its entry, in the background
     /// like layers (docs/cache-api.md, "Layer images").
+    /// Only for layers the cluster shares through the cache anyway (base
+    /// layers from a registry, cache hits); a local `oci-layout://` or
+    /// `docker-archive://` base stays local, like its layers.
     fn share_image(&mut self, layer: &LayerRef, image: &Image) {
-        if !self.shares_images() {
+        let shared = self.base_layers.contains_key(&layer.desc.digest) || layer.hit.is_some();
+        if !self.shares_images() || !shared {
             return;
         }
         let entry = CacheEntry {

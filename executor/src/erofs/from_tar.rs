@@ -28,6 +28,10 @@ use crate::unpack::{
     components, decompress, lossy, pax_value, read_pax, xattrs_of,
 };
 
+/// Largest sparse file (apparent size) converted; larger ones make the
+/// layer fall back to unpacking.
+const MAX_SPARSE_IMAGED: u64 = 1 << 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     #[error("layer entry {entry:?} rejected: {reason}")]
@@ -328,6 +332,16 @@ impl Converter<'_> {
             _ => 0,
         };
         self.charge(&raw, content)?;
+        // The image's holes are found by reading zeros, so a huge sparse
+        // file (a 1 KB entry describing 64 GiB) costs its apparent size in
+        // reads here; the unpacker seeks over the holes instead.
+        let sparse = kind == tar::EntryType::GNUSparse || pax_sparse.is_some();
+        if is_file && sparse && content > MAX_SPARSE_IMAGED {
+            return Err(ConvertError::Unsupported {
+                entry: lossy(&raw),
+                reason: format!("sparse file larger than {MAX_SPARSE_IMAGED} bytes"),
+            });
+        }
         self.stats.entries += 1;
         let Some((name, parent_parts)) = parts.split_last() else {
             return Ok(());
