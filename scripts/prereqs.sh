@@ -10,6 +10,7 @@ packages=(
   busybox-static            # base images are made offline from it
   apache2-utils             # htpasswd for the Basic-auth registry test
   openssl jq time zstd attr
+  erofs-utils               # fsck.erofs checks the layer images kiln writes (tests)
 )
 
 missing=()

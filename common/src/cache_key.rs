@@ -217,6 +217,20 @@ impl CacheKeyBuilder {
     }
 }
 
+/// The key of an artifact derived from one layer (for `"erofs"`: the
+/// layer's mountable image, docs/cache-api.md): the layer's diff_id, since
+/// the artifact depends only on the uncompressed content (the gzip and zstd
+/// forms of a layer share it), and the artifact's format version, so that a
+/// new writer never reads an old format. The first input's name is one no
+/// step key starts with, so the two kinds of keys never meet.
+pub fn derived_artifact_key(kind: &str, diff_id: &crate::Digest, format_version: u64) -> CacheKey {
+    CacheKeyBuilder::new()
+        .str("derived artifact", kind)
+        .digest("layer diff_id", diff_id)
+        .u64("format version", format_version)
+        .finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,6 +157,10 @@ pub struct ExecutorArgs {
     pub isolation: Isolation,
     #[arg(long, value_enum, default_value = "overlay")]
     pub snapshotter: SnapshotterKind,
+    /// Mount base and cached layers as EROFS images (chroot isolation,
+    /// overlay snapshotter) instead of unpacking them.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", action = kaniko_bool!())]
+    pub mountable_layers: bool,
     /// Write a JSON build report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

@@ -6,6 +6,7 @@ pub mod context;
 pub mod dockerfile;
 pub mod dockerignore;
 pub mod driver;
+pub mod erofs;
 pub mod kaniko_flags;
 pub mod log;
 pub mod oci;

@@ -37,14 +37,14 @@ use std::path::{Path, PathBuf};
 
 use kiln_common::{Digest, VerifyingReader};
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
-const MAX_SYMLINKS: usize = 40;
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+pub(crate) const MAX_SYMLINKS: usize = 40;
 /// Default for [`UnpackOptions::max_expanded_size`] (`--max-layer-size`).
 pub const DEFAULT_MAX_EXPANDED_SIZE: u64 = 32 << 30;
 /// What each entry counts towards the expanded size besides its content:
 /// its header, and the inode it costs.
-const ENTRY_OVERHEAD: u64 = 512;
+pub(crate) const ENTRY_OVERHEAD: u64 = 512;
 /// Most data regions a PAX sparse map may list.
 const MAX_SPARSE_REGIONS: usize = 1 << 20;
 
@@ -515,7 +515,7 @@ struct Creation {
 }
 
 /// Splits an entry name into components; `None` if it contains `..`.
-fn components(raw: &[u8]) -> Option<Vec<&OsStr>> {
+pub(crate) fn components(raw: &[u8]) -> Option<Vec<&OsStr>> {
     let mut out = Vec::new();
     for c in raw.split(|b| *b == b'/') {
         match c {
@@ -527,7 +527,7 @@ fn components(raw: &[u8]) -> Option<Vec<&OsStr>> {
     Some(out)
 }
 
-fn lossy(raw: &[u8]) -> String {
+pub(crate) fn lossy(raw: &[u8]) -> String {
     String::from_utf8_lossy(raw).into_owned()
 }
 
@@ -1164,7 +1164,9 @@ fn owner(h: &tar::Header) -> Result<(u32, u32), UnpackError> {
 }
 
 /// The entry's PAX extension records (empty without any).
-fn read_pax<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
+pub(crate) fn read_pax<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
     let mut out = Vec::new();
     if let Some(exts) = e.pax_extensions().map_err(UnpackError::Read)? {
         for ext in exts {
@@ -1177,14 +1179,14 @@ fn read_pax<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>
     Ok(out)
 }
 
-fn pax_value<'a>(pax: &'a [(String, Vec<u8>)], key: &str) -> Option<&'a [u8]> {
+pub(crate) fn pax_value<'a>(pax: &'a [(String, Vec<u8>)], key: &str) -> Option<&'a [u8]> {
     pax.iter()
         .rev()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_slice())
 }
 
-fn xattrs_of(pax: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn xattrs_of(pax: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
     pax.iter()
         .filter_map(|(k, v)| {
             k.strip_prefix("SCHILY.xattr.")
@@ -1199,7 +1201,7 @@ fn xattrs_of(pax: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
 /// `GNU.sparse.numbytes` records, 0.1 as `GNU.sparse.map`, 1.0 as decimal
 /// lines at the start of the entry's data (padded to 512 bytes).
 #[derive(Debug)]
-enum PaxSparse {
+pub(crate) enum PaxSparse {
     /// Map known from the extension records.
     Listed {
         real_size: Option<u64>,
@@ -1209,7 +1211,7 @@ enum PaxSparse {
     InData { real_size: Option<u64> },
 }
 
-enum SparseError {
+pub(crate) enum SparseError {
     Invalid(String),
     Io(io::Error),
 }
@@ -1225,7 +1227,7 @@ fn parse_u64(bytes: &[u8]) -> Option<u64> {
 }
 
 impl PaxSparse {
-    fn detect(pax: &[(String, Vec<u8>)]) -> Option<PaxSparse> {
+    pub(crate) fn detect(pax: &[(String, Vec<u8>)]) -> Option<PaxSparse> {
         if !pax.iter().any(|(k, _)| k.starts_with("GNU.sparse.")) {
             return None;
         }
@@ -1270,7 +1272,7 @@ impl PaxSparse {
         Some(PaxSparse::Listed { real_size, regions })
     }
 
-    fn real_size(&self, raw: &[u8]) -> Result<u64, UnpackError> {
+    pub(crate) fn real_size(&self, raw: &[u8]) -> Result<u64, UnpackError> {
         let size = match self {
             PaxSparse::Listed { real_size, .. } | PaxSparse::InData { real_size } => *real_size,
         };
@@ -1282,7 +1284,12 @@ impl PaxSparse {
 
     /// Writes the data regions of `data` (the entry) where the map puts
     /// them; the file is `real_size` long and holes stay holes.
-    fn write(&self, data: &mut dyn Read, f: &mut File, real_size: u64) -> Result<(), SparseError> {
+    pub(crate) fn write(
+        &self,
+        data: &mut dyn Read,
+        f: &mut File,
+        real_size: u64,
+    ) -> Result<(), SparseError> {
         use std::io::{Seek, SeekFrom};
         let mut data = BufReader::new(data);
         let regions = match self {

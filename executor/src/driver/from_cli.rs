@@ -229,6 +229,7 @@ impl ExecutorArgs {
                 (false, cli::SnapshotterKind::Overlay) => SnapshotterKind::Overlay,
             }),
             state_dir: self.state_dir(),
+            mountable_layers: self.mountable_layers,
             registry,
             force: self.force,
             network: match self.network {

@@ -20,6 +20,7 @@ mod caching;
 pub mod copy;
 pub mod from_cli;
 pub mod keys;
+mod mountable;
 mod output;
 pub mod remote;
 mod sources;
@@ -138,6 +139,10 @@ pub struct BuildOptions {
     /// `--max-layer-size`: how large one layer may expand when unpacked
     /// (see [`crate::unpack::UnpackOptions::max_expanded_size`]).
     pub max_layer_size: u64,
+    /// `--mountable-layers`: under chroot isolation with the overlay
+    /// snapshotter, mount base and cached layers as EROFS images instead of
+    /// unpacking them (docs/architecture.md, "Mountable layers").
+    pub mountable_layers: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -410,6 +415,8 @@ struct Driver {
     /// Set by the stage loop: the current filesystem step is not the
     /// stage's last, so under `--single-snapshot` it leaves the rootfs open.
     defer_snapshot: bool,
+    /// Layer images mounted by this build (see `mountable`).
+    mounts: mountable::LayerMounts,
 }
 
 /// A prepared rootfs kept open across steps (`--single-snapshot`).
@@ -447,6 +454,7 @@ impl Driver {
             ("work", "scratch space"),
             ("run-cache", "the RUN cache-mount directory"),
             ("cache", "the embedded cache"),
+            ("images", "the layer image cache"),
         ] {
             private_dir(&opts.state_dir.join(sub))
                 .map_err(|e| setup(&format!("creating {what}"), &e))?;
@@ -512,6 +520,16 @@ impl Driver {
                 ],
             );
         }
+        let mut mounts = mountable::LayerMounts::default();
+        if opts.mountable_layers
+            && opts.isolation == Isolation::Chroot
+            && kind == SnapshotterKind::Overlay
+        {
+            match crate::erofs::ImageCache::new(&opts.state_dir) {
+                Ok(images) => mounts.images = Some(images),
+                Err(e) => tracing::warn!("layer images off: {e}"),
+            }
+        }
         let cache = open_cache(&opts, runtime.handle().clone(), &opts.log);
         Ok(Driver {
             cache,
@@ -534,6 +552,7 @@ impl Driver {
             phase: "planning",
             open_snapshot: None,
             defer_snapshot: false,
+            mounts,
             platform: Platform::host(),
             opts,
             runtime,
@@ -558,7 +577,9 @@ impl Driver {
             let _ = self.snapshotter.release(open.mounted);
         }
         // Unpacked layers and blobs stay (they are the local cache); the
-        // scratch space of this build goes.
+        // scratch space of this build goes, after the layer images mounted
+        // in it.
+        self.unmount_layers();
         let _ = fs::remove_dir_all(&self.work);
         if self.opts.cleanup {
             self.clean_up_everything();

@@ -715,6 +715,9 @@ impl Driver {
         if dir.is_dir() {
             return Ok(dir);
         }
+        if let Some(mounted) = self.mounted_layer(layer) {
+            return Ok(mounted);
+        }
         self.ensure_blob(layer)?;
         // Unique per build, not per process: builds in other PID
         // namespaces (containers sharing the directory) may have our PID.

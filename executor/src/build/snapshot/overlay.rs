@@ -65,6 +65,7 @@ fn umount(target: &Path, flags: libc::c_int) -> io::Result<()> {
     let c = cstring(target)?;
     // SAFETY: valid C string.
     if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        crate::erofs::mount::unregister(target);
         Ok(())
     } else {
         Err(io::Error::last_os_error())
@@ -143,6 +144,8 @@ impl Snapshotter for OverlaySnapshotter {
             target: merged.clone(),
             source,
         })?;
+        // Undone by the SIGTERM/SIGINT handler too if the build is killed.
+        crate::erofs::mount::register(&merged);
         // The state keeps the stack as given: `commit` hands it back with
         // the new layer on top, and `diff` looks paths up in it (the same
         // answers as in the mounted stack, see `mount_stack`).

@@ -1,0 +1,203 @@
+//! The mountable path for read-only layers: under `--isolation chroot` with
+//! the overlay snapshotter, a base or cached layer becomes an EROFS image
+//! (kept in `<cache-dir>/images/`, keyed by its diff_id and the image
+//! format version) mounted read-only as its overlay lower, instead of being
+//! unpacked file by file. Every image mount belongs to this build and goes
+//! in [`Driver::unmount_layers`]. Any failure to convert or mount falls
+//! back to unpacking, which also gives a hostile layer its usual error.
+
+use super::*;
+use crate::erofs::{Image, ImageCache, mount};
+
+/// The media type of a layer image's cache entry.
+pub(super) const IMAGE_MEDIA_TYPE: &str = "application/vnd.kiln.layer.erofs.v1";
+
+/// The cache key of a layer's image (kiln_common's derived-artifact keys).
+pub(super) fn image_key(diff_id: &Digest) -> CacheKey {
+    kiln_common::cache_key::derived_artifact_key(
+        "erofs",
+        diff_id,
+        u64::from(crate::erofs::FORMAT_VERSION),
+    )
+}
+
+/// This build's mounted layer images.
+#[derive(Default)]
+pub(super) struct LayerMounts {
+    pub(super) images: Option<ImageCache>,
+    /// diff_id -> mount point, mounted once per build.
+    pub(super) mounted: HashMap<Digest, PathBuf>,
+}
+
+impl Driver {
+    /// The mounted image of `layer` as an overlay lower, or `None` when the
+    /// mountable path is off or did not work (the caller unpacks).
+    pub(super) fn mounted_layer(&mut self, layer: &LayerRef) -> Option<PathBuf> {
+        let images = self.mounts.images.clone()?;
+        if let Some(dir) = self.mounts.mounted.get(&layer.diff_id) {
+            return Some(dir.clone());
+        }
+        match self.mount_layer_image(&images, layer) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                self.log(&format!(
+                    "layer {}: not mounted as an image, unpacking instead: {e}",
+                    layer.desc.digest
+                ));
+                None
+            }
+        }
+    }
+
+    fn mount_layer_image(
+        &mut self,
+        images: &ImageCache,
+        layer: &LayerRef,
+    ) -> Result<PathBuf, String> {
+        let started = Instant::now();
+        let local = match images.verified(&layer.diff_id) {
+            Ok(found) => found,
+            Err(e) => {
+                self.log(&format!(
+                    "layer {}: {e}; building it again",
+                    layer.desc.digest
+                ));
+                None
+            }
+        };
+        let downloaded = match local {
+            Some(_) => None,
+            None => self.image_from_cache(images, layer),
+        };
+        let (image, how) = match (local, downloaded) {
+            (Some(image), _) => (image, "from the local image cache".to_string()),
+            (None, Some(image)) => (image, "downloaded from the cache".to_string()),
+            (None, None) => {
+                self.ensure_blob(layer)?;
+                let (image, stats) = images
+                    .convert(&layer.blob, &layer.diff_id, self.unpack_limit)
+                    .map_err(|e| e.to_string())?;
+                for w in &stats.warnings {
+                    self.log(&format!("layer {}: {w}", layer.desc.digest));
+                }
+                let how = format!(
+                    "converted {} entries in {} ms",
+                    stats.entries,
+                    started.elapsed().as_millis()
+                );
+                // `convert` read the finished file back to hash it: those
+                // are the bytes the kernel gets.
+                self.share_image(layer, &image);
+                (image, how)
+            }
+        };
+        let dir = self.work.join("layer-mounts").join(layer.diff_id.hex());
+        fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        mount::mount_image(&image.path, &dir)
+            .map_err(|e| format!("mounting {}: {e}", image.path.display()))?;
+        self.log(&format!(
+            "layer {}: mounted image {} ({} bytes, {how}) in {} ms",
+            layer.desc.digest,
+            image.digest,
+            image.size,
+            started.elapsed().as_millis()
+        ));
+        self.mounts
+            .mounted
+            .insert(layer.diff_id.clone(), dir.clone());
+        Ok(dir)
+    }
+
+    /// Whether images go to and come from the cache: only a cache server.
+    /// The embedded cache is on this node's `--cache-dir` already, where
+    /// the image cache keeps images itself (a second copy would be waste).
+    fn shares_images(&self) -> bool {
+        self.cache.is_some() && !self.opts.cache.servers.is_empty()
+    }
+
+    /// The layer's image from the cache server, verified (against the
+    /// entry's digest while it downloads, and again before it is stored).
+    fn image_from_cache(&mut self, images: &ImageCache, layer: &LayerRef) -> Option<Image> {
+        if !self.shares_images() || !self.opts.cache.mode.reads() {
+            return None;
+        }
+        let cache = self.cache.clone()?;
+        let key = image_key(&layer.diff_id);
+        let entry = match cache.lookup(&[key]) {
+            Ok(mut found) => found.remove(&key)?,
+            Err(e) => {
+                self.log(&format!(
+                    "warning: looking up the image of layer {}: {e}",
+                    layer.desc.digest
+                ));
+                return None;
+            }
+        };
+        let desc = entry
+            .layer
+            .filter(|d| d.media_type == IMAGE_MEDIA_TYPE && d.diff_id == layer.diff_id)?;
+        let fetched = cache
+            .fetch_blob(&desc.digest, desc.size, &self.store)
+            .map_err(|e| e.to_string())
+            .and_then(|path| {
+                images
+                    .adopt(&path, &layer.diff_id, &desc.digest)
+                    .map_err(|e| e.to_string())
+            });
+        match fetched {
+            Ok(image) => {
+                self.bytes_downloaded += image.size;
+                Some(image)
+            }
+            Err(e) => {
+                self.log(&format!(
+                    "warning: the cache's image of layer {} is not usable: {e}",
+                    layer.desc.digest
+                ));
+                None
+            }
+        }
+    }
+
+    /// Uploads a freshly converted image with its entry, in the background
+    /// like layers (docs/cache-api.md, "Layer images").
+    /// Only for layers the cluster shares through the cache anyway (base
+    /// layers from a registry, cache hits); a local `oci-layout://` or
+    /// `docker-archive://` base stays local, like its layers.
+    fn share_image(&mut self, layer: &LayerRef, image: &Image) {
+        let shared = self.base_layers.contains_key(&layer.desc.digest) || layer.hit.is_some();
+        if !self.shares_images() || !shared {
+            return;
+        }
+        let entry = CacheEntry {
+            layer: Some(LayerDescriptor {
+                media_type: IMAGE_MEDIA_TYPE.to_string(),
+                digest: image.digest.clone(),
+                size: image.size,
+                diff_id: layer.diff_id.clone(),
+            }),
+            created_by: format!(
+                "kiln: EROFS image v{} of layer {}",
+                crate::erofs::FORMAT_VERSION,
+                layer.diff_id
+            ),
+            created: rfc3339(unix_now()),
+            extra: Default::default(),
+        };
+        self.upload(
+            image_key(&layer.diff_id),
+            entry,
+            Some((image.digest.clone(), image.path.clone())),
+        );
+    }
+
+    /// Unmounts every layer image this build mounted (after the overlays
+    /// over them are gone).
+    pub(super) fn unmount_layers(&mut self) {
+        for (_, dir) in self.mounts.mounted.drain() {
+            if let Err(e) = mount::unmount(&dir) {
+                tracing::warn!("unmounting layer image at {}: {e}", dir.display());
+            }
+        }
+    }
+}
