@@ -6,7 +6,7 @@
 
 use crate::plan::PlanOptions;
 use clap::{ArgAction, Parser, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Compression {
@@ -76,7 +76,10 @@ macro_rules! kaniko_bool {
     about = "Builds OCI images from Dockerfiles without a Docker daemon"
 )]
 pub struct ExecutorArgs {
-    /// Build context directory.
+    /// Build context: a directory, dir://PATH, tar://PATH (.tar, .tar.gz),
+    /// tar://stdin, git://HOST/REPO.git#REF#COMMIT, https://.../REPO.git,
+    /// s3://, gs://, az:// BUCKET/KEY.tar.gz or an Azure blob https URL
+    /// (docs/user-guide.md, "Build contexts").
     #[arg(short = 'c', long, default_value = ".")]
     pub context: PathBuf,
     /// Dockerfile path (default: <context>/Dockerfile; a relative path not
@@ -227,6 +230,20 @@ pub struct ExecutorArgs {
     pub push_retry: u32,
     #[arg(short = 'v', long, value_enum, default_value = "info")]
     pub verbosity: Verbosity,
+    // --- contexts flags (issue 15) ---
+    /// Build from this subdirectory of the (fetched) context.
+    #[arg(long, value_name = "PATH")]
+    pub context_sub_path: Option<String>,
+    /// Git context option `branch=NAME`, `single-branch=true|false`,
+    /// `recurse-submodules=true|false` or `insecure-skip-tls=true|false`
+    /// (repeatable; several may be given comma-separated).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub git: Vec<String>,
+    /// Bucket holding the context archive: a GCS bucket name, or
+    /// SCHEME://BUCKET[/KEY]; replaces a SCHEME:// or default --context, and
+    /// a plain --context that is no local path names the object in it.
+    #[arg(short = 'b', long)]
+    pub bucket: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +256,8 @@ pub enum CliError {
     TokenFile { path: String, message: String },
     #[error(transparent)]
     Tls(#[from] crate::cache::http::TlsFileError),
+    #[error(transparent)]
+    Context(#[from] crate::context_source::SourceError),
 }
 
 impl ExecutorArgs {
@@ -259,13 +278,23 @@ impl ExecutorArgs {
 
     /// The Dockerfile to read: `--dockerfile` as given if it exists, else
     /// relative to the context (Kaniko's rule); `<context>/Dockerfile` by
-    /// default.
+    /// default. For a context that is fetched, the driver resolves it
+    /// against the fetched directory instead.
     pub fn dockerfile_path(&self) -> PathBuf {
-        match &self.dockerfile {
-            None => self.context.join("Dockerfile"),
-            Some(p) if p.is_absolute() || p.exists() => p.clone(),
-            Some(p) => self.context.join(p),
-        }
+        crate::context_source::resolve_dockerfile(self.dockerfile.as_deref(), &self.context)
+    }
+
+    /// `--context` with `--bucket`, `--context-sub-path` and `--git`.
+    pub fn context_spec(&self) -> Result<crate::context_source::ContextSpec, CliError> {
+        let context = self.context.to_string_lossy();
+        Ok(crate::context_source::ContextSpec::parse(
+            &context,
+            context != ".",
+            self.bucket.as_deref(),
+            self.context_sub_path.as_deref(),
+            crate::context_source::GitOptions::parse(&self.git)?,
+            &|name| std::env::var(name).ok(),
+        )?)
     }
 
     /// Replaces the cache token with the content of `--cache-token-file`
@@ -305,10 +334,20 @@ impl ExecutorArgs {
         )?)
     }
 
+    /// The planner's options before the context is prepared: `context` is
+    /// the local directory (or, for one that must be fetched, the flag's
+    /// text) and `dockerfile` the flag as given, until
+    /// [`crate::context_source::ContextSpec::prepare`] (the driver, or
+    /// `--dry-run`) points both at the materialized context.
     pub fn plan_options(&self) -> Result<PlanOptions, CliError> {
+        let spec = self.context_spec()?;
+        let context = spec
+            .local_dir()
+            .map_or_else(|| self.context.clone(), Path::to_path_buf);
+        let dockerfile = self.dockerfile.clone();
         Ok(PlanOptions {
-            context: self.context.clone(),
-            dockerfile: Some(self.dockerfile_path()),
+            context,
+            dockerfile,
             build_args: self.build_args()?,
             target: self.target.clone(),
             platform: self.custom_platform.clone(),

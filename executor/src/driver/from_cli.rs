@@ -122,6 +122,7 @@ impl ExecutorArgs {
         };
         Ok(BuildOptions {
             plan: self.plan_options()?,
+            context_source: Some(self.context_spec()?),
             destinations: self.destination.clone(),
             no_push: self.no_push,
             oci_layout_path: self.oci_layout_path.clone(),
