@@ -30,6 +30,7 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 
 pub mod azurite;
+pub mod contexts;
 mod garage;
 pub mod hostile;
 pub mod s3;
