@@ -524,6 +524,7 @@ fn unpack_archive<R: Read + Send>(
         e.to_string()
             .replacen("layer entry", "archive entry", 1)
             .replace("the layer expands", "the archive expands")
+            .replacen("reading layer", "reading the archive", 1)
     })?;
     for warning in stats.warnings {
         tracing::warn!("build context: {warning}");

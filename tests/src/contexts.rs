@@ -23,6 +23,8 @@ pub fn context_archive(files: &[(&str, &str)], gzip: bool) -> Vec<u8> {
         header.set_mode(0o644);
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mtime(1_700_000_000);
+        header.set_uid(0);
+        header.set_gid(0);
         builder
             .append_data(&mut header, path, content.as_bytes())
             .expect("appending to an in-memory tar");

@@ -159,6 +159,9 @@ fn a_hostile_archive_is_refused_with_a_clear_error_and_writes_nothing_outside() 
     link.set_entry_type(tar::EntryType::Symlink);
     link.set_size(0);
     link.set_mode(0o777);
+    link.set_uid(0);
+    link.set_gid(0);
+    link.set_mtime(0);
     builder
         .append_link(&mut link, "escape", dir.path())
         .unwrap();
@@ -166,6 +169,9 @@ fn a_hostile_archive_is_refused_with_a_clear_error_and_writes_nothing_outside() 
     file.set_entry_type(tar::EntryType::Regular);
     file.set_size(4);
     file.set_mode(0o644);
+    file.set_uid(0);
+    file.set_gid(0);
+    file.set_mtime(0);
     builder
         .append_data(&mut file, "escape/pwned.txt", &b"evil"[..])
         .unwrap();
@@ -175,6 +181,9 @@ fn a_hostile_archive_is_refused_with_a_clear_error_and_writes_nothing_outside() 
     dotdot.set_entry_type(tar::EntryType::Regular);
     dotdot.set_size(0);
     dotdot.set_mode(0o644);
+    dotdot.set_uid(0);
+    dotdot.set_gid(0);
+    dotdot.set_mtime(0);
     dotdot.set_cksum();
     let mut archive = builder.into_inner().unwrap();
     let end = archive.len();

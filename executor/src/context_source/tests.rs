@@ -182,6 +182,9 @@ fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h.set_entry_type(tar::EntryType::Regular);
         builder.append_data(&mut h, name, *data).unwrap();
     }
@@ -232,6 +235,9 @@ fn a_hostile_archive_is_refused_and_leaves_nothing() {
     h.set_size(1);
     h.set_mode(0o644);
     h.set_entry_type(tar::EntryType::Regular);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
     h.set_cksum();
     let mut bytes = h.as_bytes().to_vec();
     bytes.extend_from_slice(&[b'x'; 512]);
