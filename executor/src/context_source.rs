@@ -326,6 +326,11 @@ impl ContextSpec {
                 git::fetch_into(git, &self.git, scratch.path(), &root, &unpack).map_err(fail)?;
             }
         }
+        // An empty stream (nothing piped into `tar://stdin`, an empty
+        // object) unpacks to nothing; say so instead of a missing Dockerfile.
+        if fs::read_dir(&root).map_or(true, |mut d| d.next().is_none()) {
+            return Err(fail("the archive is empty (no files)".into()));
+        }
         let dir = self.apply_sub_path(&root)?;
         Ok(Materialized {
             dir,

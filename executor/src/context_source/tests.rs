@@ -328,3 +328,23 @@ fn dockerfile_resolves_against_the_materialized_context() {
         PathBuf::from("/abs/D")
     );
 }
+
+#[test]
+fn an_empty_archive_is_an_error_not_an_empty_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("empty.tar");
+    fs::write(&archive, [0u8; 1024]).unwrap();
+    let err = ContextSpec::parse(
+        &format!("tar://{}", archive.display()),
+        true,
+        None,
+        None,
+        GitOptions::default(),
+        &env_none,
+    )
+    .unwrap()
+    .materialize(&dir.path().join("scratch"), 1 << 20)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("empty.tar") && err.contains("empty"), "{err}");
+}
