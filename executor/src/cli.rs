@@ -6,7 +6,7 @@
 
 use crate::plan::PlanOptions;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Compression {
@@ -79,7 +79,10 @@ macro_rules! kaniko_bool {
     args_override_self = true
 )]
 pub struct ExecutorArgs {
-    /// Build context directory.
+    /// Build context: a directory, dir://PATH, tar://PATH (.tar, .tar.gz),
+    /// tar://stdin, git://HOST/REPO.git#REF#COMMIT, https://.../REPO.git,
+    /// s3://, gs://, az:// BUCKET/KEY.tar.gz or an Azure blob https URL
+    /// (docs/user-guide.md, "Build contexts").
     #[arg(short = 'c', long, default_value = ".")]
     pub context: PathBuf,
     /// Dockerfile path (default: <context>/Dockerfile; a relative path not
@@ -297,16 +300,6 @@ pub struct ExecutorArgs {
     /// a warning when false).
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub skip_unused_stages: bool,
-    /// Sub path within the given context.
-    #[arg(long, value_name = "PATH")]
-    pub context_sub_path: Option<String>,
-    /// Git options for a git context: `branch=B`, `single-branch=true`,
-    /// `recurse-submodules=true`, `insecure-skip-tls=true` (repeatable).
-    #[arg(long, value_name = "K=V")]
-    pub git: Vec<String>,
-    /// GCS bucket holding the build context as a tarball.
-    #[arg(short = 'b', long)]
-    pub bucket: Option<String>,
     /// How many more times a base-image layer whose extraction failed is
     /// fetched again and extracted again.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -347,6 +340,20 @@ pub struct ExecutorArgs {
     /// push with the credentials found.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = kaniko_bool!())]
     pub skip_push_permission_check: bool,
+    // --- contexts flags (issue 15) ---
+    /// Build from this subdirectory of the (fetched) context.
+    #[arg(long, value_name = "PATH")]
+    pub context_sub_path: Option<String>,
+    /// Git context option `branch=NAME`, `single-branch=true|false`,
+    /// `recurse-submodules=true|false` or `insecure-skip-tls=true|false`
+    /// (repeatable; several may be given comma-separated).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub git: Vec<String>,
+    /// Bucket holding the context archive: a GCS bucket name, or
+    /// SCHEME://BUCKET[/KEY]; replaces a SCHEME:// or default --context, and
+    /// a plain --context that is no local path names the object in it.
+    #[arg(short = 'b', long)]
+    pub bucket: Option<String>,
 }
 
 /// A boolean as Go's `strconv.ParseBool` (pflag) reads it: `1`, `t`, `T`,
@@ -376,6 +383,8 @@ pub enum CliError {
     TokenFile { path: String, message: String },
     #[error(transparent)]
     Tls(#[from] crate::cache::http::TlsFileError),
+    #[error(transparent)]
+    Context(#[from] crate::context_source::SourceError),
 }
 
 impl ExecutorArgs {
@@ -396,13 +405,23 @@ impl ExecutorArgs {
 
     /// The Dockerfile to read: `--dockerfile` as given if it exists, else
     /// relative to the context (Kaniko's rule); `<context>/Dockerfile` by
-    /// default.
+    /// default. For a context that is fetched, the driver resolves it
+    /// against the fetched directory instead.
     pub fn dockerfile_path(&self) -> PathBuf {
-        match &self.dockerfile {
-            None => self.context.join("Dockerfile"),
-            Some(p) if p.is_absolute() || p.exists() => p.clone(),
-            Some(p) => self.context.join(p),
-        }
+        crate::context_source::resolve_dockerfile(self.dockerfile.as_deref(), &self.context)
+    }
+
+    /// `--context` with `--bucket`, `--context-sub-path` and `--git`.
+    pub fn context_spec(&self) -> Result<crate::context_source::ContextSpec, CliError> {
+        let context = self.context.to_string_lossy();
+        Ok(crate::context_source::ContextSpec::parse(
+            &context,
+            context != ".",
+            self.bucket.as_deref(),
+            self.context_sub_path.as_deref(),
+            crate::context_source::GitOptions::parse(&self.git)?,
+            &|name| std::env::var(name).ok(),
+        )?)
     }
 
     /// Replaces the cache token with the content of `--cache-token-file`
@@ -442,10 +461,20 @@ impl ExecutorArgs {
         )?)
     }
 
+    /// The planner's options before the context is prepared: `context` is
+    /// the local directory (or, for one that must be fetched, the flag's
+    /// text) and `dockerfile` the flag as given, until
+    /// [`crate::context_source::ContextSpec::prepare`] (the driver, or
+    /// `--dry-run`) points both at the materialized context.
     pub fn plan_options(&self) -> Result<PlanOptions, CliError> {
+        let spec = self.context_spec()?;
+        let context = spec
+            .local_dir()
+            .map_or_else(|| self.context.clone(), Path::to_path_buf);
+        let dockerfile = self.dockerfile.clone();
         Ok(PlanOptions {
-            context: self.context.clone(),
-            dockerfile: Some(self.dockerfile_path()),
+            context,
+            dockerfile,
             build_args: self.build_args()?,
             target: self.target.clone(),
             platform: self.custom_platform.clone(),

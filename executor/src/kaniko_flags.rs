@@ -30,9 +30,6 @@ pub enum Status {
     /// Accepted; it tunes something kiln does differently (the note says
     /// what kiln does instead).
     NoOp,
-    /// Accepted; its Kaniko meaning is being implemented under issue 15 and
-    /// is not there yet.
-    Pending,
 }
 
 impl Status {
@@ -41,7 +38,6 @@ impl Status {
             Status::Same => "same",
             Status::Different => "different",
             Status::NoOp => "no-op",
-            Status::Pending => "pending",
         }
     }
 }
@@ -84,7 +80,7 @@ const fn flag(
 }
 
 use Kind::{Bool, Repeated, Value};
-use Status::{Different, NoOp, Pending, Same};
+use Status::{Different, NoOp, Same};
 
 /// Every flag of Kaniko v1.24.0's executor, in Kaniko's documentation order.
 pub const FLAGS: &[KanikoFlag] = &[
@@ -92,8 +88,8 @@ pub const FLAGS: &[KanikoFlag] = &[
         "context",
         Some('c'),
         Value,
-        Different,
-        "Defaults to the working directory (Kaniko: `/workspace/`). Context schemes (`dir://`, `tar://`, `git://`, `s3://`, `gs://`, `az://`) are being added under issue 15.",
+        Same,
+        "A directory, `dir://`, `tar://` (a `.tar`/`.tar.gz` file or `stdin`), `git://` (over https; `GIT_PULL_METHOD`), `https://` (git when it ends in `.git`, an Azure blob, else a tarball), `s3://` (`S3_ENDPOINT`, `S3_FORCE_PATH_STYLE`), `gs://`; kiln also takes `az://`, `file://` and `GIT_PULL_METHOD=git`. A git context has no `.git` directory, so the same commit gives the same cache keys.",
     ),
     flag(
         "dockerfile",
@@ -270,9 +266,27 @@ pub const FLAGS: &[KanikoFlag] = &[
         NoOp,
         "kiln always builds only the stages the target needs. Warns when false.",
     ),
-    flag("context-sub-path", None, Value, Pending, ""),
-    flag("git", None, Repeated, Pending, "Options of a git context."),
-    flag("bucket", Some('b'), Value, Pending, ""),
+    flag(
+        "context-sub-path",
+        None,
+        Value,
+        Same,
+        "Also applied to local directories (Kaniko ignores it there); it may not leave the context.",
+    ),
+    flag(
+        "git",
+        None,
+        Repeated,
+        Same,
+        "`branch`, `single-branch`, `recurse-submodules`, `insecure-skip-tls`; repeatable or comma-separated; an unknown key is an error (Kaniko ignores it).",
+    ),
+    flag(
+        "bucket",
+        Some('b'),
+        Value,
+        Same,
+        "GCS unless the value has a scheme; replaces a `SCHEME://` or the default `--context`; a plain `--context` that is not a local path is the object's name in the bucket.",
+    ),
     flag(
         "insecure",
         None,

@@ -3,6 +3,7 @@ pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod context;
+pub mod context_source;
 pub mod dockerfile;
 pub mod dockerignore;
 pub mod driver;

@@ -72,7 +72,14 @@ fn build(args: &ExecutorArgs, log: &Logger) -> anyhow::Result<()> {
 }
 
 fn dry_run(args: &ExecutorArgs, log: &Logger) -> anyhow::Result<()> {
-    let opts = args.plan_options()?;
+    let mut opts = args.plan_options()?;
+    // A fetched context lives in a private temporary directory until the
+    // plan is printed.
+    let _context = args.context_spec()?.prepare(
+        &mut opts,
+        &std::env::temp_dir(),
+        kiln_executor::unpack::DEFAULT_MAX_EXPANDED_SIZE,
+    )?;
     let plan = kiln_executor::plan::plan(&opts)?;
     for warning in &plan.warnings {
         log.warn(warning);

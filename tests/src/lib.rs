@@ -31,6 +31,7 @@ use base64::Engine;
 
 pub mod azurite;
 pub mod cache_repo;
+pub mod contexts;
 mod garage;
 pub mod hostile;
 pub mod kaniko_registry;

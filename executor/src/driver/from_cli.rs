@@ -201,6 +201,7 @@ impl ExecutorArgs {
         let in_place = isolation.isolation == Isolation::None;
         Ok(BuildOptions {
             plan: self.plan_options()?,
+            context_source: Some(self.context_spec()?),
             destinations: self.destination.clone(),
             no_push: self.no_push,
             check_push_permission: !self.skip_push_permission_check && !self.no_push,

@@ -78,6 +78,10 @@ pub enum SnapshotterKind {
 #[derive(Clone)]
 pub struct BuildOptions {
     pub plan: PlanOptions,
+    /// Where the context comes from (`--context` and friends). When set,
+    /// the build materializes it in its scratch space first and points
+    /// `plan` at it; `None`: `plan.context` is a directory used as is.
+    pub context_source: Option<crate::context_source::ContextSpec>,
     pub destinations: Vec<String>,
     pub no_push: bool,
     /// Check, before anything is built, that every destination accepts a
@@ -369,6 +373,9 @@ struct Driver {
     /// This build's scratch space, removed at the end.
     work: PathBuf,
     context: Option<BuildContext>,
+    /// The materialized `--context` (removed when the driver drops).
+    #[allow(dead_code)]
+    context_dir: Option<crate::context_source::Materialized>,
     bases: HashMap<String, BaseImage>,
     stages: BTreeMap<usize, StageState>,
     steps: Vec<StepRecord>,
@@ -435,7 +442,7 @@ struct FailedStep {
 }
 
 impl Driver {
-    fn new(opts: BuildOptions, runtime: tokio::runtime::Runtime) -> Result<Self, BuildError> {
+    fn new(mut opts: BuildOptions, runtime: tokio::runtime::Runtime) -> Result<Self, BuildError> {
         let setup =
             |what: &str, e: &dyn std::fmt::Display| BuildError::Setup(format!("{what}: {e}"));
         if opts.isolation == Isolation::None
@@ -471,6 +478,18 @@ impl Driver {
                 .unwrap_or(0)
         ));
         fs::create_dir_all(&work).map_err(|e| setup("creating scratch space", &e))?;
+        // A fetched context lives in the scratch space, so it goes with it
+        // at the end of the build, failed or not.
+        let context_dir = match opts.context_source.clone() {
+            Some(spec) => Some(
+                spec.prepare(&mut opts.plan, &work, opts.max_layer_size)
+                    .map_err(|e| {
+                        let _ = fs::remove_dir_all(&work);
+                        BuildError::Setup(e.to_string())
+                    })?,
+            ),
+            None => None,
+        };
         let client = RegistryClient::new(opts.registry.clone())
             .map_err(|e| setup("setting up the registry client", &e))?;
         let kind = opts.snapshotter.unwrap_or(match opts.isolation {
@@ -532,6 +551,7 @@ impl Driver {
         }
         let cache = open_cache(&opts, runtime.handle().clone(), &opts.log);
         Ok(Driver {
+            context_dir,
             cache,
             keys: HashMap::new(),
             stage_last_key: HashMap::new(),
