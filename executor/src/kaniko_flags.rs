@@ -628,10 +628,12 @@ mod tests {
                 f.name
             );
         }
+        use crate::driver::from_cli::{REGISTRY_MAP_ENV, REGISTRY_MIRROR_ENV};
         for e in ENV_VARS {
             assert!(
                 cmd.get_arguments()
-                    .any(|a| a.get_env().is_some_and(|v| v == e.name)),
+                    .any(|a| a.get_env().is_some_and(|v| v == e.name))
+                    || [REGISTRY_MAP_ENV, REGISTRY_MIRROR_ENV].contains(&e.name),
                 "{} is read by no flag",
                 e.name
             );

@@ -130,6 +130,13 @@ pub fn choose_isolation(
 }
 
 /// Where blobs and unpacked layers are kept when `--cache-dir` is not given.
+/// Kaniko's environment variables that add mirrors and registry maps to
+/// the flags' (read here rather than as clap defaults: they are lists in
+/// their own syntax, and they add to the flags instead of standing in for
+/// them).
+pub const REGISTRY_MIRROR_ENV: &str = "KANIKO_REGISTRY_MIRROR";
+pub const REGISTRY_MAP_ENV: &str = "KANIKO_REGISTRY_MAP";
+
 pub fn default_state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("KILN_STATE_DIR") {
         return PathBuf::from(dir);
@@ -188,8 +195,8 @@ impl ExecutorArgs {
             return Err(OptionsError::NoOutput);
         }
         let registry = self.registry_options(
-            std::env::var("KANIKO_REGISTRY_MIRROR").ok(),
-            std::env::var("KANIKO_REGISTRY_MAP").ok(),
+            std::env::var(REGISTRY_MIRROR_ENV).ok(),
+            std::env::var(REGISTRY_MAP_ENV).ok(),
         )?;
         let isolation = choose_isolation(
             self.isolation,
