@@ -114,8 +114,11 @@ impl Pod {
         let mut env = self.env.clone();
         env.extend(variables.iter().map(|(k, v)| format!("{k}={v}")));
         // Mounts live in the job's own mount namespace and vanish with it.
+        // The rootfs is a mount point of its own, as a container runtime
+        // makes it (kiln makes `/` private in its step namespaces).
         let setup = r#"set -e
 mount --make-rprivate /
+mount --rbind "$1" "$1"
 mount -t proc proc "$1/proc"
 mount --rbind /dev "$1/dev"
 mount -t tmpfs tmpfs "$1/tmp"

@@ -168,6 +168,8 @@ fn sample_value(name: &str, ctx: &Path) -> String {
         "log-format" => "json".into(),
         "verbosity" => "debug".into(),
         "build-arg" | "label" | "git" => "branch=main".into(),
+        // A subdirectory of the context (here the context itself).
+        "context-sub-path" => ".".into(),
         "registry-certificate" => "reg.example=/nonexistent/ca.pem".into(),
         "registry-client-cert" => "reg.example=/nonexistent/c.pem,/nonexistent/k.pem".into(),
         "registry-map" => "index.docker.io=mirror.example".into(),
@@ -530,6 +532,8 @@ fn image_fs_extract_retry_fetches_a_damaged_base_layer_again() {
     let state = f.path("retry-state");
     let s = state.display().to_string();
     let host = registry.host();
+    // Extraction is what the flag retries: no layer images, which would
+    // let the build mount the layer converted by the first build.
     let args = [
         "--context",
         &c,
@@ -539,6 +543,7 @@ fn image_fs_extract_retry_fetches_a_damaged_base_layer_again() {
         &s,
         "--insecure-registry",
         &host,
+        "--mountable-layers=false",
     ];
     ok(&args, &[]);
     // Damage the pulled base layer and forget its unpacked form.

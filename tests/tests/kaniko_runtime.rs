@@ -498,8 +498,10 @@ fn a_slow_layer_download_prints_progress_every_two_seconds_and_a_fast_one_none()
     for pair in progress.windows(2) {
         const DAY: u64 = 86_400_000;
         let gap = (millis_of(&pair[1]["time"]) + DAY - millis_of(&pair[0]["time"])) % DAY;
+        // Every 2 s, never more often; a busy machine may delay a tick, but
+        // a CI log must still see one every few seconds.
         assert!(
-            (1900..=3000).contains(&gap),
+            (1900..=5000).contains(&gap),
             "one report every 2 s, not more often: {gap} ms"
         );
     }
