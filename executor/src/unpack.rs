@@ -132,20 +132,38 @@ pub fn decompress<'a, R: BufRead + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a
 
 /// Unpacks one (possibly compressed) layer into `root`. When `diff_id` is
 /// given, the uncompressed stream must hash to it or the unpack fails.
-///
-/// Decompression and hashing run on a second thread, handing the tar stream
-/// over in 1 MiB chunks through a bounded channel (4 chunks), so that they
-/// overlap with the file system work without memory growing with the layer.
+/// Decompression and hashing overlap with the file system work
+/// ([`with_decompressed`]).
 pub fn unpack_layer<R: Read + Send>(
     layer: R,
     root: &Path,
     opts: &UnpackOptions,
     diff_id: Option<&Digest>,
 ) -> Result<UnpackStats, UnpackError> {
+    let (result, produced) = with_decompressed(layer, diff_id, |tar| unpack_tar(tar, root, opts));
+    let stats = result?;
+    produced.map_err(UnpackError::Read)?;
+    Ok(stats)
+}
+
+/// Runs `consume` on the uncompressed tar stream of `layer`, decompressed
+/// (and, with `diff_id`, hashed against it) on a second thread that hands it
+/// over in 1 MiB chunks through a bounded channel (4 chunks): the two
+/// overlap, and memory does not grow with the layer. When `consume` returns
+/// early but successfully (the tar reader stops at the end-of-archive
+/// marker) the thread reads on to EOF, so the digest covers the padding
+/// after it too; when `consume` fails, the thread stops. Returns what
+/// `consume` returned and the thread's own outcome (a read, decompression
+/// or digest error), in that order of importance.
+pub(crate) fn with_decompressed<R: Read + Send, T, E>(
+    layer: R,
+    diff_id: Option<&Digest>,
+    consume: impl FnOnce(ChannelReader) -> Result<T, E>,
+) -> (Result<T, E>, io::Result<()>) {
     const CHUNK: usize = 1 << 20;
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
-    let unpack_failed = std::sync::atomic::AtomicBool::new(false);
-    let unpack_failed = &unpack_failed;
+    let consumer_failed = std::sync::atomic::AtomicBool::new(false);
+    let consumer_failed = &consumer_failed;
     std::thread::scope(|scope| {
         let producer = scope.spawn(move || -> io::Result<()> {
             let plain = decompress(BufReader::with_capacity(256 * 1024, layer))?;
@@ -153,11 +171,9 @@ pub fn unpack_layer<R: Read + Send>(
                 Some(d) => Box::new(VerifyingReader::new(plain, d.clone())),
                 None => plain,
             };
-            // The tar reader stops at the end-of-archive marker; reading on
-            // to EOF makes the digest cover the padding after it too.
             let mut consumer_gone = false;
             loop {
-                if unpack_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                if consumer_failed.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok(());
                 }
                 let mut buf = vec![0u8; CHUNK];
@@ -179,7 +195,7 @@ pub fn unpack_layer<R: Read + Send>(
                 }
                 buf.truncate(filled);
                 if !consumer_gone && tx.send(Ok(buf)).is_err() {
-                    // The tar reader finished (or failed); keep reading
+                    // The consumer finished (or failed); keep reading
                     // only to verify the digest.
                     consumer_gone = true;
                     if diff_id.is_none() {
@@ -193,21 +209,19 @@ pub fn unpack_layer<R: Read + Send>(
             buf: Vec::new(),
             pos: 0,
         };
-        let result = unpack_tar(reader, root, opts);
+        let result = consume(reader);
         if result.is_err() {
-            unpack_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            consumer_failed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let produced = producer
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("decompression thread panicked")));
-        let stats = result?;
-        produced.map_err(UnpackError::Read)?;
-        Ok(stats)
+        (result, produced)
     })
 }
 
 /// The reading end of the decompression thread's channel.
-struct ChannelReader {
+pub(crate) struct ChannelReader {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     buf: Vec<u8>,
     pos: usize,

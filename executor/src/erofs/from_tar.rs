@@ -16,16 +16,16 @@
 //! only on its layer.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek};
+use std::io::{self, Read, Seek};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use kiln_common::{Digest, VerifyingReader};
+use kiln_common::Digest;
 
 use super::writer::{ImageWriter, Kind, Meta, Node, NodeId, ROOT, WriteError};
 use crate::unpack::{
     ENTRY_OVERHEAD, MAX_SYMLINKS, OPAQUE_MARKER, PaxSparse, SparseError, WHITEOUT_PREFIX,
-    components, decompress, lossy, pax_value, read_pax, xattrs_of,
+    components, lossy, pax_value, read_pax, xattrs_of,
 };
 
 /// Largest sparse file (apparent size) converted; larger ones make the
@@ -78,97 +78,25 @@ pub fn convert_layer<R: Read + Send>(
         limit: max_expanded_size,
         tmp_dir,
     };
-    // Decompression and the diff_id's hash run on their own thread, handing
-    // the tar over in 1 MiB chunks (at most 4 in flight), so they overlap
-    // with the image writes and memory stays bounded.
-    const CHUNK: usize = 1 << 20;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
-    std::thread::scope(|scope| {
-        let producer = scope.spawn(move || -> io::Result<()> {
-            let plain = decompress(BufReader::with_capacity(256 * 1024, layer))?;
-            let mut src: Box<dyn Read> = match diff_id {
-                Some(d) => Box::new(VerifyingReader::new(plain, d.clone())),
-                None => plain,
-            };
-            loop {
-                let mut buf = vec![0u8; CHUNK];
-                let mut filled = 0;
-                while filled < CHUNK {
-                    match src.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let msg = e.to_string();
-                            let _ = tx.send(Err(e));
-                            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
-                        }
-                    }
-                }
-                if filled == 0 {
-                    return Ok(());
-                }
-                buf.truncate(filled);
-                // The converter stopped (an error): nothing more to verify
-                // for anyone.
-                if tx.send(Ok(buf)).is_err() {
-                    return Ok(());
-                }
-            }
-        });
-        let reader = ChunkReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-        };
+    // Decompression and the diff_id's hash run on their own thread, as for
+    // the unpacker, so they overlap with the image writes.
+    let (result, produced) = crate::unpack::with_decompressed(layer, diff_id, |reader| {
         let mut archive = tar::Archive::new(reader);
-        let result = (|| -> Result<(), ConvertError> {
-            for entry in archive.entries().map_err(ConvertError::Read)? {
-                let mut entry = entry.map_err(ConvertError::Read)?;
-                c.entry(&mut entry)?;
-            }
-            // The digest covers the padding after the end-of-archive
-            // marker too: read to the end, where a mismatch surfaces.
-            io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(ConvertError::Read)?;
-            Ok(())
-        })();
-        let produced = producer
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("decompression thread panicked")));
-        result?;
-        produced.map_err(ConvertError::Read)?;
+        for entry in archive.entries().map_err(ConvertError::Read)? {
+            let mut entry = entry.map_err(ConvertError::Read)?;
+            c.entry(&mut entry)?;
+        }
+        // The digest covers the padding after the end-of-archive marker
+        // too: read to the end, where a mismatch surfaces.
+        io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(ConvertError::Read)?;
         Ok::<(), ConvertError>(())
-    })?;
+    });
+    result?;
+    produced.map_err(ConvertError::Read)?;
     let Converter { w, mut stats, .. } = c;
     let (file, len) = w.finish()?;
     stats.image_bytes = len;
     Ok((file, stats))
-}
-
-/// The reading end of the decompression thread's channel.
-struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(Ok(chunk)) => {
-                    self.buf = chunk;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
 }
 
 struct Converter<'a> {
