@@ -1,6 +1,6 @@
 //! The HTTP API against the real binary: every route and status.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The auth matrix: 401 without or with a bad token, 403 for a missing
 //! scope, namespaces isolated from each other.
 
-mod common;
+use crate::common;
 
 use common::*;
 use kiln_cache_server::auth::{Scope, token_toml};

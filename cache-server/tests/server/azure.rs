@@ -7,7 +7,7 @@
 //! upload leaves nothing in the container, the start-up probe finds
 //! conditional writes honoured, and blob GETs can redirect to a SAS URL.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

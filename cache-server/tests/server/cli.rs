@@ -1,6 +1,6 @@
 //! `kiln-cache` against a running server (and offline on a data dir).
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 

@@ -1,6 +1,6 @@
 //! Crash safety: `kill -9` with many uploads and entry writes in flight.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! A full disk answers 507 while reads keep working. Needs root (tmpfs).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

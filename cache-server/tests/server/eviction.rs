@@ -1,6 +1,6 @@
 //! Size limit, LRU eviction, GC and TTL against the real binary.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,8 +4,8 @@
 //! found, and with repair deleted along with the entries naming it, only by
 //! the holder of the GC lease.
 
-mod common;
-mod s3_support;
+use crate::common;
+use crate::s3_support;
 
 use std::process::{Command, Output};
 use std::sync::Arc;

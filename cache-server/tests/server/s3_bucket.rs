@@ -1,7 +1,7 @@
 //! The bucket layer against a real S3-compatible server: verified uploads
 //! (single PUT and multipart), conditional entry creation, leases.
 
-mod s3_support;
+use crate::s3_support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

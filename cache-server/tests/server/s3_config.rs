@@ -4,8 +4,8 @@
 //! flags on the same bucket sees; a file holding a credential is refused
 //! before anything starts, saying where credentials go.
 
-mod common;
-mod s3_support;
+use crate::common;
+use crate::s3_support;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -8,8 +8,8 @@
 //! notice at start-up and keep entries first-writer-wins without it.
 //! (Every scenario of `s3_replicas.rs` also runs on Garage.)
 
-mod common;
-mod s3_support;
+use crate::common;
+use crate::s3_support;
 
 use std::time::{Duration, Instant};
 

@@ -5,8 +5,8 @@
 //! names, nor the reference marker protecting it, while another replica
 //! writes.
 
-mod common;
-mod s3_support;
+use crate::common;
+use crate::s3_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

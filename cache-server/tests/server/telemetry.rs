@@ -2,7 +2,7 @@
 //! real traffic, linted by Prometheus' own `promtool`, and log output that
 //! carries colour only on a terminal.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

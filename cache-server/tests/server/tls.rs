@@ -1,6 +1,6 @@
 //! TLS with rustls: HTTPS with HTTP/2 negotiated by ALPN.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
