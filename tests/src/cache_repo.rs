@@ -94,19 +94,13 @@ impl Registry {
     /// registry's credentials (none for a registry without auth).
     pub fn docker_config_dir(&self, parent: &Path) -> Result<PathBuf> {
         let dir = parent.join("docker-config");
-        std::fs::create_dir_all(&dir)?;
         let auths = match self.credentials() {
             Some((u, p)) => serde_json::json!({
-                self.host(): {
-                    "auth": base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-                }
+                self.host(): { "auth": crate::basic_auth_field(&u, &p) }
             }),
             None => serde_json::json!({}),
         };
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_vec(&serde_json::json!({ "auths": auths }))?,
-        )?;
+        crate::write_docker_config(&dir, &serde_json::json!({ "auths": auths }))?;
         Ok(dir)
     }
 }

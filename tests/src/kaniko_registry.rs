@@ -7,100 +7,48 @@
 //! `/kaniko/.docker/config.json` itself rather than a test-only path.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use anyhow::{Context, Result, bail};
-use base64::Engine;
+use anyhow::{Context, Result};
 
-use crate::{make_client_certificate, make_test_certificates, service_port};
+use crate::{Registry, RegistryAuth};
 
 /// A Distribution registry over TLS that refuses clients without a
-/// certificate signed by its CA (`http.tls.clientcas`); no other auth.
+/// certificate signed by its CA (`http.tls.clientcas`); no other auth. The
+/// harness's one registry launcher ([`Registry::start_mtls`]) under the
+/// names these tests use.
 pub struct MtlsRegistry {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
+    registry: Registry,
 }
 
 impl MtlsRegistry {
     pub fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        make_test_certificates(dir.path())?;
-        make_client_certificate(dir.path())?;
-        let port = service_port();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data)?;
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n    clientcas:\n      - {}\n",
-            data.display(),
-            dir.path().join("server.pem").display(),
-            dir.path().join("server.key").display(),
-            dir.path().join("ca.pem").display(),
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.path().join("registry.log"))?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting docker-registry (Debian package docker-registry)")?;
-        let reg = MtlsRegistry { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("mTLS registry did not listen: {}", reg.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(reg)
+        Ok(MtlsRegistry {
+            registry: Registry::start_mtls(RegistryAuth::None)?,
+        })
     }
 
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.registry.host()
     }
 
     /// The CA that signed both the server's and the client's certificate.
     pub fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
+        self.registry.ca_certificate()
     }
 
     /// `(client.pem, client.key)`
     pub fn client_identity(&self) -> (PathBuf, PathBuf) {
-        (
-            self.dir.path().join("client.pem"),
-            self.dir.path().join("client.key"),
-        )
+        self.registry.client_identity()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        self.registry.log()
     }
 }
 
-impl Drop for MtlsRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `auth` field of a `config.json` entry: base64 of `user:password`.
-pub fn basic_auth_field(user: &str, password: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-}
-
-/// Writes `dir/config.json` with `content` (a Docker config document).
-pub fn write_docker_config(dir: &Path, content: &serde_json::Value) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(content)?)?;
-    Ok(path)
-}
+// Docker `config.json` files are written by the harness's one writer.
+pub use crate::{basic_auth_field, write_docker_config};
 
 /// Writes an executable `dir/docker-credential-<name>` that, for `get`,
 /// appends the server read from stdin to `dir/<name>.log` and answers with

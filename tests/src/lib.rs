@@ -8,9 +8,13 @@
 //!   signing key's certificate is in the registry's `rootcertbundle`.
 //! - [`make_busybox_layout`] / [`push_busybox`]: an offline base image from
 //!   `busybox-static`, built with `umoci` and pushed with `skopeo`.
-//! - [`CacheServer`]: one `kiln-cache-server` on local storage.
+//! - [`cache_server`]: the one launcher of `kiln-cache-server` processes
+//!   (also used by the cache server's own tests); [`CacheServer`]: one on
+//!   local storage.
 //! - [`hostile::HostileCache`]: a cache server that lies, stalls, truncates
 //!   and corrupts, for the executor's "the cache never fails a build" tests.
+//! - [`world`]: a registry holding the busybox base plus a work directory,
+//!   and one way to run a build with a report (the build tests' setup).
 //! - [`s3`]: an S3-compatible server with a bucket, and `kiln-cache-server`
 //!   replicas on it (shared with the cache server's own S3 tests).
 //!
@@ -31,12 +35,14 @@ use base64::Engine;
 
 pub mod azurite;
 pub mod cache_repo;
+pub mod cache_server;
 pub mod contexts;
 mod garage;
 pub mod hostile;
 pub mod kaniko_registry;
 pub mod runtime;
 pub mod s3;
+pub mod world;
 
 /// Path of one of the workspace's binaries next to the running test
 /// (`target/<profile>/<name>`). `cargo test --workspace` builds them;
@@ -57,9 +63,10 @@ pub fn kiln_bin(name: &str) -> PathBuf {
 }
 
 /// A running `kiln-cache-server` on a free loopback port with its data in
-/// a temporary directory; killed on drop.
+/// a temporary directory; killed on drop. Started by the one launcher,
+/// [`cache_server::Launch`].
 pub struct CacheServer {
-    child: Option<Child>,
+    process: Option<cache_server::ServerProcess>,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -68,7 +75,7 @@ impl CacheServer {
     pub fn start() -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut server = CacheServer {
-            child: None,
+            process: None,
             port: service_port(),
             dir,
         };
@@ -79,32 +86,20 @@ impl CacheServer {
     /// (Re)starts the server on the same port and data directory.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
-        let log = std::fs::File::create(self.dir.path().join("server.log"))?;
-        let child = Command::new(kiln_bin("kiln-cache-server"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--data")
-            .arg(self.dir.path().join("data"))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting kiln-cache-server")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if http_get(self.port, "/healthz").is_ok_and(|(status, _)| status == 200) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("kiln-cache-server did not become healthy: {}", self.log())
+        let process = cache_server::Launch::listen(self.dir.path(), self.port)
+            .args([
+                std::ffi::OsStr::new("--data"),
+                self.dir.path().join("data").as_os_str(),
+            ])
+            .start();
+        self.process = Some(process);
+        Ok(())
     }
 
     /// Kills the server (SIGKILL) and waits for it.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill9();
         }
     }
 
@@ -127,12 +122,6 @@ impl CacheServer {
     /// GET a path; returns status and body.
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
         http_get(self.port, path)
-    }
-}
-
-impl Drop for CacheServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -165,6 +154,19 @@ fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// The `auth` field of a `config.json` entry: base64 of `user:password`.
+pub fn basic_auth_field(user: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+/// Writes `dir/config.json` with `content` (a Docker config document).
+pub fn write_docker_config(dir: &Path, content: &serde_json::Value) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(content)?)?;
+    Ok(path)
 }
 
 /// A port for a server a test starts that needs its port before it runs
@@ -297,13 +299,29 @@ pub struct Registry {
 impl Registry {
     /// A registry speaking plain HTTP.
     pub fn start(auth: RegistryAuth) -> Result<Self> {
-        Self::start_inner(auth, false)
+        Self::start_inner(auth, false, false)
     }
 
     /// A registry speaking HTTPS with a certificate for `127.0.0.1` issued
     /// by a fresh test CA ([`Registry::ca_certificate`]).
     pub fn start_tls(auth: RegistryAuth) -> Result<Self> {
-        Self::start_inner(auth, true)
+        Self::start_inner(auth, true, false)
+    }
+
+    /// A registry speaking HTTPS that refuses clients without a certificate
+    /// signed by its CA (`http.tls.clientcas`; [`Registry::client_identity`]
+    /// is one), with `auth` on top.
+    pub fn start_mtls(auth: RegistryAuth) -> Result<Self> {
+        Self::start_inner(auth, true, true)
+    }
+
+    /// `(client.pem, client.key)`: a client certificate from the registry's
+    /// CA (after [`Registry::start_mtls`]).
+    pub fn client_identity(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("client.pem"),
+            self.dir.path().join("client.key"),
+        )
     }
 
     /// The PEM CA certificate that signed a TLS registry's certificate.
@@ -311,7 +329,7 @@ impl Registry {
         self.dir.path().join("ca.pem")
     }
 
-    fn start_inner(auth: RegistryAuth, tls: bool) -> Result<Self> {
+    fn start_inner(auth: RegistryAuth, tls: bool, client_certs: bool) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = service_port();
         let data = dir.path().join("data");
@@ -343,11 +361,19 @@ impl Registry {
         };
         let tls_yaml = if tls {
             make_test_certificates(dir.path())?;
-            format!(
+            let mut yaml = format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 dir.path().join("server.pem").display(),
                 dir.path().join("server.key").display()
-            )
+            );
+            if client_certs {
+                make_client_certificate(dir.path())?;
+                yaml += &format!(
+                    "    clientcas:\n      - {}\n",
+                    dir.path().join("ca.pem").display()
+                );
+            }
+            yaml
         } else {
             String::new()
         };

@@ -20,6 +20,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use crate::cache_server::{Launch, ServerProcess};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -341,16 +343,14 @@ impl Drop for S3sFs {
 
 /// A `kiln-cache-server` replica on the test bucket (`--storage
 /// s3://BUCKET/prefix`) with its local index in a temporary directory, on a
-/// port it picks itself; SIGKILLed on drop, its log printed when the test
-/// panics.
+/// port it picks itself, started by [`crate::cache_server::Launch`];
+/// SIGKILLed on drop, its log printed when the test panics.
 pub struct Replica {
-    child: Option<Child>,
+    process: ServerProcess,
     /// `http://127.0.0.1:PORT`
     pub url: String,
     /// Its `--data` (local index cache), port file and log.
     pub data: tempfile::TempDir,
-    port: u16,
-    log: PathBuf,
 }
 
 impl Replica {
@@ -403,55 +403,22 @@ impl Replica {
         connect: impl FnOnce(&mut Command),
     ) -> Replica {
         let data = tempfile::tempdir().expect("a temporary directory for the replica");
-        let port_file = data.path().join("port");
-        let log = data.path().join("server.log");
-        let mut command = Command::new(binary);
-        command
-            .args(["--listen", "127.0.0.1:0", "--gc-interval", "0", "--data"])
-            .arg(data.path().join("data"))
-            .arg("--port-file")
-            .arg(&port_file)
+        let mut launch = Launch::binary(data.path(), binary, 0)
+            .args(["--gc-interval", "0", "--data"])
+            .args([data.path().join("data")])
             .args(["--storage", storage]);
-        connect(&mut command);
-        let child = command
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("the replica's log file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        let mut replica = Replica {
-            child: Some(child),
-            url: String::new(),
+        connect(launch.command());
+        let process = launch.args(extra).start();
+        Replica {
+            url: process.url.clone(),
+            process,
             data,
-            port: 0,
-            log,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(text) = fs::read_to_string(&port_file)
-                && let Ok(port) = text.trim().parse::<u16>()
-            {
-                replica.port = port;
-                replica.url = format!("http://127.0.0.1:{port}");
-                return replica;
-            }
-            if let Some(status) = replica.child.as_mut().and_then(|c| c.try_wait().ok()?) {
-                panic!("replica exited early ({status}):\n{}", replica.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica did not start within {START_TIMEOUT:?}:\n{}",
-                replica.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// What the replica logged so far.
     pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -460,33 +427,18 @@ impl Replica {
 
     /// GET a path; returns status and body.
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
-        crate::http_get(self.port, path)
+        self.process.get(path)
     }
 
     /// The sum of the Prometheus samples named `sample` (`name{labels}` as
     /// printed) on `/metrics`; 0 when absent or when the replica does not
     /// answer.
     pub fn metric(&self, sample: &str) -> f64 {
-        match self.get("/metrics") {
-            Ok((200, body)) => crate::metric_sum(&body, sample),
-            _ => 0.0,
-        }
+        self.process.metric(sample)
     }
 
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- replica {} log ----\n{}", self.url, self.log_text());
-        }
+        self.process.kill9();
     }
 }

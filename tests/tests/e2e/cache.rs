@@ -8,38 +8,25 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_e2e::{CacheServer, Registry, RegistryAuth, kiln_bin, push_busybox};
+use kiln_e2e::world::{BuildWorld, executor_build};
+use kiln_e2e::{CacheServer, RegistryAuth, kiln_bin};
 
+/// The shared setup ([`BuildWorld`]: a registry with busybox, a work
+/// directory) plus one cache server.
 struct Env {
-    registry: Registry,
+    world: BuildWorld,
     server: CacheServer,
-    work: tempfile::TempDir,
 }
 
 impl Env {
     fn new() -> Self {
-        let registry = Registry::start(RegistryAuth::None).unwrap();
-        let work = tempfile::tempdir().unwrap();
-        push_busybox(&registry, work.path(), "library/busybox:latest", &[]).unwrap();
+        let world = BuildWorld::start(RegistryAuth::None).unwrap();
         let server = CacheServer::start().unwrap();
-        Env {
-            registry,
-            server,
-            work,
-        }
+        Env { world, server }
     }
 
     fn context(&self, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir = self.work.path().join(name);
-        fs::create_dir_all(&dir).unwrap();
-        let base = self.registry.reference("library/busybox:latest");
-        fs::write(dir.join("Dockerfile"), dockerfile.replace("BASE", &base)).unwrap();
-        for (rel, content) in files {
-            let p = dir.join(rel);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, content).unwrap();
-        }
-        dir
+        self.world.context(name, dockerfile, files)
     }
 
     /// Runs one build with fresh or given state; returns the process output
@@ -51,26 +38,11 @@ impl Env {
         dest: &str,
         extra: &[&str],
     ) -> (Output, serde_json::Value) {
-        let report = state.with_extension("report.json");
-        let out = Command::new(kiln_bin("kiln-executor"))
-            .arg("--context")
-            .arg(ctx)
-            .arg("--destination")
-            .arg(self.registry.reference(dest))
-            .args(["--insecure-registry", &self.registry.host()])
-            .args(["--cache-server", &self.server.url(), "--reproducible"])
-            .arg("--cache-dir")
-            .arg(state)
-            .arg("--report")
-            .arg(&report)
-            .args(extra)
-            .output()
-            .unwrap();
-        let parsed = fs::read(&report)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
-        (out, parsed)
+        let dest = self.world.registry.reference(dest);
+        let url = self.server.url();
+        let mut args = vec!["--destination", &dest, "--cache-server", &url];
+        args.extend_from_slice(extra);
+        executor_build(&self.world.registry, ctx, state, &args, |_| {})
     }
 
     fn build_ok(&self, ctx: &Path, state: &Path, dest: &str, extra: &[&str]) -> serde_json::Value {
@@ -84,7 +56,15 @@ impl Env {
     }
 
     fn fresh_state(&self, name: &str) -> PathBuf {
-        self.work.path().join(format!("state-{name}"))
+        self.world.state(name)
+    }
+}
+
+impl std::ops::Deref for Env {
+    type Target = BuildWorld;
+
+    fn deref(&self) -> &BuildWorld {
+        &self.world
     }
 }
 

@@ -6,10 +6,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use kiln_e2e::RegistryAuth;
 use kiln_e2e::cache_repo::Request;
-use kiln_e2e::{Registry, RegistryAuth, kiln_bin, push_busybox};
+use kiln_e2e::world::{BuildWorld, executor_build};
 
 const CACHE: &str = "team/cache";
 
@@ -22,37 +23,38 @@ const DOCKERFILE: &str = "FROM BASE\n\
     RUN cat /a.txt /b.txt > /ab\n\
     RUN echo six > /six\n";
 
+/// The shared setup ([`BuildWorld`]: a registry with busybox, a work
+/// directory) plus a `DOCKER_CONFIG` with the registry's credentials.
 struct Env {
-    registry: Registry,
-    work: tempfile::TempDir,
+    world: BuildWorld,
     docker_config: PathBuf,
+}
+
+impl std::ops::Deref for Env {
+    type Target = BuildWorld;
+
+    fn deref(&self) -> &BuildWorld {
+        &self.world
+    }
 }
 
 impl Env {
     fn new(auth: RegistryAuth) -> Self {
-        let registry = Registry::start(auth).unwrap();
-        let work = tempfile::tempdir().unwrap();
-        push_busybox(&registry, work.path(), "library/busybox:latest", &[]).unwrap();
-        let docker_config = registry.docker_config_dir(work.path()).unwrap();
+        let world = BuildWorld::start(auth).unwrap();
+        let docker_config = world.registry.docker_config_dir(world.work.path()).unwrap();
         Env {
-            registry,
-            work,
+            world,
             docker_config,
         }
     }
 
     fn context(&self, name: &str, b: &str) -> PathBuf {
-        let dir = self.work.path().join(name);
-        fs::create_dir_all(&dir).unwrap();
-        let base = self.registry.reference("library/busybox:latest");
-        fs::write(dir.join("Dockerfile"), DOCKERFILE.replace("BASE", &base)).unwrap();
-        fs::write(dir.join("a.txt"), "alpha\n").unwrap();
-        fs::write(dir.join("b.txt"), b).unwrap();
-        dir
+        self.world
+            .context(name, DOCKERFILE, &[("a.txt", "alpha\n"), ("b.txt", b)])
     }
 
     fn state(&self, name: &str) -> PathBuf {
-        self.work.path().join(format!("state-{name}"))
+        self.world.state(name)
     }
 
     /// One build with the state directory `state` (fresh unless reused),
@@ -65,28 +67,13 @@ impl Env {
         dest: &str,
         extra: &[&str],
     ) -> (Output, serde_json::Value) {
-        let report = state.with_extension("report.json");
-        let out = Command::new(kiln_bin("kiln-executor"))
-            .env("DOCKER_CONFIG", &self.docker_config)
-            .arg("--context")
-            .arg(ctx)
-            .arg("--destination")
-            .arg(self.registry.reference(dest))
-            .args(["--insecure-registry", &self.registry.host()])
-            .args(["--cache-repo", &self.registry.reference(CACHE)])
-            .arg("--reproducible")
-            .arg("--cache-dir")
-            .arg(state)
-            .arg("--report")
-            .arg(&report)
-            .args(extra)
-            .output()
-            .unwrap();
-        let parsed = fs::read(&report)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
-        (out, parsed)
+        let dest = self.registry.reference(dest);
+        let cache = self.registry.reference(CACHE);
+        let mut args = vec!["--destination", &dest, "--cache-repo", &cache];
+        args.extend_from_slice(extra);
+        executor_build(&self.registry, ctx, state, &args, |cmd| {
+            cmd.env("DOCKER_CONFIG", &self.docker_config);
+        })
     }
 
     fn build_ok(

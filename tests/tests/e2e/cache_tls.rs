@@ -8,79 +8,33 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
+use kiln_e2e::cache_server::{Launch, ServerProcess};
 use kiln_e2e::{
     Registry, RegistryAuth, kiln_bin, make_client_certificate, make_test_certificates, push_busybox,
 };
 
-/// A TLS cache server (mutual TLS, tokens) on a port it picked.
-struct TlsServer {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
+/// A TLS cache server (mutual TLS, tokens) on a port it picked, started by
+/// the harness's one launcher.
+struct TlsServer;
 
 impl TlsServer {
-    fn start(dir: &Path, tokens: &Path) -> Self {
-        let port_file = dir.join("port");
-        let log = dir.join("server.log");
-        let child = Command::new(kiln_bin("kiln-cache-server"))
-            .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(dir.join("data"))
-            .arg("--port-file")
-            .arg(&port_file)
-            .arg("--tls-cert")
-            .arg(dir.join("server.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("server.key"))
-            .arg("--tls-client-ca")
-            .arg(dir.join("ca.pem"))
-            .arg("--tokens")
-            .arg(tokens)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut server = TlsServer {
-            child,
-            url: String::new(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(port) = fs::read_to_string(&port_file)
-                .ok()
-                .and_then(|t| t.trim().parse::<u16>().ok())
-            {
-                server.url = format!("https://127.0.0.1:{port}");
-                return server;
-            }
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("server exited ({status}): {}", server.log_text());
-            }
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start(dir: &Path, tokens: &Path) -> ServerProcess {
+        Launch::new(dir)
+            .tls()
+            .args([Path::new("--data"), &dir.join("data")])
+            .args([Path::new("--tls-cert"), &dir.join("server.pem")])
+            .args([Path::new("--tls-key"), &dir.join("server.key")])
+            .args([Path::new("--tls-client-ca"), &dir.join("ca.pem")])
+            .args([Path::new("--tokens"), tokens])
+            .start()
     }
 }
 
 struct Env {
     registry: Registry,
-    server: TlsServer,
+    server: ServerProcess,
     dir: tempfile::TempDir,
     token_file: PathBuf,
 }

@@ -8,18 +8,21 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use kiln_e2e::hostile::{BlobAnswer, HostileCache, LookupAnswer};
-use kiln_e2e::{CacheServer, Registry, RegistryAuth, kiln_bin, push_busybox};
+use kiln_e2e::world::{BuildWorld, executor_build};
+use kiln_e2e::{CacheServer, Registry, RegistryAuth};
 
 const DOCKERFILE: &str = "FROM BASE\nRUN echo one > /one\nRUN cat /one > /two\n";
 
 /// A registry with busybox, a context, and what a real cache server
 /// recorded for line 2 after a warm build: its key, entry and layer bytes.
+/// The shared setup ([`BuildWorld`]: a registry with busybox, a work
+/// directory) after one warm build through a real cache server, with what
+/// the lying caches answer.
 struct World {
-    registry: Registry,
-    work: tempfile::TempDir,
+    world: BuildWorld,
     ctx: PathBuf,
     key: String,
     entry: String,
@@ -32,20 +35,16 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let registry = Registry::start(RegistryAuth::None).unwrap();
-        let work = tempfile::tempdir().unwrap();
-        push_busybox(&registry, work.path(), "library/busybox:latest", &[]).unwrap();
-        let ctx = work.path().join("ctx");
-        fs::create_dir_all(&ctx).unwrap();
-        let base = registry.reference("library/busybox:latest");
-        fs::write(ctx.join("Dockerfile"), DOCKERFILE.replace("BASE", &base)).unwrap();
+        let world = BuildWorld::start(RegistryAuth::None).unwrap();
+        let ctx = world.context("ctx", DOCKERFILE, &[]);
+        let (registry, work) = (&world.registry, &world.work);
         let base_layer = registry.skopeo_inspect("library/busybox:latest").unwrap()["Layers"][0]
             .as_str()
             .unwrap()
             .to_string();
         let server = CacheServer::start().unwrap();
         let state = work.path().join("warm");
-        let (out, report) = build(&registry, &ctx, &state, &server.url(), &[]);
+        let (out, report) = build(registry, &ctx, &state, &server.url(), &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         let step = &report["steps"].as_array().unwrap()[1];
         assert_eq!(step["line"], 2);
@@ -65,8 +64,7 @@ impl World {
         let layer3 =
             fs::read(state.join("store/blobs/sha256").join(&hex3[..2]).join(hex3)).unwrap();
         World {
-            registry,
-            work,
+            world,
             ctx,
             key,
             entry,
@@ -89,7 +87,15 @@ impl World {
     }
 
     fn state(&self, name: &str) -> PathBuf {
-        self.work.path().join(format!("state-{name}"))
+        self.world.state(name)
+    }
+}
+
+impl std::ops::Deref for World {
+    type Target = BuildWorld;
+
+    fn deref(&self) -> &BuildWorld {
+        &self.world
     }
 }
 
@@ -100,29 +106,12 @@ fn build(
     cache: &str,
     extra: &[&str],
 ) -> (Output, serde_json::Value) {
-    let report = state.with_extension("report.json");
-    let out = Command::new(kiln_bin("kiln-executor"))
-        .arg("--context")
-        .arg(ctx)
-        .args(["--insecure-registry", &registry.host()])
-        .args(["--cache-server", cache, "--reproducible"])
-        .arg("--cache-dir")
-        .arg(state)
-        .arg("--report")
-        .arg(&report)
-        .args(extra)
-        .args(if extra.iter().any(|a| a.starts_with("--destination")) {
-            &[][..]
-        } else {
-            &["--no-push"][..]
-        })
-        .output()
-        .unwrap();
-    let parsed = fs::read(&report)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (out, parsed)
+    let mut args = vec!["--cache-server", cache];
+    args.extend_from_slice(extra);
+    if !extra.iter().any(|a| a.starts_with("--destination")) {
+        args.push("--no-push");
+    }
+    executor_build(registry, ctx, state, &args, |_| {})
 }
 
 fn stderr(out: &Output) -> String {

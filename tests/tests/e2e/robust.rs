@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{kiln_bin, run, service_port, unmount_below};
+use kiln_e2e::cache_server::{Launch, ServerProcess};
+use kiln_e2e::{kiln_bin, run, unmount_below};
 
 /// Runs kiln-executor with `--cache-dir state`, killing it after `limit`
 /// (a hang is a failure, not a stuck test).
@@ -61,27 +62,27 @@ fn context(dir: &Path, dockerfile: &str) -> PathBuf {
 // ---------------------------------------------------------------------------
 // The cache server under a flood of idle connections.
 
-/// `kiln-cache-server` with a 256-file limit and a 1 s header timeout.
+/// `kiln-cache-server` with a 256-file limit and a 1 s header timeout,
+/// started by the harness's one launcher behind `prlimit` (which execs it:
+/// the pid is the server's).
 struct LimitedServer {
-    child: Child,
+    process: ServerProcess,
     port: u16,
-    dir: tempfile::TempDir,
     tls: bool,
+    _dir: tempfile::TempDir,
 }
 
 impl LimitedServer {
     fn start(tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = service_port();
-        let log = fs::File::create(dir.path().join("server.log")).unwrap();
-        let mut cmd = Command::new("prlimit");
-        cmd.arg("--nofile=256:256")
-            .arg(kiln_bin("kiln-cache-server"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data")
-            .arg(dir.path().join("data"))
-            .args(["--header-read-timeout", "1s"]);
+        let mut launch = Launch::program(dir.path(), Path::new("prlimit"))
+            .args(["--nofile=256:256"])
+            .args([kiln_bin("kiln-cache-server")]);
+        let port_file = launch.port_file().to_owned();
+        launch = launch
+            .args(["--listen", "127.0.0.1:0", "--header-read-timeout", "1s"])
+            .args([Path::new("--port-file"), &port_file])
+            .args([Path::new("--data"), &dir.path().join("data")]);
         if tls {
             let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
             run(Command::new("openssl")
@@ -100,18 +101,15 @@ impl LimitedServer {
                 .arg(&cert)
                 .stderr(Stdio::null()))
             .unwrap();
-            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            launch = launch.args([Path::new("--tls-cert"), &cert, Path::new("--tls-key"), &key]);
+            launch = launch.tls();
         }
-        let child = cmd
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let process = launch.start();
         let server = LimitedServer {
-            child,
-            port,
-            dir,
+            port: process.port,
+            process,
             tls,
+            _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while server.healthz(Duration::from_secs(2)).is_err() {
@@ -122,7 +120,7 @@ impl LimitedServer {
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// GET /healthz with curl (plain or TLS), within `limit`.
@@ -143,7 +141,7 @@ impl LimitedServer {
 
     /// User plus system CPU time of the server, from /proc.
     fn cpu_time(&self) -> Duration {
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.process.pid())).unwrap();
         let fields: Vec<&str> = stat
             .rsplit_once(')')
             .unwrap()
@@ -153,13 +151,6 @@ impl LimitedServer {
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
         // USER_HZ is 100 on every Linux this runs on.
         Duration::from_millis(ticks * 10)
-    }
-}
-
-impl Drop for LimitedServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -237,25 +228,11 @@ fn half_open_connections_do_not_stop_the_tls_listener() {
 #[test]
 fn an_upload_that_stalls_fails_after_the_body_read_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let port = service_port();
-    let mut child = Command::new(kiln_bin("kiln-cache-server"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data")
-        .arg(dir.path().join("data"))
+    let mut server = Launch::new(dir.path())
+        .args([Path::new("--data"), &dir.path().join("data")])
         .args(["--body-read-timeout", "1s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut s = loop {
-        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
-            break s;
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        .start();
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     let digest = format!("sha256:{}", "ab".repeat(32));
     write!(
         s,
@@ -267,8 +244,7 @@ fn an_upload_that_stalls_fails_after_the_body_read_timeout() {
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
     let waited = started.elapsed();
-    let _ = child.kill();
-    let _ = child.wait();
+    server.kill9();
     assert!(
         waited < Duration::from_secs(10),
         "the stalled upload held the connection for {waited:?}"

@@ -1,27 +1,29 @@
 //! Shared helpers for the integration tests: a real `kiln-cache-server`
 //! process on 127.0.0.1 with a port it picked, killed when the guard drops.
+//! It is started by the workspace's one launcher,
+//! `kiln_e2e::cache_server::Launch`, as the end-to-end tests' servers are.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_common::{CacheEntry, CacheKey, Digest, LayerDescriptor};
+use kiln_e2e::cache_server::{Launch, ServerProcess};
 use sha2::Digest as _;
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_kiln-cache-server");
 pub const CLI: &str = env!("CARGO_BIN_EXE_kiln-cache");
 
-/// A running server; killed (SIGKILL) and reaped on drop.
+/// A running server on `data` (a [`ServerProcess`]: `url`, `port`, `log`,
+/// `log_text()`, `pid()`, `kill9()`, `terminate()`); killed (SIGKILL) and
+/// reaped on drop, its log printed when the test panics.
 pub struct Server {
-    child: Option<Child>,
-    pub url: String,
-    pub port: u16,
+    process: ServerProcess,
     pub data: PathBuf,
-    pub log: PathBuf,
     work: tempfile::TempDir,
 }
 
@@ -35,93 +37,30 @@ impl Server {
     /// [`Server::start`] with extra environment variables.
     pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let work = tempfile::tempdir().unwrap();
-        let port_file = work.path().join("port");
-        let log = work.path().join("server.log");
-        let child = Command::new(SERVER)
-            .args(["--listen", "127.0.0.1:0", "--gc-interval", "0", "--data"])
-            .arg(data)
-            .arg("--port-file")
-            .arg(&port_file)
-            .args(extra)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut server = Server {
-            child: Some(child),
-            url: String::new(),
-            port: 0,
+        let mut launch = Launch::binary(work.path(), Path::new(SERVER), 0)
+            .args(["--gc-interval", "0", "--data"])
+            .args([data])
+            .args(extra);
+        launch.command().envs(env.iter().copied());
+        Server {
+            process: launch.start(),
             data: data.to_owned(),
-            log,
             work,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(text) = fs::read_to_string(&port_file)
-                && let Ok(port) = text.trim().parse::<u16>()
-            {
-                server.port = port;
-                server.url = format!("http://127.0.0.1:{port}");
-                return server;
-            }
-            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited early ({status}):\n{}", server.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not start:\n{}",
-                server.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    /// `kill -9` and reap.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then wait up to `timeout` for a clean exit.
-    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("server already stopped");
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("server ignored SIGTERM:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- server log ----\n{}", self.log_text());
-        }
+impl Deref for Server {
+    type Target = ServerProcess;
+
+    fn deref(&self) -> &ServerProcess {
+        &self.process
+    }
+}
+
+impl DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut ServerProcess {
+        &mut self.process
     }
 }
 
