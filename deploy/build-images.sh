@@ -19,9 +19,12 @@
 #     `cargo build --release --workspace --locked --bins` in
 #     $CARGO_TARGET_DIR (default: target/);
 #   - the executor inside the image: static glibc, without the embedded cache
-#     (RocksDB), in its own target directory so that its RUSTFLAGS do not
-#     invalidate the main one: $KILN_STATIC_TARGET_DIR, default
-#     ${CARGO_TARGET_DIR}-static, else target/static.
+#     (RocksDB), built with `--target <triple>` into the same target
+#     directory: its crates (with the static RUSTFLAGS) go to <triple>/release
+#     and never invalidate the main build's, while the build scripts and proc
+#     macros, which run on the host without those flags, are the main build's
+#     and are not compiled twice. $KILN_STATIC_TARGET_DIR chooses another
+#     directory.
 # The image's executor must have no ELF interpreter: with `--isolation none`
 # it unpacks the image being built over /. The cache server may be dynamic;
 # its loader and libraries (from ldd) are copied into its image at their host
@@ -33,6 +36,8 @@
 #                        and HOST/REPO/cache-server:VERSION
 #   --check              after --oci-layout, run deploy/check-images.sh on DIR
 #   --no-build           do not run cargo; use the binaries already built
+#   --build-only         only run cargo (and check the static executor), build
+#                        no image (.ci/run times the compile on its own)
 #   --bin-dir DIR        take kiln-executor (static, for the image),
 #                        kiln-cache-server and kiln-cache from DIR instead
 #                        (implies --no-build)
@@ -55,6 +60,7 @@ registry=""
 version=""
 check=false
 build=true
+build_only=false
 keep_context=false
 bin_dir=""
 builder=""
@@ -66,6 +72,7 @@ while (($#)); do
     --registry) registry=${2:?--registry needs HOST/REPO}; shift 2 ;;
     --check) check=true; shift ;;
     --no-build) build=false; shift ;;
+    --build-only) build_only=true; shift ;;
     --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; build=false; shift 2 ;;
     --builder) builder=${2:?--builder needs a file}; shift 2 ;;
     --version) version=${2:?--version needs a value}; shift 2 ;;
@@ -76,7 +83,11 @@ while (($#)); do
   esac
 done
 
-if [[ -n "$oci_layout" && -n "$registry" ]] || [[ -z "$oci_layout" && -z "$registry" ]]; then
+if $build_only; then
+  if [[ -n "$oci_layout$registry$bin_dir" ]] || ! $build || $check; then
+    die "--build-only takes no --oci-layout, --registry, --check, --no-build or --bin-dir"
+  fi
+elif [[ -n "$oci_layout" && -n "$registry" ]] || [[ -z "$oci_layout" && -z "$registry" ]]; then
   die "give exactly one of --oci-layout DIR or --registry HOST/REPO"
 fi
 if $check && [[ -z "$oci_layout" ]]; then
@@ -101,13 +112,8 @@ fi
 # --- binaries ---------------------------------------------------------------
 main_target=${CARGO_TARGET_DIR:-$repo_root/target}
 main_target=${main_target%/}
-if [[ -n "${KILN_STATIC_TARGET_DIR:-}" ]]; then
-  static_target=${KILN_STATIC_TARGET_DIR%/}
-elif [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
-  static_target=$main_target-static
-else
-  static_target=$repo_root/target/static
-fi
+static_target=${KILN_STATIC_TARGET_DIR:-$main_target}
+static_target=${static_target%/}
 triple="$(uname -m)-unknown-linux-gnu"
 if [[ -n "$bin_dir" ]]; then
   static_exe="$bin_dir/kiln-executor"
@@ -154,6 +160,10 @@ fi
 if [[ -z "$bin_dir" ]]; then
   help=$("$static_exe" --help 2>&1) || die "$static_exe --help fails: $help"
   grep -q '^Usage: kiln-executor' <<<"$help" || die "$static_exe --help does not print its usage"
+fi
+if $build_only; then
+  say "binaries built; no images (--build-only)"
+  exit 0
 fi
 if has_interp "$busybox_bin" || needs_libs "$busybox_bin"; then
   die "$busybox_bin is dynamic; install busybox-static"
