@@ -4,7 +4,7 @@
 # `prometheus` package, unpacked rather than installed: installing the
 # package would also start a Prometheus server on :9090, a service nobody
 # asked for. Used by scripts/prereqs.sh (the metrics test in
-# cache-server/tests/telemetry.rs) and scripts/validate-deploy.sh (the
+# cache-server/tests/server/telemetry.rs) and scripts/validate-deploy.sh (the
 # alert and recording rules of deploy/kubernetes).
 set -euo pipefail
 

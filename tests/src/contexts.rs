@@ -1,4 +1,4 @@
-//! Build-context sources for the context tests (`tests/tests/kaniko_contexts.rs`):
+//! Build-context sources for the context tests (`tests/tests/e2e/kaniko_contexts.rs`):
 //! context archives made in memory, a local git repository made with the
 //! `git` CLI and served by `git daemon` on a probed 127.0.0.1 port, and the
 //! files of an image kiln wrote as an OCI layout. The daemon is killed

@@ -1,5 +1,5 @@
 //! Helpers for the Kaniko-compatibility tests of the registry client
-//! (`tests/tests/kaniko_registry.rs`): a Distribution registry that requires
+//! (`tests/tests/e2e/kaniko_registry.rs`): a Distribution registry that requires
 //! client certificates ([`MtlsRegistry`]), Docker `config.json` files and
 //! credential helpers written as Docker writes them, and a way to run a
 //! command with a directory mounted at the real `/kaniko` path in a

@@ -1,4 +1,4 @@
-//! Helpers shared by the end-to-end tests under `tests/tests/`.
+//! Helpers shared by the end-to-end tests under `tests/tests/e2e/`.
 //!
 //! - [`Registry`]: a real Distribution 2.8 registry (Debian's
 //!   `docker-registry`) on a free 127.0.0.1 port, with its storage and config

@@ -1,8 +1,8 @@
 //! S3-compatible object storage for tests: an [`S3Server`] on 127.0.0.1
 //! with one empty bucket, and [`Replica`]s of `kiln-cache-server` pointed at
 //! it (`--storage s3://...`). The cache server's own tests
-//! (`cache-server/tests/s3_*.rs`) and the workspace's end-to-end tests
-//! (`tests/tests/replicas.rs`) share this one copy.
+//! (`cache-server/tests/server/s3_*.rs`) and the workspace's end-to-end tests
+//! (`tests/tests/e2e/replicas.rs`) share this one copy.
 //!
 //! Callers see only what any S3-compatible server has: an endpoint, a
 //! region, credentials, a bucket name, a scratch root and a log, and

@@ -3,7 +3,7 @@
 //! `platform os/arch`, `dockerfile relative/path`) and either the expected
 //! `--dry-run` plan (`expected.json`) or a substring of the expected error
 //! (`expected_error.txt`, the path of the corpus directory left out).
-//! `KILN_BLESS=1 cargo test --release -p kiln-executor --test golden`
+//! `KILN_BLESS=1 cargo test --release -p kiln-executor --test frontend golden::`
 //! rewrites them; review every change by eye before committing it.
 
 use kiln_executor::plan::{PlanOptions, plan};

@@ -7,7 +7,7 @@
 //!
 //! Entries written through a replica that is then killed, with no build
 //! running, are found through the survivors at the HTTP level in
-//! `cache-server/tests/s3_replicas.rs`
+//! `cache-server/tests/server/s3_replicas.rs`
 //! (`killing_a_replica_mid_sequence_leaves_the_others_serving`); the second
 //! build here shows the same through an executor.
 
