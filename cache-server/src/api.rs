@@ -28,8 +28,8 @@ use tracing::{debug, error, warn};
 
 use crate::auth::{Auth, AuthError, Principal, Scope};
 use crate::backend::{Backend, Upload};
-use crate::store::{BlobCommit, EntryRecord, PutOutcome, Stats, StoreError};
 use crate::telemetry as t;
+use kiln_storage::{BlobCommit, EntryRecord, PutOutcome, Stats, StoreError};
 
 /// Largest JSON request body (lookups, entries) we read; a full lookup of
 /// MAX_LOOKUP_KEYS keys is ~70 KiB.
@@ -746,7 +746,7 @@ mod tests {
     use crate::backend::LocalBackend;
     use crate::objstore::bucket::{Bucket, MIN_PART_SIZE};
     use crate::objstore::{Replica, ReplicaConfig};
-    use crate::store::{Store, StoreConfig};
+    use kiln_storage::{Store, StoreConfig};
 
     /// A client of one served router with two all-scope tokens: `ops` in
     /// the default namespace, `team` in `team-a`.

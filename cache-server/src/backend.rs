@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use tracing::error;
 
 use crate::api::ApiError;
-use crate::store::{
+use kiln_storage::{
     BlobCommit, EntryRecord, GcReport, Namespace, PinGuard, PutOutcome, Stats, Store, StoreError,
     VerifyReport,
 };

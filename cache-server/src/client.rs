@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::api::EntryPage;
-use crate::store::{GcReport, Stats, VerifyReport};
+use kiln_storage::{GcReport, Stats, VerifyReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -24,7 +24,7 @@ use super::bucket::BlobUpload;
 use super::{ObjError, Replica, ReplicaGcReport};
 use crate::api::ApiError;
 use crate::backend::{Backend, BlobRead, Upload};
-use crate::store::{BlobCommit, EntryRecord, Namespace, PutOutcome, Stats};
+use kiln_storage::{BlobCommit, EntryRecord, Namespace, PutOutcome, Stats};
 
 impl From<ObjError> for ApiError {
     fn from(e: ObjError) -> Self {

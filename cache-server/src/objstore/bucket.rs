@@ -49,7 +49,7 @@ use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 
 use super::ObjError;
-use crate::store::{BlobCommit, Namespace, now_ms};
+use kiln_storage::{BlobCommit, Namespace, now_ms};
 
 /// Smallest part S3 accepts (except the last one).
 pub const MIN_PART_SIZE: usize = 5 << 20;

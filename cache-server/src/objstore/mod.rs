@@ -4,7 +4,7 @@
 //! `az://container/prefix` (Azure Blob Storage).
 //!
 //! The storage backend of a server is a [`Storage`]: the local content store
-//! with its RocksDB index ([`crate::store::Store`], the default), or a
+//! with its RocksDB index ([`kiln_storage::Store`], the default), or a
 //! [`Replica`] over a bucket. In object-storage mode the bucket is the truth
 //! (blobs, entries, GC lease: see [`bucket`]), each replica's RocksDB is only
 //! a cache of the entries it has seen ([`index`]), and a replica is a
@@ -55,7 +55,7 @@ pub use admin::ReplicaVerifyReport;
 pub use bucket::Bucket;
 pub use replica::{Replica, ReplicaConfig, ReplicaGcReport};
 
-use crate::store::Store;
+use kiln_storage::Store;
 
 /// Why an object-storage operation failed.
 #[derive(Debug, thiserror::Error)]

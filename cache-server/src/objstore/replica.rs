@@ -63,7 +63,7 @@ use super::bucket::{
     BlobRead, BlobUpload, Bucket, EntryCreate, EntryObject, ListedEntry, RefMarker,
 };
 use super::index::LocalIndex;
-use crate::store::{GcReport, Namespace, PutOutcome, Stats, now_ms};
+use kiln_storage::{GcReport, Namespace, PutOutcome, Stats, now_ms};
 
 /// Bucket requests one lookup sends at the same time.
 const LOOKUP_CONCURRENCY: usize = 32;
