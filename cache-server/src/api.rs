@@ -4,8 +4,8 @@
 //! handlers).
 //!
 //! Handlers stay thin: they authenticate, parse, call the backend and map
-//! its errors to statuses (each backend's error converts into
-//! [`ApiError`]). Blob bodies stream in both directions, so no blob is
+//! its errors to statuses (by the error's [`ErrorClass`], in one place:
+//! [`ApiError`]'s `From`). Blob bodies stream in both directions, so no blob is
 //! ever held in memory. Every error answer is `{"error":{"code","message"}}`.
 
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use tracing::{debug, error, warn};
 use crate::auth::{Auth, AuthError, Principal, Scope};
 use crate::backend::{Backend, Upload};
 use crate::telemetry as t;
-use kiln_storage::{BlobCommit, EntryRecord, PutOutcome, Stats, StoreError};
+use kiln_storage::{BlobCommit, Classify, EntryRecord, ErrorClass, PutOutcome, Stats};
 
 /// Largest JSON request body (lookups, entries) we read; a full lookup of
 /// MAX_LOOKUP_KEYS keys is ~70 KiB.
@@ -119,30 +119,29 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
+/// The one mapping of storage failures to HTTP: every backend error says
+/// its [`ErrorClass`], and the class alone decides the status and code.
+impl<E: Classify + std::fmt::Display> From<E> for ApiError {
+    fn from(e: E) -> Self {
         let message = e.to_string();
-        match e {
-            StoreError::NoSpace { .. } => {
-                warn!(error = %message, "cache volume is full");
-                Self::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "insufficient_storage",
-                    message,
-                )
+        let (status, code) = match e.class() {
+            ErrorClass::Invalid => (StatusCode::BAD_REQUEST, "bad_request"),
+            ErrorClass::DigestMismatch => (StatusCode::BAD_REQUEST, "digest_mismatch"),
+            ErrorClass::MissingBlob => (StatusCode::UNPROCESSABLE_ENTITY, "missing_blob"),
+            ErrorClass::SizeMismatch => (StatusCode::UNPROCESSABLE_ENTITY, "size_mismatch"),
+            ErrorClass::Conflict => (StatusCode::CONFLICT, "conflict"),
+            ErrorClass::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ErrorClass::Full => {
+                warn!(error = %message, "the cache's storage is full");
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
             }
-            StoreError::DigestMismatch { .. } => {
-                Self::new(StatusCode::BAD_REQUEST, "digest_mismatch", message)
+            ErrorClass::Unavailable => {
+                warn!(error = %message, "the cache's storage does not answer");
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
             }
-            StoreError::MissingBlob(_) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_blob", message)
-            }
-            StoreError::LayerSizeMismatch { .. } => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "size_mismatch", message)
-            }
-            StoreError::BadNamespace(_) => Self::bad_request(message),
-            _ => Self::internal(message),
-        }
+            ErrorClass::Internal => return Self::internal(message),
+        };
+        Self::new(status, code, message)
     }
 }
 
@@ -288,8 +287,7 @@ async fn lookup<B: Backend>(
     let entries = state
         .backend
         .lookup(&principal.namespace, &request.keys)
-        .await
-        .map_err(Into::into)?;
+        .await?;
     let hits = entries.len() as u64;
     counter!(t::LOOKUP_KEYS, "result" => "hit").increment(hits);
     counter!(t::LOOKUP_KEYS, "result" => "miss").increment(request.keys.len() as u64 - hits);
@@ -303,11 +301,7 @@ async fn get_entry<B: Backend>(
 ) -> ApiResult<Json<CacheEntry>> {
     let principal = authorize(&state, &headers, Scope::Read)?;
     let key = parse_key(&key)?;
-    let found = state
-        .backend
-        .get_entry(&principal.namespace, &key)
-        .await
-        .map_err(Into::into)?;
+    let found = state.backend.get_entry(&principal.namespace, &key).await?;
     counter!(t::LOOKUP_KEYS, "result" => if found.is_some() { "hit" } else { "miss" }).increment(1);
     found
         .map(Json)
@@ -326,8 +320,7 @@ async fn put_entry<B: Backend>(
     let outcome = state
         .backend
         .put_entry(&principal.namespace, &key, &entry)
-        .await
-        .map_err(Into::into)?;
+        .await?;
     match outcome {
         PutOutcome::Created => Ok((StatusCode::CREATED, Json(entry)).into_response()),
         PutOutcome::Identical => Ok((StatusCode::OK, Json(entry)).into_response()),
@@ -349,8 +342,7 @@ async fn delete_entry<B: Backend>(
     let deleted = state
         .backend
         .delete_entry(&principal.namespace, &key)
-        .await
-        .map_err(Into::into)?;
+        .await?;
     if deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -384,7 +376,7 @@ async fn head_blob<B: Backend>(
 ) -> ApiResult<Response> {
     authorize(&state, &headers, Scope::Read)?;
     let digest = parse_digest(&digest)?;
-    match state.backend.blob_size(&digest).await.map_err(Into::into)? {
+    match state.backend.blob_size(&digest).await? {
         Some(size) => {
             let mut response = StatusCode::OK.into_response();
             blob_headers(response.headers_mut(), &digest)?;
@@ -460,13 +452,8 @@ async fn get_blob<B: Backend>(
     authorize(&state, &headers, Scope::Read)?;
     let digest = parse_digest(&digest)?;
     let backend = &state.backend;
-    if let Some(url) = backend.blob_redirect(&digest).await.map_err(Into::into)? {
-        if backend
-            .blob_size(&digest)
-            .await
-            .map_err(Into::into)?
-            .is_none()
-        {
+    if let Some(url) = backend.blob_redirect(&digest).await? {
+        if backend.blob_size(&digest).await?.is_none() {
             return Err(ApiError::not_found(format!("no blob {digest}")));
         }
         let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
@@ -481,7 +468,7 @@ async fn get_blob<B: Backend>(
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
         Some(value) => {
-            let Some(size) = backend.blob_size(&digest).await.map_err(Into::into)? else {
+            let Some(size) = backend.blob_size(&digest).await? else {
                 return Err(ApiError::not_found(format!("no blob {digest}")));
             };
             match parse_range(Some(value), size) {
@@ -505,11 +492,7 @@ async fn get_blob<B: Backend>(
         }
     };
     let partial = range.is_some();
-    let Some(read) = backend
-        .read_blob(&digest, range)
-        .await
-        .map_err(Into::into)?
-    else {
+    let Some(read) = backend.read_blob(&digest, range).await? else {
         return Err(ApiError::not_found(format!("no blob {digest}")));
     };
     let (size, served) = (read.size, read.range.clone());
@@ -568,13 +551,7 @@ async fn put_blob<B: Backend>(
     authorize(&state, &headers, Scope::Write)?;
     let digest = parse_digest(&digest)?;
     let _in_flight = InFlight::start();
-    let mut upload = Some(
-        state
-            .backend
-            .begin_upload(&digest)
-            .await
-            .map_err(Into::into)?,
-    );
+    let mut upload = Some(state.backend.begin_upload(&digest).await?);
     let mut failed: Option<B::Error> = None;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
@@ -605,7 +582,7 @@ async fn put_blob<B: Backend>(
     let Some(upload) = upload else {
         return Err(ApiError::internal(format!("upload of {digest} lost")));
     };
-    let (outcome, size) = upload.commit().await.map_err(Into::into)?;
+    let (outcome, size) = upload.commit().await?;
     let status = match outcome {
         BlobCommit::Created => StatusCode::CREATED,
         BlobCommit::Existed => StatusCode::OK,
@@ -668,8 +645,7 @@ async fn admin_entries<B: Backend>(
     let entries = state
         .backend
         .list_entries(&principal.namespace, &query.prefix, after.as_ref(), limit)
-        .await
-        .map_err(Into::into)?;
+        .await?;
     let next = if entries.len() == limit {
         entries.last().map(|r| r.key)
     } else {
@@ -683,7 +659,7 @@ async fn admin_gc<B: Backend>(
     headers: HeaderMap,
 ) -> ApiResult<Json<B::GcReport>> {
     authorize(&state, &headers, Scope::Admin)?;
-    Ok(Json(state.backend.gc().await.map_err(Into::into)?))
+    Ok(Json(state.backend.gc().await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -702,13 +678,7 @@ async fn admin_verify<B: Backend>(
     Query(query): Query<VerifyQuery>,
 ) -> ApiResult<Json<B::VerifyReport>> {
     authorize(&state, &headers, Scope::Admin)?;
-    Ok(Json(
-        state
-            .backend
-            .verify(query.repair)
-            .await
-            .map_err(Into::into)?,
-    ))
+    Ok(Json(state.backend.verify(query.repair).await?))
 }
 
 #[cfg(test)]

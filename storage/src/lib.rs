@@ -9,6 +9,8 @@
 //! - [`index`] (feature `index`, on by default): the RocksDB index over a
 //!   content store, [`Store`]: first-writer-wins entries per namespace,
 //!   reference-counted blobs, GC, LRU eviction, verify, crash recovery.
+//! - [`error`]: the contract's refusals and the class of every storage
+//!   error (what the cache server's API maps to a status).
 //! - [`namespace`] and [`reports`]: the storage vocabulary both cache
 //!   backends (this one and the cache server's object-store replica) speak.
 //!
@@ -18,6 +20,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod content;
+pub mod error;
 #[cfg(feature = "index")]
 pub mod index;
 #[cfg(feature = "index")]
@@ -26,6 +29,7 @@ pub mod namespace;
 pub mod reports;
 
 pub use content::{BlobWriter, ContentError, ContentStore, StagedBlob};
+pub use error::{Classify, ContractError, ErrorClass};
 #[cfg(feature = "index")]
 pub use index::{OpenBlob, PinGuard, Store, StoreConfig, StoreError};
 pub use namespace::{InvalidNamespace, Namespace};

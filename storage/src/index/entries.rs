@@ -13,6 +13,7 @@ use super::codec::{
 };
 use super::db::{CF_BLOBS, CF_ENTRIES, CF_LRU, db_err, durable};
 use super::{MAX_PENDING_TOUCHES, Store, StoreError, lock};
+use crate::error::ContractError;
 use crate::namespace::Namespace;
 use crate::now_ms;
 use crate::reports::{EntryRecord, PutOutcome};
@@ -83,17 +84,18 @@ impl Store {
         if let Some(layer) = &entry.layer {
             let meta = self
                 .blob_meta(&layer.digest)?
-                .ok_or_else(|| StoreError::MissingBlob(layer.digest.clone()))?;
+                .ok_or_else(|| ContractError::MissingBlob(layer.digest.clone()))?;
             let on_disk = self.inner.content.file_size(&layer.digest)?;
             if on_disk.is_none() {
-                return Err(StoreError::MissingBlob(layer.digest.clone()));
+                return Err(ContractError::MissingBlob(layer.digest.clone()).into());
             }
             if meta.size != layer.size {
-                return Err(StoreError::LayerSizeMismatch {
+                return Err(ContractError::LayerSizeMismatch {
                     digest: layer.digest.clone(),
                     entry_size: layer.size,
                     blob_size: meta.size,
-                });
+                }
+                .into());
             }
             *deltas.entry(layer.digest.clone()).or_default() += 1;
         }

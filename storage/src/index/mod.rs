@@ -41,6 +41,7 @@ use kiln_common::Digest;
 use rocksdb::{ColumnFamily, DB};
 
 use crate::content::{ContentError, ContentStore};
+use crate::error::{Classify, ContractError, ErrorClass};
 use crate::namespace::InvalidNamespace;
 use crate::reports::RecoveryReport;
 
@@ -75,18 +76,8 @@ pub enum StoreError {
         "the index at {0} is in use by another process (is a kiln-cache-server running on it?)"
     )]
     Locked(PathBuf),
-    #[error("uploaded content does not match its digest: expected {expected}, got {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
-    #[error("the entry names blob {0}, which this cache does not have; upload it first")]
-    MissingBlob(Digest),
-    #[error(
-        "the entry says blob {digest} has {entry_size} bytes, but the stored blob has {blob_size}"
-    )]
-    LayerSizeMismatch {
-        digest: Digest,
-        entry_size: u64,
-        blob_size: u64,
-    },
+    #[error(transparent)]
+    Contract(#[from] ContractError),
     #[error(
         "namespace {0:?} is invalid (1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit)"
     )]
@@ -122,11 +113,25 @@ impl From<ContentError> for StoreError {
         match e {
             ContentError::Io { context, source } => StoreError::io(context, source),
             ContentError::DigestMismatch { expected, actual } => {
-                StoreError::DigestMismatch { expected, actual }
+                ContractError::DigestMismatch { expected, actual }.into()
             }
-            ContentError::NotFound(digest) => StoreError::MissingBlob(digest),
+            ContentError::NotFound(digest) => ContractError::MissingBlob(digest).into(),
             // The index never states a size when committing a blob.
             e @ ContentError::SizeMismatch { .. } => StoreError::Corrupt(e.to_string()),
+        }
+    }
+}
+
+impl Classify for StoreError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::NoSpace { .. } => ErrorClass::Full,
+            StoreError::Contract(e) => e.class(),
+            StoreError::BadNamespace(_) => ErrorClass::Invalid,
+            StoreError::Io { .. }
+            | StoreError::Db(_)
+            | StoreError::Locked(_)
+            | StoreError::Corrupt(_) => ErrorClass::Internal,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use kiln_common::{CacheEntry, CacheKey, Digest, LayerDescriptor};
 
 use super::*;
+use crate::error::ContractError;
 use crate::namespace::Namespace;
 use crate::reports::{BlobCommit, PutOutcome};
 
@@ -90,7 +91,7 @@ fn linked_blob_with_other_bytes_is_refused_and_leaves_nothing() {
     let want = Digest::of_bytes(b"good");
     let err = store.link_blob(&src, &want).unwrap_err();
     assert!(
-        matches!(err, StoreError::DigestMismatch { ref actual, .. } if *actual == Digest::of_bytes(b"evil")),
+        matches!(err, StoreError::Contract(ContractError::DigestMismatch { ref actual, .. }) if *actual == Digest::of_bytes(b"evil")),
         "{err}"
     );
     assert!(store.stat_blob(&want).unwrap().is_none());
@@ -131,12 +132,18 @@ fn entry_naming_an_unknown_blob_or_wrong_size_is_refused() {
     let err = store
         .put_entry(&ns, &key(1), &entry_for(Some(&missing), 4, "RUN x"))
         .unwrap_err();
-    assert!(matches!(err, StoreError::MissingBlob(d) if d == missing));
+    assert!(matches!(err, StoreError::Contract(ContractError::MissingBlob(d)) if d == missing));
     let d = put_blob(&store, b"12345");
     let err = store
         .put_entry(&ns, &key(1), &entry_for(Some(&d), 4, "RUN x"))
         .unwrap_err();
-    assert!(matches!(err, StoreError::LayerSizeMismatch { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Contract(ContractError::LayerSizeMismatch { .. })
+        ),
+        "{err}"
+    );
     assert_eq!(store.get_entry(&ns, &key(1)).unwrap(), None);
     assert_eq!(
         store
@@ -155,7 +162,7 @@ fn a_mismatched_blob_leaves_nothing_behind() {
     w.write_all(b"evil").unwrap();
     let err = w.commit(&claimed).unwrap_err();
     assert!(
-        matches!(err, StoreError::DigestMismatch { ref actual, .. } if *actual == Digest::of_bytes(b"evil"))
+        matches!(err, StoreError::Contract(ContractError::DigestMismatch { ref actual, .. }) if *actual == Digest::of_bytes(b"evil"))
     );
     assert!(store.stat_blob(&claimed).unwrap().is_none());
     assert_eq!(files_in(&dir.path().join("blobs")), 0);
