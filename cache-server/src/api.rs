@@ -19,17 +19,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{StreamExt, TryStreamExt};
+use kiln_common::wire::BlobPutResponse;
 use kiln_common::wire::MAX_LOOKUP_KEYS;
+use kiln_common::wire::admin::EntryPage;
 use kiln_common::{CacheEntry, CacheKey, Digest, ErrorBody, LookupRequest, LookupResponse};
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tracing::{debug, error, warn};
 
 use crate::auth::{Auth, AuthError, Principal, Scope};
 use crate::backend::{Backend, Upload};
 use crate::telemetry as t;
-use kiln_storage::{BlobCommit, Classify, EntryRecord, ErrorClass, PutOutcome, Stats};
+use kiln_storage::{BlobCommit, Classify, ErrorClass, PutOutcome, Stats};
 
 /// Largest JSON request body (lookups, entries) we read; a full lookup of
 /// MAX_LOOKUP_KEYS keys is ~70 KiB.
@@ -520,12 +522,6 @@ async fn get_blob<B: Backend>(
     Ok(response)
 }
 
-#[derive(Serialize)]
-struct BlobPutResponse {
-    digest: Digest,
-    size: u64,
-}
-
 /// Decrements the uploads-in-flight gauge however the handler ends.
 struct InFlight;
 
@@ -618,14 +614,6 @@ struct ListQuery {
     prefix: String,
     after: Option<String>,
     limit: Option<usize>,
-}
-
-/// One page of `GET /v1/admin/entries`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct EntryPage {
-    pub entries: Vec<EntryRecord>,
-    /// Pass as `after` to get the next page; absent on the last page.
-    pub next: Option<CacheKey>,
 }
 
 async fn admin_entries<B: Backend>(

@@ -14,8 +14,9 @@ use reqwest::StatusCode;
 use serde::Serialize;
 
 use crate::auth::{self, Scope};
-use crate::client::{AdminClient, ClientError, ClientTls, Leased};
+use crate::client::{AdminClient, ClientError, ClientTls};
 use crate::units::format_size;
+use kiln_common::wire::admin::Leased;
 use kiln_storage::{Store, StoreConfig, VerifyReport};
 
 pub const EXIT_OK: u8 = 0;
