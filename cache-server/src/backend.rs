@@ -17,10 +17,13 @@
 //!   shared: they are named by their content).
 //!
 //! Errors are an associated type rather than one shared enum: the two
-//! backends fail in different ways that answer with different statuses
-//! (a full volume is `507`, a bucket that does not answer is `503`), and
-//! `StoreError` is also the error of the executor's embedded cache, so each
-//! keeps its own `thiserror` enum and its own mapping into [`ApiError`].
+//! backends fail in different ways (a full volume, a bucket that does not
+//! answer), and `StoreError` is also the error of the executor's embedded
+//! cache, so each keeps its own `thiserror` enum. Each says its
+//! [`ErrorClass`] ([`Classify`], defined once in `kiln-storage`, with the
+//! contract's refusals as one shared [`kiln_storage::ContractError`]); the
+//! API maps a class to a status and code, and this seam knows nothing of
+//! HTTP.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -38,10 +41,9 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::error;
 
-use crate::api::ApiError;
-use crate::store::{
-    BlobCommit, EntryRecord, GcReport, Namespace, PinGuard, PutOutcome, Stats, Store, StoreError,
-    VerifyReport,
+use kiln_storage::{
+    BlobCommit, Classify, EntryRecord, GcReport, Namespace, PinGuard, PutOutcome, Stats, Store,
+    StoreError, VerifyReport,
 };
 
 /// Where blobs and entries live, as the HTTP API sees it.
@@ -49,7 +51,7 @@ use crate::store::{
 /// Methods return `impl Future + Send` (not `async fn`) so that a generic
 /// axum router can require its handlers' futures to be `Send`.
 pub trait Backend: Send + Sync + 'static {
-    type Error: Into<ApiError> + std::error::Error + Send + Sync + 'static;
+    type Error: Classify + std::error::Error + Send + Sync + 'static;
     type Upload: Upload<Error = Self::Error>;
     /// `POST /v1/admin/gc`'s answer.
     type GcReport: Serialize + Send + 'static;

@@ -14,9 +14,10 @@ use reqwest::StatusCode;
 use serde::Serialize;
 
 use crate::auth::{self, Scope};
-use crate::client::{AdminClient, ClientError, ClientTls, Leased};
-use crate::store::{Store, StoreConfig, VerifyReport};
+use crate::client::{AdminClient, ClientError, ClientTls};
 use crate::units::format_size;
+use kiln_common::wire::admin::Leased;
+use kiln_storage::{Store, StoreConfig, VerifyReport};
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
@@ -382,7 +383,7 @@ async fn run_inner(args: CliArgs, out: &mut impl Write) -> Result<u8, Failure> {
             name,
         }) => {
             if let Some(ns) = &namespace {
-                crate::store::Namespace::new(ns).map_err(|e| Failure::Other(e.to_string()))?;
+                kiln_storage::Namespace::new(ns).map_err(|e| Failure::Other(e.to_string()))?;
             }
             let token = auth::generate_token();
             let snippet = auth::token_toml(&token, name.as_deref(), &scopes, namespace.as_deref());

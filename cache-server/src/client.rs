@@ -10,10 +10,8 @@ use std::path::PathBuf;
 use kiln_common::{CacheEntry, CacheKey, ErrorBody};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
-use crate::api::EntryPage;
-use crate::store::{GcReport, Stats, VerifyReport};
+use kiln_common::wire::admin::{EntryPage, GcReport, Leased, Stats, VerifyReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -44,24 +42,6 @@ impl ClientError {
             ClientError::Status { status, .. } => Some(*status),
             _ => None,
         }
-    }
-}
-
-/// A GC or verify answer. A replica over object storage adds whether it
-/// held the GC lease (`false`: another replica did, nothing was done); the
-/// local store leaves it out.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Leased<T> {
-    #[serde(flatten)]
-    pub report: T,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease_held: Option<bool>,
-}
-
-impl<T> Leased<T> {
-    /// True when another replica holds the GC lease and this one did nothing.
-    pub fn refused(&self) -> bool {
-        self.lease_held == Some(false)
     }
 }
 

@@ -18,9 +18,9 @@ use serde::Deserialize;
 
 use crate::objstore::ObjectStorageConfig;
 use crate::objstore::serve::ObjectArgs;
-use crate::store::StoreConfig;
 use crate::telemetry::LogFormat;
 use crate::units::{UnitError, parse_duration, parse_size};
+use kiln_storage::StoreConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -1,9 +1,8 @@
 //! kiln-cache-server: kiln's cluster-wide, content-addressed layer cache.
 //!
-//! - [`store`]: the storage engine (RocksDB index + [`content`] store on the
-//!   filesystem); usable in-process without HTTP.
 //! - [`backend`]: the storage seam, [`backend::Backend`], and its local
-//!   implementation over a [`Store`].
+//!   implementation over a [`Store`] (the RocksDB index and content store of
+//!   the `kiln-storage` crate, which has no HTTP in it).
 //! - [`api`]: the HTTP routes of docs/cache-api.md over any backend.
 //! - [`auth`]: tokens file, scopes, namespaces.
 //! - [`server`]: binding, TLS, HTTP/1.1 + HTTP/2, GC task, graceful shutdown.
@@ -23,11 +22,11 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod conn;
-pub mod content;
 pub mod objstore;
 pub mod server;
-pub mod store;
 pub mod telemetry;
 pub mod units;
 
-pub use store::{BlobCommit, BlobWriter, Namespace, PutOutcome, Store, StoreConfig, StoreError};
+pub use kiln_storage::{
+    BlobCommit, Namespace, PutOutcome, Store, StoreConfig, StoreError, index::BlobWriter,
+};

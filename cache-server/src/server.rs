@@ -33,8 +33,8 @@ use crate::backend::{LocalBackend, gc_loop};
 use crate::config::ServerConfig;
 use crate::conn::{self, Activity, Tracked, WatchedIo};
 use crate::objstore::{self, Storage};
-use crate::store::{Store, StoreError};
 use crate::telemetry;
+use kiln_storage::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

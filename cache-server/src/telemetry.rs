@@ -30,7 +30,7 @@ pub const EXPIRATIONS: &str = "kiln_cache_expirations_total";
 pub const BLOBS_REMOVED: &str = "kiln_cache_blobs_removed_total";
 pub const GC_RUNS: &str = "kiln_cache_gc_runs_total";
 pub const MAX_SIZE: &str = "kiln_cache_max_size_bytes";
-pub const EVICTED_IDLE: &str = "kiln_cache_evicted_entry_idle_seconds";
+pub use kiln_storage::metrics::EVICTED_IDLE;
 
 /// Whether a family is a counter, a gauge or a histogram (for its HELP line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,9 +120,7 @@ pub const EVICTED_IDLE_BUCKETS: [f64; 7] = [
 ];
 
 /// Records one evicted entry's idle time (now − last access), in seconds.
-pub fn record_eviction(idle_ms: u64) {
-    metrics::histogram!(EVICTED_IDLE).record(idle_ms as f64 / 1000.0);
-}
+pub use kiln_storage::metrics::record_eviction;
 
 /// Log output format (`--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]

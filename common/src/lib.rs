@@ -3,7 +3,8 @@
 //! - [`digest`]: OCI content digests (`sha256:<hex>`), streaming hashers and a
 //!   reader that refuses to finish when the bytes do not match.
 //! - [`cache_key`]: versioned, domain-separated blake3 cache keys.
-//! - [`wire`]: the JSON types of the cache server's HTTP API.
+//! - [`wire`]: the JSON types of the cache server's HTTP API, data plane
+//!   and admin.
 //! - [`errors`]: error chains, each cause once (the binaries' one-line
 //!   reports), and certificate problems as cache clients report them.
 
@@ -16,5 +17,6 @@ pub use cache_key::{CacheKey, CacheKeyBuilder};
 pub use digest::{Digest, DigestError, Sha256Writer, VerifyingReader};
 pub use errors::chain as error_report;
 pub use wire::{
-    CacheEntry, ErrorBody, ErrorDetail, LayerDescriptor, LookupRequest, LookupResponse,
+    BlobPutResponse, CacheEntry, ErrorBody, ErrorDetail, LayerDescriptor, LookupRequest,
+    LookupResponse,
 };

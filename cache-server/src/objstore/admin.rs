@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::bucket::EntryObject;
 use super::replica::GC_LEASE;
 use super::{ObjError, Replica};
-use crate::store::{EntryRecord, Namespace, VerifyReport, now_ms};
+use kiln_storage::{EntryRecord, Namespace, VerifyReport, now_ms};
 
 /// Entry objects read at the same time.
 const ENTRY_READS: usize = 32;

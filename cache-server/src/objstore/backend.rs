@@ -13,45 +13,15 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use kiln_common::{CacheEntry, CacheKey, Digest};
-use tracing::warn;
 
 use super::admin::ReplicaVerifyReport;
 use super::bucket::BlobUpload;
 use super::{ObjError, Replica, ReplicaGcReport};
-use crate::api::ApiError;
 use crate::backend::{Backend, BlobRead, Upload};
-use crate::store::{BlobCommit, EntryRecord, Namespace, PutOutcome, Stats};
-
-impl From<ObjError> for ApiError {
-    fn from(e: ObjError) -> Self {
-        let message = e.to_string();
-        match e {
-            ObjError::DigestMismatch { .. } => {
-                Self::new(StatusCode::BAD_REQUEST, "digest_mismatch", message)
-            }
-            ObjError::MissingBlob(_) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "missing_blob", message)
-            }
-            ObjError::LayerSizeMismatch { .. } => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "size_mismatch", message)
-            }
-            ObjError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", message),
-            ObjError::Store { .. } => {
-                warn!(error = %message, "object storage request failed");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "storage_unavailable",
-                    message,
-                )
-            }
-            _ => Self::internal(message),
-        }
-    }
-}
+use kiln_storage::{BlobCommit, EntryRecord, Namespace, PutOutcome, Stats};
 
 impl Backend for Replica {
     type Error = ObjError;

@@ -49,7 +49,7 @@ use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 
 use super::ObjError;
-use crate::store::{BlobCommit, Namespace, now_ms};
+use kiln_storage::{BlobCommit, ContractError, Namespace, now_ms};
 
 /// Smallest part S3 accepts (except the last one).
 pub const MIN_PART_SIZE: usize = 5 << 20;
@@ -935,10 +935,11 @@ impl BlobUpload {
         let actual = Digest::from_sha256(std::mem::take(&mut self.hasher).finalize().into());
         if actual != self.expected {
             self.abort().await;
-            return Err(ObjError::DigestMismatch {
+            return Err(ContractError::DigestMismatch {
                 expected: self.expected.clone(),
                 actual,
-            });
+            }
+            .into());
         }
         if self.exists {
             return Ok(BlobCommit::Existed);
@@ -1093,7 +1094,13 @@ mod tests {
             let data = pseudo_random(len);
             let wrong = Digest::of_bytes(b"something else");
             let err = upload(&b, &wrong, &data).await.unwrap_err();
-            assert!(matches!(err, ObjError::DigestMismatch { .. }), "{err}");
+            assert!(
+                matches!(
+                    err,
+                    ObjError::Contract(ContractError::DigestMismatch { .. })
+                ),
+                "{err}"
+            );
         }
         let all: Vec<ObjectMeta> = mem.list(None).try_collect().await.unwrap();
         assert!(all.is_empty(), "{all:?}");
@@ -1106,7 +1113,10 @@ mod tests {
         let d = Digest::of_bytes(&data);
         upload(&b, &d, &data).await.unwrap();
         let err = upload(&b, &d, b"not it").await.unwrap_err();
-        assert!(matches!(err, ObjError::DigestMismatch { .. }));
+        assert!(matches!(
+            err,
+            ObjError::Contract(ContractError::DigestMismatch { .. })
+        ));
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use rocksdb::{DB, Options, WriteBatch};
 
 use super::ObjError;
 use super::bucket::EntryObject;
-use crate::store::Namespace;
+use kiln_storage::Namespace;
 
 /// Misses remembered at most; past that the record starts over (a few
 /// extra GETs), so memory stays bounded however many keys are asked for.

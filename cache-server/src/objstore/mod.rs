@@ -4,7 +4,7 @@
 //! `az://container/prefix` (Azure Blob Storage).
 //!
 //! The storage backend of a server is a [`Storage`]: the local content store
-//! with its RocksDB index ([`crate::store::Store`], the default), or a
+//! with its RocksDB index ([`kiln_storage::Store`], the default), or a
 //! [`Replica`] over a bucket. In object-storage mode the bucket is the truth
 //! (blobs, entries, GC lease: see [`bucket`]), each replica's RocksDB is only
 //! a cache of the entries it has seen ([`index`]), and a replica is a
@@ -39,7 +39,6 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use kiln_common::Digest;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -55,7 +54,23 @@ pub use admin::ReplicaVerifyReport;
 pub use bucket::Bucket;
 pub use replica::{Replica, ReplicaConfig, ReplicaGcReport};
 
-use crate::store::Store;
+use kiln_storage::{Classify, ContractError, ErrorClass, Store};
+
+impl Classify for ObjError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ObjError::Contract(e) => e.class(),
+            ObjError::Conflict(_) => ErrorClass::Conflict,
+            // The bucket does not answer: an executor moves on to its next
+            // cache server.
+            ObjError::Store { .. } => ErrorClass::Unavailable,
+            ObjError::Db(_)
+            | ObjError::Io { .. }
+            | ObjError::Corrupt { .. }
+            | ObjError::Config(_) => ErrorClass::Internal,
+        }
+    }
+}
 
 /// Why an object-storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,18 +81,9 @@ pub enum ObjError {
         #[source]
         source: object_store::Error,
     },
-    #[error("uploaded content does not match its digest: expected {expected}, got {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
-    #[error("the entry names blob {0}, which this cache does not have; upload it first")]
-    MissingBlob(Digest),
-    #[error(
-        "the entry says blob {digest} has {entry_size} bytes, but the stored blob has {blob_size}"
-    )]
-    LayerSizeMismatch {
-        digest: Digest,
-        entry_size: u64,
-        blob_size: u64,
-    },
+    /// The storage contract's refusals, the same as the local store's.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
     #[error("{0}")]
     Conflict(String),
     #[error("local index cache: {0}")]
@@ -583,6 +589,7 @@ pub const DEFAULT_PRESIGN_TTL: Duration = Duration::from_secs(300);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_common::Digest;
     use object_store::memory::InMemory;
 
     fn parsed(url: &str) -> (Scheme, String, String) {

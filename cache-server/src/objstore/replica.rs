@@ -63,7 +63,7 @@ use super::bucket::{
     BlobRead, BlobUpload, Bucket, EntryCreate, EntryObject, ListedEntry, RefMarker,
 };
 use super::index::LocalIndex;
-use crate::store::{GcReport, Namespace, PutOutcome, Stats, now_ms};
+use kiln_storage::{ContractError, GcReport, Namespace, PutOutcome, Stats, now_ms};
 
 /// Bucket requests one lookup sends at the same time.
 const LOOKUP_CONCURRENCY: usize = 32;
@@ -329,11 +329,11 @@ impl Replica {
                 // GC keep the blob, which the client's retry then finds.
                 // No entry names its nonce, so GC drops it once it is older
                 // than the marker grace.
-                return Err(ObjError::MissingBlob(layer.digest.clone()));
+                return Err(ContractError::MissingBlob(layer.digest.clone()).into());
             }
             let refused = match self.bucket.blob_size(&layer.digest).await? {
-                None => Some(ObjError::MissingBlob(layer.digest.clone())),
-                Some(size) if size != layer.size => Some(ObjError::LayerSizeMismatch {
+                None => Some(ContractError::MissingBlob(layer.digest.clone())),
+                Some(size) if size != layer.size => Some(ContractError::LayerSizeMismatch {
                     digest: layer.digest.clone(),
                     entry_size: layer.size,
                     blob_size: size,
@@ -346,7 +346,7 @@ impl Replica {
                 if let Err(e) = self.bucket.delete_ref(marker).await {
                     warn!(%key, error = %e, "could not remove the marker of a refused write; GC will");
                 }
-                return Err(refused);
+                return Err(refused.into());
             }
         }
         let object = EntryObject {
@@ -982,12 +982,12 @@ mod tests {
         let missing = Digest::of_bytes(b"nope");
         assert!(matches!(
             a.put_entry(&ns, &key(1), &entry(&missing, 4, "RUN")).await,
-            Err(ObjError::MissingBlob(_))
+            Err(ObjError::Contract(ContractError::MissingBlob(_)))
         ));
         let d = put_blob(&a, b"abc").await;
         assert!(matches!(
             a.put_entry(&ns, &key(1), &entry(&d, 4, "RUN")).await,
-            Err(ObjError::LayerSizeMismatch { .. })
+            Err(ObjError::Contract(ContractError::LayerSizeMismatch { .. }))
         ));
     }
 
@@ -1082,7 +1082,7 @@ mod tests {
         a.bucket.put_doomed(&d).await.unwrap();
         assert!(matches!(
             a.put_entry(&ns, &key(1), &entry(&d, 1, "RUN")).await,
-            Err(ObjError::MissingBlob(_))
+            Err(ObjError::Contract(ContractError::MissingBlob(_)))
         ));
         assert!(a.bucket.has_refs(&d).await.unwrap(), "the marker stays");
         // An intent older than the lease is a crashed GC's: ignored.

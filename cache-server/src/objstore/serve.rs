@@ -23,9 +23,9 @@ use super::{
 use crate::api::{self, AppState};
 use crate::auth::Auth;
 use crate::backend::gc_loop;
-use crate::store::StoreConfig;
 use crate::telemetry;
 use crate::units::{parse_duration, parse_size};
+use kiln_storage::StoreConfig;
 
 /// Flags of object-storage mode (all also `KILN_CACHE_*` variables and
 /// config-file keys, named as the flags with `_` for `-`).

@@ -52,7 +52,13 @@ async fn multipart_and_single_uploads_are_visible_only_when_verified() {
     let wrong = Digest::of_bytes(b"not these bytes");
     for data in [&big, &small] {
         let err = upload(&bucket, &wrong, data).await.unwrap_err();
-        assert!(matches!(err, ObjError::DigestMismatch { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ObjError::Contract(kiln_storage::ContractError::DigestMismatch { .. })
+            ),
+            "{err}"
+        );
     }
     assert_eq!(
         s3.keys().await,

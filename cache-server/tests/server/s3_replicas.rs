@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{bytes, client, entry, error_code, key, put_blob, put_entry};
+use kiln_cache_server::Namespace;
 use kiln_cache_server::objstore::bucket::RefMarker;
-use kiln_cache_server::store::Namespace;
 use kiln_common::{CacheEntry, CacheKey, Digest};
 use reqwest::StatusCode;
 use s3_support::{Replica, S3Server};

@@ -1,5 +1,6 @@
-//! The embedded cache: kiln-cache-server's storage engine opened in-process
-//! on a local directory. Same index, same content store, same guarantees as
+//! The embedded cache: the cache server's storage engine (the RocksDB index
+//! and content store of `kiln-storage`) opened in-process on a local
+//! directory. Same index, same content store, same guarantees as
 //! the server, without a network hop; the default when no server is given.
 //! Blobs are shared with the executor's local store by hard links, so each
 //! blob is on disk once under `--cache-dir`.
@@ -9,8 +10,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use kiln_cache_server::{Namespace, PutOutcome, Store, StoreConfig};
 use kiln_common::{CacheEntry, CacheKey, Digest, VerifyingReader};
+use kiln_storage::{Namespace, PutOutcome, Store, StoreConfig};
 
 use super::{Cache, CacheError};
 use crate::store::LocalStore;

@@ -11,8 +11,8 @@
 //! [`Cache::finish`]; both default to the plain calls. Three
 //! implementations:
 //!
-//! - [`embedded::EmbeddedCache`]: the cache server's own storage engine,
-//!   in-process, on `--cache-dir` (the default: no server needed);
+//! - [`embedded::EmbeddedCache`]: the cache server's own storage engine
+//!   (`kiln-storage`), in-process, on `--cache-dir` (the default: no server needed);
 //! - [`http::HttpCache`]: a `kiln-cache-server` (`--cache-server`), one URL
 //!   or several tried in order;
 //! - [`registry::RegistryCache`]: a repository of an OCI registry

@@ -467,7 +467,8 @@ impl Driver {
                 .map_err(|e| setup(&format!("creating {what}"), &e))?;
         }
         let store = LocalStore::new(opts.state_dir.join("store"))
-            .map_err(|e| setup("opening the local store", &e))?;
+            .map_err(|e| setup("opening the local store", &e))?
+            .with_progress(crate::log::bytes_received());
         let layers_dir = opts.state_dir.join("layers");
         let work = opts.state_dir.join("work").join(format!(
             "build-{}-{}",

@@ -1,4 +1,4 @@
-//! JSON types of the cache server's HTTP API (see docs/cache-api.md).
+//! JSON types of the cache server's data plane (see docs/cache-api.md).
 //!
 //! Entries keep fields they do not know (`extra`), so an older server or
 //! client passes newer fields through unchanged.
@@ -45,6 +45,13 @@ pub struct LookupRequest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LookupResponse {
     pub entries: BTreeMap<CacheKey, CacheEntry>,
+}
+
+/// The answer to `PUT /v1/blobs/{digest}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobPutResponse {
+    pub digest: Digest,
+    pub size: u64,
 }
 
 /// `{"error": {"code": "...", "message": "..."}}`
