@@ -141,8 +141,11 @@ pub fn step_key(
         .str("instruction", &instruction);
     match step.instruction {
         Instruction::Run(run) => {
-            let env: Vec<(&String, &String)> = step.env.iter().collect();
-            let args: Vec<(&String, &String)> = step.args.iter().collect();
+            // Sorted by name here, whatever map the plan keeps them in.
+            let mut env: Vec<(&String, &String)> = step.env.iter().collect();
+            env.sort();
+            let mut args: Vec<(&String, &String)> = step.args.iter().collect();
+            args.sort();
             b = b
                 .pairs("env", &env)
                 .pairs("build args", &args)
