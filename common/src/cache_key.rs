@@ -8,6 +8,10 @@
 //! can never produce the same byte stream, so they can never collide short of
 //! breaking blake3. The builder also remembers each input by name, so a build
 //! report can show why a key changed.
+//!
+//! This module owns the hashing; which inputs a build step's key has, and
+//! the exact text of each, is decided in one place, the executor's `keys`
+//! module, whose pinned vectors also pin this framing.
 
 use std::fmt;
 use std::str::FromStr;
@@ -166,8 +170,12 @@ impl CacheKeyBuilder {
         self
     }
 
+    /// A digest, hashed as `algorithm:hex` (written out here, not taken
+    /// from `Display`, so the key cannot follow a change of how digests
+    /// are shown).
     pub fn digest(mut self, name: &str, value: &crate::Digest) -> Self {
-        self.frame(Tag::Digest, name, value.to_string().as_bytes());
+        let text = format!("{}:{}", value.algorithm(), value.hex());
+        self.frame(Tag::Digest, name, text.as_bytes());
         self.remember(name, value.to_string());
         self
     }
@@ -287,6 +295,31 @@ mod tests {
         assert!(k.to_hex().to_uppercase().parse::<CacheKey>().is_err());
         let json = serde_json::to_string(&k).unwrap();
         assert_eq!(serde_json::from_str::<CacheKey>(&json).unwrap(), k);
+    }
+
+    /// The framing of every input type, pinned: a change here moves every
+    /// key of every build (see `KEY_SCHEME`).
+    #[test]
+    fn framing_of_every_input_type_is_pinned() {
+        let digest: crate::Digest =
+            "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                .parse()
+                .unwrap();
+        let parent = CacheKeyBuilder::new().str("kind", "base image").finish();
+        let key = CacheKeyBuilder::new()
+            .key("parent", &parent)
+            .str("instruction", "RUN make")
+            .bytes("context files", &[3; 32])
+            .u64("n", 7)
+            .bool("b", true)
+            .digest("layer", &digest)
+            .list("heredocs", &["a\n", ""])
+            .pairs("env", &[("A", "1"), ("B", "two words")])
+            .finish();
+        assert_eq!(
+            key.to_hex(),
+            "1d752f781debabc8c7db068d5ebdc01808117cb3065c07ac0037c90870f4ecfd"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod dockerignore;
 pub mod driver;
 pub mod erofs;
 pub mod kaniko_flags;
+pub mod keys;
 pub mod log;
 pub mod oci;
 pub mod plan;

@@ -15,7 +15,7 @@ impl Driver {
         };
         let base = if name.eq_ignore_ascii_case("scratch") {
             BaseImage {
-                identity: format!("scratch {}", self.platform),
+                identity: keys::base_identity(None, &self.platform),
                 config: image_config::ImageConfig::scratch(
                     &self.platform.os,
                     &self.platform.architecture,
@@ -38,7 +38,7 @@ impl Driver {
             let store = self.store.clone();
             let layers = self.layers_of(&docs, |d| store.path(d))?;
             BaseImage {
-                identity: format!("{} {}", docs.manifest_digest, self.platform),
+                identity: keys::base_identity(Some(&docs.manifest_digest), &self.platform),
                 config: docs.config.clone(),
                 layers,
                 registry_ref: None,
@@ -59,7 +59,7 @@ impl Driver {
             }
             drop(extra);
             BaseImage {
-                identity: format!("{} {}", docs.manifest_digest, self.platform),
+                identity: keys::base_identity(Some(&docs.manifest_digest), &self.platform),
                 config: config_from_bytes(&docs.config_bytes).map_err(base_err)?,
                 layers,
                 registry_ref: None,
@@ -81,7 +81,7 @@ impl Driver {
                     .insert(layer.desc.digest.clone(), (pulled.clone(), layer.clone()));
             }
             BaseImage {
-                identity: format!("{} {}", pulled.image.manifest_digest, self.platform),
+                identity: keys::base_identity(Some(&pulled.image.manifest_digest), &self.platform),
                 config: config_from_bytes(&pulled.image.config_bytes).map_err(base_err)?,
                 layers,
                 registry_ref: Some(pulled.reference.clone()),

@@ -7,19 +7,13 @@ use crate::cache::CacheError;
 
 impl Driver {
     pub(super) fn compute_keys(&mut self, plan: &Plan) -> Result<(), BuildError> {
-        let mut options = format!(
-            "{:?} reproducible={} epoch={:?}",
-            self.opts.compression, self.opts.reproducible, self.opts.source_date_epoch
-        );
-        // Only when on, so that every other build keeps its keys: a
-        // single-snapshot layer holds a whole stage, a forced one may be
-        // empty where a normal step records no layer.
-        if self.opts.single_snapshot && !self.opts.force_build_metadata {
-            options.push_str(" single-snapshot");
-        }
-        if self.opts.force_build_metadata {
-            options.push_str(" force-build-metadata");
-        }
+        let layer = keys::LayerKeyOptions {
+            compression: self.opts.compression,
+            reproducible: self.opts.reproducible,
+            source_date_epoch: self.opts.source_date_epoch,
+            single_snapshot: self.opts.single_snapshot,
+            force_build_metadata: self.opts.force_build_metadata,
+        };
         for &index in &plan.stages_to_build {
             let stage = &plan.stages[index];
             let mut parent = match &stage.source {
@@ -70,15 +64,15 @@ impl Driver {
                             .iter()
                             .cloned()
                             .partition(|s| remote::is_remote(s));
-                        let mut hasher = blake3::Hasher::new();
-                        hasher.update(&self.context_digest(&local, &a.exclude).map_err(step_err)?);
+                        let local = self.context_digest(&local, &a.exclude).map_err(step_err)?;
+                        let mut remote = Vec::with_capacity(remote_sources.len());
                         for source in &remote_sources {
                             let fetched = self
                                 .fetch_remote(source, a.checksum.as_deref(), a.keep_git_dir)
                                 .map_err(step_err)?;
-                            hasher.update(fetched.identity.as_bytes());
+                            remote.push(fetched.identity.clone());
                         }
-                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
+                        Some(keys::add_sources(local, &remote))
                     }
                     Instruction::Run(run)
                         if run
@@ -86,55 +80,53 @@ impl Driver {
                             .iter()
                             .any(|m| m.kind == dockerfile::MountType::Bind) =>
                     {
-                        let mut hasher = blake3::Hasher::new();
+                        let mut mounts = Vec::new();
                         for m in run
                             .mounts
                             .iter()
                             .filter(|m| m.kind == dockerfile::MountType::Bind)
                         {
                             let source = m.source.clone().unwrap_or_else(|| ".".into());
-                            hasher.update(source.as_bytes());
-                            match &m.from {
-                                None => {
-                                    hasher.update(
-                                        &self.context_digest(&[source], &[]).map_err(step_err)?,
-                                    );
-                                }
-                                Some(from) => {
-                                    match stage_index(plan, from) {
-                                        Some(i) => {
-                                            let key = self.stage_last_key.get(&i).ok_or_else(|| {
-                                            step_err(format!("stage {from} is not built before it is mounted"))
-                                        })?;
-                                            hasher.update(key.as_bytes());
-                                        }
-                                        None => {
-                                            self.resolve_base(from)?;
-                                            let identity = self
-                                                .bases
+                            let from = match &m.from {
+                                None => keys::BindSource::Context(
+                                    self.context_digest(std::slice::from_ref(&source), &[])
+                                        .map_err(step_err)?,
+                                ),
+                                Some(from) => match stage_index(plan, from) {
+                                    Some(i) => keys::BindSource::Stage(
+                                        *self.stage_last_key.get(&i).ok_or_else(|| {
+                                            step_err(format!(
+                                                "stage {from} is not built before it is mounted"
+                                            ))
+                                        })?,
+                                    ),
+                                    None => {
+                                        self.resolve_base(from)?;
+                                        keys::BindSource::Image(
+                                            self.bases
                                                 .get(from)
                                                 .map(|b| b.identity.clone())
-                                                .unwrap_or_default();
-                                            hasher.update(identity.as_bytes());
-                                        }
+                                                .unwrap_or_default(),
+                                        )
                                     }
-                                }
-                            }
+                                },
+                            };
+                            mounts.push((source, from));
                         }
-                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
+                        Some(keys::bind_mounts(&mounts))
                     }
                     _ => None,
                 };
                 let run_security = match &ins.instruction {
-                    Instruction::Run(run) => self.run_security(run).map_err(step_err)?.key_text(),
+                    Instruction::Run(run) => Some(self.run_security(run).map_err(step_err)?),
                     _ => None,
                 };
                 let key = keys::step_key(
                     &parent,
-                    ins,
+                    keys::StepInputs::of(ins),
                     sources.as_ref(),
-                    &options,
-                    run_security.as_deref(),
+                    &layer,
+                    run_security.as_ref(),
                 );
                 parent = key.key;
                 self.keys.insert((index, position), key);

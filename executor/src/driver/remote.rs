@@ -104,7 +104,7 @@ pub async fn download(
     Ok(RemoteSource {
         path,
         name,
-        identity: format!("{url} {digest}"),
+        identity: crate::keys::remote_file_identity(url, &digest),
         is_git: false,
     })
 }
@@ -168,10 +168,7 @@ pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSourc
     Ok(RemoteSource {
         path,
         name: String::new(),
-        identity: format!(
-            "git {url} {commit} {} keep-git-dir={keep_git_dir}",
-            subdir.unwrap_or("")
-        ),
+        identity: crate::keys::git_identity(url, &commit, subdir, keep_git_dir),
         is_git: true,
     })
 }

@@ -243,6 +243,69 @@ fn exactly_the_expected_keys_change_under_each_mutation() {
     );
 }
 
+/// Keys must be the same in every kiln version (until `KEY_SCHEME` is
+/// bumped on purpose): an executor that computed other keys would miss
+/// every entry earlier executors wrote. Pinned through the real binary, so
+/// that the flags' defaults, the `scratch` base, the context digest and the
+/// key module are all covered; the values are scheme v1's.
+#[test]
+fn the_keys_of_a_fixed_build_are_the_same_in_every_version() {
+    let env = Env::new();
+    let ctx = env.context(
+        "golden",
+        "FROM scratch\nARG V=1\nCOPY --chmod=0640 app /app\nWORKDIR /app/$V\n",
+        &[("app/a.txt", "a\n"), ("app/sub/b.txt", "b\n")],
+    );
+    // Modes and owners are inputs of the context digest; mtimes are not.
+    for (path, mode) in [
+        ("app", 0o755),
+        ("app/sub", 0o750),
+        ("app/a.txt", 0o644),
+        ("app/sub/b.txt", 0o600),
+    ] {
+        fs::set_permissions(ctx.join(path), fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(ctx.join(path), Some(1000), Some(1000)).unwrap();
+    }
+    let state = env.fresh_state("golden");
+    let report_path = state.with_extension("report.json");
+    // As `Env::build`, but with the environment that changes keys removed.
+    let out = Command::new(kiln_bin("kiln-executor"))
+        .env_remove("SOURCE_DATE_EPOCH")
+        .arg("--context")
+        .arg(&ctx)
+        .arg("--destination")
+        .arg(env.registry.reference("golden:v1"))
+        .args(["--no-push", "--cache=false", "--reproducible"])
+        .args(["--custom-platform", "linux/amd64"])
+        .arg("--cache-dir")
+        .arg(&state)
+        .arg("--report")
+        .arg(&report_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(&report_path).unwrap()).unwrap();
+    let pinned: BTreeMap<u64, String> = [
+        (
+            3,
+            "87637091fc34bf320d10cde198b89938229b242baecafb40dba066275f55fabe",
+        ),
+        (
+            4,
+            "949bb6ffc40c667ba7ce9f2a17d95412585c025c57fd5ce4488d3256ca5796a0",
+        ),
+    ]
+    .into_iter()
+    .map(|(line, key)| (line, key.to_string()))
+    .collect();
+    assert_eq!(keys(&report), pinned, "{report}");
+}
+
 #[test]
 fn four_executors_at_once_all_succeed_with_one_entry_per_key() {
     let env = Env::new();

@@ -217,29 +217,6 @@ impl StepSecurity {
             user_namespace: None,
         }
     }
-
-    /// A canonical description for cache keys, `None` for the default (so
-    /// that default builds keep their keys): a step that may do more can
-    /// produce a different filesystem, and must never share a cache entry
-    /// with one that may not.
-    pub fn key_text(&self) -> Option<String> {
-        if *self == StepSecurity::default() {
-            return None;
-        }
-        let mut text = format!(
-            "caps={:x};seccomp={};privileged={}",
-            self.capabilities.bits(),
-            match self.seccomp {
-                Seccomp::Default => "default",
-                Seccomp::Unconfined => "unconfined",
-            },
-            self.privileged
-        );
-        if let Some(map) = self.user_namespace {
-            text.push_str(&format!(";userns={}", map.size));
-        }
-        Some(text)
-    }
 }
 
 /// Syscall numbers by name for the native architecture.
@@ -992,11 +969,12 @@ mod tests {
 
     #[test]
     fn only_non_default_security_enters_the_cache_key() {
-        assert_eq!(StepSecurity::default().key_text(), None);
+        use crate::keys::run_security_text;
+        assert_eq!(run_security_text(&StepSecurity::default()), None);
         let mut more = StepSecurity::default();
         more.capabilities.add("NET_ADMIN").unwrap();
-        let a = more.key_text().unwrap();
-        let b = StepSecurity::insecure().key_text().unwrap();
+        let a = run_security_text(&more).unwrap();
+        let b = run_security_text(&StepSecurity::insecure()).unwrap();
         assert_ne!(a, b);
         assert!(b.contains("privileged=true"), "{b}");
     }
