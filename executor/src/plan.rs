@@ -9,7 +9,8 @@
 use crate::dockerfile::{
     self, Command, Dockerfile, Error, ErrorKind, Heredoc, Instruction, Mount, PortSpec, Vars, shell,
 };
-use serde::Serialize;
+use crate::oci::{Platform, PlatformError};
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Value, json};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,66 +51,14 @@ pub enum PlanError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid platform {0:?}: expected os/arch[/variant]")]
-    Platform(String),
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
 }
 
-/// An OCI platform `os/arch[/variant]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub arch: String,
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    pub fn parse(s: &str) -> Result<Platform, PlanError> {
-        let parts: Vec<&str> = s.split('/').collect();
-        let bad = || PlanError::Platform(s.to_string());
-        if parts.iter().any(|p| p.is_empty()) {
-            return Err(bad());
-        }
-        match parts.as_slice() {
-            [os, arch] => Ok(Platform {
-                os: os.to_ascii_lowercase(),
-                arch: arch.to_ascii_lowercase(),
-                variant: None,
-            }),
-            [os, arch, variant] => Ok(Platform {
-                os: os.to_ascii_lowercase(),
-                arch: arch.to_ascii_lowercase(),
-                variant: Some(variant.to_ascii_lowercase()),
-            }),
-            _ => Err(bad()),
-        }
-    }
-
-    /// The platform this executor runs on, in OCI names.
-    pub fn host() -> Platform {
-        let (arch, variant) = match std::env::consts::ARCH {
-            "x86_64" => ("amd64", None),
-            "aarch64" => ("arm64", None),
-            "arm" => ("arm", Some("v7")),
-            "x86" => ("386", None),
-            "powerpc64" => ("ppc64le", None),
-            other => (other, None),
-        };
-        Platform {
-            os: "linux".into(),
-            arch: arch.into(),
-            variant: variant.map(str::to_string),
-        }
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
+/// A platform in the dry-run JSON: the `os/arch[/variant]` text, not the
+/// OCI object.
+fn as_text<S: Serializer>(p: &Platform, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(p)
 }
 
 /// What the planner needs besides the Dockerfile.
@@ -148,8 +97,11 @@ pub struct Plan {
     /// The stages the target needs, dependencies first.
     pub stages_to_build: Vec<usize>,
     pub stages: Vec<Stage>,
-    pub build_platform: String,
-    pub target_platform: String,
+    /// Normalised (see [`Platform::normalized`]); printed `os/arch[/variant]`.
+    #[serde(serialize_with = "as_text")]
+    pub build_platform: Platform,
+    #[serde(serialize_with = "as_text")]
+    pub target_platform: Platform,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     #[serde(skip)]
@@ -257,7 +209,7 @@ pub fn plan_source(source: &str, file: &Path, opts: &PlanOptions) -> Result<Plan
 fn platform_args(prefix: &str, p: &Platform, into: &mut Vars) {
     into.insert(format!("{prefix}PLATFORM"), p.to_string());
     into.insert(format!("{prefix}OS"), p.os.clone());
-    into.insert(format!("{prefix}ARCH"), p.arch.clone());
+    into.insert(format!("{prefix}ARCH"), p.architecture.clone());
     into.insert(
         format!("{prefix}VARIANT"),
         p.variant.clone().unwrap_or_default(),
@@ -292,12 +244,14 @@ struct StageDraft {
 
 impl<'a> Planner<'a> {
     fn new(df: &'a Dockerfile, opts: &PlanOptions) -> Result<Planner<'a>, PlanError> {
+        // Normalised as BuildKit does, so `linux/arm64/v8` and
+        // `linux/arm64` give the same TARGETPLATFORM/TARGETVARIANT.
         let build_platform = match &opts.build_platform {
-            Some(p) => Platform::parse(p)?,
+            Some(p) => p.parse::<Platform>()?.normalized(),
             None => Platform::host(),
         };
         let target_platform = match &opts.platform {
-            Some(p) => Platform::parse(p)?,
+            Some(p) => p.parse::<Platform>()?.normalized(),
             None => build_platform.clone(),
         };
         let mut globals = Vars::new();
@@ -443,8 +397,8 @@ impl<'a> Planner<'a> {
             target,
             stages_to_build,
             stages: stages.into_iter().map(|d| d.stage).collect(),
-            build_platform: self.build_platform.to_string(),
-            target_platform: self.target_platform.to_string(),
+            build_platform: self.build_platform.clone(),
+            target_platform: self.target_platform.clone(),
             warnings,
             dockerfile: self.df.file.clone(),
             directives: self.df.directives.clone(),
@@ -528,7 +482,7 @@ impl<'a> Planner<'a> {
             .map(|p| self.expand(p, meta, line, column))
             .transpose()?;
         if let (Some(raw), Some(p)) = (&from.platform, &platform)
-            && Platform::parse(p).is_err()
+            && p.parse::<Platform>().is_err()
         {
             let msg =
                 format!("invalid platform {p:?} from --platform={raw}: expected os/arch[/variant]");
@@ -1280,7 +1234,7 @@ mod tests {
         assert_eq!(p.stages[0].platform.as_deref(), Some("linux/amd64"));
         assert_eq!(expanded(&p, 0, 1), "LABEL x=\"\"");
         assert_eq!(expanded(&p, 0, 3), "LABEL p=linux/arm/v7 v=v7");
-        assert_eq!(p.target_platform, "linux/arm/v7");
+        assert_eq!(p.target_platform.to_string(), "linux/arm/v7");
     }
 
     #[test]
@@ -1560,13 +1514,55 @@ mod tests {
 
     #[test]
     fn platforms_parse_and_reject_garbage() {
-        assert_eq!(
-            Platform::parse("linux/arm64/v8").unwrap().to_string(),
-            "linux/arm64/v8"
-        );
         for bad in ["linux", "linux/", "a/b/c/d", ""] {
-            assert!(Platform::parse(bad).is_err(), "{bad}");
+            let mut o = opts(&[], None);
+            o.platform = Some(bad.into());
+            let err = plan_source("FROM a\n", Path::new("Dockerfile"), &o).unwrap_err();
+            assert!(matches!(err, PlanError::Platform(_)), "{bad}: {err}");
         }
+    }
+
+    /// Before kiln had one `Platform`, the planner kept `v8` here (so
+    /// TARGETVARIANT was `v8` for `linux/arm64/v8` and empty for
+    /// `linux/arm64`) while index selection treated both as one platform.
+    #[test]
+    fn arm64_with_and_without_v8_plans_the_same_platform_args() {
+        let df = "FROM a\nARG TARGETPLATFORM TARGETVARIANT TARGETARCH\nLABEL p=$TARGETPLATFORM v=$TARGETVARIANT a=$TARGETARCH\n";
+        for given in ["linux/arm64", "linux/arm64/v8", "Linux/AArch64"] {
+            let mut o = opts(&[], None);
+            o.platform = Some(given.into());
+            let p = plan_source(df, Path::new("Dockerfile"), &o).unwrap();
+            assert_eq!(
+                expanded(&p, 0, 2),
+                "LABEL p=linux/arm64 v=\"\" a=arm64",
+                "{given}"
+            );
+            assert_eq!(p.target_platform.to_string(), "linux/arm64", "{given}");
+        }
+    }
+
+    #[test]
+    fn bare_arm_gets_its_default_variant_v7() {
+        let mut o = opts(&[], None);
+        o.platform = Some("linux/arm".into());
+        let p = plan_source(
+            "FROM a\nARG TARGETVARIANT\nLABEL v=$TARGETVARIANT\n",
+            Path::new("Dockerfile"),
+            &o,
+        )
+        .unwrap();
+        assert_eq!(expanded(&p, 0, 2), "LABEL v=v7");
+        assert_eq!(p.target_platform.to_string(), "linux/arm/v7");
+    }
+
+    #[test]
+    fn dry_run_json_prints_platforms_as_text() {
+        let mut o = opts(&[], None);
+        o.platform = Some("linux/arm64/v8".into());
+        let p = plan_source("FROM a\n", Path::new("Dockerfile"), &o).unwrap();
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["target_platform"], "linux/arm64");
+        assert_eq!(json["build_platform"], "linux/amd64");
     }
 
     /// `ARG a=xxxxxxxxxx`, then each ARG ten times the one before: a

@@ -663,10 +663,7 @@ impl Driver {
     fn run(&mut self) -> Result<BuildOutcome, BuildError> {
         self.check_push_permissions()?;
         let first = crate::plan::plan(&self.opts.plan)?;
-        self.platform = first
-            .target_platform
-            .parse()
-            .map_err(|e| BuildError::Setup(format!("target platform: {e}")))?;
+        self.platform = first.target_platform.clone();
         self.phase = "resolving base images";
         for &index in &first.stages_to_build {
             if let StageSource::Image(name) = &first.stages[index].source {
