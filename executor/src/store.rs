@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use kiln_common::errors::cannot_link;
 use kiln_common::{Digest, Sha256Writer};
 
-use crate::oci::BlobSource;
+use crate::blobs::BlobSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
