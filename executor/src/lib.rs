@@ -1,4 +1,5 @@
 //! kiln-executor: turns a Dockerfile and a build context into an OCI image.
+pub mod blobs;
 pub mod build;
 pub mod cache;
 pub mod cli;

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use kiln_common::Digest;
 
-use crate::oci::BlobSource;
+use crate::blobs::BlobSource;
 
 pub use kiln_storage::content::{
     BlobWriter, ContentError as StoreError, ContentStore as LocalStore,

@@ -14,8 +14,9 @@
 //! with `..` are rejected; absolute names are taken relative to the root;
 //! every parent directory is resolved component by component inside the root,
 //! with symlinks (including ones made by earlier entries) followed as if the
-//! root were `/` (like `openat2(RESOLVE_IN_ROOT)`), and the last component is
-//! never followed. Owners, modes (setuid/setgid/sticky set after chown),
+//! root were `/` (like `openat2(RESOLVE_IN_ROOT)`; the walk is kiln's one
+//! in-root resolver, [`crate::build::fsutil::walk_in_root`]), and the last
+//! component is never followed. Owners, modes (setuid/setgid/sticky set after chown),
 //! xattrs, device nodes (skipped with a warning where mknod is not allowed),
 //! hard links (inside the root only) and mtimes (directories last) are kept.
 //!
@@ -27,7 +28,7 @@
 //! would exceed it is written.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -39,7 +40,8 @@ use kiln_common::{Digest, VerifyingReader};
 
 pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
-pub(crate) const MAX_SYMLINKS: usize = 40;
+pub(crate) use crate::build::fsutil::MAX_SYMLINKS;
+use crate::build::fsutil::{WalkError, walk_in_root};
 /// Default for [`UnpackOptions::max_expanded_size`] (`--max-layer-size`).
 pub const DEFAULT_MAX_EXPANDED_SIZE: u64 = 32 << 30;
 /// What each entry counts towards the expanded size besides its content:
@@ -587,65 +589,43 @@ impl Unpacker {
         }
         // Looking names up must see every file created so far.
         self.barrier()?;
-        let mut todo: Vec<OsString> = parts.iter().rev().map(|p| p.to_os_string()).collect();
-        let mut stack: Vec<OsString> = Vec::new();
-        let mut links = 0;
-        while let Some(c) = todo.pop() {
-            if c.is_empty() || c == "." {
-                continue;
-            }
-            if c == ".." {
-                // `..` at the root stays at the root, as in a chroot.
-                stack.pop();
-                continue;
-            }
-            let mut host = self.root.clone();
-            host.extend(stack.iter());
-            host.push(&c);
-            match fs::symlink_metadata(&host) {
-                Ok(m) if m.is_dir() => stack.push(c),
-                Ok(m) if m.file_type().is_symlink() => {
-                    links += 1;
-                    if links > MAX_SYMLINKS {
-                        return Err(Self::unsafe_entry(
-                            entry,
-                            "too many levels of symbolic links in its parent path",
-                        ));
-                    }
-                    let target = fs::read_link(&host).map_err(self.io(entry, "readlink", &host))?;
-                    let t = target.as_os_str().as_bytes();
-                    if t.starts_with(b"/") {
-                        stack.clear();
-                    }
-                    for part in t.split(|b| *b == b'/').rev() {
-                        todo.push(OsStr::from_bytes(part).to_os_string());
-                    }
+        let root = self.root.clone();
+        let path: PathBuf = parts.iter().collect();
+        let walked = walk_in_root(&root, &path, |host, meta| match meta {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(Self::unsafe_entry(
+                entry,
+                format!("parent {} is not a directory", host.display()),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir(host).map_err(self.io(entry, "mkdir", host))?;
+                // A new directory inherits setgid and default ACLs
+                // from its parent only.
+                if host
+                    .parent()
+                    .is_some_and(|p| self.plain_dirs.get(p) == Some(&true))
+                {
+                    self.plain_dirs.insert(host.to_path_buf(), true);
                 }
-                Ok(_) => {
-                    return Err(Self::unsafe_entry(
-                        entry,
-                        format!("parent {} is not a directory", host.display()),
-                    ));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                    fs::create_dir(&host).map_err(self.io(entry, "mkdir", &host))?;
-                    // A new directory inherits setgid and default ACLs
-                    // from its parent only.
-                    if host
-                        .parent()
-                        .is_some_and(|p| self.plain_dirs.get(p) == Some(&true))
-                    {
-                        self.plain_dirs.insert(host.clone(), true);
-                    }
-                    self.fresh_dirs.insert(host.clone());
-                    self.created.insert(host.clone());
-                    stack.push(c);
-                }
-                Err(e) => return Err(self.io(entry, "lstat", &host)(e)),
+                self.fresh_dirs.insert(host.to_path_buf());
+                self.created.insert(host.to_path_buf());
+                Ok(())
             }
-        }
-        let mut out = self.root.clone();
-        out.extend(stack.iter());
+            Err(e) => Err(self.io(entry, "lstat", host)(e)),
+        });
+        let out = match walked {
+            Ok(out) => out,
+            Err(WalkError::TooManyLinks) => {
+                return Err(Self::unsafe_entry(
+                    entry,
+                    "too many levels of symbolic links in its parent path",
+                ));
+            }
+            Err(WalkError::ReadLink { path, source }) => {
+                return Err(self.io(entry, "readlink", &path)(source));
+            }
+            Err(WalkError::Visit(e)) => return Err(e),
+        };
         self.resolved.insert(key, out.clone());
         Ok(out)
     }
@@ -1813,6 +1793,57 @@ mod tests {
             .bytes();
         let err = sb.unpack(&tar).unwrap_err();
         assert!(err.to_string().contains("too many levels"), "{err}");
+    }
+
+    /// The unpacker and `resolve_in_root` (COPY, RUN's working directory,
+    /// the chroot runner's mounts) used to be two resolvers; they are one
+    /// walk now and must land a parent path in the same place.
+    #[test]
+    fn unpack_and_resolve_in_root_agree_on_a_tricky_parent_path() {
+        use crate::build::fsutil::resolve_in_root;
+        use std::os::unix::fs::symlink;
+        let sb = Sandbox::new();
+        fs::create_dir_all(sb.root.join("d")).unwrap();
+        fs::create_dir_all(sb.root.join("y/z")).unwrap();
+        // Climbs above the root (clamped), then an absolute link with `.`
+        // and `..` inside, then a name that does not exist yet.
+        symlink("../../../x", sb.root.join("d/up")).unwrap();
+        symlink("/y/./z/../z", sb.root.join("x")).unwrap();
+        let expected = resolve_in_root(&sb.root, Path::new("d/up/new")).unwrap();
+        assert_eq!(expected, sb.root.join("y/z/new"));
+        let tar = TarBuilder::new().file("d/up/new/file", b"x").bytes();
+        sb.unpack(&tar).unwrap();
+        assert!(expected.join("file").is_file());
+        sb.assert_outside_untouched();
+    }
+
+    /// One limit for both callers: Linux's 40 symlinks per lookup.
+    #[test]
+    fn unpack_and_resolve_in_root_share_the_40_symlink_limit() {
+        use crate::build::fsutil::resolve_in_root;
+        use std::os::unix::fs::symlink;
+        for (links, ok) in [(40, true), (41, false)] {
+            let sb = Sandbox::new();
+            fs::create_dir(sb.root.join("dir")).unwrap();
+            // l1 -> l2 -> ... -> l<links> -> dir
+            for i in 1..=links {
+                let target = if i == links {
+                    "dir".to_string()
+                } else {
+                    format!("l{}", i + 1)
+                };
+                symlink(target, sb.root.join(format!("l{i}"))).unwrap();
+            }
+            let resolved = resolve_in_root(&sb.root, Path::new("l1/f"));
+            assert_eq!(resolved.is_ok(), ok, "resolve_in_root, {links} links");
+            if ok {
+                assert_eq!(resolved.unwrap(), sb.root.join("dir/f"));
+            }
+            let tar = TarBuilder::new().file("l1/f", b"x").bytes();
+            let unpacked = sb.unpack(&tar);
+            assert_eq!(unpacked.is_ok(), ok, "unpack, {links} links: {unpacked:?}");
+            assert_eq!(sb.root.join("dir/f").is_file(), ok);
+        }
     }
 
     #[test]

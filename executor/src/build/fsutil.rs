@@ -2,22 +2,62 @@
 //! writer: resolving a path inside a rootfs without escaping it, and reading
 //! extended attributes without following symlinks.
 //!
-//! Promise: [`resolve_in_root`] never returns a path outside `root`, whatever
-//! symlinks (absolute or with `..`) the rootfs contains.
+//! Promise: [`resolve_in_root`] and [`walk_in_root`] (kiln's one in-root
+//! resolver) never return a path outside `root`, whatever symlinks
+//! (absolute or with `..`) the rootfs contains.
 
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-/// Linux's own limit on symlinks followed in one lookup.
-const MAX_SYMLINKS: usize = 40;
+/// Linux's own limit on symlinks followed in one lookup (`ELOOP` past it);
+/// every in-root lookup in kiln (this one, the unpacker's, the EROFS
+/// writer's tree) uses it.
+pub const MAX_SYMLINKS: usize = 40;
+
+/// Why [`walk_in_root`] stopped.
+#[derive(Debug)]
+pub enum WalkError<E> {
+    /// More than [`MAX_SYMLINKS`] symlinks were followed.
+    TooManyLinks,
+    /// A symlink on the way could not be read.
+    ReadLink { path: PathBuf, source: io::Error },
+    /// The caller's `visit` refused a component.
+    Visit(E),
+}
 
 /// Resolves `path` (absolute or relative, read as if `root` were `/`) to a
 /// host path under `root`, following symlinks as the kernel would after a
 /// chroot into `root`. Components that do not exist are kept literally, so
 /// the result can name a file that is about to be created.
 pub fn resolve_in_root(root: &Path, path: &Path) -> io::Result<PathBuf> {
+    walk_in_root(root, path, |_, _| Ok::<(), std::convert::Infallible>(())).map_err(|e| match e {
+        WalkError::TooManyLinks => io::Error::other(format!(
+            "too many levels of symbolic links resolving {} in {}",
+            path.display(),
+            root.display()
+        )),
+        WalkError::ReadLink { source, .. } => source,
+        WalkError::Visit(never) => match never {},
+    })
+}
+
+/// The one in-root lookup behind [`resolve_in_root`] and the unpacker's
+/// parent-directory resolution: walks `path` component by component under
+/// `root`, `..` never climbing above it and every symlink met (the last
+/// component's too) followed as if `root` were `/`, at most
+/// [`MAX_SYMLINKS`] of them. Each component that is not a symlink is shown
+/// to `visit` with its host path and `lstat` result before it is taken;
+/// `visit` may create it (a missing directory) or refuse it.
+///
+/// Why not `openat2(RESOLVE_IN_ROOT)` through a crate: see
+/// docs/decisions.md ("One in-root resolver").
+pub fn walk_in_root<E>(
+    root: &Path,
+    path: &Path,
+    mut visit: impl FnMut(&Path, io::Result<std::fs::Metadata>) -> Result<(), E>,
+) -> Result<PathBuf, WalkError<E>> {
     // `resolved` is relative to root and never contains `..` or symlinks.
     let mut resolved = PathBuf::new();
     let mut pending: Vec<PathBuf> = Vec::new();
@@ -25,6 +65,7 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> io::Result<PathBuf> {
     let mut hops = 0;
     while let Some(part) = pending.pop() {
         if part.as_os_str() == ".." {
+            // `..` at the root stays at the root, as in a chroot.
             resolved.pop();
             continue;
         }
@@ -34,19 +75,19 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> io::Result<PathBuf> {
             Ok(meta) if meta.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_SYMLINKS {
-                    return Err(io::Error::other(format!(
-                        "too many levels of symbolic links resolving {} in {}",
-                        path.display(),
-                        root.display()
-                    )));
+                    return Err(WalkError::TooManyLinks);
                 }
-                let target = std::fs::read_link(&host)?;
+                let target = std::fs::read_link(&host)
+                    .map_err(|source| WalkError::ReadLink { path: host, source })?;
                 if target.is_absolute() {
                     resolved = PathBuf::new();
                 }
                 push_components(&mut pending, &target);
             }
-            _ => resolved = candidate,
+            meta => {
+                visit(&host, meta).map_err(WalkError::Visit)?;
+                resolved = candidate;
+            }
         }
     }
     Ok(root.join(resolved))

@@ -664,10 +664,7 @@ impl Driver {
     fn run(&mut self) -> Result<BuildOutcome, BuildError> {
         self.check_push_permissions()?;
         let first = crate::plan::plan(&self.opts.plan)?;
-        self.platform = first
-            .target_platform
-            .parse()
-            .map_err(|e| BuildError::Setup(format!("target platform: {e}")))?;
+        self.platform = first.target_platform.clone();
         self.phase = "resolving base images";
         for &index in &first.stages_to_build {
             if let StageSource::Image(name) = &first.stages[index].source {
@@ -1285,24 +1282,14 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 in UTC for a Unix time (the image config's `created`).
+/// RFC 3339 in UTC for a Unix time (the image config's `created`), to the
+/// second. A time past chrono's range (year 262143) is clamped to its end.
 pub fn rfc3339(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    // Civil-from-days (Howard Hinnant's algorithm), valid for all u64 days
-    // this program will see.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if mo <= 2 { y + 1 } else { y };
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 #[cfg(test)]
@@ -1314,6 +1301,9 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_737_600), "2026-11-27T00:00:00Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+        // A SOURCE_DATE_EPOCH past any calendar still gives a timestamp.
+        assert!(rfc3339(u64::MAX).ends_with('Z'));
     }
 
     #[test]

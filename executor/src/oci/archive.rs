@@ -17,9 +17,9 @@ use kiln_common::Digest;
 use serde::Serialize;
 
 use super::layout::REF_NAME_ANNOTATION;
+use super::reference::{DOCKER_HUB, ImageRef};
 use super::types::{Index, to_canonical_json};
 use super::{BlobSource, ImageDocuments};
-use crate::registry::ImageRef;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -283,7 +283,7 @@ fn same_tag(a: &str, b: &str) -> bool {
 
 /// Docker's short form of a tag: no `docker.io/`, no `library/`.
 fn docker_tag(r: &ImageRef) -> String {
-    let name = if r.registry() == crate::registry::reference::DOCKER_HUB {
+    let name = if r.registry() == DOCKER_HUB {
         r.repository()
             .strip_prefix("library/")
             .unwrap_or(r.repository())

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_common::{Digest, Sha256Writer};
 
+pub use super::platform::select_platform;
 use super::types::{Descriptor, ImageConfig, Index, Manifest, media, to_canonical_json};
 use super::{BlobSource, ImageDocuments, Platform};
 
@@ -334,17 +335,6 @@ fn ref_name_of(d: &Descriptor) -> Option<&str> {
         .as_ref()?
         .get(REF_NAME_ANNOTATION)
         .map(String::as_str)
-}
-
-/// Picks the index entry for `platform` (entries without a platform never
-/// match, so attestation manifests are skipped).
-pub fn select_platform<'a>(
-    entries: &'a [Descriptor],
-    platform: &Platform,
-) -> Option<&'a Descriptor> {
-    entries
-        .iter()
-        .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
 }
 
 fn io_err(path: &Path, source: io::Error) -> LayoutError {

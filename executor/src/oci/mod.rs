@@ -5,15 +5,21 @@
 //! - [`platform`]: `Platform` and index entry selection.
 //! - [`layout`]: reading and writing OCI image layout directories.
 //! - [`archive`]: writing `docker load` tarballs.
-//! - [`BlobSource`]: where a blob's bytes can be read from, so that pushing
-//!   and exporting work the same from the local store or a layout.
+//! - [`reference`]: image references (`ImageRef`), Docker's normalisation
+//!   of names; `crate::registry::reference` re-exports it.
+//! - [`BlobSource`] (from [`crate::blobs`]): where a blob's bytes can be read
+//!   from, so that pushing and exporting work the same from the local store
+//!   or a layout.
+//!
+//! Dependencies point one way: `registry` uses `oci`, `oci` uses `store`
+//! (reading a `docker save` tarball streams into it), and `store` uses
+//! neither.
 
 pub mod archive;
 pub mod layout;
 pub mod platform;
+pub mod reference;
 pub mod types;
-
-use std::path::PathBuf;
 
 use kiln_common::Digest;
 
@@ -23,11 +29,9 @@ pub use types::{
     to_canonical_json,
 };
 
-/// Something that holds blobs as files (the local store, an OCI layout).
-pub trait BlobSource: Send + Sync {
-    /// The path of the blob's bytes, if this source has it.
-    fn blob_path(&self, digest: &Digest) -> Option<PathBuf>;
-}
+/// Kept so that `crate::oci::BlobSource` still names it; it lives in
+/// [`crate::blobs`], below both `oci` and `store`.
+pub use crate::blobs::BlobSource;
 
 /// An image held in full: the manifest's bytes as they are hashed, its
 /// parsed form, and the config's bytes and parsed form. Layers stay in a

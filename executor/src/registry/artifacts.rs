@@ -18,7 +18,8 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 
 use super::{
-    Body, Direction, MAX_MANIFEST_SIZE, RegistryClient, fail, pull_scope, push_scope, read_limited,
+    Body, Direction, MAX_MANIFEST_SIZE, RegistryClient, body_error, fail, pull_scope, push_scope,
+    read_limited,
 };
 use crate::oci::Descriptor;
 use crate::registry::{ImageRef, RegistryError};
@@ -89,12 +90,7 @@ impl RegistryClient {
             let mut received = 0u64;
             let mut stream = resp.bytes_stream();
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|source| RegistryError::Http {
-                    method: "GET",
-                    url: url.clone(),
-                    detail: kiln_common::errors::chain(&source),
-                    source,
-                })?;
+                let chunk = chunk.map_err(|source| body_error("GET", &url, source))?;
                 received += chunk.len() as u64;
                 // Cut off at the size: an endless body must not fill the
                 // disk before the digest could say it is wrong.

@@ -17,7 +17,9 @@
 
 pub mod auth;
 pub mod client;
-pub mod reference;
+/// Image references live in [`crate::oci::reference`] (below both `oci`
+/// and `registry`); this keeps `crate::registry::reference` working.
+pub use crate::oci::reference;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
