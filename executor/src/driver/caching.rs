@@ -26,28 +26,30 @@ impl Driver {
                 StageSource::Image(name) => {
                     let base = self.bases.get(name).ok_or_else(|| BuildError::Base {
                         reference: name.clone(),
-                        message: "was not resolved".into(),
+                        source: BaseError::NotResolved,
                     })?;
                     keys::base_key(&base.identity)
                 }
                 StageSource::Stage(i) => *self
                     .stage_last_key
                     .get(i)
-                    .ok_or_else(|| BuildError::Setup(format!("stage {i} has no key")))?,
+                    .ok_or_else(|| BuildError::Internal(format!("stage {i} has no key")))?,
             };
             for (position, ins) in stage.instructions.iter().enumerate() {
                 let file = self.dockerfile_name.clone();
-                let step_err = |message: String| BuildError::Step {
+                let step_err = |source: StepError| BuildError::Step {
                     file: file.clone(),
                     line: ins.line,
                     instruction: ins.original.clone(),
-                    message,
+                    source,
                 };
                 let sources = match &ins.instruction {
                     Instruction::Copy(c) => Some(match (&c.from, ins.stage_refs.first()) {
                         (Some(_), Some(i)) => {
                             SourceIdentity::Stage(*self.stage_last_key.get(i).ok_or_else(|| {
-                                step_err(format!("stage {i} is not built before it is used"))
+                                step_err(StepError::invalid(format!(
+                                    "stage {i} is not built before it is used"
+                                )))
                             })?)
                         }
                         (Some(image), None) => {
@@ -104,7 +106,7 @@ impl Driver {
                                     match stage_index(plan, from) {
                                         Some(i) => {
                                             let key = self.stage_last_key.get(&i).ok_or_else(|| {
-                                            step_err(format!("stage {from} is not built before it is mounted"))
+                                            step_err(StepError::invalid(format!("stage {from} is not built before it is mounted")))
                                         })?;
                                             hasher.update(key.as_bytes());
                                         }
@@ -231,7 +233,7 @@ impl Driver {
         step_key: Option<&StepKey>,
         builder: &mut ConfigBuilder,
         state: &mut StageState,
-    ) -> Result<(&'static str, Option<LayerRef>), String> {
+    ) -> Result<(StepOutcome, Option<LayerRef>), StepError> {
         let Some(step_key) = step_key.filter(|k| k.filesystem) else {
             return self.instruction(plan, stage, ins, builder, state);
         };
@@ -239,7 +241,7 @@ impl Driver {
             // Its changes go into the stage's single snapshot: there is no
             // result of its own to look up or to upload.
             let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
-            return Ok((if cache == "none" { "none" } else { "miss" }, layer));
+            return Ok((ran(cache), layer));
         }
         let created_by = history_text(ins);
         if let Some(entry) = self.hits.get(&step_key.key).cloned() {
@@ -250,13 +252,13 @@ impl Driver {
                 hit: Some(step_key.key),
             });
             apply_recorded(ins, layer.clone(), &created_by, builder, state);
-            return Ok(("hit", layer));
+            return Ok((StepOutcome::Hit, layer));
         }
         let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
         // A hit the cache could not deliver was built here; the cache keeps
         // its entry (another executor's result, as good as this one).
         if self.lost_hits.contains(&step_key.key) {
-            return Ok(("miss", layer));
+            return Ok((StepOutcome::Miss, layer));
         }
         let entry = CacheEntry {
             layer: layer.as_ref().map(|l| LayerDescriptor {
@@ -273,7 +275,7 @@ impl Driver {
             .as_ref()
             .map(|l| (l.desc.digest.clone(), l.blob.clone()));
         self.upload(step_key.key, entry, blob);
-        Ok((if cache == "none" { "none" } else { "miss" }, layer))
+        Ok((ran(cache), layer))
     }
 
     /// A step that already ran in this build, before a restart: its layer
@@ -304,10 +306,10 @@ impl Driver {
             let started = Instant::now();
             let mut bytes = 0;
             if let Some((digest, path)) = &blob {
-                cache.put_blob(digest, path).map_err(|e| e.to_string())?;
+                cache.put_blob(digest, path)?;
                 bytes = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             }
-            cache.put_entry(&key, &entry).map_err(|e| e.to_string())?;
+            cache.put_entry(&key, &entry)?;
             Ok(UploadDone {
                 key,
                 bytes,
@@ -340,7 +342,7 @@ impl Driver {
     /// from its registry, then shared through the cache so the cluster pulls
     /// each base layer from outside once. A cache hit's layer that the cache
     /// cannot deliver intact is recorded as lost (see [`Driver::lose_hit`]).
-    pub(super) fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), String> {
+    pub(super) fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), StepError> {
         if layer.blob.is_file() {
             return Ok(());
         }
@@ -362,7 +364,7 @@ impl Driver {
         }
         let is_base = self.base_layers.contains_key(&digest);
         if let (Some(key), Some(e), false) = (layer.hit, &cache_error, is_base) {
-            return Err(self.lose_hit(key, &digest, e.to_string()));
+            return Err(self.lose_hit(key, &digest, kiln_common::errors::chain(e)));
         }
         if let Some(e) = cache_error
             .as_ref()
@@ -375,8 +377,13 @@ impl Driver {
         }
         let Some((pulled, base_layer)) = self.base_layers.get(&digest).cloned() else {
             return Err(match cache_error {
-                Some(e) => format!("fetching layer {digest} from the cache: {e}"),
-                None => format!("layer {digest} is not available locally and there is no cache"),
+                Some(source) => StepError::Cache {
+                    what: format!("fetching layer {digest} from the cache"),
+                    source,
+                },
+                None => StepError::invalid(format!(
+                    "layer {digest} is not available locally and there is no cache"
+                )),
             });
         };
         self.log(&format!(
@@ -393,7 +400,10 @@ impl Driver {
                 self.client
                     .fetch_blob(&pulled, &base_layer.desc, &self.store),
             )
-            .map_err(|e| format!("pulling base layer {digest}: {e}"))?;
+            .map_err(|source| StepError::Registry {
+                what: format!("pulling base layer {digest}"),
+                source,
+            })?;
         let entry = CacheEntry {
             layer: Some(LayerDescriptor {
                 media_type: base_layer.desc.media_type.clone(),
@@ -413,21 +423,23 @@ impl Driver {
     /// Records that the layer of hit `key` cannot be had; the build loop
     /// turns the hit into a miss and starts over. Returns the message for
     /// the error that unwinds to it.
-    pub(super) fn lose_hit(&mut self, key: CacheKey, digest: &Digest, reason: String) -> String {
-        let message = format!("cached layer {digest} is not usable: {reason}");
+    pub(super) fn lose_hit(&mut self, key: CacheKey, digest: &Digest, reason: String) -> StepError {
         self.lost_pending = Some(LostHit {
             key,
             digest: digest.clone(),
-            reason,
+            reason: reason.clone(),
         });
-        message
+        StepError::LostHit {
+            digest: digest.clone(),
+            reason,
+        }
     }
 
     pub(super) fn context_digest(
         &mut self,
         sources: &[String],
         excludes: &[String],
-    ) -> Result<[u8; 32], String> {
+    ) -> Result<[u8; 32], StepError> {
         let from_context: Vec<String> = sources
             .iter()
             .filter(|s| !s.starts_with("<<"))
@@ -438,7 +450,7 @@ impl Driver {
         }
         let selections = self.select_context(&from_context, excludes)?;
         let ctx = self.context()?;
-        ctx.digest(&selections).map_err(|e| e.to_string())
+        Ok(ctx.digest(&selections)?)
     }
 
     /// COPY/ADD sources in the context, minus `--exclude` patterns (matched
@@ -447,17 +459,17 @@ impl Driver {
         &mut self,
         sources: &[String],
         excludes: &[String],
-    ) -> Result<Vec<crate::context::Selection>, String> {
+    ) -> Result<Vec<crate::context::Selection>, StepError> {
         let exclude = if excludes.is_empty() {
             None
         } else {
-            Some(
-                DockerIgnore::parse(&excludes.join("\n"), Path::new("--exclude"))
-                    .map_err(|e| e.to_string())?,
-            )
+            Some(DockerIgnore::parse(
+                &excludes.join("\n"),
+                Path::new("--exclude"),
+            )?)
         };
         let ctx = self.context()?;
-        let mut selections = ctx.select(sources).map_err(|e| e.to_string())?;
+        let mut selections = ctx.select(sources)?;
         if let Some(exclude) = exclude {
             for sel in &mut selections {
                 let root = sel.root.clone();
@@ -489,7 +501,7 @@ impl Driver {
         plan: &Plan,
         mounts: &[dockerfile::Mount],
         workdir: &Path,
-    ) -> Result<RunMounts, String> {
+    ) -> Result<RunMounts, StepError> {
         use dockerfile::MountType;
         let mut specs = Vec::new();
         let mut env = Vec::new();
@@ -500,18 +512,21 @@ impl Driver {
                 .map(|t| copy::absolute_in_image(workdir, t));
             match m.kind {
                 MountType::Bind => {
-                    let target = target.ok_or("--mount=type=bind needs a target")?;
+                    let target = target
+                        .ok_or_else(|| StepError::invalid("--mount=type=bind needs a target"))?;
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     let host = match &m.from {
                         None => {
                             let rel = crate::context::clean_relative(&source).ok_or_else(|| {
-                                format!("--mount source {source:?} is outside the build context")
+                                StepError::invalid(format!(
+                                    "--mount source {source:?} is outside the build context"
+                                ))
                             })?;
                             let host = self.opts.plan.context.join(rel);
                             if fs::symlink_metadata(&host).is_err() {
-                                return Err(format!(
+                                return Err(StepError::invalid(format!(
                                     "--mount source {source:?}: not found in the build context"
-                                ));
+                                )));
                             }
                             host
                         }
@@ -526,7 +541,9 @@ impl Driver {
                                 .first()
                                 .map(|r| r.entries[0].host.clone())
                                 .ok_or_else(|| {
-                                    format!("--mount source {source:?} not found in {from}")
+                                    StepError::invalid(format!(
+                                        "--mount source {source:?} not found in {from}"
+                                    ))
                                 })?
                         }
                     };
@@ -537,7 +554,8 @@ impl Driver {
                     });
                 }
                 MountType::Cache => {
-                    let target = target.ok_or("--mount=type=cache needs a target")?;
+                    let target = target
+                        .ok_or_else(|| StepError::invalid("--mount=type=cache needs a target"))?;
                     let id = m.id.clone().unwrap_or_else(|| target.display().to_string());
                     let dir = self
                         .opts
@@ -546,19 +564,19 @@ impl Driver {
                         .join(blake3::hash(id.as_bytes()).to_hex().as_str());
                     if !dir.is_dir() {
                         fs::create_dir_all(&dir)
-                            .map_err(|e| format!("creating cache mount {id}: {e}"))?;
+                            .map_err(|e| StepError::io(format!("creating cache mount {id}"), e))?;
                         use std::os::unix::fs::PermissionsExt;
                         fs::set_permissions(
                             &dir,
                             fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
                         )
-                        .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        .map_err(|e| StepError::io(format!("cache mount {id}"), e))?;
                         std::os::unix::fs::chown(
                             &dir,
                             Some(m.uid.unwrap_or(0)),
                             Some(m.gid.unwrap_or(0)),
                         )
-                        .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        .map_err(|e| StepError::io(format!("cache mount {id}"), e))?;
                     }
                     specs.push(MountSpec::Bind {
                         source: dir,
@@ -567,7 +585,8 @@ impl Driver {
                     });
                 }
                 MountType::Tmpfs => {
-                    let target = target.ok_or("--mount=type=tmpfs needs a target")?;
+                    let target = target
+                        .ok_or_else(|| StepError::invalid("--mount=type=tmpfs needs a target"))?;
                     specs.push(MountSpec::Tmpfs {
                         target,
                         size_bytes: m.size,
@@ -582,18 +601,20 @@ impl Driver {
                                     .and_then(|t| t.file_name())
                                     .map(|n| n.to_string_lossy().into_owned())
                             })
-                            .ok_or("--mount=type=secret needs an id or a target")?;
+                            .ok_or_else(|| {
+                                StepError::invalid("--mount=type=secret needs an id or a target")
+                            })?;
                     let Some(path) = self.secret_file(&id)? else {
                         if m.required {
-                            return Err(format!(
+                            return Err(StepError::invalid(format!(
                                 "secret {id} is required but no --secret id={id} was given"
-                            ));
+                            )));
                         }
                         continue;
                     };
                     if let Some(var) = &m.env {
                         let value = fs::read_to_string(&path)
-                            .map_err(|e| format!("reading secret {id}: {e}"))?;
+                            .map_err(|e| StepError::io(format!("reading secret {id}"), e))?;
                         env.push((var.clone(), value));
                         if m.target.is_none() {
                             continue;
@@ -606,10 +627,9 @@ impl Driver {
                     });
                 }
                 MountType::Ssh => {
-                    return Err(
-                        "RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding"
-                            .into(),
-                    );
+                    return Err(StepError::invalid(
+                        "RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding",
+                    ));
                 }
             }
         }
@@ -622,7 +642,7 @@ impl Driver {
         source: &str,
         checksum: Option<&str>,
         keep_git_dir: bool,
-    ) -> Result<remote::RemoteSource, String> {
+    ) -> Result<remote::RemoteSource, StepError> {
         if let Some(r) = self.remote.get(source) {
             return Ok(r.clone());
         }
@@ -630,7 +650,7 @@ impl Driver {
         let dir = self.work.join(format!("remote-{}", self.scratch_counter));
         let fetched = if remote::is_git(source) {
             if checksum.is_some() {
-                return Err("ADD --checksum applies to URLs, not git repositories".into());
+                return Err(remote::RemoteError::ChecksumOnGit.into());
             }
             self.log(&format!("cloning {source}"));
             remote::clone(source, keep_git_dir, &dir)?
@@ -639,7 +659,7 @@ impl Driver {
             let client = reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(30))
                 .build()
-                .map_err(|e| e.to_string())?;
+                .map_err(remote::RemoteError::Client)?;
             self.runtime
                 .block_on(remote::download(&client, source, checksum, &dir))?
         };
@@ -648,25 +668,32 @@ impl Driver {
     }
 
     /// The file holding secret `id` (`--secret id=..,src=..` or `env=..`).
-    pub(super) fn secret_file(&mut self, id: &str) -> Result<Option<PathBuf>, String> {
+    pub(super) fn secret_file(&mut self, id: &str) -> Result<Option<PathBuf>, StepError> {
         let Some(secret) = self.opts.secrets.iter().find(|s| s.id == id).cloned() else {
             return Ok(None);
         };
         match secret.source {
             SecretSource::File(path) => Ok(Some(path)),
             SecretSource::Env(var) => {
-                let value =
-                    std::env::var(&var).map_err(|_| format!("secret {id}: ${var} is not set"))?;
+                let value = std::env::var(&var)
+                    .map_err(|_| StepError::invalid(format!("secret {id}: ${var} is not set")))?;
                 let dir = self.work.join("secrets");
-                fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| e.to_string())?;
+                private_dir(&dir)?;
                 let path = dir.join(blake3::hash(id.as_bytes()).to_hex().as_str());
-                fs::write(&path, value).map_err(|e| e.to_string())?;
+                fs::write(&path, value)
+                    .map_err(|e| StepError::io(format!("writing secret {id}"), e))?;
                 Ok(Some(path))
             }
         }
+    }
+}
+
+/// What a step that ran reports: `miss` for a filesystem step, `none` for
+/// a metadata step.
+fn ran(outcome: StepOutcome) -> StepOutcome {
+    match outcome {
+        StepOutcome::None => StepOutcome::None,
+        _ => StepOutcome::Miss,
     }
 }
 

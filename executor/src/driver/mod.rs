@@ -18,6 +18,7 @@
 mod bases;
 mod caching;
 pub mod copy;
+mod error;
 pub mod from_cli;
 pub mod keys;
 mod mountable;
@@ -43,7 +44,7 @@ use crate::build::layer::{Compression, LayerOptions, MtimePolicy, write_layer};
 use crate::build::runner::chroot::ChrootRunner;
 use crate::build::runner::none::NoneRunner;
 use crate::build::runner::security::StepSecurity;
-use crate::build::runner::{ExitStatus, MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
+use crate::build::runner::{MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
 use crate::build::snapshot::overlay::OverlaySnapshotter;
 use crate::build::snapshot::walk::WalkSnapshotter;
 use crate::build::snapshot::{LowerLayout, Snapshotter};
@@ -59,6 +60,7 @@ use crate::store::LocalStore;
 use crate::unpack::{UnpackMode, UnpackOptions, unpack_layer};
 
 use copy::{CopyItem, CopyOptions, CopyRoot, copy_into, walk_root};
+pub use error::{BaseError, BuildError, StepError, StepOutcome};
 
 /// How RUN steps are isolated (`--isolation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +212,7 @@ pub struct StepRecord {
     /// The named inputs of the key, so a miss can be explained.
     pub inputs: Vec<KeyInput>,
     /// `"hit"`, `"miss"` (it ran), or `"none"` (metadata, no entry).
-    pub cache: &'static str,
+    pub cache: StepOutcome,
     pub layer: Option<Digest>,
     pub layer_size: Option<u64>,
     pub duration_ms: u64,
@@ -228,51 +230,6 @@ pub struct StepRecord {
 struct PhaseTimes {
     run_ms: Option<u64>,
     snapshot_ms: Option<u64>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    Plan(#[from] crate::plan::PlanError),
-    #[error("{file}:{line}: {instruction}: {message}")]
-    Step {
-        file: String,
-        line: usize,
-        instruction: String,
-        message: String,
-    },
-    /// A RUN step's command ran and failed: the executor exits with its
-    /// status (see [`BuildError::exit_code`]).
-    #[error("{file}:{line}: {instruction}: {message}")]
-    RunFailed {
-        file: String,
-        line: usize,
-        instruction: String,
-        status: ExitStatus,
-        message: String,
-    },
-    #[error("base image {reference}: {message}")]
-    Base { reference: String, message: String },
-    #[error("{0}")]
-    Setup(String),
-    #[error("writing the image: {0}")]
-    Output(String),
-}
-
-impl BuildError {
-    /// The executor's exit status for this error: a failed RUN step's own
-    /// exit code (128 + the signal when a signal killed it, as shells
-    /// report it), as Kaniko and Buildah do, so CI jobs can branch on it;
-    /// 1 for every other build error.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            BuildError::RunFailed { status, .. } => match *status {
-                ExitStatus::Code(code) => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
-                ExitStatus::Signal(signal) => u8::try_from(128 + signal).unwrap_or(1),
-            },
-            _ => 1,
-        }
-    }
 }
 
 /// What a finished background upload reports.
@@ -336,7 +293,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| BuildError::Setup(format!("starting the async runtime: {e}")))?;
+        .map_err(|e| BuildError::setup("starting the async runtime", e))?;
     let mut driver = Driver::new(opts, runtime)?;
     let result = driver.run();
     if let Err(e) = &result {
@@ -398,11 +355,8 @@ struct Driver {
     ran: HashMap<CacheKey, RanStep>,
     /// `--max-layer-size` as the unpacker applies it.
     unpack_limit: u64,
-    uploads: Vec<std::thread::JoinHandle<Result<UploadDone, String>>>,
+    uploads: Vec<std::thread::JoinHandle<Result<UploadDone, crate::cache::CacheError>>>,
     last_phase: PhaseTimes,
-    /// Set when the current step's RUN command exited non-zero, so the
-    /// step's error carries its status.
-    failed_run: Option<ExitStatus>,
     lookup_ms: u64,
     /// Base-image layers by digest, with the image they come from, so they
     /// can be fetched lazily from the cache or the registry.
@@ -443,13 +397,11 @@ struct FailedStep {
 
 impl Driver {
     fn new(mut opts: BuildOptions, runtime: tokio::runtime::Runtime) -> Result<Self, BuildError> {
-        let setup =
-            |what: &str, e: &dyn std::fmt::Display| BuildError::Setup(format!("{what}: {e}"));
         if opts.isolation == Isolation::None
             && !opts.force
             && let Some(reason) = refuse_in_place()
         {
-            return Err(BuildError::Setup(reason));
+            return Err(BuildError::Refused(reason));
         }
         // Everything below these holds image content: unpacked layers keep
         // their setuid-root binaries and device nodes, scratch space holds
@@ -464,10 +416,10 @@ impl Driver {
             ("images", "the layer image cache"),
         ] {
             private_dir(&opts.state_dir.join(sub))
-                .map_err(|e| setup(&format!("creating {what}"), &e))?;
+                .map_err(|e| BuildError::setup(format!("creating {what}"), e))?;
         }
         let store = LocalStore::new(opts.state_dir.join("store"))
-            .map_err(|e| setup("opening the local store", &e))?;
+            .map_err(|e| BuildError::setup("opening the local store", e))?;
         let layers_dir = opts.state_dir.join("layers");
         let work = opts.state_dir.join("work").join(format!(
             "build-{}-{}",
@@ -477,7 +429,9 @@ impl Driver {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        fs::create_dir_all(&work).map_err(|e| setup("creating scratch space", &e))?;
+        fs::create_dir_all(&work).map_err(|e| {
+            BuildError::setup(format!("creating scratch space {}", work.display()), e)
+        })?;
         // A fetched context lives in the scratch space, so it goes with it
         // at the end of the build, failed or not.
         let context_dir = match opts.context_source.clone() {
@@ -485,13 +439,13 @@ impl Driver {
                 spec.prepare(&mut opts.plan, &work, opts.max_layer_size)
                     .map_err(|e| {
                         let _ = fs::remove_dir_all(&work);
-                        BuildError::Setup(e.to_string())
+                        BuildError::setup("preparing the build context", e)
                     })?,
             ),
             None => None,
         };
         let client = RegistryClient::new(opts.registry.clone())
-            .map_err(|e| setup("setting up the registry client", &e))?;
+            .map_err(|e| BuildError::setup("setting up the registry client", e))?;
         let kind = opts.snapshotter.unwrap_or(match opts.isolation {
             Isolation::None => SnapshotterKind::Walk,
             Isolation::Chroot => SnapshotterKind::Overlay,
@@ -562,7 +516,6 @@ impl Driver {
             unpack_limit: opts.max_layer_size,
             uploads: Vec::new(),
             last_phase: PhaseTimes::default(),
-            failed_run: None,
             lookup_ms: 0,
             remote: HashMap::new(),
             base_layers: HashMap::new(),
@@ -643,18 +596,15 @@ impl Driver {
         let mut checked = std::collections::HashSet::new();
         for d in &self.opts.destinations {
             let r = ImageRef::parse(d)
-                .map_err(|e| BuildError::Output(format!("destination {d}: {e}")))?;
+                .map_err(|e| BuildError::output(format!("destination {d}"), e))?;
             if !checked.insert((r.registry().to_string(), r.repository().to_string())) {
                 continue;
             }
             self.runtime
                 .block_on(self.client.check_push_permission(&r))
-                .map_err(|e| {
-                    BuildError::Setup(format!(
-                        "push permission check for destination {d} (before the build; \
-                         --skip-push-permission-check skips it): {}",
-                        kiln_common::errors::chain(&e)
-                    ))
+                .map_err(|source| BuildError::PushPermission {
+                    destination: d.clone(),
+                    source,
                 })?;
         }
         Ok(())
@@ -666,7 +616,7 @@ impl Driver {
         self.platform = first
             .target_platform
             .parse()
-            .map_err(|e| BuildError::Setup(format!("target platform: {e}")))?;
+            .map_err(|e| BuildError::setup("target platform", e))?;
         self.phase = "resolving base images";
         for &index in &first.stages_to_build {
             if let StageSource::Image(name) = &first.stages[index].source {
@@ -738,14 +688,14 @@ impl Driver {
             .stages
             .get(&plan.target)
             .cloned()
-            .ok_or_else(|| BuildError::Setup("the target stage was not built".into()))?;
+            .ok_or_else(|| BuildError::Internal("the target stage was not built".into()))?;
         self.finish(plan, target)
     }
 
     /// The summary on the log and, with `--report`, the JSON report.
     fn report(&self, outcome: &BuildOutcome, uploaded: u64) -> Result<(), BuildError> {
-        let count = |c: &str| outcome.steps.iter().filter(|s| s.cache == c).count();
-        let (hits, misses) = (count("hit"), count("miss"));
+        let count = |c| outcome.steps.iter().filter(|s| s.cache == c).count();
+        let (hits, misses) = (count(StepOutcome::Hit), count(StepOutcome::Miss));
         let elapsed = self.started.elapsed();
         self.opts.log.log(
             crate::log::Level::Info,
@@ -782,7 +732,7 @@ impl Driver {
         let uploaded = self.steps.iter().filter_map(|s| s.uploaded_bytes).sum();
         let step = match error {
             // Output errors happen after the last step finished.
-            BuildError::Output(_) => None,
+            BuildError::Output { .. } => None,
             _ => self.current_step.clone(),
         };
         let failure = serde_json::json!({
@@ -809,7 +759,7 @@ impl Driver {
         let Some(path) = &self.opts.report else {
             return Ok(());
         };
-        let count = |c: &str| steps.iter().filter(|s| s.cache == c).count();
+        let count = |c| steps.iter().filter(|s| s.cache == c).count();
         let mut report = serde_json::json!({
             "steps": steps.iter().map(|s| serde_json::json!({
                 "stage": s.stage,
@@ -830,8 +780,8 @@ impl Driver {
             "image": image,
             "summary": {
                 "steps": steps.len(),
-                "hits": count("hit"),
-                "misses": count("miss"),
+                "hits": count(StepOutcome::Hit),
+                "misses": count(StepOutcome::Miss),
                 "duration_ms": self.started.elapsed().as_millis() as u64,
                 "lookup_ms": self.lookup_ms,
                 "bytes_uploaded": uploaded,
@@ -843,9 +793,10 @@ impl Driver {
         if let Some(error) = error {
             report["error"] = error;
         }
-        let text =
-            serde_json::to_vec_pretty(&report).map_err(|e| BuildError::Output(e.to_string()))?;
-        fs::write(path, text).map_err(|e| BuildError::Output(format!("{}: {e}", path.display())))
+        let text = serde_json::to_vec_pretty(&report)
+            .map_err(|e| BuildError::output(format!("report {}", path.display()), e))?;
+        fs::write(path, text)
+            .map_err(|e| BuildError::output(format!("report {}", path.display()), e))
     }
 }
 
@@ -876,8 +827,8 @@ fn refuse_in_place() -> Option<String> {
     }
 }
 
-fn config_from_bytes(bytes: &[u8]) -> Result<image_config::ImageConfig, String> {
-    image_config::ImageConfig::from_json(bytes).map_err(|e| format!("image config: {e}"))
+fn config_from_bytes(bytes: &[u8]) -> Result<image_config::ImageConfig, BaseError> {
+    image_config::ImageConfig::from_json(bytes).map_err(BaseError::Config)
 }
 
 fn env_map(config: &image_config::ImageConfig) -> BTreeMap<String, String> {
@@ -1027,7 +978,7 @@ fn copy_options(
     rootfs: &Path,
     chown: Option<&str>,
     chmod: Option<&str>,
-) -> Result<CopyOptions, String> {
+) -> Result<CopyOptions, StepError> {
     let owner = match chown {
         None => None,
         Some(spec) => Some(resolve_owner(rootfs, spec)?),
@@ -1038,7 +989,9 @@ fn copy_options(
             u32::from_str_radix(m, 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| format!("--chmod={m}: expected an octal mode such as 0755"))?,
+                .ok_or_else(|| {
+                    StepError::invalid(format!("--chmod={m}: expected an octal mode such as 0755"))
+                })?,
         ),
     };
     Ok(CopyOptions {
@@ -1050,8 +1003,11 @@ fn copy_options(
 
 /// `--chown=user[:group]`: names from the image's passwd/group; a user
 /// without a group uses the same number as its gid, as Docker does.
-fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), String> {
-    let resolved = resolve_user(rootfs, spec).map_err(|e| format!("--chown={spec}: {e}"))?;
+fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), StepError> {
+    let resolved = resolve_user(rootfs, spec).map_err(|source| StepError::User {
+        what: format!("--chown={spec}"),
+        source,
+    })?;
     if spec.contains(':') {
         Ok((resolved.uid, resolved.gid))
     } else {
@@ -1063,11 +1019,14 @@ fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), String> {
 /// BuildKit's rules. A name takes uid and gid from the image's passwd; a
 /// bare number is used as both (passwd is not consulted, so `USER 9999`
 /// gives 9999:9999); a `:group` (name or number) replaces the gid.
-fn workdir_owner(rootfs: &Path, user: &str) -> Result<(u32, u32), String> {
+fn workdir_owner(rootfs: &Path, user: &str) -> Result<(u32, u32), StepError> {
     if user.is_empty() {
         return Ok((0, 0));
     }
-    let resolved = resolve_user(rootfs, user).map_err(|e| format!("USER {user}: {e}"))?;
+    let resolved = resolve_user(rootfs, user).map_err(|source| StepError::User {
+        what: format!("USER {user}"),
+        source,
+    })?;
     let name = user.split_once(':').map_or(user, |(u, _)| u);
     if user.contains(':') || name.parse::<u32>().is_err() {
         Ok((resolved.uid, resolved.gid))
@@ -1087,17 +1046,20 @@ fn add_into(
     as_is: Vec<CopyRoot>,
     opts: &CopyOptions,
     unpack: &UnpackOptions,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let mut plain = as_is;
     for root in roots {
         let host = &root.entries[0].host;
         if !root.is_dir && is_tar_archive(host) {
             let dir = copy::absolute_in_image(workdir, dest);
             let host_dir = copy::ensure_dir(rootfs, &dir, opts.owner.unwrap_or((0, 0)), 0o755)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            let file = fs::File::open(host).map_err(|e| format!("{}: {e}", host.display()))?;
-            unpack_layer(file, &host_dir, unpack, None)
-                .map_err(|e| format!("extracting {}: {e}", root.name))?;
+                .map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
+            let file =
+                fs::File::open(host).map_err(|e| StepError::io(host.display().to_string(), e))?;
+            unpack_layer(file, &host_dir, unpack, None).map_err(|source| StepError::Unpack {
+                what: format!("extracting {}", root.name),
+                source,
+            })?;
         } else {
             plain.push(root);
         }
@@ -1105,7 +1067,7 @@ fn add_into(
     if plain.is_empty() {
         return Ok(());
     }
-    copy_into(rootfs, workdir, dest, &plain, opts).map_err(|e| e.to_string())
+    Ok(copy_into(rootfs, workdir, dest, &plain, opts)?)
 }
 
 fn is_tar_archive(path: &Path) -> bool {
@@ -1136,11 +1098,13 @@ struct RootMatch {
 /// Paths in a rootfs matching `pattern` (Go `filepath.Match` per component),
 /// every component resolved inside the rootfs, so a symlink in the image
 /// (absolute or climbing with `..`) never reaches a host path.
-fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, String> {
+fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, StepError> {
     use crate::build::fsutil::resolve_in_root;
     let clean = copy::absolute_in_image(Path::new("/"), pattern);
-    let resolve =
-        |image_path: &Path| resolve_in_root(rootfs, image_path).map_err(|e| e.to_string());
+    let resolve = |image_path: &Path| {
+        resolve_in_root(rootfs, image_path)
+            .map_err(|e| StepError::io(format!("resolving {}", image_path.display()), e))
+    };
     // Image paths (as named, not resolved) matched so far.
     let mut current = vec![PathBuf::from("/")];
     for component in clean.components().skip(1) {
@@ -1158,7 +1122,7 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, String> 
                 names.sort();
                 for name in names {
                     if crate::context::source_matches(&part, &name)
-                        .map_err(|e| format!("bad pattern {pattern}: {e}"))?
+                        .map_err(|e| StepError::invalid(format!("bad pattern {pattern}: {e}")))?
                     {
                         next.push(dir.join(name));
                     }
@@ -1269,11 +1233,11 @@ fn open_embedded(opts: &BuildOptions) -> Result<Arc<dyn Cache>, crate::cache::Ca
 }
 
 /// Creates `dir` (and its parents) if needed and makes it mode 0700.
-fn private_dir(dir: &Path) -> Result<(), String> {
+fn private_dir(dir: &Path) -> Result<(), StepError> {
     use std::os::unix::fs::PermissionsExt;
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|e| StepError::io(dir.display().to_string(), e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("making {} owner-only: {e}", dir.display()))
+        .map_err(|e| StepError::io(format!("making {} owner-only", dir.display()), e))
 }
 
 /// Seconds since the Unix epoch now (0 if the clock is before it).
@@ -1357,17 +1321,20 @@ mod tests {
 
     #[test]
     fn a_failed_run_is_the_executor_exit_status() {
-        let failed = |status| BuildError::RunFailed {
+        use crate::build::runner::ExitStatus;
+        let failed = |status| BuildError::Step {
             file: "Dockerfile".into(),
             line: 2,
             instruction: "RUN exit 42".into(),
-            status,
-            message: String::new(),
+            source: StepError::CommandFailed {
+                status,
+                tail: String::new(),
+            },
         };
         assert_eq!(failed(ExitStatus::Code(42)).exit_code(), 42);
         assert_eq!(failed(ExitStatus::Signal(9)).exit_code(), 137);
         assert_eq!(failed(ExitStatus::Code(300)).exit_code(), 1);
-        assert_eq!(BuildError::Setup("x".into()).exit_code(), 1);
+        assert_eq!(BuildError::Refused("x".into()).exit_code(), 1);
     }
 
     #[test]
@@ -1384,15 +1351,15 @@ mod tests {
             "root:x:0:\nalice:x:1002:\nstaff:x:1003:alice\n",
         )
         .unwrap();
-        let owner = |u: &str| workdir_owner(root.path(), u);
-        assert_eq!(owner(""), Ok((0, 0)));
-        assert_eq!(owner("9999"), Ok((9999, 9999)));
-        assert_eq!(owner("1001"), Ok((1001, 1001)));
-        assert_eq!(owner("9999:9998"), Ok((9999, 9998)));
-        assert_eq!(owner("alice"), Ok((1001, 1002)));
-        assert_eq!(owner("alice:staff"), Ok((1001, 1003)));
-        assert_eq!(owner("1001:staff"), Ok((1001, 1003)));
-        assert!(owner("bob").is_err());
+        let owner = |u: &str| workdir_owner(root.path(), u).ok();
+        assert_eq!(owner(""), Some((0, 0)));
+        assert_eq!(owner("9999"), Some((9999, 9999)));
+        assert_eq!(owner("1001"), Some((1001, 1001)));
+        assert_eq!(owner("9999:9998"), Some((9999, 9998)));
+        assert_eq!(owner("alice"), Some((1001, 1002)));
+        assert_eq!(owner("alice:staff"), Some((1001, 1003)));
+        assert_eq!(owner("1001:staff"), Some((1001, 1003)));
+        assert!(owner("bob").is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ impl Driver {
                     .cloned()
                     .ok_or_else(|| BuildError::Base {
                         reference: name.clone(),
-                        message: "was not resolved".into(),
+                        source: BaseError::NotResolved,
                     })?;
                 StageState {
                     config: base.config,
@@ -25,7 +25,7 @@ impl Driver {
             }
             StageSource::Stage(parent) => {
                 let mut parent = self.stages.get(parent).cloned().ok_or_else(|| {
-                    BuildError::Setup(format!(
+                    BuildError::Internal(format!(
                         "stage {parent} was not built before stage {}",
                         stage.index
                     ))
@@ -72,7 +72,6 @@ impl Driver {
             let started = Instant::now();
             let step_key = self.keys.get(&(stage.index, position)).cloned();
             self.last_phase = PhaseTimes::default();
-            self.failed_run = None;
             self.defer_snapshot = last_filesystem_step.is_some_and(|last| position < last)
                 && keys::is_filesystem_step(ins);
             if self.defer_snapshot && stage_layer_known {
@@ -89,7 +88,7 @@ impl Driver {
                     instruction: ins.original.clone(),
                     key: None,
                     inputs: step_key.map(|k| k.inputs).unwrap_or_default(),
-                    cache: "hit",
+                    cache: StepOutcome::Hit,
                     layer: None,
                     layer_size: None,
                     duration_ms: 0,
@@ -119,23 +118,20 @@ impl Driver {
                 .inspect_err(|_| {
                     self.step_ended(stage.index, ins, "failed", started.elapsed(), None);
                 })
-                .map_err(|message| match self.failed_run.take() {
-                    Some(status) => BuildError::RunFailed {
-                        file: self.dockerfile_name.clone(),
-                        line: ins.line,
-                        instruction: ins.original.clone(),
-                        status,
-                        message,
-                    },
-                    None => BuildError::Step {
-                        file: self.dockerfile_name.clone(),
-                        line: ins.line,
-                        instruction: ins.original.clone(),
-                        message,
-                    },
+                .map_err(|source| BuildError::Step {
+                    file: self.dockerfile_name.clone(),
+                    line: ins.line,
+                    instruction: ins.original.clone(),
+                    source,
                 })?;
-            if cache != "none" {
-                self.step_ended(stage.index, ins, cache, started.elapsed(), layer.as_ref());
+            if cache != StepOutcome::None {
+                self.step_ended(
+                    stage.index,
+                    ins,
+                    cache.as_str(),
+                    started.elapsed(),
+                    layer.as_ref(),
+                );
             }
             self.current_step = None;
             let ran_layer = layer.clone();
@@ -156,7 +152,8 @@ impl Driver {
             });
             // A step whose changes wait for the stage's single snapshot has
             // no result of its own to replay.
-            if let (Some(key), "miss", false) = (filesystem_key, cache, self.defer_snapshot)
+            if let (Some(key), StepOutcome::Miss, false) =
+                (filesystem_key, cache, self.defer_snapshot)
                 && let Some(record) = self.steps.last().cloned()
             {
                 self.ran.insert(
@@ -188,7 +185,7 @@ impl Driver {
         ins: &PlannedInstruction,
         builder: &mut ConfigBuilder,
         state: &mut StageState,
-    ) -> Result<(&'static str, Option<LayerRef>), String> {
+    ) -> Result<(StepOutcome, Option<LayerRef>), StepError> {
         let created_by = history_text(ins);
         match &ins.instruction {
             Instruction::Env(pairs) => {
@@ -206,7 +203,7 @@ impl Driver {
             }
             Instruction::Expose(ports) => {
                 for p in ports {
-                    builder.expose(p).map_err(|e| e.to_string())?;
+                    builder.expose(p)?;
                 }
             }
             Instruction::User(user) => {
@@ -237,9 +234,9 @@ impl Driver {
             Instruction::Onbuild { trigger, .. } => {
                 builder.add_onbuild(trigger);
             }
-            Instruction::Arg(_) => return Ok(("none", None)),
+            Instruction::Arg(_) => return Ok((StepOutcome::None, None)),
             // The stage's own FROM line: the base was applied before the loop.
-            Instruction::From(_) => return Ok(("none", None)),
+            Instruction::From(_) => return Ok((StepOutcome::None, None)),
             Instruction::Workdir(dir) => {
                 builder.set_workdir(dir);
                 let workdir = workdir_of(builder.config());
@@ -252,9 +249,11 @@ impl Driver {
                         let owner = workdir_owner(rootfs, &user)?;
                         copy::ensure_dir(rootfs, &workdir, owner, 0o755)
                             .map(|_| ())
-                            .map_err(|e| format!("creating {}: {e}", workdir.display()))
+                            .map_err(|e| {
+                                StepError::io(format!("creating {}", workdir.display()), e)
+                            })
                     })?;
-                return Ok(("run", layer));
+                return Ok((StepOutcome::Run, layer));
             }
             Instruction::Run(run) => {
                 let argv = run_argv(run, shell_of(builder.config()), &ins.heredocs);
@@ -290,20 +289,18 @@ impl Driver {
                             writer: Some(log),
                             ..OutputSink::default()
                         };
-                        let outcome = driver.runner.run(&spec).map_err(|e| e.to_string())?;
+                        let outcome = driver.runner.run(&spec)?;
                         if outcome.success() {
                             Ok(())
                         } else {
-                            driver.failed_run = Some(outcome.status);
-                            Err(format!(
-                                "the command failed with {}; last output:\n{}",
-                                outcome.status,
-                                outcome.tail.join("\n")
-                            ))
+                            Err(StepError::CommandFailed {
+                                status: outcome.status,
+                                tail: outcome.tail.join("\n"),
+                            })
                         }
                     },
                 )?;
-                return Ok(("run", layer));
+                return Ok((StepOutcome::Run, layer));
             }
             Instruction::Copy(c) => {
                 let from = c.from.clone();
@@ -332,12 +329,11 @@ impl Driver {
                                 driver.context_sources(&sources, &excludes, &heredocs, parents)?
                             }
                         };
-                        copy_into(rootfs, &workdir, &dest, &roots, &copy_opts)
-                            .map_err(|e| e.to_string())
+                        Ok(copy_into(rootfs, &workdir, &dest, &roots, &copy_opts)?)
                     },
                 )?;
                 let _ = plan;
-                return Ok(("run", layer));
+                return Ok((StepOutcome::Run, layer));
             }
             Instruction::Add(a) => {
                 let (remote_sources, sources): (Vec<String>, Vec<String>) = a
@@ -373,21 +369,23 @@ impl Driver {
                         };
                         let mut as_is = Vec::new();
                         for r in &fetched {
-                            as_is.push(walk_root(&r.path, &r.name).map_err(|e| e.to_string())?);
+                            as_is.push(walk_root(&r.path, &r.name).map_err(|e| {
+                                StepError::io(format!("reading {}", r.path.display()), e)
+                            })?);
                         }
                         let unpack = driver.unpack_options(UnpackMode::Apply);
                         add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts, &unpack)
                     },
                 )?;
-                return Ok(("run", layer));
+                return Ok((StepOutcome::Run, layer));
             }
         }
         if self.opts.force_build_metadata {
             let layer = self.empty_layer(builder, state, &created_by)?;
-            return Ok(("none", Some(layer)));
+            return Ok((StepOutcome::None, Some(layer)));
         }
         builder.add_empty_history(&created_by);
-        Ok(("none", None))
+        Ok((StepOutcome::None, None))
     }
 
     /// `--force-build-metadata` on a metadata instruction: an empty layer,
@@ -397,9 +395,8 @@ impl Driver {
         builder: &mut ConfigBuilder,
         state: &mut StageState,
         created_by: &str,
-    ) -> Result<LayerRef, String> {
-        let layer = crate::build::layer::write_empty_layer(&self.layer_options(), &self.work)
-            .map_err(|e| e.to_string())?;
+    ) -> Result<LayerRef, StepError> {
+        let layer = crate::build::layer::write_empty_layer(&self.layer_options(), &self.work)?;
         let blob = self.store_layer(&layer)?;
         let layer_ref = LayerRef {
             desc: Descriptor::new(layer.media_type, layer.digest.clone(), layer.size),
@@ -425,14 +422,14 @@ impl Driver {
     }
 
     /// Moves a layer written in scratch space into the local store.
-    fn store_layer(&self, layer: &crate::build::layer::Layer) -> Result<PathBuf, String> {
+    fn store_layer(&self, layer: &crate::build::layer::Layer) -> Result<PathBuf, StepError> {
         let blob = self.store.path(&layer.digest);
         if let Some(parent) = blob.parent() {
             fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                .map_err(|e| StepError::io(format!("creating {}", parent.display()), e))?;
         }
         fs::rename(&layer.path, &blob)
-            .map_err(|e| format!("storing layer {}: {e}", layer.digest))?;
+            .map_err(|e| StepError::io(format!("storing layer {}", layer.digest), e))?;
         Ok(blob)
     }
 
@@ -441,17 +438,16 @@ impl Driver {
     /// A RUN step's security: the build's (`--cap-add`, `--cap-drop`,
     /// `--security-opt`), or BuildKit's insecure mode where the Dockerfile
     /// asks for it and `--allow security.insecure` allows it.
-    pub(super) fn run_security(&self, run: &dockerfile::Run) -> Result<StepSecurity, String> {
+    pub(super) fn run_security(&self, run: &dockerfile::Run) -> Result<StepSecurity, StepError> {
         match run.security {
             Some(dockerfile::Security::Insecure) if self.opts.allow_insecure => Ok(StepSecurity {
                 user_namespace: self.opts.run_security.user_namespace,
                 ..StepSecurity::insecure()
             }),
-            Some(dockerfile::Security::Insecure) => Err(
+            Some(dockerfile::Security::Insecure) => Err(StepError::invalid(
                 "RUN --security=insecure is not allowed: give --allow security.insecure to run \
-                 this step with every capability and no seccomp filter"
-                    .into(),
-            ),
+                 this step with every capability and no seccomp filter",
+            )),
             _ => Ok(self.opts.run_security.clone()),
         }
     }
@@ -463,8 +459,8 @@ impl Driver {
         builder: &mut ConfigBuilder,
         state: &mut StageState,
         created_by: &str,
-        action: impl FnOnce(&mut Driver, &Path) -> Result<(), String>,
-    ) -> Result<Option<LayerRef>, String> {
+        action: impl FnOnce(&mut Driver, &Path) -> Result<(), StepError>,
+    ) -> Result<Option<LayerRef>, StepError> {
         let (mounted, lowers, scratch) = match self.open_snapshot.take() {
             Some(open) => (open.mounted, open.lowers, open.scratch),
             None => {
@@ -475,11 +471,8 @@ impl Driver {
                     stage.index, ins.line, self.scratch_counter
                 ));
                 fs::create_dir_all(&scratch)
-                    .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
-                let mounted = self
-                    .snapshotter
-                    .prepare(&lowers, &scratch)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| StepError::io(format!("creating {}", scratch.display()), e))?;
+                let mounted = self.snapshotter.prepare(&lowers, &scratch)?;
                 (mounted, lowers, scratch)
             }
         };
@@ -505,7 +498,7 @@ impl Driver {
             Ok(c) => c.without(&self.opts.ignore_paths),
             Err(e) => {
                 let _ = self.snapshotter.release(mounted);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         let layer_opts = self.layer_options();
@@ -520,14 +513,12 @@ impl Driver {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.snapshotter.release(mounted);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         self.last_phase.snapshot_ms = Some(snapshot_started.elapsed().as_millis() as u64);
         let Some(layer) = written else {
-            self.snapshotter
-                .release(mounted)
-                .map_err(|e| e.to_string())?;
+            self.snapshotter.release(mounted)?;
             state.lowers = Some(lowers);
             builder.add_empty_history(created_by);
             return Ok(None);
@@ -536,9 +527,7 @@ impl Driver {
         let unpacked = self.layers_dir.join(layer.diff_id.hex());
         let new_lowers =
             if self.snapshotter.lower_layout() == LowerLayout::Stacked && unpacked.exists() {
-                self.snapshotter
-                    .release(mounted)
-                    .map_err(|e| e.to_string())?;
+                self.snapshotter.release(mounted)?;
                 let mut l = lowers;
                 l.push(unpacked);
                 l
@@ -548,9 +537,7 @@ impl Driver {
                 } else {
                     scratch.join("committed")
                 };
-                self.snapshotter
-                    .commit(mounted, &dest)
-                    .map_err(|e| e.to_string())?
+                self.snapshotter.commit(mounted, &dest)?
             };
         state.lowers = Some(new_lowers);
         let layer_ref = LayerRef {
@@ -657,7 +644,7 @@ impl Driver {
         &mut self,
         state: &mut StageState,
         stage: usize,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<PathBuf>, StepError> {
         if let Some(l) = &state.lowers {
             return Ok(l.clone());
         }
@@ -677,7 +664,7 @@ impl Driver {
                         .work
                         .join(format!("rootfs-{stage}-{}", self.scratch_counter));
                     fs::create_dir_all(&dir)
-                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                        .map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
                     dir
                 };
                 let opts = self.unpack_options(UnpackMode::Apply);
@@ -686,10 +673,13 @@ impl Driver {
                     let mut attempt = 0;
                     loop {
                         let file = fs::File::open(&layer.blob).map_err(|e| {
-                            format!(
-                                "opening layer {} at {}: {e}",
-                                layer.desc.digest,
-                                layer.blob.display()
+                            StepError::io(
+                                format!(
+                                    "opening layer {} at {}",
+                                    layer.desc.digest,
+                                    layer.blob.display()
+                                ),
+                                e,
                             )
                         })?;
                         // Applying a layer again over a partial first
@@ -710,7 +700,7 @@ impl Driver {
     }
 
     /// Unpacks a layer once into `layers/<diff_id>` (overlay form).
-    pub(super) fn unpacked_layer(&mut self, layer: &LayerRef) -> Result<PathBuf, String> {
+    pub(super) fn unpacked_layer(&mut self, layer: &LayerRef) -> Result<PathBuf, StepError> {
         let dir = self.layers_dir.join(layer.diff_id.hex());
         if dir.is_dir() {
             return Ok(dir);
@@ -729,12 +719,16 @@ impl Driver {
         let mut attempt = 0;
         loop {
             let _ = fs::remove_dir_all(&tmp);
-            fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+            fs::create_dir_all(&tmp)
+                .map_err(|e| StepError::io(format!("creating {}", tmp.display()), e))?;
             let file = fs::File::open(&layer.blob).map_err(|e| {
-                format!(
-                    "opening layer {} at {}: {e}",
-                    layer.desc.digest,
-                    layer.blob.display()
+                StepError::io(
+                    format!(
+                        "opening layer {} at {}",
+                        layer.desc.digest,
+                        layer.blob.display()
+                    ),
+                    e,
                 )
             })?;
             let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -764,7 +758,10 @@ impl Driver {
                 let _ = fs::remove_dir_all(&tmp);
                 Ok(dir)
             }
-            Err(e) => Err(format!("moving unpacked layer into {}: {e}", dir.display())),
+            Err(e) => Err(StepError::io(
+                format!("moving unpacked layer into {}", dir.display()),
+                e,
+            )),
         }
     }
 
@@ -785,7 +782,7 @@ impl Driver {
         layer: &LayerRef,
         error: &crate::unpack::UnpackError,
         attempt: u32,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StepError> {
         let retries = self.opts.image_fs_extract_retry;
         if attempt >= retries || !self.base_layers.contains_key(&layer.desc.digest) {
             return Ok(false);
@@ -804,13 +801,16 @@ impl Driver {
     /// that does not unpack (its entry names a diff_id or content the blob
     /// does not have) is lost like one the cache could not send; the local
     /// copy of its blob goes so that the rebuilt step is not shadowed by it.
-    fn unpack_failed(&mut self, layer: &LayerRef, e: crate::unpack::UnpackError) -> String {
+    fn unpack_failed(&mut self, layer: &LayerRef, e: crate::unpack::UnpackError) -> StepError {
         match layer.hit {
             Some(key) if !self.base_layers.contains_key(&layer.desc.digest) => {
                 let _ = fs::remove_file(&layer.blob);
                 self.lose_hit(key, &layer.desc.digest, format!("unpacking it: {e}"))
             }
-            _ => format!("unpacking layer {}: {e}", layer.desc.digest),
+            _ => StepError::Unpack {
+                what: format!("unpacking layer {}", layer.desc.digest),
+                source: e,
+            },
         }
     }
 }
