@@ -6,146 +6,6 @@ use super::*;
 use crate::cache::CacheError;
 
 impl Driver {
-    pub(super) fn compute_keys(&mut self, plan: &Plan) -> Result<(), BuildError> {
-        let mut options = format!(
-            "{:?} reproducible={} epoch={:?}",
-            self.opts.compression, self.opts.reproducible, self.opts.source_date_epoch
-        );
-        // Only when on, so that every other build keeps its keys: a
-        // single-snapshot layer holds a whole stage, a forced one may be
-        // empty where a normal step records no layer.
-        if self.opts.single_snapshot && !self.opts.force_build_metadata {
-            options.push_str(" single-snapshot");
-        }
-        if self.opts.force_build_metadata {
-            options.push_str(" force-build-metadata");
-        }
-        for &index in &plan.stages_to_build {
-            let stage = &plan.stages[index];
-            let mut parent = match &stage.source {
-                StageSource::Image(name) => {
-                    let base = self.bases.get(name).ok_or_else(|| BuildError::Base {
-                        reference: name.clone(),
-                        source: BaseError::NotResolved,
-                    })?;
-                    keys::base_key(&base.identity)
-                }
-                StageSource::Stage(i) => *self
-                    .stage_last_key
-                    .get(i)
-                    .ok_or_else(|| BuildError::Internal(format!("stage {i} has no key")))?,
-            };
-            for (position, ins) in stage.instructions.iter().enumerate() {
-                let file = self.dockerfile_name.clone();
-                let step_err = |source: StepError| BuildError::Step {
-                    file: file.clone(),
-                    line: ins.line,
-                    instruction: ins.original.clone(),
-                    source,
-                };
-                let sources = match &ins.instruction {
-                    Instruction::Copy(c) => Some(match (&c.from, ins.stage_refs.first()) {
-                        (Some(_), Some(i)) => {
-                            SourceIdentity::Stage(*self.stage_last_key.get(i).ok_or_else(|| {
-                                step_err(StepError::invalid(format!(
-                                    "stage {i} is not built before it is used"
-                                )))
-                            })?)
-                        }
-                        (Some(image), None) => {
-                            self.resolve_base(image)?;
-                            let identity = self
-                                .bases
-                                .get(image)
-                                .map(|b| b.identity.clone())
-                                .unwrap_or_default();
-                            SourceIdentity::Image(identity)
-                        }
-                        (None, _) => SourceIdentity::Context(
-                            self.context_digest(&c.sources, &c.exclude)
-                                .map_err(step_err)?,
-                        ),
-                    }),
-                    Instruction::Add(a) => {
-                        let (remote_sources, local): (Vec<String>, Vec<String>) = a
-                            .sources
-                            .iter()
-                            .cloned()
-                            .partition(|s| remote::is_remote(s));
-                        let mut hasher = blake3::Hasher::new();
-                        hasher.update(&self.context_digest(&local, &a.exclude).map_err(step_err)?);
-                        for source in &remote_sources {
-                            let fetched = self
-                                .fetch_remote(source, a.checksum.as_deref(), a.keep_git_dir)
-                                .map_err(step_err)?;
-                            hasher.update(fetched.identity.as_bytes());
-                        }
-                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
-                    }
-                    Instruction::Run(run)
-                        if run
-                            .mounts
-                            .iter()
-                            .any(|m| m.kind == dockerfile::MountType::Bind) =>
-                    {
-                        let mut hasher = blake3::Hasher::new();
-                        for m in run
-                            .mounts
-                            .iter()
-                            .filter(|m| m.kind == dockerfile::MountType::Bind)
-                        {
-                            let source = m.source.clone().unwrap_or_else(|| ".".into());
-                            hasher.update(source.as_bytes());
-                            match &m.from {
-                                None => {
-                                    hasher.update(
-                                        &self.context_digest(&[source], &[]).map_err(step_err)?,
-                                    );
-                                }
-                                Some(from) => {
-                                    match stage_index(plan, from) {
-                                        Some(i) => {
-                                            let key = self.stage_last_key.get(&i).ok_or_else(|| {
-                                            step_err(StepError::invalid(format!("stage {from} is not built before it is mounted")))
-                                        })?;
-                                            hasher.update(key.as_bytes());
-                                        }
-                                        None => {
-                                            self.resolve_base(from)?;
-                                            let identity = self
-                                                .bases
-                                                .get(from)
-                                                .map(|b| b.identity.clone())
-                                                .unwrap_or_default();
-                                            hasher.update(identity.as_bytes());
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        Some(SourceIdentity::Context(*hasher.finalize().as_bytes()))
-                    }
-                    _ => None,
-                };
-                let run_security = match &ins.instruction {
-                    Instruction::Run(run) => self.run_security(run).map_err(step_err)?.key_text(),
-                    _ => None,
-                };
-                let key = keys::step_key(
-                    &parent,
-                    ins,
-                    sources.as_ref(),
-                    &options,
-                    run_security.as_deref(),
-                );
-                parent = key.key;
-                self.keys.insert((index, position), key);
-            }
-            self.stage_last_key.insert(index, parent);
-        }
-        Ok(())
-    }
-
     /// One batch lookup for every filesystem step of the build.
     pub(super) fn lookup_keys(&mut self) {
         let Some(cache) = self.cache.clone() else {
@@ -154,7 +14,7 @@ impl Driver {
         if !self.opts.cache.mode.reads() {
             return;
         }
-        let chains = self.key_chains();
+        let chains = self.keys.chains();
         let mut wanted: Vec<CacheKey> = chains.iter().flatten().copied().collect();
         wanted.sort();
         wanted.dedup();
@@ -181,26 +41,6 @@ impl Driver {
         }
     }
 
-    /// The build's filesystem keys as chains: per stage, in build order
-    /// (each key derives from the one before it).
-    pub(super) fn key_chains(&self) -> Vec<Vec<CacheKey>> {
-        let mut positions: Vec<(&(usize, usize), &StepKey)> =
-            self.keys.iter().filter(|(_, k)| k.filesystem).collect();
-        positions.sort_by_key(|(p, _)| **p);
-        let mut chains: Vec<Vec<CacheKey>> = Vec::new();
-        let mut stage = None;
-        for ((index, _), key) in positions {
-            if stage != Some(*index) {
-                stage = Some(*index);
-                chains.push(Vec::new());
-            }
-            if let Some(chain) = chains.last_mut() {
-                chain.push(key.key);
-            }
-        }
-        chains
-    }
-
     /// Lets the cache make the writes it held back (the registry cache's
     /// tags), once every upload is done; hits whose layer could not be had
     /// are left out, so no new entry repeats them. A failure is a warning.
@@ -211,7 +51,7 @@ impl Driver {
         if !self.opts.cache.mode.writes() {
             return;
         }
-        let mut chains = self.key_chains();
+        let mut chains = self.keys.chains();
         for chain in &mut chains {
             chain.retain(|k| !self.lost_hits.contains(k));
         }
@@ -233,15 +73,18 @@ impl Driver {
         step_key: Option<&StepKey>,
         builder: &mut ConfigBuilder,
         state: &mut StageState,
-    ) -> Result<(StepOutcome, Option<LayerRef>), StepError> {
+    ) -> Result<Applied, StepError> {
         let Some(step_key) = step_key.filter(|k| k.filesystem) else {
             return self.instruction(plan, stage, ins, builder, state);
         };
         if self.defer_snapshot {
             // Its changes go into the stage's single snapshot: there is no
             // result of its own to look up or to upload.
-            let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
-            return Ok((ran(cache), layer));
+            let applied = self.instruction(plan, stage, ins, builder, state)?;
+            return Ok(Applied {
+                outcome: ran(applied.outcome),
+                ..applied
+            });
         }
         let created_by = history_text(ins);
         if let Some(entry) = self.hits.get(&step_key.key).cloned() {
@@ -252,13 +95,21 @@ impl Driver {
                 hit: Some(step_key.key),
             });
             apply_recorded(ins, layer.clone(), &created_by, builder, state);
-            return Ok((StepOutcome::Hit, layer));
+            return Ok(Applied {
+                outcome: StepOutcome::Hit,
+                layer,
+                times: PhaseTimes::default(),
+            });
         }
-        let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
+        let applied = self.instruction(plan, stage, ins, builder, state)?;
+        let layer = &applied.layer;
         // A hit the cache could not deliver was built here; the cache keeps
         // its entry (another executor's result, as good as this one).
         if self.lost_hits.contains(&step_key.key) {
-            return Ok((StepOutcome::Miss, layer));
+            return Ok(Applied {
+                outcome: StepOutcome::Miss,
+                ..applied
+            });
         }
         let entry = CacheEntry {
             layer: layer.as_ref().map(|l| LayerDescriptor {
@@ -275,7 +126,10 @@ impl Driver {
             .as_ref()
             .map(|l| (l.desc.digest.clone(), l.blob.clone()));
         self.upload(step_key.key, entry, blob);
-        Ok((ran(cache), layer))
+        Ok(Applied {
+            outcome: ran(applied.outcome),
+            ..applied
+        })
     }
 
     /// A step that already ran in this build, before a restart: its layer
@@ -325,10 +179,7 @@ impl Driver {
             match handle.join() {
                 Ok(Ok(done)) => {
                     total += done.bytes;
-                    if let Some(step) = self.steps.iter_mut().find(|s| s.key == Some(done.key)) {
-                        step.upload_ms = Some(done.millis);
-                        step.uploaded_bytes = Some(done.bytes);
-                    }
+                    self.uploaded.push(done);
                 }
                 Ok(Err(e)) => self.warn(&format!("uploading to the cache failed: {e}")),
                 Err(_) => self.warn("a cache upload panicked"),

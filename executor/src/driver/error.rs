@@ -305,9 +305,15 @@ mod tests {
             instruction: "COPY a /b".into(),
             source: StepError::io("creating /b", io::Error::other("disk full")),
         };
-        assert_eq!(e.to_string(), "Dockerfile:3: COPY a /b: creating /b: disk full");
+        assert_eq!(
+            e.to_string(),
+            "Dockerfile:3: COPY a /b: creating /b: disk full"
+        );
         let step = e.source().expect("the step error");
-        assert_eq!(step.source().expect("the io error").to_string(), "disk full");
+        assert_eq!(
+            step.source().expect("the io error").to_string(),
+            "disk full"
+        );
         // The report prints each cause once.
         assert_eq!(kiln_common::errors::chain(&e), e.to_string());
         assert_eq!(e.exit_code(), 1);

@@ -20,6 +20,7 @@ mod caching;
 pub mod copy;
 mod error;
 pub mod from_cli;
+mod inputs;
 pub mod keys;
 mod mountable;
 mod output;
@@ -220,19 +221,36 @@ pub struct StepRecord {
     pub run_ms: Option<u64>,
     /// Time to diff the rootfs and write the compressed layer.
     pub snapshot_ms: Option<u64>,
-    /// Background upload of the step's blob and entry (not on the critical path).
-    pub upload_ms: Option<u64>,
-    pub uploaded_bytes: Option<u64>,
 }
 
-/// Phase timings of the filesystem step that ran last.
+/// Phase timings of a filesystem step, measured where they happen.
 #[derive(Debug, Clone, Copy, Default)]
 struct PhaseTimes {
     run_ms: Option<u64>,
     snapshot_ms: Option<u64>,
 }
 
+/// What applying one instruction gave: the report's outcome, the layer it
+/// added (if any) and how long its phases took.
+#[derive(Debug, Clone)]
+struct Applied {
+    outcome: StepOutcome,
+    layer: Option<LayerRef>,
+    times: PhaseTimes,
+}
+
+impl Applied {
+    fn metadata() -> Self {
+        Applied {
+            outcome: StepOutcome::None,
+            layer: None,
+            times: PhaseTimes::default(),
+        }
+    }
+}
+
 /// What a finished background upload reports.
+#[derive(Debug, Clone, Copy)]
 struct UploadDone {
     key: CacheKey,
     bytes: u64,
@@ -320,16 +338,16 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
 
 struct Driver {
     opts: BuildOptions,
-    runtime: tokio::runtime::Runtime,
-    client: RegistryClient,
+    runtime: Arc<tokio::runtime::Runtime>,
+    client: Arc<RegistryClient>,
     store: LocalStore,
-    snapshotter: Box<dyn Snapshotter>,
-    runner: Box<dyn Runner>,
+    snapshotter: Arc<dyn Snapshotter>,
+    runner: Arc<dyn Runner>,
     /// Unpacked layers by diff_id (overlay lowers), shared across builds.
     layers_dir: PathBuf,
     /// This build's scratch space, removed at the end.
     work: PathBuf,
-    context: Option<BuildContext>,
+    context: Option<Arc<BuildContext>>,
     /// The materialized `--context` (removed when the driver drops).
     #[allow(dead_code)]
     context_dir: Option<crate::context_source::Materialized>,
@@ -342,9 +360,8 @@ struct Driver {
     /// Blobs that belong to the image but live outside the store (layouts).
     extra_blobs: Arc<Mutex<HashMap<Digest, PathBuf>>>,
     cache: Option<Arc<dyn Cache>>,
-    /// Keys by (stage, instruction index).
-    keys: HashMap<(usize, usize), StepKey>,
-    stage_last_key: HashMap<usize, CacheKey>,
+    /// Keys by (stage, instruction index), and each stage's last.
+    keys: inputs::BuildKeys,
     hits: BTreeMap<CacheKey, CacheEntry>,
     /// Hits whose layer the cache could not deliver: built instead, and
     /// never uploaded (the cache keeps its own entry for the key).
@@ -356,7 +373,8 @@ struct Driver {
     /// `--max-layer-size` as the unpacker applies it.
     unpack_limit: u64,
     uploads: Vec<std::thread::JoinHandle<Result<UploadDone, crate::cache::CacheError>>>,
-    last_phase: PhaseTimes,
+    /// Finished uploads, by key, for the report.
+    uploaded: Vec<UploadDone>,
     lookup_ms: u64,
     /// Base-image layers by digest, with the image they come from, so they
     /// can be fetched lazily from the cache or the registry.
@@ -450,8 +468,8 @@ impl Driver {
             Isolation::None => SnapshotterKind::Walk,
             Isolation::Chroot => SnapshotterKind::Overlay,
         });
-        let snapshotter: Box<dyn Snapshotter> = match kind {
-            SnapshotterKind::Overlay => Box::new(OverlaySnapshotter::new()),
+        let snapshotter: Arc<dyn Snapshotter> = match kind {
+            SnapshotterKind::Overlay => Arc::new(OverlaySnapshotter::new()),
             SnapshotterKind::Walk => {
                 let mut ignored = opts.ignore_paths.clone();
                 if opts.isolation == Isolation::None {
@@ -475,12 +493,12 @@ impl Driver {
                         ignored.push(kaniko.to_path_buf());
                     }
                 }
-                Box::new(WalkSnapshotter::new(ignored).ignoring_mount_points())
+                Arc::new(WalkSnapshotter::new(ignored).ignoring_mount_points())
             }
         };
-        let runner: Box<dyn Runner> = match opts.isolation {
-            Isolation::Chroot => Box::new(ChrootRunner::new()),
-            Isolation::None => Box::new(NoneRunner::new(opts.force)),
+        let runner: Arc<dyn Runner> = match opts.isolation {
+            Isolation::Chroot => Arc::new(ChrootRunner::new()),
+            Isolation::None => Arc::new(NoneRunner::new(opts.force)),
         };
         let dockerfile_name = opts.plan.dockerfile_path().display().to_string();
         if let Some(notice) = &opts.isolation_notice {
@@ -507,15 +525,14 @@ impl Driver {
         Ok(Driver {
             context_dir,
             cache,
-            keys: HashMap::new(),
-            stage_last_key: HashMap::new(),
+            keys: Default::default(),
             hits: BTreeMap::new(),
             lost_hits: Default::default(),
             lost_pending: None,
             ran: HashMap::new(),
             unpack_limit: opts.max_layer_size,
             uploads: Vec::new(),
-            last_phase: PhaseTimes::default(),
+            uploaded: Vec::new(),
             lookup_ms: 0,
             remote: HashMap::new(),
             base_layers: HashMap::new(),
@@ -528,8 +545,8 @@ impl Driver {
             mounts,
             platform: Platform::host(),
             opts,
-            runtime,
-            client,
+            runtime: Arc::new(runtime),
+            client: Arc::new(client),
             store,
             snapshotter,
             runner,
@@ -636,7 +653,15 @@ impl Driver {
         for warning in &plan.warnings {
             self.warn(warning);
         }
-        self.compute_keys(&plan)?;
+        self.phase = "resolving step inputs";
+        let inputs = self.resolve_inputs(&plan)?;
+        self.keys = inputs::compute_keys(
+            &plan,
+            &self.dockerfile_name,
+            &self.bases,
+            &inputs,
+            &self.key_options(),
+        )?;
         self.phase = "looking up the cache";
         self.lookup_keys();
         self.phase = "building";
@@ -656,7 +681,7 @@ impl Driver {
                         return Err(e);
                     }
                     self.lost_hits.insert(lost.key);
-                    let step = plan_step_of(&plan, &self.keys, &lost.key);
+                    let step = plan_step_of(&plan, &self.keys.steps, &lost.key);
                     self.warn(&format!(
                         "the cache could not deliver layer {} of {step}: {}; building the step instead",
                         lost.digest, lost.reason
@@ -667,7 +692,7 @@ impl Driver {
                 }
             }
         };
-        // Uploads ran in the background; their timings go into the steps.
+        // Uploads ran in the background; the report has their numbers.
         self.steps = std::mem::take(&mut outcome.steps);
         let uploaded = self.wait_uploads();
         outcome.steps = std::mem::take(&mut self.steps);
@@ -729,7 +754,12 @@ impl Driver {
     /// it failed in (or what it was doing: pushing, writing the image, ...)
     /// and the error with its causes.
     fn failure_report(&self, error: &BuildError) -> Result<(), BuildError> {
-        let uploaded = self.steps.iter().filter_map(|s| s.uploaded_bytes).sum();
+        let uploaded = self
+            .step_uploads(&self.steps)
+            .iter()
+            .flatten()
+            .map(|u| u.bytes)
+            .sum();
         let step = match error {
             // Output errors happen after the last step finished.
             BuildError::Output { .. } => None,
@@ -749,6 +779,20 @@ impl Driver {
         )
     }
 
+    /// The finished upload of each step, if it had one: the first step
+    /// with an upload's key gets it.
+    fn step_uploads(&self, steps: &[StepRecord]) -> Vec<Option<UploadDone>> {
+        let mut unclaimed: Vec<&UploadDone> = self.uploaded.iter().collect();
+        steps
+            .iter()
+            .map(|s| {
+                let key = s.key?;
+                let at = unclaimed.iter().position(|u| u.key == key)?;
+                Some(*unclaimed.remove(at))
+            })
+            .collect()
+    }
+
     fn write_report(
         &self,
         steps: &[StepRecord],
@@ -760,8 +804,9 @@ impl Driver {
             return Ok(());
         };
         let count = |c| steps.iter().filter(|s| s.cache == c).count();
+        let uploads = self.step_uploads(steps);
         let mut report = serde_json::json!({
-            "steps": steps.iter().map(|s| serde_json::json!({
+            "steps": steps.iter().zip(&uploads).map(|(s, u)| serde_json::json!({
                 "stage": s.stage,
                 "line": s.line,
                 "instruction": s.instruction,
@@ -773,9 +818,9 @@ impl Driver {
                     "total": s.duration_ms,
                     "run": s.run_ms,
                     "snapshot": s.snapshot_ms,
-                    "upload": s.upload_ms,
+                    "upload": u.map(|u| u.millis),
                 },
-                "bytes": {"layer": s.layer_size, "uploaded": s.uploaded_bytes},
+                "bytes": {"layer": s.layer_size, "uploaded": u.map(|u| u.bytes)},
             })).collect::<Vec<_>>(),
             "image": image,
             "summary": {

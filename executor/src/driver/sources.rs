@@ -18,10 +18,10 @@ impl Driver {
                 }
             };
             let ctx = BuildContext::scan(&self.opts.plan.context, &visibility)?;
-            self.context = Some(ctx);
+            self.context = Some(Arc::new(ctx));
         }
         self.context
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| StepError::invalid("no build context"))
     }
 

@@ -66,12 +66,11 @@ impl Driver {
         // When the stage's one layer is known (a cache hit, or built before
         // a restart), the steps it covers need not run.
         let stage_layer_known = last_filesystem_step
-            .and_then(|p| self.keys.get(&(stage.index, p)))
+            .and_then(|p| self.keys.steps.get(&(stage.index, p)))
             .is_some_and(|k| self.hits.contains_key(&k.key) || self.ran.contains_key(&k.key));
         for (position, ins) in stage.instructions.iter().enumerate() {
             let started = Instant::now();
-            let step_key = self.keys.get(&(stage.index, position)).cloned();
-            self.last_phase = PhaseTimes::default();
+            let step_key = self.keys.steps.get(&(stage.index, position)).cloned();
             self.defer_snapshot = last_filesystem_step.is_some_and(|last| position < last)
                 && keys::is_filesystem_step(ins);
             if self.defer_snapshot && stage_layer_known {
@@ -94,8 +93,6 @@ impl Driver {
                     duration_ms: 0,
                     run_ms: None,
                     snapshot_ms: None,
-                    upload_ms: None,
-                    uploaded_bytes: None,
                 });
                 continue;
             }
@@ -106,7 +103,11 @@ impl Driver {
                 continue;
             }
             self.step_started(stage.index, ins, step_key.as_ref());
-            let (cache, layer) = self
+            let Applied {
+                outcome: cache,
+                layer,
+                times,
+            } = self
                 .cached_or_run(
                     plan,
                     stage,
@@ -145,10 +146,8 @@ impl Driver {
                 layer_size: layer.as_ref().map(|l| l.desc.size),
                 layer: layer.map(|l| l.desc.digest),
                 duration_ms: started.elapsed().as_millis() as u64,
-                run_ms: self.last_phase.run_ms,
-                snapshot_ms: self.last_phase.snapshot_ms,
-                upload_ms: None,
-                uploaded_bytes: None,
+                run_ms: times.run_ms,
+                snapshot_ms: times.snapshot_ms,
             });
             // A step whose changes wait for the stage's single snapshot has
             // no result of its own to replay.
@@ -185,7 +184,7 @@ impl Driver {
         ins: &PlannedInstruction,
         builder: &mut ConfigBuilder,
         state: &mut StageState,
-    ) -> Result<(StepOutcome, Option<LayerRef>), StepError> {
+    ) -> Result<Applied, StepError> {
         let created_by = history_text(ins);
         match &ins.instruction {
             Instruction::Env(pairs) => {
@@ -234,14 +233,14 @@ impl Driver {
             Instruction::Onbuild { trigger, .. } => {
                 builder.add_onbuild(trigger);
             }
-            Instruction::Arg(_) => return Ok((StepOutcome::None, None)),
+            Instruction::Arg(_) => return Ok(Applied::metadata()),
             // The stage's own FROM line: the base was applied before the loop.
-            Instruction::From(_) => return Ok((StepOutcome::None, None)),
+            Instruction::From(_) => return Ok(Applied::metadata()),
             Instruction::Workdir(dir) => {
                 builder.set_workdir(dir);
                 let workdir = workdir_of(builder.config());
                 let user = builder.config().config.user.clone();
-                let layer =
+                let (layer, times) =
                     self.filesystem_step(stage, ins, builder, state, &created_by, |_, rootfs| {
                         // As BuildKit: the directory and the parents it
                         // creates belong to the current USER (names from
@@ -253,7 +252,11 @@ impl Driver {
                                 StepError::io(format!("creating {}", workdir.display()), e)
                             })
                     })?;
-                return Ok((StepOutcome::Run, layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
             Instruction::Run(run) => {
                 let argv = run_argv(run, shell_of(builder.config()), &ins.heredocs);
@@ -270,7 +273,7 @@ impl Driver {
                 let mut env = env;
                 env.extend(secret_env);
                 let (prefix, log) = self.opts.log.run_output(stage.index, ins.line);
-                let layer = self.filesystem_step(
+                let (layer, times) = self.filesystem_step(
                     stage,
                     ins,
                     builder,
@@ -300,7 +303,11 @@ impl Driver {
                         }
                     },
                 )?;
-                return Ok((StepOutcome::Run, layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
             Instruction::Copy(c) => {
                 let from = c.from.clone();
@@ -312,7 +319,7 @@ impl Driver {
                 let heredocs = ins.heredocs.clone();
                 let workdir = workdir_of(builder.config());
                 let source_stage = ins.stage_refs.first().copied();
-                let layer = self.filesystem_step(
+                let (layer, times) = self.filesystem_step(
                     stage,
                     ins,
                     builder,
@@ -333,7 +340,11 @@ impl Driver {
                     },
                 )?;
                 let _ = plan;
-                return Ok((StepOutcome::Run, layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
             Instruction::Add(a) => {
                 let (remote_sources, sources): (Vec<String>, Vec<String>) = a
@@ -354,7 +365,7 @@ impl Driver {
                 let (chown, chmod) = (a.chown.clone(), a.chmod.clone());
                 let heredocs = ins.heredocs.clone();
                 let workdir = workdir_of(builder.config());
-                let layer = self.filesystem_step(
+                let (layer, times) = self.filesystem_step(
                     stage,
                     ins,
                     builder,
@@ -377,15 +388,22 @@ impl Driver {
                         add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts, &unpack)
                     },
                 )?;
-                return Ok((StepOutcome::Run, layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
         }
         if self.opts.force_build_metadata {
             let layer = self.empty_layer(builder, state, &created_by)?;
-            return Ok((StepOutcome::None, Some(layer)));
+            return Ok(Applied {
+                layer: Some(layer),
+                ..Applied::metadata()
+            });
         }
         builder.add_empty_history(&created_by);
-        Ok((StepOutcome::None, None))
+        Ok(Applied::metadata())
     }
 
     /// `--force-build-metadata` on a metadata instruction: an empty layer,
@@ -460,7 +478,8 @@ impl Driver {
         state: &mut StageState,
         created_by: &str,
         action: impl FnOnce(&mut Driver, &Path) -> Result<(), StepError>,
-    ) -> Result<Option<LayerRef>, StepError> {
+    ) -> Result<(Option<LayerRef>, PhaseTimes), StepError> {
+        let mut times = PhaseTimes::default();
         let (mounted, lowers, scratch) = match self.open_snapshot.take() {
             Some(open) => (open.mounted, open.lowers, open.scratch),
             None => {
@@ -482,7 +501,7 @@ impl Driver {
             let _ = self.snapshotter.release(mounted);
             return Err(e);
         }
-        self.last_phase.run_ms = Some(run_started.elapsed().as_millis() as u64);
+        times.run_ms = Some(run_started.elapsed().as_millis() as u64);
         if self.defer_snapshot {
             // --single-snapshot: a later step of the stage takes the layer.
             self.open_snapshot = Some(OpenSnapshot {
@@ -491,7 +510,7 @@ impl Driver {
                 scratch,
             });
             builder.add_empty_history(created_by);
-            return Ok(None);
+            return Ok((None, times));
         }
         let snapshot_started = Instant::now();
         let change = match self.snapshotter.diff(&mounted) {
@@ -516,12 +535,12 @@ impl Driver {
                 return Err(e.into());
             }
         };
-        self.last_phase.snapshot_ms = Some(snapshot_started.elapsed().as_millis() as u64);
+        times.snapshot_ms = Some(snapshot_started.elapsed().as_millis() as u64);
         let Some(layer) = written else {
             self.snapshotter.release(mounted)?;
             state.lowers = Some(lowers);
             builder.add_empty_history(created_by);
-            return Ok(None);
+            return Ok((None, times));
         };
         let blob = self.store_layer(&layer)?;
         let unpacked = self.layers_dir.join(layer.diff_id.hex());
@@ -562,7 +581,7 @@ impl Driver {
                 ("bytes", layer_ref.desc.size.into()),
             ],
         );
-        Ok(Some(layer_ref))
+        Ok((Some(layer_ref), times))
     }
 
     /// The step's header, printed before it runs (so that its output and a
