@@ -24,6 +24,7 @@ mod inputs;
 pub mod keys;
 mod mountable;
 mod output;
+mod parallel;
 pub mod remote;
 mod sources;
 mod stages;
@@ -146,6 +147,9 @@ pub struct BuildOptions {
     /// `--max-layer-size`: how large one layer may expand when unpacked
     /// (see [`crate::unpack::UnpackOptions::max_expanded_size`]).
     pub max_layer_size: u64,
+    /// `--jobs`: how many independent stages may build at once; 1 builds
+    /// them one after another in plan order (in-place builds always do).
+    pub jobs: usize,
     /// `--mountable-layers`: under chroot isolation with the overlay
     /// snapshotter, mount base and cached layers as EROFS images instead of
     /// unpacking them (docs/architecture.md, "Mountable layers").
@@ -396,6 +400,12 @@ struct Driver {
     defer_snapshot: bool,
     /// Layer images mounted by this build (see `mountable`).
     mounts: mountable::LayerMounts,
+    /// Layer images that stages building at once mounted twice (each at
+    /// its own place); unmounted with the others.
+    extra_mounts: Vec<PathBuf>,
+    /// Set when a stage fails while others build: they stop before their
+    /// next step.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A prepared rootfs kept open across steps (`--single-snapshot`).
@@ -543,6 +553,8 @@ impl Driver {
             open_snapshot: None,
             defer_snapshot: false,
             mounts,
+            extra_mounts: Vec::new(),
+            cancel: Default::default(),
             platform: Platform::host(),
             opts,
             runtime: Arc::new(runtime),
@@ -569,6 +581,11 @@ impl Driver {
         // Unpacked layers and blobs stay (they are the local cache); the
         // scratch space of this build goes, after the layer images mounted
         // in it.
+        for dir in self.extra_mounts.drain(..) {
+            if let Err(e) = crate::erofs::mount::unmount(&dir) {
+                tracing::warn!("unmounting layer image at {}: {e}", dir.display());
+            }
+        }
         self.unmount_layers();
         let _ = fs::remove_dir_all(&self.work);
         if self.opts.cleanup {
@@ -701,14 +718,7 @@ impl Driver {
     }
 
     fn build_stages_and_finish(&mut self, plan: &Plan) -> Result<BuildOutcome, BuildError> {
-        for &index in &plan.stages_to_build {
-            let started = Instant::now();
-            self.build_stage(plan, &plan.stages[index])?;
-            self.log(&format!(
-                "stage {index} built in {:.2}s",
-                started.elapsed().as_secs_f64()
-            ));
-        }
+        self.build_stages(plan)?;
         let target = self
             .stages
             .get(&plan.target)

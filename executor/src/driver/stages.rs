@@ -69,6 +69,9 @@ impl Driver {
             .and_then(|p| self.keys.steps.get(&(stage.index, p)))
             .is_some_and(|k| self.hits.contains_key(&k.key) || self.ran.contains_key(&k.key));
         for (position, ins) in stage.instructions.iter().enumerate() {
+            if self.cancelled() {
+                return Err(BuildError::Cancelled);
+            }
             let started = Instant::now();
             let step_key = self.keys.steps.get(&(stage.index, position)).cloned();
             self.defer_snapshot = last_filesystem_step.is_some_and(|last| position < last)
