@@ -150,7 +150,7 @@ impl Driver {
                         file: self.dockerfile_name.clone(),
                         line: from_line,
                         instruction: format!("ONBUILD triggers of {name}"),
-                        source,
+                        source: Box::new(source),
                     },
                 )?;
             let mut spliced: Vec<PlannedInstruction> = triggers_plan.stages[0]

@@ -169,13 +169,15 @@ pub enum BaseError {
 pub enum BuildError {
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
+    /// (Boxed: a step's error is large, and every `Result` of the driver
+    /// carries this type.)
     #[error("{file}:{line}: {instruction}: {source}")]
     Step {
         file: String,
         line: usize,
         instruction: String,
         #[source]
-        source: StepError,
+        source: Box<StepError>,
     },
     /// ONBUILD triggers of a base that do not plan.
     #[error("{file}:{line}: {instruction}: {source}")]
@@ -184,7 +186,7 @@ pub enum BuildError {
         line: usize,
         instruction: String,
         #[source]
-        source: crate::plan::PlanError,
+        source: Box<crate::plan::PlanError>,
     },
     #[error("base image {reference}: {source}")]
     Base {
@@ -255,25 +257,22 @@ impl BuildError {
     /// report it), as Kaniko and Buildah do, so CI jobs can branch on it;
     /// 1 for every other build error.
     pub fn exit_code(&self) -> u8 {
-        match self {
-            BuildError::Step {
-                source: StepError::CommandFailed { status, .. },
-                ..
-            } => match *status {
-                ExitStatus::Code(code) => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
-                ExitStatus::Signal(signal) => u8::try_from(128 + signal).unwrap_or(1),
-            },
-            _ => 1,
+        match self.run_status() {
+            Some(ExitStatus::Code(code)) => {
+                u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1)
+            }
+            Some(ExitStatus::Signal(signal)) => u8::try_from(128 + signal).unwrap_or(1),
+            None => 1,
         }
     }
 
     /// The status of the RUN command that failed the build, if one did.
     pub fn run_status(&self) -> Option<ExitStatus> {
         match self {
-            BuildError::Step {
-                source: StepError::CommandFailed { status, .. },
-                ..
-            } => Some(*status),
+            BuildError::Step { source, .. } => match source.as_ref() {
+                StepError::CommandFailed { status, .. } => Some(*status),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -303,7 +302,7 @@ mod tests {
             file: "Dockerfile".into(),
             line: 3,
             instruction: "COPY a /b".into(),
-            source: StepError::io("creating /b", io::Error::other("disk full")),
+            source: Box::new(StepError::io("creating /b", io::Error::other("disk full"))),
         };
         assert_eq!(
             e.to_string(),

@@ -94,7 +94,7 @@ impl Driver {
                     file: file.clone(),
                     line: ins.line,
                     instruction: ins.original.clone(),
-                    source,
+                    source: Box::new(source),
                 };
                 let source = match &ins.instruction {
                     Instruction::Copy(c) => Some(match (&c.from, ins.stage_refs.first()) {
@@ -228,7 +228,7 @@ pub(super) fn compute_keys(
                 file: dockerfile_name.to_owned(),
                 line: ins.line,
                 instruction: ins.original.clone(),
-                source: StepError::Invalid(message),
+                source: Box::new(StepError::Invalid(message)),
             };
             let stage_key = |i: usize, message: &dyn Fn() -> String| {
                 keys.stage_last

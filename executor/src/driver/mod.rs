@@ -1381,10 +1381,10 @@ mod tests {
             file: "Dockerfile".into(),
             line: 2,
             instruction: "RUN exit 42".into(),
-            source: StepError::CommandFailed {
+            source: Box::new(StepError::CommandFailed {
                 status,
                 tail: String::new(),
-            },
+            }),
         };
         assert_eq!(failed(ExitStatus::Code(42)).exit_code(), 42);
         assert_eq!(failed(ExitStatus::Signal(9)).exit_code(), 137);

@@ -126,7 +126,7 @@ impl Driver {
                     file: self.dockerfile_name.clone(),
                     line: ins.line,
                     instruction: ins.original.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             if cache != StepOutcome::None {
                 self.step_ended(
