@@ -164,6 +164,10 @@ pub struct ExecutorArgs {
     /// overlay snapshotter) instead of unpacking them.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", action = kaniko_bool!())]
     pub mountable_layers: bool,
+    /// Build up to N independent stages at once (default: the number of
+    /// CPUs; 1: one after another, in plan order).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
     /// Write a JSON build report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

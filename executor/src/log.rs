@@ -108,6 +108,9 @@ pub type Field<'a> = (&'a str, Value);
 #[derive(Clone)]
 pub struct Logger {
     inner: Arc<Inner>,
+    /// The stage this logger's lines belong to, when stages run at once
+    /// (see [`Logger::for_stage`]).
+    stage: Option<Arc<str>>,
 }
 
 struct Inner {
@@ -133,6 +136,18 @@ impl Logger {
                 out: Mutex::new(Box::new(out)),
                 progress_interval_ms: AtomicU64::new(2000),
             }),
+            stage: None,
+        }
+    }
+
+    /// The same output, every line marked with `stage` (the stage's name,
+    /// or its index): `[stage] ` at the start of a text line (after the
+    /// timestamp), a `stage_name` field in JSON. Used when stages build
+    /// concurrently, so that interleaved lines can be told apart.
+    pub fn for_stage(&self, stage: &str) -> Self {
+        Logger {
+            inner: self.inner.clone(),
+            stage: Some(stage.into()),
         }
     }
 
@@ -187,7 +202,26 @@ impl Logger {
 
     /// Prints regardless of the filter (a RUN step's output).
     fn emit(&self, level: Level, msg: &str, fields: &[Field<'_>]) {
-        let mut line = render(&self.inner.config, level, msg, fields, SystemTime::now());
+        let config = &self.inner.config;
+        let mut line = match (&self.stage, config.format) {
+            (None, _) => render(config, level, msg, fields, SystemTime::now()),
+            (Some(stage), Format::Json) => {
+                let mut with_stage = fields.to_vec();
+                with_stage.push(("stage_name", stage.as_ref().into()));
+                render(config, level, msg, &with_stage, SystemTime::now())
+            }
+            (Some(stage), Format::Text | Format::Color) => {
+                let mut line = render(config, level, msg, fields, SystemTime::now());
+                // After the timestamp (`<time> `), which has a fixed form.
+                let at = if config.timestamps {
+                    line.find(' ').map_or(0, |i| i + 1)
+                } else {
+                    0
+                };
+                line.insert_str(at, &format!("[{stage}] "));
+                line
+            }
+        };
         line.push('\n');
         if let Ok(mut out) = self.inner.out.lock() {
             let _ = out.write_all(line.as_bytes());
@@ -654,6 +688,30 @@ mod tests {
         assert_eq!(v["time"], "2026-11-27T00:00:00.042Z");
         assert_eq!(v["stage"], 1);
         assert_eq!(v["outcome"], "miss");
+    }
+
+    #[test]
+    fn a_stage_logger_marks_every_line_with_its_stage() {
+        let out = Captured::default();
+        let log = Logger::new(config(Format::Text), out.clone());
+        let stage = log.for_stage("builder");
+        stage.info("[stage 1 line 3] RUN make");
+        stage.warn("slow");
+        let (prefix, writer) = stage.run_output(1, 3);
+        writeln!(writer.lock().unwrap(), "{prefix}compiling").unwrap();
+        log.info("not a stage's");
+        assert_eq!(
+            out.text(),
+            "[builder] [stage 1 line 3] RUN make\n[builder] warning: slow\n\
+             [builder] [stage 1 line 3] compiling\nnot a stage's\n"
+        );
+
+        let out = Captured::default();
+        let json = Logger::new(config(Format::Json), out.clone()).for_stage("0");
+        json.info("hello");
+        let v: Value = serde_json::from_str(out.text().trim()).unwrap();
+        assert_eq!(v["msg"], "hello");
+        assert_eq!(v["stage_name"], "0");
     }
 
     #[test]

@@ -9,9 +9,9 @@ impl Driver {
         if self.bases.contains_key(name) {
             return Ok(());
         }
-        let base_err = |message: String| BuildError::Base {
+        let base_err = |e: BaseError| BuildError::Base {
             reference: name.to_owned(),
-            message,
+            source: e,
         };
         let base = if name.eq_ignore_ascii_case("scratch") {
             BaseImage {
@@ -34,7 +34,7 @@ impl Driver {
                 .find(|(p, _)| Path::new(p).is_file())
                 .unwrap_or((rest, None));
             let docs = crate::oci::archive::read_docker_archive(Path::new(path), &self.store, tag)
-                .map_err(|e| base_err(e.to_string()))?;
+                .map_err(|e| base_err(e.into()))?;
             let store = self.store.clone();
             let layers = self.layers_of(&docs, |d| store.path(d))?;
             BaseImage {
@@ -45,15 +45,15 @@ impl Driver {
             }
         } else if let Some(rest) = name.strip_prefix("oci-layout://") {
             let (path, reference) = parse_layout_reference(rest);
-            let layout = OciLayout::open(&path).map_err(|e| base_err(e.to_string()))?;
+            let layout = OciLayout::open(&path).map_err(|e| base_err(e.into()))?;
             let docs = layout
                 .resolve(reference.as_deref(), &self.platform)
-                .map_err(|e| base_err(e.to_string()))?;
+                .map_err(|e| base_err(e.into()))?;
             let layers = self.layers_of(&docs, |d| layout.path(d))?;
             let mut extra = self
                 .extra_blobs
                 .lock()
-                .map_err(|_| base_err("lock poisoned".into()))?;
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for l in &layers {
                 extra.insert(l.desc.digest.clone(), l.blob.clone());
             }
@@ -65,7 +65,7 @@ impl Driver {
                 registry_ref: None,
             }
         } else {
-            let reference = ImageRef::parse(name).map_err(|e| base_err(e.to_string()))?;
+            let reference = ImageRef::parse(name).map_err(|e| base_err(e.into()))?;
             self.log(&format!("resolving {reference}"));
             // Only the manifest and config now: layers are fetched when a
             // step needs the filesystem or an output needs their bytes, from
@@ -73,7 +73,7 @@ impl Driver {
             let pulled = self
                 .runtime
                 .block_on(self.client.resolve(&reference, &self.platform))
-                .map_err(|e| base_err(e.to_string()))?;
+                .map_err(|e| base_err(e.into()))?;
             let store = self.store.clone();
             let layers = self.layers_of(&pulled.image, |d| store.path(d))?;
             for layer in &layers {
@@ -100,11 +100,10 @@ impl Driver {
         if diff_ids.len() != docs.manifest.layers.len() {
             return Err(BuildError::Base {
                 reference: docs.manifest_digest.to_string(),
-                message: format!(
-                    "manifest has {} layers but the config lists {} diff_ids",
-                    docs.manifest.layers.len(),
-                    diff_ids.len()
-                ),
+                source: BaseError::LayerCount {
+                    manifest: docs.manifest.layers.len(),
+                    diff_ids: diff_ids.len(),
+                },
             });
         }
         Ok(docs
@@ -147,11 +146,11 @@ impl Driver {
             trigger_opts.target = None;
             let triggers_plan =
                 crate::plan::plan_source(&text, &opts.dockerfile_path(), &trigger_opts).map_err(
-                    |e| BuildError::Step {
+                    |source| BuildError::Trigger {
                         file: self.dockerfile_name.clone(),
                         line: from_line,
                         instruction: format!("ONBUILD triggers of {name}"),
-                        message: e.to_string(),
+                        source: Box::new(source),
                     },
                 )?;
             let mut spliced: Vec<PlannedInstruction> = triggers_plan.stages[0]

@@ -6,136 +6,6 @@ use super::*;
 use crate::cache::CacheError;
 
 impl Driver {
-    pub(super) fn compute_keys(&mut self, plan: &Plan) -> Result<(), BuildError> {
-        let layer = keys::LayerKeyOptions {
-            compression: self.opts.compression,
-            reproducible: self.opts.reproducible,
-            source_date_epoch: self.opts.source_date_epoch,
-            single_snapshot: self.opts.single_snapshot,
-            force_build_metadata: self.opts.force_build_metadata,
-        };
-        for &index in &plan.stages_to_build {
-            let stage = &plan.stages[index];
-            let mut parent = match &stage.source {
-                StageSource::Image(name) => {
-                    let base = self.bases.get(name).ok_or_else(|| BuildError::Base {
-                        reference: name.clone(),
-                        message: "was not resolved".into(),
-                    })?;
-                    keys::base_key(&base.identity)
-                }
-                StageSource::Stage(i) => *self
-                    .stage_last_key
-                    .get(i)
-                    .ok_or_else(|| BuildError::Setup(format!("stage {i} has no key")))?,
-            };
-            for (position, ins) in stage.instructions.iter().enumerate() {
-                let file = self.dockerfile_name.clone();
-                let step_err = |message: String| BuildError::Step {
-                    file: file.clone(),
-                    line: ins.line,
-                    instruction: ins.original.clone(),
-                    message,
-                };
-                let sources = match &ins.instruction {
-                    Instruction::Copy(c) => Some(match (&c.from, ins.stage_refs.first()) {
-                        (Some(_), Some(i)) => {
-                            SourceIdentity::Stage(*self.stage_last_key.get(i).ok_or_else(|| {
-                                step_err(format!("stage {i} is not built before it is used"))
-                            })?)
-                        }
-                        (Some(image), None) => {
-                            self.resolve_base(image)?;
-                            let identity = self
-                                .bases
-                                .get(image)
-                                .map(|b| b.identity.clone())
-                                .unwrap_or_default();
-                            SourceIdentity::Image(identity)
-                        }
-                        (None, _) => SourceIdentity::Context(
-                            self.context_digest(&c.sources, &c.exclude)
-                                .map_err(step_err)?,
-                        ),
-                    }),
-                    Instruction::Add(a) => {
-                        let (remote_sources, local): (Vec<String>, Vec<String>) = a
-                            .sources
-                            .iter()
-                            .cloned()
-                            .partition(|s| remote::is_remote(s));
-                        let local = self.context_digest(&local, &a.exclude).map_err(step_err)?;
-                        let mut remote = Vec::with_capacity(remote_sources.len());
-                        for source in &remote_sources {
-                            let fetched = self
-                                .fetch_remote(source, a.checksum.as_deref(), a.keep_git_dir)
-                                .map_err(step_err)?;
-                            remote.push(fetched.identity.clone());
-                        }
-                        Some(keys::add_sources(local, &remote))
-                    }
-                    Instruction::Run(run)
-                        if run
-                            .mounts
-                            .iter()
-                            .any(|m| m.kind == dockerfile::MountType::Bind) =>
-                    {
-                        let mut mounts = Vec::new();
-                        for m in run
-                            .mounts
-                            .iter()
-                            .filter(|m| m.kind == dockerfile::MountType::Bind)
-                        {
-                            let source = m.source.clone().unwrap_or_else(|| ".".into());
-                            let from = match &m.from {
-                                None => keys::BindSource::Context(
-                                    self.context_digest(std::slice::from_ref(&source), &[])
-                                        .map_err(step_err)?,
-                                ),
-                                Some(from) => match stage_index(plan, from) {
-                                    Some(i) => keys::BindSource::Stage(
-                                        *self.stage_last_key.get(&i).ok_or_else(|| {
-                                            step_err(format!(
-                                                "stage {from} is not built before it is mounted"
-                                            ))
-                                        })?,
-                                    ),
-                                    None => {
-                                        self.resolve_base(from)?;
-                                        keys::BindSource::Image(
-                                            self.bases
-                                                .get(from)
-                                                .map(|b| b.identity.clone())
-                                                .unwrap_or_default(),
-                                        )
-                                    }
-                                },
-                            };
-                            mounts.push((source, from));
-                        }
-                        Some(keys::bind_mounts(&mounts))
-                    }
-                    _ => None,
-                };
-                let run_security = match &ins.instruction {
-                    Instruction::Run(run) => Some(self.run_security(run).map_err(step_err)?),
-                    _ => None,
-                };
-                let key = keys::step_key(
-                    &parent,
-                    keys::StepInputs::of(ins),
-                    sources.as_ref(),
-                    &layer,
-                    run_security.as_ref(),
-                );
-                parent = key.key;
-                self.keys.insert((index, position), key);
-            }
-            self.stage_last_key.insert(index, parent);
-        }
-        Ok(())
-    }
-
     /// One batch lookup for every filesystem step of the build.
     pub(super) fn lookup_keys(&mut self) {
         let Some(cache) = self.cache.clone() else {
@@ -144,7 +14,7 @@ impl Driver {
         if !self.opts.cache.mode.reads() {
             return;
         }
-        let chains = self.key_chains();
+        let chains = self.keys.chains();
         let mut wanted: Vec<CacheKey> = chains.iter().flatten().copied().collect();
         wanted.sort();
         wanted.dedup();
@@ -171,26 +41,6 @@ impl Driver {
         }
     }
 
-    /// The build's filesystem keys as chains: per stage, in build order
-    /// (each key derives from the one before it).
-    pub(super) fn key_chains(&self) -> Vec<Vec<CacheKey>> {
-        let mut positions: Vec<(&(usize, usize), &StepKey)> =
-            self.keys.iter().filter(|(_, k)| k.filesystem).collect();
-        positions.sort_by_key(|(p, _)| **p);
-        let mut chains: Vec<Vec<CacheKey>> = Vec::new();
-        let mut stage = None;
-        for ((index, _), key) in positions {
-            if stage != Some(*index) {
-                stage = Some(*index);
-                chains.push(Vec::new());
-            }
-            if let Some(chain) = chains.last_mut() {
-                chain.push(key.key);
-            }
-        }
-        chains
-    }
-
     /// Lets the cache make the writes it held back (the registry cache's
     /// tags), once every upload is done; hits whose layer could not be had
     /// are left out, so no new entry repeats them. A failure is a warning.
@@ -201,7 +51,7 @@ impl Driver {
         if !self.opts.cache.mode.writes() {
             return;
         }
-        let mut chains = self.key_chains();
+        let mut chains = self.keys.chains();
         for chain in &mut chains {
             chain.retain(|k| !self.lost_hits.contains(k));
         }
@@ -223,15 +73,18 @@ impl Driver {
         step_key: Option<&StepKey>,
         builder: &mut ConfigBuilder,
         state: &mut StageState,
-    ) -> Result<(&'static str, Option<LayerRef>), String> {
+    ) -> Result<Applied, StepError> {
         let Some(step_key) = step_key.filter(|k| k.filesystem) else {
             return self.instruction(plan, stage, ins, builder, state);
         };
         if self.defer_snapshot {
             // Its changes go into the stage's single snapshot: there is no
             // result of its own to look up or to upload.
-            let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
-            return Ok((if cache == "none" { "none" } else { "miss" }, layer));
+            let applied = self.instruction(plan, stage, ins, builder, state)?;
+            return Ok(Applied {
+                outcome: ran(applied.outcome),
+                ..applied
+            });
         }
         let created_by = history_text(ins);
         if let Some(entry) = self.hits.get(&step_key.key).cloned() {
@@ -242,13 +95,21 @@ impl Driver {
                 hit: Some(step_key.key),
             });
             apply_recorded(ins, layer.clone(), &created_by, builder, state);
-            return Ok(("hit", layer));
+            return Ok(Applied {
+                outcome: StepOutcome::Hit,
+                layer,
+                times: PhaseTimes::default(),
+            });
         }
-        let (cache, layer) = self.instruction(plan, stage, ins, builder, state)?;
+        let applied = self.instruction(plan, stage, ins, builder, state)?;
+        let layer = &applied.layer;
         // A hit the cache could not deliver was built here; the cache keeps
         // its entry (another executor's result, as good as this one).
         if self.lost_hits.contains(&step_key.key) {
-            return Ok(("miss", layer));
+            return Ok(Applied {
+                outcome: StepOutcome::Miss,
+                ..applied
+            });
         }
         let entry = CacheEntry {
             layer: layer.as_ref().map(|l| LayerDescriptor {
@@ -265,7 +126,10 @@ impl Driver {
             .as_ref()
             .map(|l| (l.desc.digest.clone(), l.blob.clone()));
         self.upload(step_key.key, entry, blob);
-        Ok((if cache == "none" { "none" } else { "miss" }, layer))
+        Ok(Applied {
+            outcome: ran(applied.outcome),
+            ..applied
+        })
     }
 
     /// A step that already ran in this build, before a restart: its layer
@@ -296,10 +160,10 @@ impl Driver {
             let started = Instant::now();
             let mut bytes = 0;
             if let Some((digest, path)) = &blob {
-                cache.put_blob(digest, path).map_err(|e| e.to_string())?;
+                cache.put_blob(digest, path)?;
                 bytes = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             }
-            cache.put_entry(&key, &entry).map_err(|e| e.to_string())?;
+            cache.put_entry(&key, &entry)?;
             Ok(UploadDone {
                 key,
                 bytes,
@@ -315,10 +179,7 @@ impl Driver {
             match handle.join() {
                 Ok(Ok(done)) => {
                     total += done.bytes;
-                    if let Some(step) = self.steps.iter_mut().find(|s| s.key == Some(done.key)) {
-                        step.upload_ms = Some(done.millis);
-                        step.uploaded_bytes = Some(done.bytes);
-                    }
+                    self.uploaded.push(done);
                 }
                 Ok(Err(e)) => self.warn(&format!("uploading to the cache failed: {e}")),
                 Err(_) => self.warn("a cache upload panicked"),
@@ -332,7 +193,7 @@ impl Driver {
     /// from its registry, then shared through the cache so the cluster pulls
     /// each base layer from outside once. A cache hit's layer that the cache
     /// cannot deliver intact is recorded as lost (see [`Driver::lose_hit`]).
-    pub(super) fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), String> {
+    pub(super) fn ensure_blob(&mut self, layer: &LayerRef) -> Result<(), StepError> {
         if layer.blob.is_file() {
             return Ok(());
         }
@@ -354,7 +215,7 @@ impl Driver {
         }
         let is_base = self.base_layers.contains_key(&digest);
         if let (Some(key), Some(e), false) = (layer.hit, &cache_error, is_base) {
-            return Err(self.lose_hit(key, &digest, e.to_string()));
+            return Err(self.lose_hit(key, &digest, kiln_common::errors::chain(e)));
         }
         if let Some(e) = cache_error
             .as_ref()
@@ -367,8 +228,13 @@ impl Driver {
         }
         let Some((pulled, base_layer)) = self.base_layers.get(&digest).cloned() else {
             return Err(match cache_error {
-                Some(e) => format!("fetching layer {digest} from the cache: {e}"),
-                None => format!("layer {digest} is not available locally and there is no cache"),
+                Some(source) => StepError::Cache {
+                    what: format!("fetching layer {digest} from the cache"),
+                    source,
+                },
+                None => StepError::invalid(format!(
+                    "layer {digest} is not available locally and there is no cache"
+                )),
             });
         };
         self.log(&format!(
@@ -385,7 +251,10 @@ impl Driver {
                 self.client
                     .fetch_blob(&pulled, &base_layer.desc, &self.store),
             )
-            .map_err(|e| format!("pulling base layer {digest}: {e}"))?;
+            .map_err(|source| StepError::Registry {
+                what: format!("pulling base layer {digest}"),
+                source,
+            })?;
         let entry = CacheEntry {
             layer: Some(LayerDescriptor {
                 media_type: base_layer.desc.media_type.clone(),
@@ -405,21 +274,23 @@ impl Driver {
     /// Records that the layer of hit `key` cannot be had; the build loop
     /// turns the hit into a miss and starts over. Returns the message for
     /// the error that unwinds to it.
-    pub(super) fn lose_hit(&mut self, key: CacheKey, digest: &Digest, reason: String) -> String {
-        let message = format!("cached layer {digest} is not usable: {reason}");
+    pub(super) fn lose_hit(&mut self, key: CacheKey, digest: &Digest, reason: String) -> StepError {
         self.lost_pending = Some(LostHit {
             key,
             digest: digest.clone(),
-            reason,
+            reason: reason.clone(),
         });
-        message
+        StepError::LostHit {
+            digest: digest.clone(),
+            reason,
+        }
     }
 
     pub(super) fn context_digest(
         &mut self,
         sources: &[String],
         excludes: &[String],
-    ) -> Result<[u8; 32], String> {
+    ) -> Result<[u8; 32], StepError> {
         let from_context: Vec<String> = sources
             .iter()
             .filter(|s| !s.starts_with("<<"))
@@ -430,7 +301,7 @@ impl Driver {
         }
         let selections = self.select_context(&from_context, excludes)?;
         let ctx = self.context()?;
-        ctx.digest(&selections).map_err(|e| e.to_string())
+        Ok(ctx.digest(&selections)?)
     }
 
     /// COPY/ADD sources in the context, minus `--exclude` patterns (matched
@@ -439,17 +310,17 @@ impl Driver {
         &mut self,
         sources: &[String],
         excludes: &[String],
-    ) -> Result<Vec<crate::context::Selection>, String> {
+    ) -> Result<Vec<crate::context::Selection>, StepError> {
         let exclude = if excludes.is_empty() {
             None
         } else {
-            Some(
-                DockerIgnore::parse(&excludes.join("\n"), Path::new("--exclude"))
-                    .map_err(|e| e.to_string())?,
-            )
+            Some(DockerIgnore::parse(
+                &excludes.join("\n"),
+                Path::new("--exclude"),
+            )?)
         };
         let ctx = self.context()?;
-        let mut selections = ctx.select(sources).map_err(|e| e.to_string())?;
+        let mut selections = ctx.select(sources)?;
         if let Some(exclude) = exclude {
             for sel in &mut selections {
                 let root = sel.root.clone();
@@ -481,7 +352,7 @@ impl Driver {
         plan: &Plan,
         mounts: &[dockerfile::Mount],
         workdir: &Path,
-    ) -> Result<RunMounts, String> {
+    ) -> Result<RunMounts, StepError> {
         use dockerfile::MountType;
         let mut specs = Vec::new();
         let mut env = Vec::new();
@@ -492,18 +363,21 @@ impl Driver {
                 .map(|t| copy::absolute_in_image(workdir, t));
             match m.kind {
                 MountType::Bind => {
-                    let target = target.ok_or("--mount=type=bind needs a target")?;
+                    let target = target
+                        .ok_or_else(|| StepError::invalid("--mount=type=bind needs a target"))?;
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     let host = match &m.from {
                         None => {
                             let rel = crate::context::clean_relative(&source).ok_or_else(|| {
-                                format!("--mount source {source:?} is outside the build context")
+                                StepError::invalid(format!(
+                                    "--mount source {source:?} is outside the build context"
+                                ))
                             })?;
                             let host = self.opts.plan.context.join(rel);
                             if fs::symlink_metadata(&host).is_err() {
-                                return Err(format!(
+                                return Err(StepError::invalid(format!(
                                     "--mount source {source:?}: not found in the build context"
-                                ));
+                                )));
                             }
                             host
                         }
@@ -518,7 +392,9 @@ impl Driver {
                                 .first()
                                 .map(|r| r.entries[0].host.clone())
                                 .ok_or_else(|| {
-                                    format!("--mount source {source:?} not found in {from}")
+                                    StepError::invalid(format!(
+                                        "--mount source {source:?} not found in {from}"
+                                    ))
                                 })?
                         }
                     };
@@ -529,7 +405,8 @@ impl Driver {
                     });
                 }
                 MountType::Cache => {
-                    let target = target.ok_or("--mount=type=cache needs a target")?;
+                    let target = target
+                        .ok_or_else(|| StepError::invalid("--mount=type=cache needs a target"))?;
                     let id = m.id.clone().unwrap_or_else(|| target.display().to_string());
                     let dir = self
                         .opts
@@ -538,19 +415,19 @@ impl Driver {
                         .join(blake3::hash(id.as_bytes()).to_hex().as_str());
                     if !dir.is_dir() {
                         fs::create_dir_all(&dir)
-                            .map_err(|e| format!("creating cache mount {id}: {e}"))?;
+                            .map_err(|e| StepError::io(format!("creating cache mount {id}"), e))?;
                         use std::os::unix::fs::PermissionsExt;
                         fs::set_permissions(
                             &dir,
                             fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
                         )
-                        .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        .map_err(|e| StepError::io(format!("cache mount {id}"), e))?;
                         std::os::unix::fs::chown(
                             &dir,
                             Some(m.uid.unwrap_or(0)),
                             Some(m.gid.unwrap_or(0)),
                         )
-                        .map_err(|e| format!("cache mount {id}: {e}"))?;
+                        .map_err(|e| StepError::io(format!("cache mount {id}"), e))?;
                     }
                     specs.push(MountSpec::Bind {
                         source: dir,
@@ -559,7 +436,8 @@ impl Driver {
                     });
                 }
                 MountType::Tmpfs => {
-                    let target = target.ok_or("--mount=type=tmpfs needs a target")?;
+                    let target = target
+                        .ok_or_else(|| StepError::invalid("--mount=type=tmpfs needs a target"))?;
                     specs.push(MountSpec::Tmpfs {
                         target,
                         size_bytes: m.size,
@@ -574,18 +452,20 @@ impl Driver {
                                     .and_then(|t| t.file_name())
                                     .map(|n| n.to_string_lossy().into_owned())
                             })
-                            .ok_or("--mount=type=secret needs an id or a target")?;
+                            .ok_or_else(|| {
+                                StepError::invalid("--mount=type=secret needs an id or a target")
+                            })?;
                     let Some(path) = self.secret_file(&id)? else {
                         if m.required {
-                            return Err(format!(
+                            return Err(StepError::invalid(format!(
                                 "secret {id} is required but no --secret id={id} was given"
-                            ));
+                            )));
                         }
                         continue;
                     };
                     if let Some(var) = &m.env {
                         let value = fs::read_to_string(&path)
-                            .map_err(|e| format!("reading secret {id}: {e}"))?;
+                            .map_err(|e| StepError::io(format!("reading secret {id}"), e))?;
                         env.push((var.clone(), value));
                         if m.target.is_none() {
                             continue;
@@ -598,10 +478,9 @@ impl Driver {
                     });
                 }
                 MountType::Ssh => {
-                    return Err(
-                        "RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding"
-                            .into(),
-                    );
+                    return Err(StepError::invalid(
+                        "RUN --mount=type=ssh is not supported: kiln has no SSH agent forwarding",
+                    ));
                 }
             }
         }
@@ -614,7 +493,7 @@ impl Driver {
         source: &str,
         checksum: Option<&str>,
         keep_git_dir: bool,
-    ) -> Result<remote::RemoteSource, String> {
+    ) -> Result<remote::RemoteSource, StepError> {
         if let Some(r) = self.remote.get(source) {
             return Ok(r.clone());
         }
@@ -622,7 +501,7 @@ impl Driver {
         let dir = self.work.join(format!("remote-{}", self.scratch_counter));
         let fetched = if remote::is_git(source) {
             if checksum.is_some() {
-                return Err("ADD --checksum applies to URLs, not git repositories".into());
+                return Err(remote::RemoteError::ChecksumOnGit.into());
             }
             self.log(&format!("cloning {source}"));
             remote::clone(source, keep_git_dir, &dir)?
@@ -631,7 +510,7 @@ impl Driver {
             let client = reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(30))
                 .build()
-                .map_err(|e| e.to_string())?;
+                .map_err(remote::RemoteError::Client)?;
             self.runtime
                 .block_on(remote::download(&client, source, checksum, &dir))?
         };
@@ -640,25 +519,32 @@ impl Driver {
     }
 
     /// The file holding secret `id` (`--secret id=..,src=..` or `env=..`).
-    pub(super) fn secret_file(&mut self, id: &str) -> Result<Option<PathBuf>, String> {
+    pub(super) fn secret_file(&mut self, id: &str) -> Result<Option<PathBuf>, StepError> {
         let Some(secret) = self.opts.secrets.iter().find(|s| s.id == id).cloned() else {
             return Ok(None);
         };
         match secret.source {
             SecretSource::File(path) => Ok(Some(path)),
             SecretSource::Env(var) => {
-                let value =
-                    std::env::var(&var).map_err(|_| format!("secret {id}: ${var} is not set"))?;
+                let value = std::env::var(&var)
+                    .map_err(|_| StepError::invalid(format!("secret {id}: ${var} is not set")))?;
                 let dir = self.work.join("secrets");
-                fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| e.to_string())?;
+                private_dir(&dir)?;
                 let path = dir.join(blake3::hash(id.as_bytes()).to_hex().as_str());
-                fs::write(&path, value).map_err(|e| e.to_string())?;
+                fs::write(&path, value)
+                    .map_err(|e| StepError::io(format!("writing secret {id}"), e))?;
                 Ok(Some(path))
             }
         }
+    }
+}
+
+/// What a step that ran reports: `miss` for a filesystem step, `none` for
+/// a metadata step.
+fn ran(outcome: StepOutcome) -> StepOutcome {
+    match outcome {
+        StepOutcome::None => StepOutcome::None,
+        _ => StepOutcome::Miss,
     }
 }
 

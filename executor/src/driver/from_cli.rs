@@ -148,6 +148,14 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 impl ExecutorArgs {
+    /// `--jobs`, or the number of CPUs this process may use.
+    fn jobs(&self) -> usize {
+        match self.jobs {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
     pub fn build_options(&self) -> Result<BuildOptions, OptionsError> {
         let labels = self
             .label
@@ -207,6 +215,7 @@ impl ExecutorArgs {
         )?;
         let in_place = isolation.isolation == Isolation::None;
         Ok(BuildOptions {
+            jobs: if in_place { 1 } else { self.jobs() },
             plan: self.plan_options()?,
             context_source: Some(self.context_spec()?),
             destinations: self.destination.clone(),

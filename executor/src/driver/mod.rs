@@ -18,10 +18,13 @@
 mod bases;
 mod caching;
 pub mod copy;
+mod error;
 pub mod from_cli;
+mod inputs;
 pub mod keys;
 mod mountable;
 mod output;
+mod parallel;
 pub mod remote;
 mod sources;
 mod stages;
@@ -43,7 +46,7 @@ use crate::build::layer::{Compression, LayerOptions, MtimePolicy, write_layer};
 use crate::build::runner::chroot::ChrootRunner;
 use crate::build::runner::none::NoneRunner;
 use crate::build::runner::security::StepSecurity;
-use crate::build::runner::{ExitStatus, MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
+use crate::build::runner::{MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
 use crate::build::snapshot::overlay::OverlaySnapshotter;
 use crate::build::snapshot::walk::WalkSnapshotter;
 use crate::build::snapshot::{LowerLayout, Snapshotter};
@@ -59,6 +62,7 @@ use crate::store::LocalStore;
 use crate::unpack::{UnpackMode, UnpackOptions, unpack_layer};
 
 use copy::{CopyItem, CopyOptions, CopyRoot, copy_into, walk_root};
+pub use error::{BaseError, BuildError, StepError, StepOutcome};
 
 /// How RUN steps are isolated (`--isolation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +147,9 @@ pub struct BuildOptions {
     /// `--max-layer-size`: how large one layer may expand when unpacked
     /// (see [`crate::unpack::UnpackOptions::max_expanded_size`]).
     pub max_layer_size: u64,
+    /// `--jobs`: how many independent stages may build at once; 1 builds
+    /// them one after another in plan order (in-place builds always do).
+    pub jobs: usize,
     /// `--mountable-layers`: under chroot isolation with the overlay
     /// snapshotter, mount base and cached layers as EROFS images instead of
     /// unpacking them (docs/architecture.md, "Mountable layers").
@@ -210,7 +217,7 @@ pub struct StepRecord {
     /// The named inputs of the key, so a miss can be explained.
     pub inputs: Vec<KeyInput>,
     /// `"hit"`, `"miss"` (it ran), or `"none"` (metadata, no entry).
-    pub cache: &'static str,
+    pub cache: StepOutcome,
     pub layer: Option<Digest>,
     pub layer_size: Option<u64>,
     pub duration_ms: u64,
@@ -218,64 +225,36 @@ pub struct StepRecord {
     pub run_ms: Option<u64>,
     /// Time to diff the rootfs and write the compressed layer.
     pub snapshot_ms: Option<u64>,
-    /// Background upload of the step's blob and entry (not on the critical path).
-    pub upload_ms: Option<u64>,
-    pub uploaded_bytes: Option<u64>,
 }
 
-/// Phase timings of the filesystem step that ran last.
+/// Phase timings of a filesystem step, measured where they happen.
 #[derive(Debug, Clone, Copy, Default)]
 struct PhaseTimes {
     run_ms: Option<u64>,
     snapshot_ms: Option<u64>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    Plan(#[from] crate::plan::PlanError),
-    #[error("{file}:{line}: {instruction}: {message}")]
-    Step {
-        file: String,
-        line: usize,
-        instruction: String,
-        message: String,
-    },
-    /// A RUN step's command ran and failed: the executor exits with its
-    /// status (see [`BuildError::exit_code`]).
-    #[error("{file}:{line}: {instruction}: {message}")]
-    RunFailed {
-        file: String,
-        line: usize,
-        instruction: String,
-        status: ExitStatus,
-        message: String,
-    },
-    #[error("base image {reference}: {message}")]
-    Base { reference: String, message: String },
-    #[error("{0}")]
-    Setup(String),
-    #[error("writing the image: {0}")]
-    Output(String),
+/// What applying one instruction gave: the report's outcome, the layer it
+/// added (if any) and how long its phases took.
+#[derive(Debug, Clone)]
+struct Applied {
+    outcome: StepOutcome,
+    layer: Option<LayerRef>,
+    times: PhaseTimes,
 }
 
-impl BuildError {
-    /// The executor's exit status for this error: a failed RUN step's own
-    /// exit code (128 + the signal when a signal killed it, as shells
-    /// report it), as Kaniko and Buildah do, so CI jobs can branch on it;
-    /// 1 for every other build error.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            BuildError::RunFailed { status, .. } => match *status {
-                ExitStatus::Code(code) => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
-                ExitStatus::Signal(signal) => u8::try_from(128 + signal).unwrap_or(1),
-            },
-            _ => 1,
+impl Applied {
+    fn metadata() -> Self {
+        Applied {
+            outcome: StepOutcome::None,
+            layer: None,
+            times: PhaseTimes::default(),
         }
     }
 }
 
 /// What a finished background upload reports.
+#[derive(Debug, Clone, Copy)]
 struct UploadDone {
     key: CacheKey,
     bytes: u64,
@@ -336,7 +315,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| BuildError::Setup(format!("starting the async runtime: {e}")))?;
+        .map_err(|e| BuildError::setup("starting the async runtime", e))?;
     let mut driver = Driver::new(opts, runtime)?;
     let result = driver.run();
     if let Err(e) = &result {
@@ -363,16 +342,16 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
 
 struct Driver {
     opts: BuildOptions,
-    runtime: tokio::runtime::Runtime,
-    client: RegistryClient,
+    runtime: Arc<tokio::runtime::Runtime>,
+    client: Arc<RegistryClient>,
     store: LocalStore,
-    snapshotter: Box<dyn Snapshotter>,
-    runner: Box<dyn Runner>,
+    snapshotter: Arc<dyn Snapshotter>,
+    runner: Arc<dyn Runner>,
     /// Unpacked layers by diff_id (overlay lowers), shared across builds.
     layers_dir: PathBuf,
     /// This build's scratch space, removed at the end.
     work: PathBuf,
-    context: Option<BuildContext>,
+    context: Option<Arc<BuildContext>>,
     /// The materialized `--context` (removed when the driver drops).
     #[allow(dead_code)]
     context_dir: Option<crate::context_source::Materialized>,
@@ -385,9 +364,8 @@ struct Driver {
     /// Blobs that belong to the image but live outside the store (layouts).
     extra_blobs: Arc<Mutex<HashMap<Digest, PathBuf>>>,
     cache: Option<Arc<dyn Cache>>,
-    /// Keys by (stage, instruction index).
-    keys: HashMap<(usize, usize), StepKey>,
-    stage_last_key: HashMap<usize, CacheKey>,
+    /// Keys by (stage, instruction index), and each stage's last.
+    keys: inputs::BuildKeys,
     hits: BTreeMap<CacheKey, CacheEntry>,
     /// Hits whose layer the cache could not deliver: built instead, and
     /// never uploaded (the cache keeps its own entry for the key).
@@ -398,11 +376,9 @@ struct Driver {
     ran: HashMap<CacheKey, RanStep>,
     /// `--max-layer-size` as the unpacker applies it.
     unpack_limit: u64,
-    uploads: Vec<std::thread::JoinHandle<Result<UploadDone, String>>>,
-    last_phase: PhaseTimes,
-    /// Set when the current step's RUN command exited non-zero, so the
-    /// step's error carries its status.
-    failed_run: Option<ExitStatus>,
+    uploads: Vec<std::thread::JoinHandle<Result<UploadDone, crate::cache::CacheError>>>,
+    /// Finished uploads, by key, for the report.
+    uploaded: Vec<UploadDone>,
     lookup_ms: u64,
     /// Base-image layers by digest, with the image they come from, so they
     /// can be fetched lazily from the cache or the registry.
@@ -424,6 +400,12 @@ struct Driver {
     defer_snapshot: bool,
     /// Layer images mounted by this build (see `mountable`).
     mounts: mountable::LayerMounts,
+    /// Layer images that stages building at once mounted twice (each at
+    /// its own place); unmounted with the others.
+    extra_mounts: Vec<PathBuf>,
+    /// Set when a stage fails while others build: they stop before their
+    /// next step.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A prepared rootfs kept open across steps (`--single-snapshot`).
@@ -443,13 +425,11 @@ struct FailedStep {
 
 impl Driver {
     fn new(mut opts: BuildOptions, runtime: tokio::runtime::Runtime) -> Result<Self, BuildError> {
-        let setup =
-            |what: &str, e: &dyn std::fmt::Display| BuildError::Setup(format!("{what}: {e}"));
         if opts.isolation == Isolation::None
             && !opts.force
             && let Some(reason) = refuse_in_place()
         {
-            return Err(BuildError::Setup(reason));
+            return Err(BuildError::Refused(reason));
         }
         // Everything below these holds image content: unpacked layers keep
         // their setuid-root binaries and device nodes, scratch space holds
@@ -464,10 +444,10 @@ impl Driver {
             ("images", "the layer image cache"),
         ] {
             private_dir(&opts.state_dir.join(sub))
-                .map_err(|e| setup(&format!("creating {what}"), &e))?;
+                .map_err(|e| BuildError::setup(format!("creating {what}"), e))?;
         }
         let store = LocalStore::new(opts.state_dir.join("store"))
-            .map_err(|e| setup("opening the local store", &e))?
+            .map_err(|e| BuildError::setup("opening the local store", e))?
             .with_progress(crate::log::bytes_received());
         let layers_dir = opts.state_dir.join("layers");
         let work = opts.state_dir.join("work").join(format!(
@@ -478,7 +458,9 @@ impl Driver {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        fs::create_dir_all(&work).map_err(|e| setup("creating scratch space", &e))?;
+        fs::create_dir_all(&work).map_err(|e| {
+            BuildError::setup(format!("creating scratch space {}", work.display()), e)
+        })?;
         // A fetched context lives in the scratch space, so it goes with it
         // at the end of the build, failed or not.
         let context_dir = match opts.context_source.clone() {
@@ -486,19 +468,19 @@ impl Driver {
                 spec.prepare(&mut opts.plan, &work, opts.max_layer_size)
                     .map_err(|e| {
                         let _ = fs::remove_dir_all(&work);
-                        BuildError::Setup(e.to_string())
+                        BuildError::setup("preparing the build context", e)
                     })?,
             ),
             None => None,
         };
         let client = RegistryClient::new(opts.registry.clone())
-            .map_err(|e| setup("setting up the registry client", &e))?;
+            .map_err(|e| BuildError::setup("setting up the registry client", e))?;
         let kind = opts.snapshotter.unwrap_or(match opts.isolation {
             Isolation::None => SnapshotterKind::Walk,
             Isolation::Chroot => SnapshotterKind::Overlay,
         });
-        let snapshotter: Box<dyn Snapshotter> = match kind {
-            SnapshotterKind::Overlay => Box::new(OverlaySnapshotter::new()),
+        let snapshotter: Arc<dyn Snapshotter> = match kind {
+            SnapshotterKind::Overlay => Arc::new(OverlaySnapshotter::new()),
             SnapshotterKind::Walk => {
                 let mut ignored = opts.ignore_paths.clone();
                 if opts.isolation == Isolation::None {
@@ -522,12 +504,12 @@ impl Driver {
                         ignored.push(kaniko.to_path_buf());
                     }
                 }
-                Box::new(WalkSnapshotter::new(ignored).ignoring_mount_points())
+                Arc::new(WalkSnapshotter::new(ignored).ignoring_mount_points())
             }
         };
-        let runner: Box<dyn Runner> = match opts.isolation {
-            Isolation::Chroot => Box::new(ChrootRunner::new()),
-            Isolation::None => Box::new(NoneRunner::new(opts.force)),
+        let runner: Arc<dyn Runner> = match opts.isolation {
+            Isolation::Chroot => Arc::new(ChrootRunner::new()),
+            Isolation::None => Arc::new(NoneRunner::new(opts.force)),
         };
         let dockerfile_name = opts.plan.dockerfile_path().display().to_string();
         if let Some(notice) = &opts.isolation_notice {
@@ -554,16 +536,14 @@ impl Driver {
         Ok(Driver {
             context_dir,
             cache,
-            keys: HashMap::new(),
-            stage_last_key: HashMap::new(),
+            keys: Default::default(),
             hits: BTreeMap::new(),
             lost_hits: Default::default(),
             lost_pending: None,
             ran: HashMap::new(),
             unpack_limit: opts.max_layer_size,
             uploads: Vec::new(),
-            last_phase: PhaseTimes::default(),
-            failed_run: None,
+            uploaded: Vec::new(),
             lookup_ms: 0,
             remote: HashMap::new(),
             base_layers: HashMap::new(),
@@ -574,10 +554,12 @@ impl Driver {
             open_snapshot: None,
             defer_snapshot: false,
             mounts,
+            extra_mounts: Vec::new(),
+            cancel: Default::default(),
             platform: Platform::host(),
             opts,
-            runtime,
-            client,
+            runtime: Arc::new(runtime),
+            client: Arc::new(client),
             store,
             snapshotter,
             runner,
@@ -600,6 +582,11 @@ impl Driver {
         // Unpacked layers and blobs stay (they are the local cache); the
         // scratch space of this build goes, after the layer images mounted
         // in it.
+        for dir in self.extra_mounts.drain(..) {
+            if let Err(e) = crate::erofs::mount::unmount(&dir) {
+                tracing::warn!("unmounting layer image at {}: {e}", dir.display());
+            }
+        }
         self.unmount_layers();
         let _ = fs::remove_dir_all(&self.work);
         if self.opts.cleanup {
@@ -644,18 +631,15 @@ impl Driver {
         let mut checked = std::collections::HashSet::new();
         for d in &self.opts.destinations {
             let r = ImageRef::parse(d)
-                .map_err(|e| BuildError::Output(format!("destination {d}: {e}")))?;
+                .map_err(|e| BuildError::output(format!("destination {d}"), e))?;
             if !checked.insert((r.registry().to_string(), r.repository().to_string())) {
                 continue;
             }
             self.runtime
                 .block_on(self.client.check_push_permission(&r))
-                .map_err(|e| {
-                    BuildError::Setup(format!(
-                        "push permission check for destination {d} (before the build; \
-                         --skip-push-permission-check skips it): {}",
-                        kiln_common::errors::chain(&e)
-                    ))
+                .map_err(|source| BuildError::PushPermission {
+                    destination: d.clone(),
+                    source,
                 })?;
         }
         Ok(())
@@ -684,7 +668,15 @@ impl Driver {
         for warning in &plan.warnings {
             self.warn(warning);
         }
-        self.compute_keys(&plan)?;
+        self.phase = "resolving step inputs";
+        let inputs = self.resolve_inputs(&plan)?;
+        self.keys = inputs::compute_keys(
+            &plan,
+            &self.dockerfile_name,
+            &self.bases,
+            &inputs,
+            &self.key_options(),
+        )?;
         self.phase = "looking up the cache";
         self.lookup_keys();
         self.phase = "building";
@@ -704,7 +696,7 @@ impl Driver {
                         return Err(e);
                     }
                     self.lost_hits.insert(lost.key);
-                    let step = plan_step_of(&plan, &self.keys, &lost.key);
+                    let step = plan_step_of(&plan, &self.keys.steps, &lost.key);
                     self.warn(&format!(
                         "the cache could not deliver layer {} of {step}: {}; building the step instead",
                         lost.digest, lost.reason
@@ -715,7 +707,7 @@ impl Driver {
                 }
             }
         };
-        // Uploads ran in the background; their timings go into the steps.
+        // Uploads ran in the background; the report has their numbers.
         self.steps = std::mem::take(&mut outcome.steps);
         let uploaded = self.wait_uploads();
         outcome.steps = std::mem::take(&mut self.steps);
@@ -724,26 +716,19 @@ impl Driver {
     }
 
     fn build_stages_and_finish(&mut self, plan: &Plan) -> Result<BuildOutcome, BuildError> {
-        for &index in &plan.stages_to_build {
-            let started = Instant::now();
-            self.build_stage(plan, &plan.stages[index])?;
-            self.log(&format!(
-                "stage {index} built in {:.2}s",
-                started.elapsed().as_secs_f64()
-            ));
-        }
+        self.build_stages(plan)?;
         let target = self
             .stages
             .get(&plan.target)
             .cloned()
-            .ok_or_else(|| BuildError::Setup("the target stage was not built".into()))?;
+            .ok_or_else(|| BuildError::Internal("the target stage was not built".into()))?;
         self.finish(plan, target)
     }
 
     /// The summary on the log and, with `--report`, the JSON report.
     fn report(&self, outcome: &BuildOutcome, uploaded: u64) -> Result<(), BuildError> {
-        let count = |c: &str| outcome.steps.iter().filter(|s| s.cache == c).count();
-        let (hits, misses) = (count("hit"), count("miss"));
+        let count = |c| outcome.steps.iter().filter(|s| s.cache == c).count();
+        let (hits, misses) = (count(StepOutcome::Hit), count(StepOutcome::Miss));
         let elapsed = self.started.elapsed();
         self.opts.log.log(
             crate::log::Level::Info,
@@ -777,10 +762,15 @@ impl Driver {
     /// it failed in (or what it was doing: pushing, writing the image, ...)
     /// and the error with its causes.
     fn failure_report(&self, error: &BuildError) -> Result<(), BuildError> {
-        let uploaded = self.steps.iter().filter_map(|s| s.uploaded_bytes).sum();
+        let uploaded = self
+            .step_uploads(&self.steps)
+            .iter()
+            .flatten()
+            .map(|u| u.bytes)
+            .sum();
         let step = match error {
             // Output errors happen after the last step finished.
-            BuildError::Output(_) => None,
+            BuildError::Output { .. } => None,
             _ => self.current_step.clone(),
         };
         let failure = serde_json::json!({
@@ -797,6 +787,20 @@ impl Driver {
         )
     }
 
+    /// The finished upload of each step, if it had one: the first step
+    /// with an upload's key gets it.
+    fn step_uploads(&self, steps: &[StepRecord]) -> Vec<Option<UploadDone>> {
+        let mut unclaimed: Vec<&UploadDone> = self.uploaded.iter().collect();
+        steps
+            .iter()
+            .map(|s| {
+                let key = s.key?;
+                let at = unclaimed.iter().position(|u| u.key == key)?;
+                Some(*unclaimed.remove(at))
+            })
+            .collect()
+    }
+
     fn write_report(
         &self,
         steps: &[StepRecord],
@@ -807,9 +811,10 @@ impl Driver {
         let Some(path) = &self.opts.report else {
             return Ok(());
         };
-        let count = |c: &str| steps.iter().filter(|s| s.cache == c).count();
+        let count = |c| steps.iter().filter(|s| s.cache == c).count();
+        let uploads = self.step_uploads(steps);
         let mut report = serde_json::json!({
-            "steps": steps.iter().map(|s| serde_json::json!({
+            "steps": steps.iter().zip(&uploads).map(|(s, u)| serde_json::json!({
                 "stage": s.stage,
                 "line": s.line,
                 "instruction": s.instruction,
@@ -821,15 +826,15 @@ impl Driver {
                     "total": s.duration_ms,
                     "run": s.run_ms,
                     "snapshot": s.snapshot_ms,
-                    "upload": s.upload_ms,
+                    "upload": u.map(|u| u.millis),
                 },
-                "bytes": {"layer": s.layer_size, "uploaded": s.uploaded_bytes},
+                "bytes": {"layer": s.layer_size, "uploaded": u.map(|u| u.bytes)},
             })).collect::<Vec<_>>(),
             "image": image,
             "summary": {
                 "steps": steps.len(),
-                "hits": count("hit"),
-                "misses": count("miss"),
+                "hits": count(StepOutcome::Hit),
+                "misses": count(StepOutcome::Miss),
                 "duration_ms": self.started.elapsed().as_millis() as u64,
                 "lookup_ms": self.lookup_ms,
                 "bytes_uploaded": uploaded,
@@ -841,9 +846,10 @@ impl Driver {
         if let Some(error) = error {
             report["error"] = error;
         }
-        let text =
-            serde_json::to_vec_pretty(&report).map_err(|e| BuildError::Output(e.to_string()))?;
-        fs::write(path, text).map_err(|e| BuildError::Output(format!("{}: {e}", path.display())))
+        let text = serde_json::to_vec_pretty(&report)
+            .map_err(|e| BuildError::output(format!("report {}", path.display()), e))?;
+        fs::write(path, text)
+            .map_err(|e| BuildError::output(format!("report {}", path.display()), e))
     }
 }
 
@@ -874,8 +880,8 @@ fn refuse_in_place() -> Option<String> {
     }
 }
 
-fn config_from_bytes(bytes: &[u8]) -> Result<image_config::ImageConfig, String> {
-    image_config::ImageConfig::from_json(bytes).map_err(|e| format!("image config: {e}"))
+fn config_from_bytes(bytes: &[u8]) -> Result<image_config::ImageConfig, BaseError> {
+    image_config::ImageConfig::from_json(bytes).map_err(BaseError::Config)
 }
 
 fn env_map(config: &image_config::ImageConfig) -> BTreeMap<String, String> {
@@ -1025,7 +1031,7 @@ fn copy_options(
     rootfs: &Path,
     chown: Option<&str>,
     chmod: Option<&str>,
-) -> Result<CopyOptions, String> {
+) -> Result<CopyOptions, StepError> {
     let owner = match chown {
         None => None,
         Some(spec) => Some(resolve_owner(rootfs, spec)?),
@@ -1036,7 +1042,9 @@ fn copy_options(
             u32::from_str_radix(m, 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| format!("--chmod={m}: expected an octal mode such as 0755"))?,
+                .ok_or_else(|| {
+                    StepError::invalid(format!("--chmod={m}: expected an octal mode such as 0755"))
+                })?,
         ),
     };
     Ok(CopyOptions {
@@ -1048,8 +1056,11 @@ fn copy_options(
 
 /// `--chown=user[:group]`: names from the image's passwd/group; a user
 /// without a group uses the same number as its gid, as Docker does.
-fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), String> {
-    let resolved = resolve_user(rootfs, spec).map_err(|e| format!("--chown={spec}: {e}"))?;
+fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), StepError> {
+    let resolved = resolve_user(rootfs, spec).map_err(|source| StepError::User {
+        what: format!("--chown={spec}"),
+        source,
+    })?;
     if spec.contains(':') {
         Ok((resolved.uid, resolved.gid))
     } else {
@@ -1061,11 +1072,14 @@ fn resolve_owner(rootfs: &Path, spec: &str) -> Result<(u32, u32), String> {
 /// BuildKit's rules. A name takes uid and gid from the image's passwd; a
 /// bare number is used as both (passwd is not consulted, so `USER 9999`
 /// gives 9999:9999); a `:group` (name or number) replaces the gid.
-fn workdir_owner(rootfs: &Path, user: &str) -> Result<(u32, u32), String> {
+fn workdir_owner(rootfs: &Path, user: &str) -> Result<(u32, u32), StepError> {
     if user.is_empty() {
         return Ok((0, 0));
     }
-    let resolved = resolve_user(rootfs, user).map_err(|e| format!("USER {user}: {e}"))?;
+    let resolved = resolve_user(rootfs, user).map_err(|source| StepError::User {
+        what: format!("USER {user}"),
+        source,
+    })?;
     let name = user.split_once(':').map_or(user, |(u, _)| u);
     if user.contains(':') || name.parse::<u32>().is_err() {
         Ok((resolved.uid, resolved.gid))
@@ -1085,17 +1099,20 @@ fn add_into(
     as_is: Vec<CopyRoot>,
     opts: &CopyOptions,
     unpack: &UnpackOptions,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let mut plain = as_is;
     for root in roots {
         let host = &root.entries[0].host;
         if !root.is_dir && is_tar_archive(host) {
             let dir = copy::absolute_in_image(workdir, dest);
             let host_dir = copy::ensure_dir(rootfs, &dir, opts.owner.unwrap_or((0, 0)), 0o755)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            let file = fs::File::open(host).map_err(|e| format!("{}: {e}", host.display()))?;
-            unpack_layer(file, &host_dir, unpack, None)
-                .map_err(|e| format!("extracting {}: {e}", root.name))?;
+                .map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
+            let file =
+                fs::File::open(host).map_err(|e| StepError::io(host.display().to_string(), e))?;
+            unpack_layer(file, &host_dir, unpack, None).map_err(|source| StepError::Unpack {
+                what: format!("extracting {}", root.name),
+                source,
+            })?;
         } else {
             plain.push(root);
         }
@@ -1103,7 +1120,7 @@ fn add_into(
     if plain.is_empty() {
         return Ok(());
     }
-    copy_into(rootfs, workdir, dest, &plain, opts).map_err(|e| e.to_string())
+    Ok(copy_into(rootfs, workdir, dest, &plain, opts)?)
 }
 
 fn is_tar_archive(path: &Path) -> bool {
@@ -1134,11 +1151,13 @@ struct RootMatch {
 /// Paths in a rootfs matching `pattern` (Go `filepath.Match` per component),
 /// every component resolved inside the rootfs, so a symlink in the image
 /// (absolute or climbing with `..`) never reaches a host path.
-fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, String> {
+fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, StepError> {
     use crate::build::fsutil::resolve_in_root;
     let clean = copy::absolute_in_image(Path::new("/"), pattern);
-    let resolve =
-        |image_path: &Path| resolve_in_root(rootfs, image_path).map_err(|e| e.to_string());
+    let resolve = |image_path: &Path| {
+        resolve_in_root(rootfs, image_path)
+            .map_err(|e| StepError::io(format!("resolving {}", image_path.display()), e))
+    };
     // Image paths (as named, not resolved) matched so far.
     let mut current = vec![PathBuf::from("/")];
     for component in clean.components().skip(1) {
@@ -1156,7 +1175,7 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, String> 
                 names.sort();
                 for name in names {
                     if crate::context::source_matches(&part, &name)
-                        .map_err(|e| format!("bad pattern {pattern}: {e}"))?
+                        .map_err(|e| StepError::invalid(format!("bad pattern {pattern}: {e}")))?
                     {
                         next.push(dir.join(name));
                     }
@@ -1267,11 +1286,11 @@ fn open_embedded(opts: &BuildOptions) -> Result<Arc<dyn Cache>, crate::cache::Ca
 }
 
 /// Creates `dir` (and its parents) if needed and makes it mode 0700.
-fn private_dir(dir: &Path) -> Result<(), String> {
+fn private_dir(dir: &Path) -> Result<(), StepError> {
     use std::os::unix::fs::PermissionsExt;
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|e| StepError::io(dir.display().to_string(), e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("making {} owner-only: {e}", dir.display()))
+        .map_err(|e| StepError::io(format!("making {} owner-only", dir.display()), e))
 }
 
 /// Seconds since the Unix epoch now (0 if the clock is before it).
@@ -1348,17 +1367,20 @@ mod tests {
 
     #[test]
     fn a_failed_run_is_the_executor_exit_status() {
-        let failed = |status| BuildError::RunFailed {
+        use crate::build::runner::ExitStatus;
+        let failed = |status| BuildError::Step {
             file: "Dockerfile".into(),
             line: 2,
             instruction: "RUN exit 42".into(),
-            status,
-            message: String::new(),
+            source: Box::new(StepError::CommandFailed {
+                status,
+                tail: String::new(),
+            }),
         };
         assert_eq!(failed(ExitStatus::Code(42)).exit_code(), 42);
         assert_eq!(failed(ExitStatus::Signal(9)).exit_code(), 137);
         assert_eq!(failed(ExitStatus::Code(300)).exit_code(), 1);
-        assert_eq!(BuildError::Setup("x".into()).exit_code(), 1);
+        assert_eq!(BuildError::Refused("x".into()).exit_code(), 1);
     }
 
     #[test]
@@ -1375,15 +1397,15 @@ mod tests {
             "root:x:0:\nalice:x:1002:\nstaff:x:1003:alice\n",
         )
         .unwrap();
-        let owner = |u: &str| workdir_owner(root.path(), u);
-        assert_eq!(owner(""), Ok((0, 0)));
-        assert_eq!(owner("9999"), Ok((9999, 9999)));
-        assert_eq!(owner("1001"), Ok((1001, 1001)));
-        assert_eq!(owner("9999:9998"), Ok((9999, 9998)));
-        assert_eq!(owner("alice"), Ok((1001, 1002)));
-        assert_eq!(owner("alice:staff"), Ok((1001, 1003)));
-        assert_eq!(owner("1001:staff"), Ok((1001, 1003)));
-        assert!(owner("bob").is_err());
+        let owner = |u: &str| workdir_owner(root.path(), u).ok();
+        assert_eq!(owner(""), Some((0, 0)));
+        assert_eq!(owner("9999"), Some((9999, 9999)));
+        assert_eq!(owner("1001"), Some((1001, 1001)));
+        assert_eq!(owner("9999:9998"), Some((9999, 9998)));
+        assert_eq!(owner("alice"), Some((1001, 1002)));
+        assert_eq!(owner("alice:staff"), Some((1001, 1003)));
+        assert_eq!(owner("1001:staff"), Some((1001, 1003)));
+        assert!(owner("bob").is_none());
     }
 
     #[test]

@@ -31,7 +31,7 @@ impl Driver {
         let extra = self
             .extra_blobs
             .lock()
-            .map_err(|_| BuildError::Output("lock poisoned".into()))?
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let missing: Vec<LayerRef> = target
             .layers
@@ -86,7 +86,8 @@ impl Driver {
                 }
             }
             if needed {
-                self.ensure_blob(&layer).map_err(BuildError::Output)?;
+                self.ensure_blob(&layer)
+                    .map_err(|e| BuildError::output(format!("layer {}", layer.desc.digest), e))?;
             }
         }
         Ok(())
@@ -97,7 +98,6 @@ impl Driver {
         plan: &Plan,
         target: StageState,
     ) -> Result<BuildOutcome, BuildError> {
-        let out_err = |e: &dyn std::fmt::Display| BuildError::Output(e.to_string());
         let config = &target.config;
         let layers: Vec<Descriptor> = target.layers.iter().map(|l| l.desc.clone()).collect();
         let docs = ImageDocuments::build(config, layers, false);
@@ -107,7 +107,7 @@ impl Driver {
         let mut blobs: HashMap<Digest, PathBuf> = self
             .extra_blobs
             .lock()
-            .map_err(|_| BuildError::Output("lock poisoned".into()))?
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         for l in &target.layers {
             blobs.insert(l.desc.digest.clone(), l.blob.clone());
@@ -121,7 +121,7 @@ impl Driver {
             .destinations
             .iter()
             .map(|d| {
-                ImageRef::parse(d).map_err(|e| BuildError::Output(format!("destination {d}: {e}")))
+                ImageRef::parse(d).map_err(|e| BuildError::output(format!("destination {d}"), e))
             })
             .collect::<Result<_, _>>()?;
         if let Some(path) = &self.opts.oci_layout_path {
@@ -130,19 +130,19 @@ impl Driver {
             } else {
                 OciLayout::create(path)
             }
-            .map_err(|e| out_err(&e))?;
+            .map_err(|e| BuildError::output(format!("OCI layout {}", path.display()), e))?;
             let ref_name = destinations
                 .first()
                 .and_then(|d| d.tag().map(str::to_owned))
                 .unwrap_or_else(|| "latest".into());
             layout
                 .add_image(&docs, &source, Some(&ref_name))
-                .map_err(|e| out_err(&e))?;
+                .map_err(|e| BuildError::output(format!("OCI layout {}", path.display()), e))?;
             self.log(&format!("wrote OCI layout {} ({ref_name})", path.display()));
         }
         if let Some(path) = &self.opts.tar_path {
             crate::oci::archive::write_docker_archive_file(path, &docs, &source, &destinations)
-                .map_err(|e| out_err(&e))?;
+                .map_err(|e| BuildError::output(format!("docker archive {}", path.display()), e))?;
             self.log(&format!("wrote docker archive {}", path.display()));
         }
         if !self.opts.no_push && !destinations.is_empty() {
@@ -169,7 +169,7 @@ impl Driver {
                 )
                 // The whole chain: a refused connection or a certificate
                 // is the cause the user needs, not just "pushing failed".
-                .map_err(|e| BuildError::Output(kiln_common::error_report(&e)))?;
+                .map_err(|e| BuildError::output(format!("pushing {}", names.join(", ")), e))?;
             self.phase = "writing the image";
             for d in &destinations {
                 self.log(&format!("pushed {d}@{digest}"));
@@ -177,21 +177,22 @@ impl Driver {
         }
         if let Some(path) = &self.opts.digest_file {
             fs::write(path, docs.manifest_digest.to_string())
-                .map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
+                .map_err(|e| BuildError::output(path.display().to_string(), e))?;
         }
         if let Some(path) = &self.opts.image_name_with_digest_file {
             let lines: String = destinations
                 .iter()
                 .map(|d| format!("{}@{}\n", d.name(), docs.manifest_digest))
                 .collect();
-            fs::write(path, lines).map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
+            fs::write(path, lines)
+                .map_err(|e| BuildError::output(path.display().to_string(), e))?;
         }
         if let Some(path) = &self.opts.image_name_tag_with_digest_file {
             fs::write(
                 path,
                 name_tag_digest_lines(&destinations, &docs.manifest_digest),
             )
-            .map_err(|e| out_err(&format!("{}: {e}", path.display())))?;
+            .map_err(|e| BuildError::output(path.display().to_string(), e))?;
         }
         let _ = plan;
         Ok(BuildOutcome {

@@ -16,6 +16,59 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use kiln_common::{Digest, Sha256Writer};
 
+/// Why a remote source could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("--checksum={checksum}: {source}")]
+    Checksum {
+        checksum: String,
+        #[source]
+        source: kiln_common::digest::DigestError,
+    },
+    #[error("downloading {url}: {source}")]
+    Download {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("downloading {url}: {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("{url}: checksum mismatch: --checksum says {expected}, the download is {digest}")]
+    Mismatch {
+        url: String,
+        expected: Digest,
+        digest: Digest,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running git: {0}")]
+    GitSpawn(#[source] std::io::Error),
+    #[error("git {args} failed: {stderr}")]
+    Git { args: String, stderr: String },
+    #[error("removing .git: {0}")]
+    RemoveGitDir(#[source] std::io::Error),
+    #[error("{source_url}: subdirectory {subdir:?} leaves the repository")]
+    Subdir { source_url: String, subdir: String },
+    #[error("ADD --checksum applies to URLs, not git repositories")]
+    ChecksumOnGit,
+    #[error("setting up the download client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> RemoteError + '_ {
+    move |source| RemoteError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// A fetched remote source, ready to be copied like a context file.
 #[derive(Debug, Clone)]
 pub struct RemoteSource {
@@ -49,20 +102,25 @@ pub async fn download(
     url: &str,
     checksum: Option<&str>,
     dir: &Path,
-) -> Result<RemoteSource, String> {
+) -> Result<RemoteSource, RemoteError> {
     let expected = checksum
         .map(|c| {
-            c.parse::<Digest>()
-                .map_err(|e| format!("--checksum={c}: {e}"))
+            c.parse::<Digest>().map_err(|source| RemoteError::Checksum {
+                checksum: c.to_owned(),
+                source,
+            })
         })
         .transpose()?;
-    let resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("downloading {url}: {e}"))?;
+    let download = |source| RemoteError::Download {
+        url: url.to_owned(),
+        source,
+    };
+    let resp = client.get(url).send().await.map_err(download)?;
     if !resp.status().is_success() {
-        return Err(format!("downloading {url}: {}", resp.status()));
+        return Err(RemoteError::Status {
+            url: url.to_owned(),
+            status: resp.status(),
+        });
     }
     let last_modified = resp
         .headers()
@@ -70,33 +128,30 @@ pub async fn download(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok());
     let name = file_name_of(url);
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(io_at(dir))?;
     let path = dir.join(&name);
-    let file = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = fs::File::create(&path).map_err(io_at(&path))?;
     let mut writer = Sha256Writer::new(std::io::BufWriter::new(file));
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| format!("downloading {url}: {e}"))?;
-        writer
-            .write_all(&chunk)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let chunk = chunk.map_err(download)?;
+        writer.write_all(&chunk).map_err(io_at(&path))?;
     }
     let (mut inner, digest, _) = writer.finish();
-    inner
-        .flush()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    inner.flush().map_err(io_at(&path))?;
     drop(inner);
     if let Some(expected) = expected
         && expected != digest
     {
         let _ = fs::remove_file(&path);
-        return Err(format!(
-            "{url}: checksum mismatch: --checksum says {expected}, the download is {digest}"
-        ));
+        return Err(RemoteError::Mismatch {
+            url: url.to_owned(),
+            expected,
+            digest,
+        });
     }
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_at(&path))?;
     let mtime = last_modified.unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(0));
     if let Ok(f) = fs::File::options().write(true).open(&path) {
         let _ = f.set_modified(mtime);
@@ -111,7 +166,7 @@ pub async fn download(
 
 /// Clones `source` (`URL[#ref[:subdir]]`) into `dir`; without
 /// `keep_git_dir` the `.git` directory is removed, as BuildKit does.
-pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSource, String> {
+pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSource, RemoteError> {
     let (url, fragment) = match source.split_once('#') {
         Some((u, f)) => (u, Some(f)),
         None => (source, None),
@@ -124,24 +179,23 @@ pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSourc
         None => (None, None),
     };
     let checkout = dir.join("checkout");
-    let git = |args: &[&str], cwd: Option<&Path>| -> Result<String, String> {
+    let git = |args: &[&str], cwd: Option<&Path>| -> Result<String, RemoteError> {
         let mut cmd = Command::new("git");
         cmd.args(args).env("GIT_TERMINAL_PROMPT", "0");
         if let Some(cwd) = cwd {
             cmd.current_dir(cwd);
         }
-        let out = cmd.output().map_err(|e| format!("running git: {e}"))?;
+        let out = cmd.output().map_err(RemoteError::GitSpawn)?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
         } else {
-            Err(format!(
-                "git {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
+            Err(RemoteError::Git {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            })
         }
     };
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(io_at(dir))?;
     let target = checkout.to_string_lossy().into_owned();
     git(&["clone", "--quiet", "--no-checkout", url, &target], None)?;
     let wanted = reference.unwrap_or("HEAD");
@@ -155,12 +209,14 @@ pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSourc
     )?;
     let commit = git(&["rev-parse", "HEAD"], Some(&checkout))?;
     if !keep_git_dir {
-        fs::remove_dir_all(checkout.join(".git")).map_err(|e| format!("removing .git: {e}"))?;
+        fs::remove_dir_all(checkout.join(".git")).map_err(RemoteError::RemoveGitDir)?;
     }
     let path = match subdir {
         Some(s) => {
-            let clean = crate::context::clean_relative(s)
-                .ok_or_else(|| format!("{source}: subdirectory {s:?} leaves the repository"))?;
+            let clean = crate::context::clean_relative(s).ok_or_else(|| RemoteError::Subdir {
+                source_url: source.to_owned(),
+                subdir: s.to_owned(),
+            })?;
             checkout.join(clean)
         }
         None => checkout,
@@ -280,7 +336,8 @@ mod tests {
         let err = download(&client, &url, Some(&bad), dir.path())
             .await
             .unwrap_err();
-        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(matches!(err, RemoteError::Mismatch { .. }), "{err}");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
         server.await.unwrap();
     }
 }

@@ -4,11 +4,10 @@
 use super::*;
 
 impl Driver {
-    pub(super) fn context(&mut self) -> Result<&BuildContext, String> {
+    pub(super) fn context(&mut self) -> Result<&BuildContext, StepError> {
         if self.context.is_none() {
             let dockerfile = self.opts.plan.dockerfile_path();
-            let ignore = DockerIgnore::load(&self.opts.plan.context, &dockerfile)
-                .map_err(|e| e.to_string())?;
+            let ignore = DockerIgnore::load(&self.opts.plan.context, &dockerfile)?;
             let visibility = |path: &str, is_dir: bool| {
                 if !ignore.is_excluded(path) {
                     Visibility::Included
@@ -18,13 +17,12 @@ impl Driver {
                     Visibility::Excluded
                 }
             };
-            let ctx = BuildContext::scan(&self.opts.plan.context, &visibility)
-                .map_err(|e| e.to_string())?;
-            self.context = Some(ctx);
+            let ctx = BuildContext::scan(&self.opts.plan.context, &visibility)?;
+            self.context = Some(Arc::new(ctx));
         }
         self.context
-            .as_ref()
-            .ok_or_else(|| "no build context".to_string())
+            .as_deref()
+            .ok_or_else(|| StepError::invalid("no build context"))
     }
 
     pub(super) fn context_sources(
@@ -33,7 +31,7 @@ impl Driver {
         excludes: &[String],
         heredocs: &[dockerfile::Heredoc],
         parents: bool,
-    ) -> Result<Vec<CopyRoot>, String> {
+    ) -> Result<Vec<CopyRoot>, StepError> {
         let mut roots = Vec::new();
         let mut from_context = Vec::new();
         for s in sources {
@@ -48,10 +46,11 @@ impl Driver {
                 Some(h) => {
                     self.scratch_counter += 1;
                     let dir = self.work.join(format!("heredoc-{}", self.scratch_counter));
-                    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
                     let file = dir.join(&h.name);
-                    fs::write(&file, &h.content).map_err(|e| e.to_string())?;
-                    let mut root = walk_root(&file, &h.name).map_err(|e| e.to_string())?;
+                    let io = |e| StepError::io(format!("writing heredoc {}", file.display()), e);
+                    fs::create_dir_all(&dir).map_err(io)?;
+                    fs::write(&file, &h.content).map_err(io)?;
+                    let mut root = walk_root(&file, &h.name).map_err(io)?;
                     root.name = h.name.clone();
                     roots.push(root);
                 }
@@ -106,18 +105,18 @@ impl Driver {
         &mut self,
         index: usize,
         sources: &[String],
-    ) -> Result<Vec<CopyRoot>, String> {
+    ) -> Result<Vec<CopyRoot>, StepError> {
         let mut state = self
             .stages
             .get(&index)
             .cloned()
-            .ok_or_else(|| format!("stage {index} has not been built"))?;
+            .ok_or_else(|| StepError::invalid(format!("stage {index} has not been built")))?;
         if self.snapshotter.lower_layout() == LowerLayout::Flattened
             && self.opts.isolation == Isolation::None
         {
-            return Err(
-                "COPY --from another stage is not supported with --isolation none yet".into(),
-            );
+            return Err(StepError::invalid(
+                "COPY --from another stage is not supported with --isolation none yet",
+            ));
         }
         let lowers = self.ensure_lowers(&mut state, index)?;
         let roots = self.sources_from_lowers(&lowers, sources);
@@ -132,9 +131,15 @@ impl Driver {
         &mut self,
         image: &str,
         sources: &[String],
-    ) -> Result<Vec<CopyRoot>, String> {
-        self.resolve_base(image).map_err(|e| e.to_string())?;
-        let base = self.bases.get(image).cloned().ok_or("image not resolved")?;
+    ) -> Result<Vec<CopyRoot>, StepError> {
+        let base = self
+            .bases
+            .get(image)
+            .cloned()
+            .ok_or_else(|| StepError::Base {
+                reference: image.to_owned(),
+                source: BaseError::NotResolved,
+            })?;
         let mut state = StageState {
             config: base.config,
             layers: base.layers,
@@ -150,14 +155,12 @@ impl Driver {
         &mut self,
         lowers: &[PathBuf],
         sources: &[String],
-    ) -> Result<Vec<CopyRoot>, String> {
+    ) -> Result<Vec<CopyRoot>, StepError> {
         self.scratch_counter += 1;
         let scratch = self.work.join(format!("from-{}", self.scratch_counter));
-        fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
-        let mounted = self
-            .snapshotter
-            .prepare(lowers, &scratch)
-            .map_err(|e| e.to_string())?;
+        fs::create_dir_all(&scratch)
+            .map_err(|e| StepError::io(format!("creating {}", scratch.display()), e))?;
+        let mounted = self.snapshotter.prepare(lowers, &scratch)?;
         // The view is copied out of before it is released: sources are
         // copied into scratch space so the mount can go now.
         let result = (|| {
@@ -168,41 +171,44 @@ impl Driver {
                 // As for context sources: a wildcard that matches nothing
                 // is skipped, a plain path that is missing is an error.
                 if matches.is_empty() && !source.contains(['*', '?', '[']) {
-                    return Err(format!(
+                    return Err(StepError::invalid(format!(
                         "{source}: no such file or directory in the source stage"
-                    ));
+                    )));
                 }
                 for RootMatch { host, name } in matches {
                     let staged = copy_dir.join(n.to_string()).join(&name);
-                    fs::create_dir_all(staged.parent().unwrap_or(&copy_dir))
-                        .map_err(|e| e.to_string())?;
+                    let parent = staged.parent().unwrap_or(&copy_dir);
+                    fs::create_dir_all(parent)
+                        .map_err(|e| StepError::io(format!("creating {}", parent.display()), e))?;
                     let status = std::process::Command::new("cp")
                         .arg("-a")
                         .arg("--")
                         .arg(&host)
                         .arg(&staged)
                         .status()
-                        .map_err(|e| format!("running cp: {e}"))?;
+                        .map_err(|e| StepError::io("running cp", e))?;
                     if !status.success() {
-                        return Err(format!(
+                        return Err(StepError::invalid(format!(
                             "copying {} out of the source stage failed",
                             host.display()
-                        ));
+                        )));
                     }
-                    roots.push(walk_root(&staged, &name).map_err(|e| e.to_string())?);
+                    roots.push(
+                        walk_root(&staged, &name).map_err(|e| {
+                            StepError::io(format!("reading {}", staged.display()), e)
+                        })?,
+                    );
                 }
             }
             if roots.is_empty() {
-                return Err(format!(
+                return Err(StepError::invalid(format!(
                     "{}: no source matches anything in the source stage",
                     sources.join(" ")
-                ));
+                )));
             }
             Ok(roots)
         })();
-        self.snapshotter
-            .release(mounted)
-            .map_err(|e| e.to_string())?;
+        self.snapshotter.release(mounted)?;
         result
     }
 }

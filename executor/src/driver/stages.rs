@@ -14,7 +14,7 @@ impl Driver {
                     .cloned()
                     .ok_or_else(|| BuildError::Base {
                         reference: name.clone(),
-                        message: "was not resolved".into(),
+                        source: BaseError::NotResolved,
                     })?;
                 StageState {
                     config: base.config,
@@ -25,7 +25,7 @@ impl Driver {
             }
             StageSource::Stage(parent) => {
                 let mut parent = self.stages.get(parent).cloned().ok_or_else(|| {
-                    BuildError::Setup(format!(
+                    BuildError::Internal(format!(
                         "stage {parent} was not built before stage {}",
                         stage.index
                     ))
@@ -66,13 +66,14 @@ impl Driver {
         // When the stage's one layer is known (a cache hit, or built before
         // a restart), the steps it covers need not run.
         let stage_layer_known = last_filesystem_step
-            .and_then(|p| self.keys.get(&(stage.index, p)))
+            .and_then(|p| self.keys.steps.get(&(stage.index, p)))
             .is_some_and(|k| self.hits.contains_key(&k.key) || self.ran.contains_key(&k.key));
         for (position, ins) in stage.instructions.iter().enumerate() {
+            if self.cancelled() {
+                return Err(BuildError::Cancelled);
+            }
             let started = Instant::now();
-            let step_key = self.keys.get(&(stage.index, position)).cloned();
-            self.last_phase = PhaseTimes::default();
-            self.failed_run = None;
+            let step_key = self.keys.steps.get(&(stage.index, position)).cloned();
             self.defer_snapshot = last_filesystem_step.is_some_and(|last| position < last)
                 && keys::is_filesystem_step(ins);
             if self.defer_snapshot && stage_layer_known {
@@ -89,14 +90,12 @@ impl Driver {
                     instruction: ins.original.clone(),
                     key: None,
                     inputs: step_key.map(|k| k.inputs).unwrap_or_default(),
-                    cache: "hit",
+                    cache: StepOutcome::Hit,
                     layer: None,
                     layer_size: None,
                     duration_ms: 0,
                     run_ms: None,
                     snapshot_ms: None,
-                    upload_ms: None,
-                    uploaded_bytes: None,
                 });
                 continue;
             }
@@ -107,7 +106,11 @@ impl Driver {
                 continue;
             }
             self.step_started(stage.index, ins, step_key.as_ref());
-            let (cache, layer) = self
+            let Applied {
+                outcome: cache,
+                layer,
+                times,
+            } = self
                 .cached_or_run(
                     plan,
                     stage,
@@ -119,23 +122,20 @@ impl Driver {
                 .inspect_err(|_| {
                     self.step_ended(stage.index, ins, "failed", started.elapsed(), None);
                 })
-                .map_err(|message| match self.failed_run.take() {
-                    Some(status) => BuildError::RunFailed {
-                        file: self.dockerfile_name.clone(),
-                        line: ins.line,
-                        instruction: ins.original.clone(),
-                        status,
-                        message,
-                    },
-                    None => BuildError::Step {
-                        file: self.dockerfile_name.clone(),
-                        line: ins.line,
-                        instruction: ins.original.clone(),
-                        message,
-                    },
+                .map_err(|source| BuildError::Step {
+                    file: self.dockerfile_name.clone(),
+                    line: ins.line,
+                    instruction: ins.original.clone(),
+                    source: Box::new(source),
                 })?;
-            if cache != "none" {
-                self.step_ended(stage.index, ins, cache, started.elapsed(), layer.as_ref());
+            if cache != StepOutcome::None {
+                self.step_ended(
+                    stage.index,
+                    ins,
+                    cache.as_str(),
+                    started.elapsed(),
+                    layer.as_ref(),
+                );
             }
             self.current_step = None;
             let ran_layer = layer.clone();
@@ -149,14 +149,13 @@ impl Driver {
                 layer_size: layer.as_ref().map(|l| l.desc.size),
                 layer: layer.map(|l| l.desc.digest),
                 duration_ms: started.elapsed().as_millis() as u64,
-                run_ms: self.last_phase.run_ms,
-                snapshot_ms: self.last_phase.snapshot_ms,
-                upload_ms: None,
-                uploaded_bytes: None,
+                run_ms: times.run_ms,
+                snapshot_ms: times.snapshot_ms,
             });
             // A step whose changes wait for the stage's single snapshot has
             // no result of its own to replay.
-            if let (Some(key), "miss", false) = (filesystem_key, cache, self.defer_snapshot)
+            if let (Some(key), StepOutcome::Miss, false) =
+                (filesystem_key, cache, self.defer_snapshot)
                 && let Some(record) = self.steps.last().cloned()
             {
                 self.ran.insert(
@@ -188,7 +187,7 @@ impl Driver {
         ins: &PlannedInstruction,
         builder: &mut ConfigBuilder,
         state: &mut StageState,
-    ) -> Result<(&'static str, Option<LayerRef>), String> {
+    ) -> Result<Applied, StepError> {
         let created_by = history_text(ins);
         match &ins.instruction {
             Instruction::Env(pairs) => {
@@ -206,7 +205,7 @@ impl Driver {
             }
             Instruction::Expose(ports) => {
                 for p in ports {
-                    builder.expose(p).map_err(|e| e.to_string())?;
+                    builder.expose(p)?;
                 }
             }
             Instruction::User(user) => {
@@ -237,14 +236,14 @@ impl Driver {
             Instruction::Onbuild { trigger, .. } => {
                 builder.add_onbuild(trigger);
             }
-            Instruction::Arg(_) => return Ok(("none", None)),
+            Instruction::Arg(_) => return Ok(Applied::metadata()),
             // The stage's own FROM line: the base was applied before the loop.
-            Instruction::From(_) => return Ok(("none", None)),
+            Instruction::From(_) => return Ok(Applied::metadata()),
             Instruction::Workdir(dir) => {
                 builder.set_workdir(dir);
                 let workdir = workdir_of(builder.config());
                 let user = builder.config().config.user.clone();
-                let layer =
+                let (layer, times) =
                     self.filesystem_step(stage, ins, builder, state, &created_by, |_, rootfs| {
                         // As BuildKit: the directory and the parents it
                         // creates belong to the current USER (names from
@@ -252,9 +251,15 @@ impl Driver {
                         let owner = workdir_owner(rootfs, &user)?;
                         copy::ensure_dir(rootfs, &workdir, owner, 0o755)
                             .map(|_| ())
-                            .map_err(|e| format!("creating {}: {e}", workdir.display()))
+                            .map_err(|e| {
+                                StepError::io(format!("creating {}", workdir.display()), e)
+                            })
                     })?;
-                return Ok(("run", layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
             Instruction::Run(run) => {
                 let argv = run_argv(run, shell_of(builder.config()), &ins.heredocs);
@@ -271,7 +276,7 @@ impl Driver {
                 let mut env = env;
                 env.extend(secret_env);
                 let (prefix, log) = self.opts.log.run_output(stage.index, ins.line);
-                let layer = self.filesystem_step(
+                let (layer, times) = self.filesystem_step(
                     stage,
                     ins,
                     builder,
@@ -290,20 +295,22 @@ impl Driver {
                             writer: Some(log),
                             ..OutputSink::default()
                         };
-                        let outcome = driver.runner.run(&spec).map_err(|e| e.to_string())?;
+                        let outcome = driver.runner.run(&spec)?;
                         if outcome.success() {
                             Ok(())
                         } else {
-                            driver.failed_run = Some(outcome.status);
-                            Err(format!(
-                                "the command failed with {}; last output:\n{}",
-                                outcome.status,
-                                outcome.tail.join("\n")
-                            ))
+                            Err(StepError::CommandFailed {
+                                status: outcome.status,
+                                tail: outcome.tail.join("\n"),
+                            })
                         }
                     },
                 )?;
-                return Ok(("run", layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
             Instruction::Copy(c) => {
                 let from = c.from.clone();
@@ -315,7 +322,7 @@ impl Driver {
                 let heredocs = ins.heredocs.clone();
                 let workdir = workdir_of(builder.config());
                 let source_stage = ins.stage_refs.first().copied();
-                let layer = self.filesystem_step(
+                let (layer, times) = self.filesystem_step(
                     stage,
                     ins,
                     builder,
@@ -332,12 +339,15 @@ impl Driver {
                                 driver.context_sources(&sources, &excludes, &heredocs, parents)?
                             }
                         };
-                        copy_into(rootfs, &workdir, &dest, &roots, &copy_opts)
-                            .map_err(|e| e.to_string())
+                        Ok(copy_into(rootfs, &workdir, &dest, &roots, &copy_opts)?)
                     },
                 )?;
                 let _ = plan;
-                return Ok(("run", layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
             Instruction::Add(a) => {
                 let (remote_sources, sources): (Vec<String>, Vec<String>) = a
@@ -358,7 +368,7 @@ impl Driver {
                 let (chown, chmod) = (a.chown.clone(), a.chmod.clone());
                 let heredocs = ins.heredocs.clone();
                 let workdir = workdir_of(builder.config());
-                let layer = self.filesystem_step(
+                let (layer, times) = self.filesystem_step(
                     stage,
                     ins,
                     builder,
@@ -373,21 +383,30 @@ impl Driver {
                         };
                         let mut as_is = Vec::new();
                         for r in &fetched {
-                            as_is.push(walk_root(&r.path, &r.name).map_err(|e| e.to_string())?);
+                            as_is.push(walk_root(&r.path, &r.name).map_err(|e| {
+                                StepError::io(format!("reading {}", r.path.display()), e)
+                            })?);
                         }
                         let unpack = driver.unpack_options(UnpackMode::Apply);
                         add_into(rootfs, &workdir, &dest, roots, as_is, &copy_opts, &unpack)
                     },
                 )?;
-                return Ok(("run", layer));
+                return Ok(Applied {
+                    outcome: StepOutcome::Run,
+                    layer,
+                    times,
+                });
             }
         }
         if self.opts.force_build_metadata {
             let layer = self.empty_layer(builder, state, &created_by)?;
-            return Ok(("none", Some(layer)));
+            return Ok(Applied {
+                layer: Some(layer),
+                ..Applied::metadata()
+            });
         }
         builder.add_empty_history(&created_by);
-        Ok(("none", None))
+        Ok(Applied::metadata())
     }
 
     /// `--force-build-metadata` on a metadata instruction: an empty layer,
@@ -397,9 +416,8 @@ impl Driver {
         builder: &mut ConfigBuilder,
         state: &mut StageState,
         created_by: &str,
-    ) -> Result<LayerRef, String> {
-        let layer = crate::build::layer::write_empty_layer(&self.layer_options(), &self.work)
-            .map_err(|e| e.to_string())?;
+    ) -> Result<LayerRef, StepError> {
+        let layer = crate::build::layer::write_empty_layer(&self.layer_options(), &self.work)?;
         let blob = self.store_layer(&layer)?;
         let layer_ref = LayerRef {
             desc: Descriptor::new(layer.media_type, layer.digest.clone(), layer.size),
@@ -425,14 +443,14 @@ impl Driver {
     }
 
     /// Moves a layer written in scratch space into the local store.
-    fn store_layer(&self, layer: &crate::build::layer::Layer) -> Result<PathBuf, String> {
+    fn store_layer(&self, layer: &crate::build::layer::Layer) -> Result<PathBuf, StepError> {
         let blob = self.store.path(&layer.digest);
         if let Some(parent) = blob.parent() {
             fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                .map_err(|e| StepError::io(format!("creating {}", parent.display()), e))?;
         }
         fs::rename(&layer.path, &blob)
-            .map_err(|e| format!("storing layer {}: {e}", layer.digest))?;
+            .map_err(|e| StepError::io(format!("storing layer {}", layer.digest), e))?;
         Ok(blob)
     }
 
@@ -441,17 +459,16 @@ impl Driver {
     /// A RUN step's security: the build's (`--cap-add`, `--cap-drop`,
     /// `--security-opt`), or BuildKit's insecure mode where the Dockerfile
     /// asks for it and `--allow security.insecure` allows it.
-    pub(super) fn run_security(&self, run: &dockerfile::Run) -> Result<StepSecurity, String> {
+    pub(super) fn run_security(&self, run: &dockerfile::Run) -> Result<StepSecurity, StepError> {
         match run.security {
             Some(dockerfile::Security::Insecure) if self.opts.allow_insecure => Ok(StepSecurity {
                 user_namespace: self.opts.run_security.user_namespace,
                 ..StepSecurity::insecure()
             }),
-            Some(dockerfile::Security::Insecure) => Err(
+            Some(dockerfile::Security::Insecure) => Err(StepError::invalid(
                 "RUN --security=insecure is not allowed: give --allow security.insecure to run \
-                 this step with every capability and no seccomp filter"
-                    .into(),
-            ),
+                 this step with every capability and no seccomp filter",
+            )),
             _ => Ok(self.opts.run_security.clone()),
         }
     }
@@ -463,8 +480,9 @@ impl Driver {
         builder: &mut ConfigBuilder,
         state: &mut StageState,
         created_by: &str,
-        action: impl FnOnce(&mut Driver, &Path) -> Result<(), String>,
-    ) -> Result<Option<LayerRef>, String> {
+        action: impl FnOnce(&mut Driver, &Path) -> Result<(), StepError>,
+    ) -> Result<(Option<LayerRef>, PhaseTimes), StepError> {
+        let mut times = PhaseTimes::default();
         let (mounted, lowers, scratch) = match self.open_snapshot.take() {
             Some(open) => (open.mounted, open.lowers, open.scratch),
             None => {
@@ -475,11 +493,8 @@ impl Driver {
                     stage.index, ins.line, self.scratch_counter
                 ));
                 fs::create_dir_all(&scratch)
-                    .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
-                let mounted = self
-                    .snapshotter
-                    .prepare(&lowers, &scratch)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| StepError::io(format!("creating {}", scratch.display()), e))?;
+                let mounted = self.snapshotter.prepare(&lowers, &scratch)?;
                 (mounted, lowers, scratch)
             }
         };
@@ -489,7 +504,7 @@ impl Driver {
             let _ = self.snapshotter.release(mounted);
             return Err(e);
         }
-        self.last_phase.run_ms = Some(run_started.elapsed().as_millis() as u64);
+        times.run_ms = Some(run_started.elapsed().as_millis() as u64);
         if self.defer_snapshot {
             // --single-snapshot: a later step of the stage takes the layer.
             self.open_snapshot = Some(OpenSnapshot {
@@ -498,14 +513,14 @@ impl Driver {
                 scratch,
             });
             builder.add_empty_history(created_by);
-            return Ok(None);
+            return Ok((None, times));
         }
         let snapshot_started = Instant::now();
         let change = match self.snapshotter.diff(&mounted) {
             Ok(c) => c.without(&self.opts.ignore_paths),
             Err(e) => {
                 let _ = self.snapshotter.release(mounted);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         let layer_opts = self.layer_options();
@@ -520,25 +535,21 @@ impl Driver {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.snapshotter.release(mounted);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
-        self.last_phase.snapshot_ms = Some(snapshot_started.elapsed().as_millis() as u64);
+        times.snapshot_ms = Some(snapshot_started.elapsed().as_millis() as u64);
         let Some(layer) = written else {
-            self.snapshotter
-                .release(mounted)
-                .map_err(|e| e.to_string())?;
+            self.snapshotter.release(mounted)?;
             state.lowers = Some(lowers);
             builder.add_empty_history(created_by);
-            return Ok(None);
+            return Ok((None, times));
         };
         let blob = self.store_layer(&layer)?;
         let unpacked = self.layers_dir.join(layer.diff_id.hex());
         let new_lowers =
             if self.snapshotter.lower_layout() == LowerLayout::Stacked && unpacked.exists() {
-                self.snapshotter
-                    .release(mounted)
-                    .map_err(|e| e.to_string())?;
+                self.snapshotter.release(mounted)?;
                 let mut l = lowers;
                 l.push(unpacked);
                 l
@@ -548,9 +559,7 @@ impl Driver {
                 } else {
                     scratch.join("committed")
                 };
-                self.snapshotter
-                    .commit(mounted, &dest)
-                    .map_err(|e| e.to_string())?
+                self.snapshotter.commit(mounted, &dest)?
             };
         state.lowers = Some(new_lowers);
         let layer_ref = LayerRef {
@@ -575,7 +584,7 @@ impl Driver {
                 ("bytes", layer_ref.desc.size.into()),
             ],
         );
-        Ok(Some(layer_ref))
+        Ok((Some(layer_ref), times))
     }
 
     /// The step's header, printed before it runs (so that its output and a
@@ -657,7 +666,7 @@ impl Driver {
         &mut self,
         state: &mut StageState,
         stage: usize,
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<PathBuf>, StepError> {
         if let Some(l) = &state.lowers {
             return Ok(l.clone());
         }
@@ -677,7 +686,7 @@ impl Driver {
                         .work
                         .join(format!("rootfs-{stage}-{}", self.scratch_counter));
                     fs::create_dir_all(&dir)
-                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                        .map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
                     dir
                 };
                 let opts = self.unpack_options(UnpackMode::Apply);
@@ -686,10 +695,13 @@ impl Driver {
                     let mut attempt = 0;
                     loop {
                         let file = fs::File::open(&layer.blob).map_err(|e| {
-                            format!(
-                                "opening layer {} at {}: {e}",
-                                layer.desc.digest,
-                                layer.blob.display()
+                            StepError::io(
+                                format!(
+                                    "opening layer {} at {}",
+                                    layer.desc.digest,
+                                    layer.blob.display()
+                                ),
+                                e,
                             )
                         })?;
                         // Applying a layer again over a partial first
@@ -710,7 +722,7 @@ impl Driver {
     }
 
     /// Unpacks a layer once into `layers/<diff_id>` (overlay form).
-    pub(super) fn unpacked_layer(&mut self, layer: &LayerRef) -> Result<PathBuf, String> {
+    pub(super) fn unpacked_layer(&mut self, layer: &LayerRef) -> Result<PathBuf, StepError> {
         let dir = self.layers_dir.join(layer.diff_id.hex());
         if dir.is_dir() {
             return Ok(dir);
@@ -729,12 +741,16 @@ impl Driver {
         let mut attempt = 0;
         loop {
             let _ = fs::remove_dir_all(&tmp);
-            fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+            fs::create_dir_all(&tmp)
+                .map_err(|e| StepError::io(format!("creating {}", tmp.display()), e))?;
             let file = fs::File::open(&layer.blob).map_err(|e| {
-                format!(
-                    "opening layer {} at {}: {e}",
-                    layer.desc.digest,
-                    layer.blob.display()
+                StepError::io(
+                    format!(
+                        "opening layer {} at {}",
+                        layer.desc.digest,
+                        layer.blob.display()
+                    ),
+                    e,
                 )
             })?;
             let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -764,7 +780,10 @@ impl Driver {
                 let _ = fs::remove_dir_all(&tmp);
                 Ok(dir)
             }
-            Err(e) => Err(format!("moving unpacked layer into {}: {e}", dir.display())),
+            Err(e) => Err(StepError::io(
+                format!("moving unpacked layer into {}", dir.display()),
+                e,
+            )),
         }
     }
 
@@ -785,7 +804,7 @@ impl Driver {
         layer: &LayerRef,
         error: &crate::unpack::UnpackError,
         attempt: u32,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StepError> {
         let retries = self.opts.image_fs_extract_retry;
         if attempt >= retries || !self.base_layers.contains_key(&layer.desc.digest) {
             return Ok(false);
@@ -804,13 +823,16 @@ impl Driver {
     /// that does not unpack (its entry names a diff_id or content the blob
     /// does not have) is lost like one the cache could not send; the local
     /// copy of its blob goes so that the rebuilt step is not shadowed by it.
-    fn unpack_failed(&mut self, layer: &LayerRef, e: crate::unpack::UnpackError) -> String {
+    fn unpack_failed(&mut self, layer: &LayerRef, e: crate::unpack::UnpackError) -> StepError {
         match layer.hit {
             Some(key) if !self.base_layers.contains_key(&layer.desc.digest) => {
                 let _ = fs::remove_file(&layer.blob);
                 self.lose_hit(key, &layer.desc.digest, format!("unpacking it: {e}"))
             }
-            _ => format!("unpacking layer {}: {e}", layer.desc.digest),
+            _ => StepError::Unpack {
+                what: format!("unpacking layer {}", layer.desc.digest),
+                source: e,
+            },
         }
     }
 }
