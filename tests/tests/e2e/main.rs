@@ -20,6 +20,7 @@ mod kaniko_flags;
 mod kaniko_registry;
 mod kaniko_runtime;
 mod mountable_layers;
+mod parallel_stages;
 mod registry;
 mod replicas;
 mod robust;
