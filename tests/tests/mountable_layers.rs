@@ -657,6 +657,124 @@ fn a_fresh_executor_mounts_the_base_image_from_the_cache_server() {
 }
 
 #[test]
+fn a_fresh_executor_builds_from_the_cache_server_alone_once_the_registry_is_stopped() {
+    let mut env = BuildEnv::new();
+    let (layer, diff_id) = env.base_layer();
+    let manifest = env
+        .registry
+        .skopeo_raw_manifest("library/busybox:latest")
+        .unwrap();
+    let manifest_digest = Digest::of_bytes(&manifest);
+    let tagged = env.registry.reference("library/busybox:latest");
+    let bare = env.registry.reference("library/busybox");
+
+    // First executor, the base pinned as `name:tag@digest`: resolved by the
+    // registry, its documents, layer and image shared through the server.
+    let one = env.context(
+        "one",
+        &format!("FROM {tagged}@{manifest_digest}\nRUN echo one > /one\n"),
+    );
+    let log = env.build_ok(&one, &env.work.path().join("state-one"));
+    assert!(log.contains("not resolved from the cache"), "{log}");
+    assert!(log.contains("converted"), "{log}");
+
+    env.registry.stop();
+
+    // A fresh --cache-dir, the same image pinned as `name@digest`, a step
+    // that misses: everything comes from the cache server.
+    let two = env.context(
+        "two",
+        &format!("FROM {bare}@{manifest_digest}\nRUN test -s /bin/busybox && echo two > /two\n"),
+    );
+    let state_two = env.work.path().join("state-two");
+    let layout = env.work.path().join("out-layout");
+    let out = env
+        .command(&two, &state_two)
+        .arg("--oci-layout-path")
+        .arg(&layout)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "build without the registry failed:\n{log}"
+    );
+    assert!(log.contains("from the cache (pinned by digest"), "{log}");
+    assert!(log.contains("downloaded from the cache"), "{log}");
+    assert!(
+        !state_two.join("layers").join(diff_id.hex()).exists(),
+        "the base was unpacked:\n{log}"
+    );
+    assert!(
+        mounts_below(env.work.path()).is_empty(),
+        "a mount outlived the build"
+    );
+
+    // The image: the base's layer (its bytes, by digest) under the step's.
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let image_manifest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(&image_manifest)).unwrap()).unwrap();
+    let layers: Vec<String> = image["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(layers.len(), 2, "{image}");
+    assert_eq!(layers[0], layer, "the base layer is the registry's");
+    let base_bytes = fs::read(blob(&layers[0])).unwrap();
+    assert_eq!(Digest::of_bytes(&base_bytes).to_string(), layer);
+    let two_file = Command::new("tar")
+        .arg("-xzOf")
+        .arg(blob(&layers[1]))
+        .arg("two")
+        .output()
+        .unwrap();
+    assert!(two_file.status.success(), "{two_file:?}");
+    assert_eq!(two_file.stdout, b"two\n");
+    let config = image["config"]["digest"].as_str().unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(config)).unwrap()).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"][0], diff_id.to_string());
+
+    // A tag needs the registry: the build fails and says which one.
+    let three = env.context(
+        "three",
+        &format!("FROM {tagged}\nRUN echo three > /three\n"),
+    );
+    let out = env
+        .command(&three, &env.work.path().join("state-three"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a tag resolved without its registry:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "the registry {} is needed to resolve the tag",
+            env.registry.host()
+        )),
+        "{log}"
+    );
+    assert!(
+        mounts_below(env.work.path()).is_empty(),
+        "a mount outlived the build"
+    );
+}
+
+#[test]
 fn sigterm_mid_build_leaves_no_mount_behind() {
     let env = BuildEnv::new();
     let ctx = env.context("slow", "FROM BASE\nRUN echo started && sleep 60\n");

@@ -16,6 +16,7 @@
 //! the cleanup of its scratch space.
 
 mod bases;
+mod cached_bases;
 mod caching;
 pub mod copy;
 pub mod from_cli;

@@ -1015,6 +1015,17 @@ impl RegistryClient {
         })
     }
 
+    /// An image whose documents were had elsewhere (the cache, by digest:
+    /// docs/executor-cache.md, "Base images pinned by digest"), as if
+    /// resolved here: its blobs, when needed, come from `r`'s registry.
+    pub fn pulled_from_documents(&self, r: &ImageRef, image: ImageDocuments) -> PulledImage {
+        PulledImage {
+            reference: r.with_digest(image.manifest_digest.clone()),
+            endpoint: self.endpoint(r.registry(), Direction::Pull),
+            image,
+        }
+    }
+
     /// Resolves `r` to one image manifest (choosing `platform` from an
     /// index) and fetches its config; layers are not downloaded. Images are
     /// tried on their mirrors first (see `pull_endpoints`); the layers are
