@@ -164,6 +164,10 @@ pub struct ExecutorArgs {
     /// overlay snapshotter) instead of unpacking them.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "true", action = kaniko_bool!())]
     pub mountable_layers: bool,
+    /// Hash every stored layer image in full before each mount, instead of
+    /// trusting the stamp of its last full hash in this boot (docs/security.md).
+    #[arg(long)]
+    pub rehash_layer_images: bool,
     /// Write a JSON build report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

@@ -16,7 +16,7 @@ use std::process::Command;
 
 use kiln_common::Digest;
 use kiln_executor::build::fsutil::{get_xattr, list_xattrs};
-use kiln_executor::erofs::{ImageCache, ImageError, convert_layer, mount};
+use kiln_executor::erofs::{ImageCache, ImageError, Stamp, convert_layer, mount};
 use kiln_executor::unpack::{UnpackOptions, unpack_layer};
 
 /// A tar layer built entry by entry, with full control of the headers.
@@ -475,6 +475,144 @@ fn corrupted_or_truncated_image_is_refused_and_removed() {
         }
     };
     f.set_len(4096).unwrap();
+    assert!(matches!(
+        images.verified(&diff_id),
+        Err(ImageError::Corrupt { .. })
+    ));
+}
+
+/// Rewrites one byte of `path` in place (same inode) and sets its mtime
+/// back: what an editor that wants to go unnoticed does.
+fn flip_byte_keeping_size_and_mtime(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let meta = fs::metadata(path).unwrap();
+    let mut perms = meta.permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(path, perms).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(meta.modified().unwrap()))
+        .unwrap();
+    drop(f);
+    let now = fs::metadata(path).unwrap();
+    assert_eq!(
+        (now.len(), now.mtime(), now.mtime_nsec()),
+        (meta.len(), meta.mtime(), meta.mtime_nsec())
+    );
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Writes a stamp saying that `path`, as it is now, hashed to `digest`.
+fn forge_stamp(images: &ImageCache, diff_id: &Digest, path: &Path, digest: &Digest, boot: &str) {
+    let meta = fs::metadata(path).unwrap();
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    let stamp = Stamp {
+        boot_id: boot.to_string(),
+        digest: digest.clone(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+    };
+    fs::write(images.stamp_path(diff_id), stamp.render()).unwrap();
+}
+
+#[test]
+fn an_image_rewritten_in_place_with_its_mtime_set_back_is_refused_despite_its_stamp() {
+    let state = tempfile::tempdir().unwrap();
+    let images = ImageCache::new(state.path()).unwrap();
+    let (blob, diff_id) = write_layer(
+        state.path(),
+        &Tar::new().file("etc/os-release", b"ID=kiln\n").bytes(),
+    );
+    let (image, _) = images.convert(&blob, &diff_id, 1 << 30).unwrap();
+    let stamp = fs::read_to_string(images.stamp_path(&diff_id)).unwrap();
+    let stamp = Stamp::parse(&stamp).expect("a full hash leaves a stamp");
+    assert_eq!(stamp.digest, image.digest);
+    assert_eq!(stamp.boot_id, boot_id());
+    assert!(images.verified(&diff_id).unwrap().is_some());
+
+    // Same size, same mtime, same inode: only the ctime moved.
+    flip_byte_keeping_size_and_mtime(&image.path, 1024 + 7);
+    match images.verified(&diff_id) {
+        Err(ImageError::Corrupt { .. }) => {}
+        other => panic!("a rewritten image was accepted on its stamp: {other:?}"),
+    }
+    assert!(!image.path.exists(), "a corrupt image is removed");
+    assert!(!images.stamp_path(&diff_id).exists(), "and its stamp");
+
+    // Replaced by another file of the same size: another inode.
+    let (image, _) = images.convert(&blob, &diff_id, 1 << 30).unwrap();
+    let mut bytes = fs::read(&image.path).unwrap();
+    bytes[1024 + 7] ^= 0xff;
+    let other = state.path().join("other.erofs");
+    fs::write(&other, &bytes).unwrap();
+    fs::rename(&other, &image.path).unwrap();
+    assert!(matches!(
+        images.verified(&diff_id),
+        Err(ImageError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_stamp_stands_in_for_the_hash_only_in_its_own_boot_and_never_with_rehashing() {
+    let state = tempfile::tempdir().unwrap();
+    let images = ImageCache::new(state.path()).unwrap();
+    let (blob, diff_id) = write_layer(
+        state.path(),
+        &Tar::new().file("etc/os-release", b"ID=kiln\n").bytes(),
+    );
+    let corrupt_below_the_filesystem = || {
+        // A change no ctime shows (bit-rot, a write to the raw device) is
+        // what a stamp cannot see: simulated by stamping after the change.
+        let (image, _) = images.convert(&blob, &diff_id, 1 << 30).unwrap();
+        flip_byte_keeping_size_and_mtime(&image.path, 1024 + 7);
+        image
+    };
+
+    // The documented trade-off: in this boot, a matching stamp is trusted
+    // (this is what saves the hash before each mount)...
+    let image = corrupt_below_the_filesystem();
+    forge_stamp(&images, &diff_id, &image.path, &image.digest, &boot_id());
+    assert!(images.verified(&diff_id).unwrap().is_some());
+    // ...but not with --rehash-layer-images,
+    match images.clone().hash_every_mount().verified(&diff_id) {
+        Err(ImageError::Corrupt { .. }) => {}
+        other => panic!("--rehash-layer-images trusted a stamp: {other:?}"),
+    }
+    // ...nor a stamp from another boot,
+    let image = corrupt_below_the_filesystem();
+    forge_stamp(
+        &images,
+        &diff_id,
+        &image.path,
+        &image.digest,
+        "00000000-0000-0000-0000-000000000000",
+    );
+    assert!(matches!(
+        images.verified(&diff_id),
+        Err(ImageError::Corrupt { .. })
+    ));
+    // ...nor a damaged one.
+    let image = corrupt_below_the_filesystem();
+    forge_stamp(&images, &diff_id, &image.path, &image.digest, &boot_id());
+    let text = fs::read_to_string(images.stamp_path(&diff_id)).unwrap();
+    fs::write(images.stamp_path(&diff_id), text.replace("ino ", "inode ")).unwrap();
     assert!(matches!(
         images.verified(&diff_id),
         Err(ImageError::Corrupt { .. })
