@@ -912,6 +912,84 @@ fn a_fresh_executor_builds_from_the_cache_server_alone_once_the_registry_is_stop
     );
 }
 
+/// Files below `dir`, recursively (none when it does not exist).
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_below(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_base_layer_is_converted_while_it_downloads_and_a_wrong_digest_leaves_nothing_behind() {
+    let env = BuildEnv::new();
+    let (layer, diff_id) = env.base_layer();
+
+    // The gzip header's MTIME field: the decompressed stream, and so the
+    // diff_id and the image, stay the same; only the compressed digest
+    // says these are not the layer's bytes.
+    let blob = env.registry.blob_file(&layer);
+    let good = fs::read(&blob).unwrap();
+    let mut bad = good.clone();
+    bad[4] ^= 0xff;
+    fs::write(&blob, &bad).unwrap();
+    let ctx = env.context("bad", "FROM BASE\nRUN echo bad > /bad\n");
+    let state = env.work.path().join("state-bad");
+    let out = env
+        .command(&ctx, &state)
+        .args(["--image-download-retry", "0"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a layer with the wrong digest was used:\n{log}"
+    );
+    assert!(log.contains("converting it as it downloads"), "{log}");
+    let hex = layer.trim_start_matches("sha256:");
+    let left: Vec<PathBuf> = files_below(&state.join("images"))
+        .into_iter()
+        .chain(files_below(&state.join("store")).into_iter().filter(|p| {
+            p.file_name().is_some_and(|n| n == hex)
+                || p.parent().is_some_and(|d| d.ends_with("tmp"))
+        }))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}\n{log}");
+    assert!(mounts_below(env.work.path()).is_empty());
+
+    // The right bytes: pulled and converted in one pass, then mounted.
+    fs::write(&blob, &good).unwrap();
+    let state = env.work.path().join("state-good");
+    let log = env.build_ok(&ctx, &state);
+    assert!(log.contains("converting it as it downloads"), "{log}");
+    assert!(log.contains("mounted image"), "{log}");
+    assert!(
+        files_below(&state.join("store"))
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == hex)),
+        "the pulled blob is stored"
+    );
+    assert!(
+        state
+            .join("images/v1")
+            .join(format!("{}.erofs", diff_id.hex()))
+            .is_file()
+    );
+    assert!(
+        !state.join("layers").join(diff_id.hex()).exists(),
+        "the base was unpacked:\n{log}"
+    );
+}
+
 #[test]
 fn sigterm_mid_build_leaves_no_mount_behind() {
     let env = BuildEnv::new();

@@ -73,10 +73,15 @@ impl Driver {
             (Some(image), _) => (image, "from the local image cache".to_string()),
             (None, Some(image)) => (image, "downloaded from the cache".to_string()),
             (None, None) => {
-                self.ensure_blob(layer)?;
-                let (image, stats) = images
-                    .convert(&layer.blob, &layer.diff_id, self.unpack_limit)
-                    .map_err(|e| e.to_string())?;
+                let (image, stats) = match self.convert_while_pulling(images, layer) {
+                    Some(done) => done?,
+                    None => {
+                        self.ensure_blob(layer)?;
+                        images
+                            .convert(&layer.blob, &layer.diff_id, self.unpack_limit)
+                            .map_err(|e| e.to_string())?
+                    }
+                };
                 for w in &stats.warnings {
                     self.log(&format!("layer {}: {w}", layer.desc.digest));
                 }
@@ -106,6 +111,77 @@ impl Driver {
             .mounted
             .insert(layer.diff_id.clone(), dir.clone());
         Ok(dir)
+    }
+
+    /// Pulls a base layer from its registry and converts it in the same
+    /// pass: the download is written to the store (hashed as it goes, and
+    /// committed only if it has the layer's digest) while the same bytes are
+    /// decompressed (and checked against the diff_id) on one thread and
+    /// written into the image on another, so the layer costs about the
+    /// slowest of download, decompression and image writes instead of their
+    /// sum. The image is committed only when both checks passed; otherwise
+    /// it is removed, and a blob that does not match is never stored.
+    /// `None` when this does not apply (the blob is here already, the layer
+    /// is not a registry base, or the cache may have it: then the usual
+    /// fetch, which asks the cache first) or the download failed (the usual
+    /// fetch retries it).
+    fn convert_while_pulling(
+        &mut self,
+        images: &ImageCache,
+        layer: &LayerRef,
+    ) -> Option<Result<(Image, crate::erofs::ConvertStats), String>> {
+        if layer.blob.is_file() {
+            return None;
+        }
+        let (pulled, base_layer) = self.base_layers.get(&layer.desc.digest).cloned()?;
+        if let Some(cache) = self.cache.clone().filter(|_| self.opts.cache.mode.reads())
+            && !matches!(cache.has_blob(&layer.desc.digest), Ok(false))
+        {
+            return None;
+        }
+        let digest = &layer.desc.digest;
+        self.log(&format!(
+            "pulling layer {digest} ({} bytes), converting it as it downloads",
+            layer.desc.size
+        ));
+        let _progress = self.opts.log.progress(
+            &format!("pulling layer {digest}"),
+            Some(layer.desc.size),
+            crate::log::bytes_received(),
+        );
+        let (tx, rx) = std::sync::mpsc::sync_channel(8);
+        let (diff_id, limit) = (&layer.diff_id, self.unpack_limit);
+        let (fetched, converted) = std::thread::scope(|scope| {
+            let converter = scope.spawn(move || {
+                images
+                    .convert_stream(crate::unpack::ChannelReader::new(rx), diff_id, limit)
+                    .map_err(|e| e.to_string())
+            });
+            let fetched = self.runtime.block_on(self.client.fetch_blob_teed(
+                &pulled,
+                &base_layer.desc,
+                &self.store,
+                tx,
+            ));
+            let converted = converter
+                .join()
+                .unwrap_or_else(|_| Err("the conversion thread panicked".to_string()));
+            (fetched, converted)
+        });
+        if let Err(e) = fetched {
+            self.log(&format!(
+                "layer {digest}: pulling while converting failed ({e}); pulling it again"
+            ));
+            return None;
+        }
+        self.share_base_layer(&pulled, &base_layer);
+        Some(converted.and_then(|c| {
+            let stats = c.stats.clone();
+            images
+                .commit_converted(c, diff_id)
+                .map(|image| (image, stats))
+                .map_err(|e| e.to_string())
+        }))
     }
 
     /// Whether images go to and come from the cache: only a cache server.

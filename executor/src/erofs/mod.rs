@@ -69,6 +69,14 @@ pub struct Image {
     pub size: u64,
 }
 
+/// A converted image not yet in the cache ([`ImageCache::convert_stream`]);
+/// removed when dropped uncommitted.
+#[derive(Debug)]
+pub struct Converted {
+    tmp: tempfile::NamedTempFile,
+    pub stats: ConvertStats,
+}
+
 #[derive(Debug, Clone)]
 pub struct ImageCache {
     dir: PathBuf,
@@ -285,6 +293,22 @@ impl ImageCache {
         max_expanded_size: u64,
     ) -> Result<(Image, ConvertStats), ImageError> {
         let layer = File::open(blob).map_err(io_err(blob))?;
+        let converted = self.convert_stream(layer, diff_id, max_expanded_size)?;
+        let stats = converted.stats.clone();
+        Ok((self.commit_converted(converted, diff_id)?, stats))
+    }
+
+    /// Converts a layer read from `layer` (compressed or not; verified
+    /// against `diff_id` while it streams) into an image that is not in the
+    /// cache yet: the caller commits it with [`Self::commit_converted`] once
+    /// it knows the layer's bytes are the right ones (a download still
+    /// checking their digest), or drops it, which removes it.
+    pub fn convert_stream<R: io::Read + Send>(
+        &self,
+        layer: R,
+        diff_id: &Digest,
+        max_expanded_size: u64,
+    ) -> Result<Converted, ImageError> {
         let tmp = tempfile::Builder::new()
             .prefix("image-")
             .tempfile_in(&self.tmp)
@@ -299,8 +323,16 @@ impl ImageCache {
         // recorded below, so an image a crash left incomplete is rebuilt,
         // never mounted; waiting for the disk here would double the cost.
         drop(file);
-        let image = self.commit(tmp, diff_id, None)?;
-        Ok((image, stats))
+        Ok(Converted { tmp, stats })
+    }
+
+    /// Puts a converted image in place as the image of `diff_id`.
+    pub fn commit_converted(
+        &self,
+        converted: Converted,
+        diff_id: &Digest,
+    ) -> Result<Image, ImageError> {
+        self.commit(converted.tmp, diff_id, None)
     }
 
     /// Stores an image that came from elsewhere (the cache server), written
