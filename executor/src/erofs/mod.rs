@@ -6,8 +6,11 @@
 //! [`ImageCache`] owns `<state>/images/v<FORMAT_VERSION>/`: one image per
 //! layer, named after the layer's diff_id, and beside it the sha256 of the
 //! image recorded when it was written. The kernel never parses bytes kiln
-//! did not write or check: an image is hashed in full when it is written or
-//! adopted and, once per boot, before it is mounted; a [`Stamp`] records
+//! did not write or check: an image is hashed in full when it is adopted
+//! (before it is stored), when it was written here (right after the build
+//! that wrote it mounted it: [`ImageCache::place_unhashed`], then
+//! [`ImageCache::record_hash`]; until then no other build sees it) and,
+//! once per boot, before it is mounted again; a [`Stamp`] records
 //! what the file looked like then (device, inode, size, mtime and ctime in
 //! nanoseconds, the boot), and a later mount in the same boot whose file
 //! still looks exactly like that skips the re-hash. Any write through the
@@ -75,6 +78,13 @@ pub struct Image {
 pub struct Converted {
     tmp: tempfile::NamedTempFile,
     pub stats: ConvertStats,
+}
+
+/// An image in place but not hashed yet ([`ImageCache::place_unhashed`]).
+#[derive(Debug, Clone)]
+pub struct Unhashed {
+    pub path: PathBuf,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -324,6 +334,49 @@ impl ImageCache {
         // never mounted; waiting for the disk here would double the cost.
         drop(file);
         Ok(Converted { tmp, stats })
+    }
+
+    /// Puts a converted image in place as the image of `diff_id` without
+    /// hashing it: the process that wrote it may mount it now (the bytes
+    /// are its own, in an owner-only directory), but [`Self::verified`]
+    /// does not see it until [`Self::record_hash`] recorded its digest, so
+    /// no other build mounts it before that (an image whose process died
+    /// first is converted again).
+    pub fn place_unhashed(
+        &self,
+        converted: Converted,
+        diff_id: &Digest,
+    ) -> Result<Unhashed, ImageError> {
+        // An earlier image's digest and stamp must not vouch for these bytes.
+        let _ = fs::remove_file(self.digest_path(diff_id));
+        let _ = fs::remove_file(self.stamp_path(diff_id));
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = converted.tmp;
+        let _ = fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o444));
+        let path = self.image_path(diff_id);
+        tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
+        let size = fs::metadata(&path).map_err(io_err(&path))?.len();
+        Ok(Unhashed { path, size })
+    }
+
+    /// Hashes an image placed by [`Self::place_unhashed`] and records its
+    /// digest and stamp: from then on it is a stored image like any other.
+    pub fn record_hash(&self, diff_id: &Digest, placed: &Unhashed) -> Result<Image, ImageError> {
+        let path = &placed.path;
+        let before = fs::symlink_metadata(path).map_err(io_err(path))?;
+        let (digest, size) = file_digest(path).map_err(io_err(path))?;
+        self.write_stamp(diff_id, path, &digest, &before);
+        let dpath = self.digest_path(diff_id);
+        let dtmp = self
+            .tmp
+            .join(format!("{}.sha256.{}", diff_id.hex(), std::process::id()));
+        fs::write(&dtmp, format!("{digest}\n")).map_err(io_err(&dtmp))?;
+        fs::rename(&dtmp, &dpath).map_err(io_err(&dpath))?;
+        Ok(Image {
+            path: path.clone(),
+            digest,
+            size,
+        })
     }
 
     /// Puts a converted image in place as the image of `diff_id`.
