@@ -10,13 +10,19 @@
 #   buildah   buildah with OVERLAY storage and --isolation chroot, build +
 #             push timed together
 #
-# usage: benches/e2e/fat-base.sh [--runs N] [--tmpfs] [--no-buildah]
+# usage: benches/e2e/fat-base.sh [--runs N] [--tmpfs] [--warm] [--no-buildah]
 #                                [--no-baseline] [--json FILE]
 #
 #   --runs N       rounds (default 5; every contender runs once per round)
 #   --tmpfs        build state on a tmpfs instead of a new ext4 file system
+#   --warm         after each kiln contender's cold run, a second build on
+#                  the same state with --cache=false (the steps run again
+#                  over the base this node already has: kiln mounts its
+#                  stored image, checked by its stamp), as TOOL-warm
 #   --json FILE    raw results, one JSON object a line (default
-#                  ./fat-base-results.jsonl); medians go to stdout
+#                  ./fat-base-results.jsonl), kiln's build logs beside it
+#                  (FILE without .jsonl, .TOOL-ROUND.log); medians go to
+#                  stdout as a table (wall, RSS, CPU, kiln's phases, load)
 #
 # Every run is cold: a new, empty file system (ext4 on a sparse loop image,
 # or a tmpfs) for the tool's state, an empty --cache-dir (kiln's embedded
@@ -27,6 +33,12 @@
 # unpack_file example ($UNPACK_FILE, default $KILN_BIN_DIR/examples/
 # unpack_file) unpacking the pulled base layer into an empty directory on
 # the same kind of file system, when that example is built.
+# The floor is measured per round too: `gzip -dc` of the base layer alone
+# (gunzip-base), and, from each kiln run's --report and log, the base's
+# materialization (pull + convert or unpack + mount: base_ms), the RUN/COPY
+# steps' own time (run_ms), their snapshots (snapshot_ms) and the rest
+# (push, config, setup: other_ms). The load average is recorded before every
+# run and printed with the medians.
 # KILN_E2E_DROP_CACHES=1 drops the page cache before every run (quiet
 # machines only). KILN_E2E_STRACE=1 runs the kiln contenders under
 # `strace -f -c -w` (syscall counts and wall time per syscall, written next
@@ -41,6 +53,7 @@ REPO_ROOT=$(cd "$HERE/../.." && pwd)
 
 RUNS=5
 TMPFS=0
+WARM=0
 BUILDAH=1
 BASELINE=1
 JSON_OUT=$PWD/fat-base-results.jsonl
@@ -48,10 +61,11 @@ while [ "$#" -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift ;;
     --tmpfs) TMPFS=1 ;;
+    --warm) WARM=1 ;;
     --no-buildah) BUILDAH=0 ;;
     --no-baseline) BASELINE=0 ;;
     --json) JSON_OUT=$2; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
     *) echo "fat-base.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -156,11 +170,27 @@ measure() {
   [ "$M_RC" -eq 0 ] || { log "FAILED (exit $M_RC): $*"; tail -n 20 "$logf" >&2 || true; }
 }
 
-record() {
+record() { # tool round ok wall rss cpu load [phases-json]
   jq -cn --arg tool "$1" --argjson round "$2" --argjson ok "$3" --argjson wall "$4" \
     --argjson rss "$5" --argjson cpu "$6" --arg load "$7" --arg fs "$FS_KIND" \
+    --argjson phases "${8:-null}" \
     '{tool: $tool, round: $round, ok: $ok, wall_s: $wall, max_rss_kb: $rss, cpu_s: $cpu,
-      load1_before: ($load | tonumber), fs: $fs}' >>"$JSON_OUT"
+      load1_before: ($load | tonumber), fs: $fs} + ($phases // {})' >>"$JSON_OUT"
+}
+
+# phases REPORT LOG: a kiln run's phases in ms as JSON (null fields when the
+# report or the log line is missing: an older binary may not log them).
+phases() {
+  local base_ms
+  base_ms=$(grep -oE 'mounted image .* in [0-9]+ ms' "$2" 2>/dev/null | grep -oE '[0-9]+ ms$' | awk '{ s += $1 } END { if (NR) print s; else print "null" }')
+  [ -f "$1" ] || { echo "{\"base_ms\": $base_ms}"; return; }
+  jq -c --argjson base "$base_ms" '
+    ([.steps[] | .durations_ms.run // 0] | add) as $run
+    | ([.steps[] | .durations_ms.snapshot // 0] | add) as $snap
+    | {base_ms: $base, run_ms: $run, snapshot_ms: $snap,
+       total_ms: .summary.duration_ms,
+       other_ms: (if $base == null then null else .summary.duration_ms - $base - $run - $snap end)}
+  ' "$1" 2>/dev/null || echo "{\"base_ms\": $base_ms}"
 }
 
 FS_KIND=$([ "$TMPFS" -eq 1 ] && echo tmpfs || echo ext4-loop)
@@ -213,8 +243,23 @@ run_kiln() { # tool binary round
   measure "$T/$tool-$round.log" "${wrap[@]}" "$bin" --context "$CTX" --dockerfile "$CTX/Dockerfile" \
     --destination "$REG/fat-$tool-$round:latest" --insecure-registry "$REG" \
     --cache-dir "$dir/cache" --isolation chroot --report "$dir/report.json"
-  record "$tool" "$round" "$([ "$M_RC" -eq 0 ] && echo true || echo false)" "$M_WALL" "$M_RSS" "$M_CPU" "$M_LOAD"
-  log "  $tool: ${M_WALL}s, peak RSS ${M_RSS} KiB, CPU ${M_CPU}s"
+  local ph
+  ph=$(phases "$dir/report.json" "$T/$tool-$round.log")
+  record "$tool" "$round" "$([ "$M_RC" -eq 0 ] && echo true || echo false)" "$M_WALL" "$M_RSS" "$M_CPU" "$M_LOAD" "$ph"
+  log "  $tool: ${M_WALL}s, peak RSS ${M_RSS} KiB, CPU ${M_CPU}s, phases $ph"
+  # The build log stays next to the JSON (its "mounted image … in N ms"
+  # lines break the base down further).
+  cp "$T/$tool-$round.log" "${JSON_OUT%.jsonl}.$tool-$round.log" 2>/dev/null || true
+  if [ "$WARM" -eq 1 ] && [ "$M_RC" -eq 0 ]; then
+    rm -f "$dir/report.json"
+    measure "$T/$tool-warm-$round.log" "${wrap[@]}" "$bin" --context "$CTX" --dockerfile "$CTX/Dockerfile" \
+      --destination "$REG/fat-$tool-warm-$round:latest" --insecure-registry "$REG" \
+      --cache-dir "$dir/cache" --isolation chroot --cache=false --report "$dir/report.json"
+    ph=$(phases "$dir/report.json" "$T/$tool-warm-$round.log")
+    record "$tool-warm" "$round" "$([ "$M_RC" -eq 0 ] && echo true || echo false)" "$M_WALL" "$M_RSS" "$M_CPU" "$M_LOAD" "$ph"
+    log "  $tool warm: ${M_WALL}s, peak RSS ${M_RSS} KiB, CPU ${M_CPU}s, phases $ph"
+    cp "$T/$tool-warm-$round.log" "${JSON_OUT%.jsonl}.$tool-warm-$round.log" 2>/dev/null || true
+  fi
   drop_fs "$dir"
 }
 
@@ -246,6 +291,13 @@ run_unpack() { # round: kiln's unpacker alone on the base layer
   drop_fs "$dir"
 }
 
+run_gunzip() { # round: the floor of the base's decompression, one core
+  local round=$1
+  measure "$T/gunzip-$round.log" sh -c 'gzip -dc "$1" >/dev/null' sh "$BASE_BLOB"
+  record gunzip-base "$round" "$([ "$M_RC" -eq 0 ] && echo true || echo false)" "$M_WALL" "$M_RSS" "$M_CPU" "$M_LOAD"
+  log "  gzip -dc of the base layer alone: ${M_WALL}s"
+}
+
 CONTENDERS=(kiln)
 [ "$BASELINE" -eq 1 ] && CONTENDERS+=(baseline)
 [ "$BUILDAH" -eq 1 ] && CONTENDERS+=(buildah)
@@ -264,7 +316,9 @@ for round in $(seq 1 "$RUNS"); do
     esac
   done
   run_unpack "$round"
+  run_gunzip "$round"
 done
+log "done; load: $(cat /proc/loadavg)"
 
 # Medians per contender (successful runs only).
 jq -rs '
@@ -274,5 +328,6 @@ jq -rs '
     | if . == null then . else . * 100 | round / 100 end;
   group_by(.tool)[] | select(map(select(.ok)) | length > 0)
   | (map(select(.ok))) as $ok
-  | "| \(.[0].tool) | \($ok | length)/\(length) | \($ok | map(.wall_s) | median) s | \($ok | map(.max_rss_kb / 1024 | floor) | median) MiB | \($ok | map(.cpu_s) | median) s |"
-' "$JSON_OUT" | { echo "| contender | ok runs | median wall | median peak RSS | median CPU |"; echo "|---|---|---|---|---|"; cat; }
+  | def ms(f): ($ok | map(f | select(. != null)) | if length == 0 then "–" else "\(median / 1000 * 100 | round / 100) s" end);
+  "| \(.[0].tool) | \($ok | length)/\(length) | \($ok | map(.wall_s) | median) s | \($ok | map(.max_rss_kb / 1024 | floor) | median) MiB | \($ok | map(.cpu_s) | median) s | \(ms(.base_ms)) | \(ms(.run_ms)) | \(ms(.snapshot_ms)) | \(ms(.other_ms)) | \($ok | map(.load1_before) | median) |"
+' "$JSON_OUT" | { echo "| contender | ok runs | median wall | median peak RSS | median CPU | base | RUN/COPY | snapshots | other | load1 |"; echo "|---|---|---|---|---|---|---|---|---|---|"; cat; }

@@ -168,6 +168,11 @@ pub struct ExecutorArgs {
     /// CPUs; 1: one after another, in plan order).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: Option<u16>,
+
+    /// Hash every stored layer image in full before each mount, instead of
+    /// trusting the stamp of its last full hash in this boot (docs/security.md).
+    #[arg(long)]
+    pub rehash_layer_images: bool,
     /// Write a JSON build report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

@@ -229,6 +229,18 @@ pub(crate) struct ChannelReader {
     pos: usize,
 }
 
+impl ChannelReader {
+    /// A reader of the chunks sent on `rx`, in order; a sent error is
+    /// returned by `read`, the sender's end is the end of the stream.
+    pub(crate) fn new(rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>) -> Self {
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
 impl Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.buf.len() {

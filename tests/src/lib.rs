@@ -422,6 +422,13 @@ impl Registry {
         );
     }
 
+    /// Stops the registry process: its port refuses connections from now
+    /// on (for builds that must not need it).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// `127.0.0.1:PORT`
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -70,10 +70,21 @@ impl Driver {
             // Only the manifest and config now: layers are fetched when a
             // step needs the filesystem or an output needs their bytes, from
             // the cache when it has them, from the registry otherwise.
-            let pulled = self
-                .runtime
-                .block_on(self.client.resolve(&reference, &self.platform))
-                .map_err(|e| base_err(e.into()))?;
+            // A base pinned by digest comes from the cache when it has the
+            // documents (cached_bases), from the registry otherwise.
+            let pulled = match self.base_from_cache(&reference) {
+                Some(pulled) => pulled,
+                None => {
+                    let pulled = self
+                        .runtime
+                        .block_on(self.client.resolve(&reference, &self.platform))
+                        .map_err(|e| {
+                            base_err(cached_bases::registry_resolve_error(&reference, e))
+                        })?;
+                    self.share_base_documents(&reference, &pulled);
+                    pulled
+                }
+            };
             let store = self.store.clone();
             let layers = self.layers_of(&pulled.image, |d| store.path(d))?;
             for layer in &layers {

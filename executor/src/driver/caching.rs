@@ -255,19 +255,7 @@ impl Driver {
                 what: format!("pulling base layer {digest}"),
                 source,
             })?;
-        let entry = CacheEntry {
-            layer: Some(LayerDescriptor {
-                media_type: base_layer.desc.media_type.clone(),
-                digest: digest.clone(),
-                size: base_layer.desc.size,
-                diff_id: base_layer.diff_id.clone(),
-            }),
-            created_by: format!("base layer of {}", pulled.reference),
-            created: rfc3339(unix_now()),
-            extra: BTreeMap::new(),
-        };
-        let blob = Some((digest.clone(), self.store.path(&digest)));
-        self.upload(keys::base_layer_key(&digest), entry, blob);
+        self.share_base_layer(&pulled, &base_layer);
         Ok(())
     }
 

@@ -153,6 +153,14 @@ pub enum BaseError {
     Reference(#[from] crate::registry::reference::ReferenceError),
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+    /// The registry did not answer for a base the cache could not supply;
+    /// `hint` says what would build without it (cached_bases).
+    #[error("{source} ({hint})")]
+    RegistryUnavailable {
+        #[source]
+        source: crate::registry::RegistryError,
+        hint: String,
+    },
     #[error(transparent)]
     Layout(#[from] crate::oci::layout::LayoutError),
     #[error(transparent)]

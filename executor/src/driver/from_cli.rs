@@ -247,6 +247,7 @@ impl ExecutorArgs {
             }),
             state_dir: self.state_dir(),
             mountable_layers: self.mountable_layers,
+            rehash_layer_images: self.rehash_layer_images,
             registry,
             force: self.force,
             network: match self.network {

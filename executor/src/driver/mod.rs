@@ -16,6 +16,7 @@
 //! the cleanup of its scratch space.
 
 mod bases;
+mod cached_bases;
 mod caching;
 pub mod copy;
 mod error;
@@ -154,6 +155,9 @@ pub struct BuildOptions {
     /// snapshotter, mount base and cached layers as EROFS images instead of
     /// unpacking them (docs/architecture.md, "Mountable layers").
     pub mountable_layers: bool,
+    /// `--rehash-layer-images`: hash a stored layer image before every
+    /// mount instead of trusting its stamp (`erofs::ImageCache`).
+    pub rehash_layer_images: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -528,6 +532,9 @@ impl Driver {
             && kind == SnapshotterKind::Overlay
         {
             match crate::erofs::ImageCache::new(&opts.state_dir) {
+                Ok(images) if opts.rehash_layer_images => {
+                    mounts.images = Some(images.hash_every_mount())
+                }
                 Ok(images) => mounts.images = Some(images),
                 Err(e) => tracing::warn!("layer images off: {e}"),
             }

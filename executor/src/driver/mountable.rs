@@ -7,7 +7,7 @@
 //! back to unpacking, which also gives a hostile layer its usual error.
 
 use super::*;
-use crate::erofs::{Image, ImageCache, mount};
+use crate::erofs::{Converted, Image, ImageCache, Unhashed, mount};
 
 /// The media type of a layer image's cache entry.
 pub(super) const IMAGE_MEDIA_TYPE: &str = "application/vnd.kiln.layer.erofs.v1";
@@ -19,6 +19,24 @@ pub(super) fn image_key(diff_id: &Digest) -> CacheKey {
         diff_id,
         u64::from(crate::erofs::FORMAT_VERSION),
     )
+}
+
+/// The cache entry of `image`, the image of layer `diff_id`.
+fn image_entry(diff_id: &Digest, image: &Image) -> CacheEntry {
+    CacheEntry {
+        layer: Some(LayerDescriptor {
+            media_type: IMAGE_MEDIA_TYPE.to_string(),
+            digest: image.digest.clone(),
+            size: image.size,
+            diff_id: diff_id.clone(),
+        }),
+        created_by: format!(
+            "kiln: EROFS image v{} of layer {diff_id}",
+            crate::erofs::FORMAT_VERSION
+        ),
+        created: rfc3339(unix_now()),
+        extra: Default::default(),
+    }
 }
 
 /// This build's mounted layer images.
@@ -69,43 +87,137 @@ impl Driver {
             Some(_) => None,
             None => self.image_from_cache(images, layer),
         };
-        let (image, how) = match (local, downloaded) {
-            (Some(image), _) => (image, "from the local image cache".to_string()),
-            (None, Some(image)) => (image, "downloaded from the cache".to_string()),
+        let (path, size, name, how, placed) = match (local, downloaded) {
+            (Some(image), _) => (
+                image.path,
+                image.size,
+                image.digest.to_string(),
+                "from the local image cache".to_string(),
+                None,
+            ),
+            (None, Some(image)) => (
+                image.path,
+                image.size,
+                image.digest.to_string(),
+                "downloaded from the cache".to_string(),
+                None,
+            ),
             (None, None) => {
-                self.ensure_blob(layer)?;
-                let (image, stats) = images
-                    .convert(&layer.blob, &layer.diff_id, self.unpack_limit)
-                    .map_err(|e| e.to_string())?;
-                for w in &stats.warnings {
+                let converted = match self.convert_while_pulling(images, layer) {
+                    Some(done) => done?,
+                    None => {
+                        self.ensure_blob(layer)?;
+                        let blob = fs::File::open(&layer.blob)
+                            .map_err(|e| format!("{}: {e}", layer.blob.display()))?;
+                        images
+                            .convert_stream(blob, &layer.diff_id, self.unpack_limit)
+                            .map_err(|e| e.to_string())?
+                    }
+                };
+                for w in &converted.stats.warnings {
                     self.log(&format!("layer {}: {w}", layer.desc.digest));
                 }
                 let how = format!(
-                    "converted {} entries in {} ms",
-                    stats.entries,
+                    "converted {} entries in {} ms, hashed in the background",
+                    converted.stats.entries,
                     started.elapsed().as_millis()
                 );
-                // `convert` read the finished file back to hash it: those
-                // are the bytes the kernel gets.
-                self.share_image(layer, &image);
-                (image, how)
+                // Mounted before it is hashed: the bytes are the ones this
+                // process just wrote; the hash (for the record, the stamp
+                // and the cache server) runs beside the build's steps.
+                let placed = images
+                    .place_unhashed(converted, &layer.diff_id)
+                    .map_err(|e| e.to_string())?;
+                let name = format!("of layer {}", layer.diff_id);
+                (placed.path.clone(), placed.size, name, how, Some(placed))
             }
         };
         let dir = self.work.join("layer-mounts").join(layer.diff_id.hex());
         fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        mount::mount_image(&image.path, &dir)
-            .map_err(|e| format!("mounting {}: {e}", image.path.display()))?;
+        if let Err(e) = mount::mount_image(&path, &dir) {
+            if placed.is_some() {
+                // Not hashed, so no build would ever mount it: not kept.
+                let _ = fs::remove_file(&path);
+            }
+            return Err(format!("mounting {}: {e}", path.display()));
+        }
+        if let Some(placed) = placed {
+            self.hash_and_share_image(images, layer, placed);
+        }
         self.log(&format!(
-            "layer {}: mounted image {} ({} bytes, {how}) in {} ms",
+            "layer {}: mounted image {name} ({size} bytes, {how}) in {} ms",
             layer.desc.digest,
-            image.digest,
-            image.size,
             started.elapsed().as_millis()
         ));
         self.mounts
             .mounted
             .insert(layer.diff_id.clone(), dir.clone());
         Ok(dir)
+    }
+
+    /// Pulls a base layer from its registry and converts it in the same
+    /// pass: the download is written to the store (hashed as it goes, and
+    /// committed only if it has the layer's digest) while the same bytes are
+    /// decompressed (and checked against the diff_id) on one thread and
+    /// written into the image on another, so the layer costs about the
+    /// slowest of download, decompression and image writes instead of their
+    /// sum. The image is committed only when both checks passed; otherwise
+    /// it is removed, and a blob that does not match is never stored.
+    /// `None` when this does not apply (the blob is here already, the layer
+    /// is not a registry base, or the cache may have it: then the usual
+    /// fetch, which asks the cache first) or the download failed (the usual
+    /// fetch retries it).
+    fn convert_while_pulling(
+        &mut self,
+        images: &ImageCache,
+        layer: &LayerRef,
+    ) -> Option<Result<Converted, String>> {
+        if layer.blob.is_file() {
+            return None;
+        }
+        let (pulled, base_layer) = self.base_layers.get(&layer.desc.digest).cloned()?;
+        if let Some(cache) = self.cache.clone().filter(|_| self.opts.cache.mode.reads())
+            && !matches!(cache.has_blob(&layer.desc.digest), Ok(false))
+        {
+            return None;
+        }
+        let digest = &layer.desc.digest;
+        self.log(&format!(
+            "pulling layer {digest} ({} bytes), converting it as it downloads",
+            layer.desc.size
+        ));
+        let _progress = self.opts.log.progress(
+            &format!("pulling layer {digest}"),
+            Some(layer.desc.size),
+            crate::log::bytes_received(),
+        );
+        let (tx, rx) = std::sync::mpsc::sync_channel(8);
+        let (diff_id, limit) = (&layer.diff_id, self.unpack_limit);
+        let (fetched, converted) = std::thread::scope(|scope| {
+            let converter = scope.spawn(move || {
+                images
+                    .convert_stream(crate::unpack::ChannelReader::new(rx), diff_id, limit)
+                    .map_err(|e| e.to_string())
+            });
+            let fetched = self.runtime.block_on(self.client.fetch_blob_teed(
+                &pulled,
+                &base_layer.desc,
+                &self.store,
+                tx,
+            ));
+            let converted = converter
+                .join()
+                .unwrap_or_else(|_| Err("the conversion thread panicked".to_string()));
+            (fetched, converted)
+        });
+        if let Err(e) = fetched {
+            self.log(&format!(
+                "layer {digest}: pulling while converting failed ({e}); pulling it again"
+            ));
+            return None;
+        }
+        self.share_base_layer(&pulled, &base_layer);
+        Some(converted)
     }
 
     /// Whether images go to and come from the cache: only a cache server.
@@ -159,36 +271,42 @@ impl Driver {
         }
     }
 
-    /// Uploads a freshly converted image with its entry, in the background
-    /// like layers (docs/cache-api.md, "Layer images").
-    /// Only for layers the cluster shares through the cache anyway (base
-    /// layers from a registry, cache hits); a local `oci-layout://` or
-    /// `docker-archive://` base stays local, like its layers.
-    fn share_image(&mut self, layer: &LayerRef, image: &Image) {
+    /// Hashes a freshly converted, already mounted image and records its
+    /// digest, then uploads it with its entry (docs/cache-api.md, "Layer
+    /// images"), all on a background thread that the build waits for with
+    /// its uploads. Only layers the cluster shares through the cache anyway
+    /// are uploaded (base layers from a registry, cache hits); a local
+    /// `oci-layout://` or `docker-archive://` base stays local, like its
+    /// layers.
+    fn hash_and_share_image(&mut self, images: &ImageCache, layer: &LayerRef, placed: Unhashed) {
         let shared = self.base_layers.contains_key(&layer.desc.digest) || layer.hit.is_some();
-        if !self.shares_images() || !shared {
-            return;
-        }
-        let entry = CacheEntry {
-            layer: Some(LayerDescriptor {
-                media_type: IMAGE_MEDIA_TYPE.to_string(),
-                digest: image.digest.clone(),
-                size: image.size,
-                diff_id: layer.diff_id.clone(),
-            }),
-            created_by: format!(
-                "kiln: EROFS image v{} of layer {}",
-                crate::erofs::FORMAT_VERSION,
-                layer.diff_id
-            ),
-            created: rfc3339(unix_now()),
-            extra: Default::default(),
-        };
-        self.upload(
-            image_key(&layer.diff_id),
-            entry,
-            Some((image.digest.clone(), image.path.clone())),
-        );
+        let cache = self
+            .cache
+            .clone()
+            .filter(|_| shared && self.shares_images() && self.opts.cache.mode.writes());
+        let images = images.clone();
+        let diff_id = layer.diff_id.clone();
+        let key = image_key(&diff_id);
+        self.uploads.push(std::thread::spawn(move || {
+            let started = Instant::now();
+            let image = images
+                .record_hash(&diff_id, &placed)
+                .map_err(|e| crate::cache::CacheError::Blob {
+                    digest: diff_id.clone(),
+                    message: format!("hashing the layer image: {e}"),
+                })?;
+            let mut bytes = 0;
+            if let Some(cache) = cache {
+                cache.put_blob(&image.digest, &image.path)?;
+                cache.put_entry(&key, &image_entry(&diff_id, &image))?;
+                bytes = image.size;
+            }
+            Ok(UploadDone {
+                key,
+                bytes,
+                millis: started.elapsed().as_millis() as u64,
+            })
+        }));
     }
 
     /// Unmounts every layer image this build mounted (after the overlays

@@ -16,7 +16,7 @@ use std::process::Command;
 
 use kiln_common::Digest;
 use kiln_executor::build::fsutil::{get_xattr, list_xattrs};
-use kiln_executor::erofs::{ImageCache, ImageError, convert_layer, mount};
+use kiln_executor::erofs::{ImageCache, ImageError, Stamp, convert_layer, mount};
 use kiln_executor::unpack::{UnpackOptions, unpack_layer};
 
 /// A tar layer built entry by entry, with full control of the headers.
@@ -481,6 +481,144 @@ fn corrupted_or_truncated_image_is_refused_and_removed() {
     ));
 }
 
+/// Rewrites one byte of `path` in place (same inode) and sets its mtime
+/// back: what an editor that wants to go unnoticed does.
+fn flip_byte_keeping_size_and_mtime(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let meta = fs::metadata(path).unwrap();
+    let mut perms = meta.permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(path, perms).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(meta.modified().unwrap()))
+        .unwrap();
+    drop(f);
+    let now = fs::metadata(path).unwrap();
+    assert_eq!(
+        (now.len(), now.mtime(), now.mtime_nsec()),
+        (meta.len(), meta.mtime(), meta.mtime_nsec())
+    );
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Writes a stamp saying that `path`, as it is now, hashed to `digest`.
+fn forge_stamp(images: &ImageCache, diff_id: &Digest, path: &Path, digest: &Digest, boot: &str) {
+    let meta = fs::metadata(path).unwrap();
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    let stamp = Stamp {
+        boot_id: boot.to_string(),
+        digest: digest.clone(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+    };
+    fs::write(images.stamp_path(diff_id), stamp.render()).unwrap();
+}
+
+#[test]
+fn an_image_rewritten_in_place_with_its_mtime_set_back_is_refused_despite_its_stamp() {
+    let state = tempfile::tempdir().unwrap();
+    let images = ImageCache::new(state.path()).unwrap();
+    let (blob, diff_id) = write_layer(
+        state.path(),
+        &Tar::new().file("etc/os-release", b"ID=kiln\n").bytes(),
+    );
+    let (image, _) = images.convert(&blob, &diff_id, 1 << 30).unwrap();
+    let stamp = fs::read_to_string(images.stamp_path(&diff_id)).unwrap();
+    let stamp = Stamp::parse(&stamp).expect("a full hash leaves a stamp");
+    assert_eq!(stamp.digest, image.digest);
+    assert_eq!(stamp.boot_id, boot_id());
+    assert!(images.verified(&diff_id).unwrap().is_some());
+
+    // Same size, same mtime, same inode: only the ctime moved.
+    flip_byte_keeping_size_and_mtime(&image.path, 1024 + 7);
+    match images.verified(&diff_id) {
+        Err(ImageError::Corrupt { .. }) => {}
+        other => panic!("a rewritten image was accepted on its stamp: {other:?}"),
+    }
+    assert!(!image.path.exists(), "a corrupt image is removed");
+    assert!(!images.stamp_path(&diff_id).exists(), "and its stamp");
+
+    // Replaced by another file of the same size: another inode.
+    let (image, _) = images.convert(&blob, &diff_id, 1 << 30).unwrap();
+    let mut bytes = fs::read(&image.path).unwrap();
+    bytes[1024 + 7] ^= 0xff;
+    let other = state.path().join("other.erofs");
+    fs::write(&other, &bytes).unwrap();
+    fs::rename(&other, &image.path).unwrap();
+    assert!(matches!(
+        images.verified(&diff_id),
+        Err(ImageError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_stamp_stands_in_for_the_hash_only_in_its_own_boot_and_never_with_rehashing() {
+    let state = tempfile::tempdir().unwrap();
+    let images = ImageCache::new(state.path()).unwrap();
+    let (blob, diff_id) = write_layer(
+        state.path(),
+        &Tar::new().file("etc/os-release", b"ID=kiln\n").bytes(),
+    );
+    let corrupt_below_the_filesystem = || {
+        // A change no ctime shows (bit-rot, a write to the raw device) is
+        // what a stamp cannot see: simulated by stamping after the change.
+        let (image, _) = images.convert(&blob, &diff_id, 1 << 30).unwrap();
+        flip_byte_keeping_size_and_mtime(&image.path, 1024 + 7);
+        image
+    };
+
+    // The documented trade-off: in this boot, a matching stamp is trusted
+    // (this is what saves the hash before each mount)...
+    let image = corrupt_below_the_filesystem();
+    forge_stamp(&images, &diff_id, &image.path, &image.digest, &boot_id());
+    assert!(images.verified(&diff_id).unwrap().is_some());
+    // ...but not with --rehash-layer-images,
+    match images.clone().hash_every_mount().verified(&diff_id) {
+        Err(ImageError::Corrupt { .. }) => {}
+        other => panic!("--rehash-layer-images trusted a stamp: {other:?}"),
+    }
+    // ...nor a stamp from another boot,
+    let image = corrupt_below_the_filesystem();
+    forge_stamp(
+        &images,
+        &diff_id,
+        &image.path,
+        &image.digest,
+        "00000000-0000-0000-0000-000000000000",
+    );
+    assert!(matches!(
+        images.verified(&diff_id),
+        Err(ImageError::Corrupt { .. })
+    ));
+    // ...nor a damaged one.
+    let image = corrupt_below_the_filesystem();
+    forge_stamp(&images, &diff_id, &image.path, &image.digest, &boot_id());
+    let text = fs::read_to_string(images.stamp_path(&diff_id)).unwrap();
+    fs::write(images.stamp_path(&diff_id), text.replace("ino ", "inode ")).unwrap();
+    assert!(matches!(
+        images.verified(&diff_id),
+        Err(ImageError::Corrupt { .. })
+    ));
+}
+
 #[test]
 fn conversion_checks_the_diff_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -653,6 +791,208 @@ fn a_fresh_executor_mounts_the_base_image_from_the_cache_server() {
     assert!(
         mounts_below(env.work.path()).is_empty(),
         "a mount outlived the build"
+    );
+}
+
+#[test]
+fn a_fresh_executor_builds_from_the_cache_server_alone_once_the_registry_is_stopped() {
+    let mut env = BuildEnv::new();
+    let (layer, diff_id) = env.base_layer();
+    let manifest = env
+        .registry
+        .skopeo_raw_manifest("library/busybox:latest")
+        .unwrap();
+    let manifest_digest = Digest::of_bytes(&manifest);
+    let tagged = env.registry.reference("library/busybox:latest");
+    let bare = env.registry.reference("library/busybox");
+
+    // First executor, the base pinned as `name:tag@digest`: resolved by the
+    // registry, its documents, layer and image shared through the server.
+    let one = env.context(
+        "one",
+        &format!("FROM {tagged}@{manifest_digest}\nRUN echo one > /one\n"),
+    );
+    let log = env.build_ok(&one, &env.work.path().join("state-one"));
+    assert!(log.contains("not resolved from the cache"), "{log}");
+    assert!(log.contains("converted"), "{log}");
+
+    env.registry.stop();
+
+    // A fresh --cache-dir, the same image pinned as `name@digest`, a step
+    // that misses: everything comes from the cache server.
+    let two = env.context(
+        "two",
+        &format!("FROM {bare}@{manifest_digest}\nRUN test -s /bin/busybox && echo two > /two\n"),
+    );
+    let state_two = env.work.path().join("state-two");
+    let layout = env.work.path().join("out-layout");
+    let out = env
+        .command(&two, &state_two)
+        .arg("--oci-layout-path")
+        .arg(&layout)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "build without the registry failed:\n{log}"
+    );
+    assert!(log.contains("from the cache (pinned by digest"), "{log}");
+    assert!(log.contains("downloaded from the cache"), "{log}");
+    assert!(
+        !state_two.join("layers").join(diff_id.hex()).exists(),
+        "the base was unpacked:\n{log}"
+    );
+    assert!(
+        mounts_below(env.work.path()).is_empty(),
+        "a mount outlived the build"
+    );
+
+    // The image: the base's layer (its bytes, by digest) under the step's.
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let image_manifest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(&image_manifest)).unwrap()).unwrap();
+    let layers: Vec<String> = image["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(layers.len(), 2, "{image}");
+    assert_eq!(layers[0], layer, "the base layer is the registry's");
+    let base_bytes = fs::read(blob(&layers[0])).unwrap();
+    assert_eq!(Digest::of_bytes(&base_bytes).to_string(), layer);
+    let two_file = Command::new("tar")
+        .arg("-xzOf")
+        .arg(blob(&layers[1]))
+        .arg("two")
+        .output()
+        .unwrap();
+    assert!(two_file.status.success(), "{two_file:?}");
+    assert_eq!(two_file.stdout, b"two\n");
+    let config = image["config"]["digest"].as_str().unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(config)).unwrap()).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"][0], diff_id.to_string());
+
+    // A tag needs the registry: the build fails and says which one.
+    let three = env.context(
+        "three",
+        &format!("FROM {tagged}\nRUN echo three > /three\n"),
+    );
+    let out = env
+        .command(&three, &env.work.path().join("state-three"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a tag resolved without its registry:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "the registry {} is needed to resolve the tag",
+            env.registry.host()
+        )),
+        "{log}"
+    );
+    assert!(
+        mounts_below(env.work.path()).is_empty(),
+        "a mount outlived the build"
+    );
+}
+
+/// Files below `dir`, recursively (none when it does not exist).
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_below(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_base_layer_is_converted_while_it_downloads_and_a_wrong_digest_leaves_nothing_behind() {
+    let env = BuildEnv::new();
+    let (layer, diff_id) = env.base_layer();
+
+    // The gzip header's MTIME field: the decompressed stream, and so the
+    // diff_id and the image, stay the same; only the compressed digest
+    // says these are not the layer's bytes.
+    let blob = env.registry.blob_file(&layer);
+    let good = fs::read(&blob).unwrap();
+    let mut bad = good.clone();
+    bad[4] ^= 0xff;
+    fs::write(&blob, &bad).unwrap();
+    let ctx = env.context("bad", "FROM BASE\nRUN echo bad > /bad\n");
+    let state = env.work.path().join("state-bad");
+    let out = env
+        .command(&ctx, &state)
+        .args(["--image-download-retry", "0"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "a layer with the wrong digest was used:\n{log}"
+    );
+    assert!(log.contains("converting it as it downloads"), "{log}");
+    let hex = layer.trim_start_matches("sha256:");
+    let left: Vec<PathBuf> = files_below(&state.join("images"))
+        .into_iter()
+        .chain(files_below(&state.join("store")).into_iter().filter(|p| {
+            p.file_name().is_some_and(|n| n == hex)
+                || p.parent().is_some_and(|d| d.ends_with("tmp"))
+        }))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}\n{log}");
+    assert!(mounts_below(env.work.path()).is_empty());
+
+    // The right bytes: pulled and converted in one pass, then mounted.
+    fs::write(&blob, &good).unwrap();
+    let state = env.work.path().join("state-good");
+    let log = env.build_ok(&ctx, &state);
+    assert!(log.contains("converting it as it downloads"), "{log}");
+    assert!(log.contains("mounted image"), "{log}");
+    assert!(
+        files_below(&state.join("store"))
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == hex)),
+        "the pulled blob is stored"
+    );
+    // Mounted first, hashed in the background before the build ended: the
+    // recorded digest is the file's, and a stamp vouches for it.
+    assert!(log.contains("hashed in the background"), "{log}");
+    let images = state.join("images/v1");
+    let image = fs::read(images.join(format!("{}.erofs", diff_id.hex()))).unwrap();
+    let recorded = fs::read_to_string(images.join(format!("{}.sha256", diff_id.hex()))).unwrap();
+    assert_eq!(recorded.trim(), Digest::of_bytes(&image).to_string());
+    let stamp = fs::read_to_string(images.join(format!("{}.stamp", diff_id.hex()))).unwrap();
+    assert_eq!(
+        Stamp::parse(&stamp).unwrap().digest,
+        Digest::of_bytes(&image)
+    );
+    assert!(
+        !state.join("layers").join(diff_id.hex()).exists(),
+        "the base was unpacked:\n{log}"
     );
 }
 

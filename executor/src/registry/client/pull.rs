@@ -178,6 +178,17 @@ impl RegistryClient {
         })
     }
 
+    /// An image whose documents were had elsewhere (the cache, by digest:
+    /// docs/executor-cache.md, "Base images pinned by digest"), as if
+    /// resolved here: its blobs, when needed, come from `r`'s registry.
+    pub fn pulled_from_documents(&self, r: &ImageRef, image: ImageDocuments) -> PulledImage {
+        PulledImage {
+            reference: r.with_digest(image.manifest_digest.clone()),
+            endpoint: self.endpoint(r.registry(), Direction::Pull),
+            image,
+        }
+    }
+
     /// Resolves `r` to one image manifest (choosing `platform` from an
     /// index) and fetches its config; layers are not downloaded. Images are
     /// tried on their mirrors first (see `pull_endpoints`); the layers are
@@ -236,6 +247,7 @@ impl RegistryClient {
         pulled: &PulledImage,
         desc: &Descriptor,
         store: &LocalStore,
+        tee: Option<std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>>,
     ) -> Result<PathBuf, RegistryError> {
         let ep = &pulled.endpoint;
         let repo = ep.repo(&pulled.reference);
@@ -263,12 +275,20 @@ impl RegistryClient {
         let digest = desc.digest.clone();
         let size = desc.size;
         let writer = tokio::task::spawn_blocking(move || -> Result<PathBuf, RegistryError> {
+            let mut tee = tee;
             let mut w = writer_store.writer()?;
             while let Some(chunk) = rx.blocking_recv() {
                 w.write_all(&chunk).map_err(|source| RegistryError::Io {
                     path: writer_store.root().to_path_buf(),
                     source,
                 })?;
+                // A consumer that stopped (it failed) leaves the blob to be
+                // stored all the same.
+                if let Some(t) = &tee
+                    && t.send(Ok(chunk.to_vec())).is_err()
+                {
+                    tee = None;
+                }
             }
             Ok(w.commit(&digest, Some(size))?)
         });
@@ -329,9 +349,26 @@ impl RegistryClient {
             return Ok(store.path(&desc.digest));
         }
         self.retry(self.opts.pull_retries, || {
-            self.fetch_blob_once(pulled, desc, store)
+            self.fetch_blob_once(pulled, desc, store, None)
         })
         .await
+    }
+
+    /// Downloads one blob into `store` like [`Self::fetch_blob`], but once
+    /// (no retries: bytes handed on cannot be taken back), handing every
+    /// chunk to `tee` as well, as it is written: the consumer (a layer
+    /// conversion) works while the blob downloads. The store commits the
+    /// blob only if its sha256 and size match, so the consumer's result
+    /// counts only when this returns `Ok`. `tee` is closed at the end (or
+    /// on failure, when the consumer then sees a stream cut short).
+    pub async fn fetch_blob_teed(
+        &self,
+        pulled: &PulledImage,
+        desc: &Descriptor,
+        store: &LocalStore,
+        tee: std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
+    ) -> Result<PathBuf, RegistryError> {
+        self.fetch_blob_once(pulled, desc, store, Some(tee)).await
     }
 
     /// Downloads every layer of a resolved image into `store`, several at a
