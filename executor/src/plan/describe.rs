@@ -1,12 +1,12 @@
-//! The JSON flags, typed value and canonical text of an expanded
-//! instruction (`expanded` in the `--dry-run` JSON). Promise: the text is
-//! stable; cache keys read it today (issue 12 moves keys off it), so any
-//! change here shifts keys.
+//! The JSON flags, typed value and rendered text of an expanded
+//! instruction (`expanded` in the `--dry-run` JSON). Presentation only:
+//! cache keys never read it (their text is written in `crate::keys`, and a
+//! test there changes every rendered field without moving a key).
 
 use crate::dockerfile::{self, Command, Heredoc, Instruction, Mount, PortSpec};
 use serde_json::{Map, Value, json};
 
-/// Quotes a value for the canonical text when it would not read back as
+/// Quotes a value for the rendered text when it would not read back as
 /// one word.
 fn quote(s: &str) -> String {
     if s.is_empty() || s.contains(|c: char| c.is_whitespace() || "\"'\\$`".contains(c)) {
@@ -44,7 +44,7 @@ fn heredoc_text(docs: &[Heredoc]) -> String {
         .collect()
 }
 
-/// The JSON flags, typed value and canonical text of an expanded instruction.
+/// The JSON flags, typed value and rendered text of an expanded instruction.
 pub(super) fn describe(instruction: &Instruction) -> (Map<String, Value>, Value, String) {
     let mut flags = Map::new();
     let mut put = |k: &str, v: Value| {

@@ -9,8 +9,8 @@
 //! Files: [`model`] (what a plan is: the types `--dry-run` serialises),
 //! `planner` (ARG/ENV scoping and expansion, stage by stage), `graph` (stage
 //! dependencies: cycles, forward references, build order) and `describe`
-//! (the typed value and canonical text of an expanded instruction, which
-//! `--dry-run` prints and cache keys read today).
+//! (the typed value and rendered text of an expanded instruction, which
+//! `--dry-run` prints; cache keys never read it: see `crate::keys`).
 
 mod describe;
 mod graph;

@@ -1037,7 +1037,7 @@ fn sigterm_mid_build_leaves_no_mount_behind() {
 
 /// Not a test: the measurement behind docs/performance.md ("Mountable
 /// layers"). `KILN_BENCH_LAYER=blob KILN_BENCH_DIR=dir cargo test --release
-/// -p kiln-e2e --test mountable_layers -- --ignored --nocapture measure`
+/// -p kiln-e2e --test e2e -- --ignored --nocapture mountable_layers::measure`
 #[test]
 #[ignore]
 fn measure_unpack_against_convert_and_mount() {
