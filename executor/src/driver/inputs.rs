@@ -250,7 +250,9 @@ pub(super) fn compute_keys(
                                     format!("stage {from} is not built before it is mounted")
                                 })?)
                             }
-                            MountInput::Image(identity) => keys::BindSource::Image(identity.clone()),
+                            MountInput::Image(identity) => {
+                                keys::BindSource::Image(identity.clone())
+                            }
                         };
                         resolved.push((source.as_str(), from));
                     }

@@ -289,12 +289,12 @@ impl Driver {
         let key = image_key(&diff_id);
         self.uploads.push(std::thread::spawn(move || {
             let started = Instant::now();
-            let image = images
-                .record_hash(&diff_id, &placed)
-                .map_err(|e| crate::cache::CacheError::Blob {
+            let image = images.record_hash(&diff_id, &placed).map_err(|e| {
+                crate::cache::CacheError::Blob {
                     digest: diff_id.clone(),
                     message: format!("hashing the layer image: {e}"),
-                })?;
+                }
+            })?;
             let mut bytes = 0;
             if let Some(cache) = cache {
                 cache.put_blob(&image.digest, &image.path)?;
