@@ -233,7 +233,10 @@ pub(super) fn registry_resolve_error(r: &ImageRef, e: RegistryError) -> BaseErro
             r.registry()
         ),
     };
-    BaseError::RegistryUnavailable { source: e, hint }
+    BaseError::RegistryUnavailable {
+        source: Box::new(e),
+        hint,
+    }
 }
 
 #[cfg(test)]

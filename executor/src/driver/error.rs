@@ -155,10 +155,11 @@ pub enum BaseError {
     Registry(#[from] crate::registry::RegistryError),
     /// The registry did not answer for a base the cache could not supply;
     /// `hint` says what would build without it (cached_bases).
+    /// (Boxed: keeps every driver `Result` small.)
     #[error("{source} ({hint})")]
     RegistryUnavailable {
         #[source]
-        source: crate::registry::RegistryError,
+        source: Box<crate::registry::RegistryError>,
         hint: String,
     },
     #[error(transparent)]
