@@ -232,10 +232,14 @@ fn platform_keys_are_pinned() {
             on("linux/arm64"),
             "2bd5d70a596f6240abf73c832a3fb0ecef0d6985883c4d3c85285103828dfe22",
         ),
+        // Moved on purpose by the one `Platform` (docs/decisions.md): `v8`
+        // is arm64's default variant and is now dropped as BuildKit does,
+        // so TARGETVARIANT is empty for this spelling. Only builds that
+        // spell `arm64/v8` miss once; the scheme is not bumped.
         (
             "linux/arm64/v8",
             on("linux/arm64/v8"),
-            "db06f546450e473ae7260a7fc31de5c15a4fc0c0d21715d0981f0e6f9fcc2f17",
+            "0b717d5846b38a71ff0cac9ac6a197a918be65f1b6004fb392e490581ff09773",
         ),
         (
             "linux/arm/v7",

@@ -1107,12 +1107,20 @@ mod tests {
         assert!(out.success());
         // Output pipe reached EOF: no process of the step is left.
         assert!(started.elapsed().as_secs() < 30);
-        let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
-        assert!(
-            !String::from_utf8_lossy(&ps.stdout)
+        // The kernel kills the rest of the step's PID namespace when its
+        // init exits; the killed process can stay in the table for a
+        // moment while it is torn down, so allow it a little time to go.
+        let sleeping = || {
+            let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+            String::from_utf8_lossy(&ps.stdout)
                 .lines()
                 .any(|l| l == "sleep 300")
-        );
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while sleeping() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(!sleeping(), "the step's background process outlived it");
     }
 
     #[test]
