@@ -123,13 +123,18 @@ def main() -> int:
         check("release" in one(full, kind)["metadata"].get("labels", {}), f"{kind} has no release label")
     check("serviceMonitorSelector" in Path("deploy/README.md").read_text(),
           "deploy/README.md does not document the ServiceMonitor selector")
-    exported = set(re.findall(r'"(kiln_cache_[a-z_]+)"', Path("cache-server/src/telemetry.rs").read_text()))
+    # The server's metrics, and the storage engine's (kiln-storage names
+    # those it records itself, such as evictions).
+    metric_sources = ("cache-server/src/telemetry.rs", "storage/src/metrics.rs")
+    exported = set()
+    for source in metric_sources:
+        exported |= set(re.findall(r'"(kiln_cache_[a-z_]+)"', Path(source).read_text()))
     rule = one(full, "PrometheusRule")
     for g in rule["spec"]["groups"]:
         for r in g["rules"]:
             for m in re.findall(r"(?<![:\w])(kiln_cache_[a-z_]+)(?![:\w])", str(r["expr"])):
                 check(m in exported or re.sub(r"_(bucket|count|sum)$", "", m) in exported,
-                      f"PrometheusRule {r.get('record') or r.get('alert')}: {m} is not a metric of cache-server/src/telemetry.rs")
+                      f"PrometheusRule {r.get('record') or r.get('alert')}: {m} is not a metric of {' or '.join(metric_sources)}")
     (out / "kiln-cache.rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
 
     # `kiln-cache token create` as written in comments and docs.
