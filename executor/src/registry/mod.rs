@@ -185,6 +185,21 @@ impl RegistryError {
         }
     }
 
+    /// Whether the registry refused a manifest because it does not know
+    /// one of its blobs (`MANIFEST_BLOB_UNKNOWN`, or `BLOB_UNKNOWN` from
+    /// registries that answer a manifest PUT with the blob's code).
+    pub fn is_manifest_blob_unknown(&self) -> bool {
+        match self {
+            RegistryError::Status {
+                method: "PUT",
+                url,
+                status: 400 | 404,
+                body,
+            } => url.contains("/manifests/") && body.contains("BLOB_UNKNOWN"),
+            _ => false,
+        }
+    }
+
     /// Whether the registry refused to overwrite a tag because the
     /// repository's tags are immutable: Harbor, ECR, Artifact Registry and
     /// others answer 400/403/409/412 with `TAG_INVALID`, `MANIFEST_TAGGED`

@@ -317,72 +317,113 @@ impl RegistryClient {
             .iter()
             .filter(|d| seen.insert(d.digest.clone()))
             .collect();
-        let n = self.opts.max_concurrent_transfers.max(1);
         for (registry, dests) in &by_registry {
-            let first = dests[0];
-            let hint = mount_hints
-                .iter()
-                .find(|h| h.registry() == registry && h.repository() != first.repository())
-                .map(|h| h.repository().to_string());
-            futures::stream::iter(blobs.iter().copied())
+            // A registry may answer MANIFEST_BLOB_UNKNOWN for a blob it has
+            // just acknowledged: Distribution rewrites a repository's blob
+            // link in place (truncate, then write), so a manifest checked
+            // while another client links the same blob into the same
+            // repository sees an empty link. Uploading again (each blob is
+            // looked up first, so only a really missing one moves) and
+            // putting the manifest again is what resolves it; once even
+            // without --push-retry, since the registry contradicts itself.
+            let retries = self.opts.push_retries.max(1);
+            let mut delay = self.opts.retry_backoff;
+            let mut attempt = 0;
+            loop {
+                match self
+                    .push_to_registry(image, registry, dests, &blobs, layers, mount_hints)
+                    .await
+                {
+                    Err(e) if attempt < retries && e.is_manifest_blob_unknown() => {
+                        attempt += 1;
+                        tracing::warn!(
+                            "{e}; checking the blobs again and retrying ({attempt}/{retries}) in {delay:?}"
+                        );
+                        tokio::time::sleep(delay).await;
+                        delay = delay.saturating_mul(2);
+                    }
+                    result => break result?,
+                }
+            }
+        }
+        Ok(image.manifest_digest.clone())
+    }
+
+    /// One registry's part of [`Self::push_image`]: the blobs to the first
+    /// destination there, mounted into the others, then every manifest.
+    async fn push_to_registry(
+        &self,
+        image: &ImageDocuments,
+        registry: &str,
+        dests: &[&ImageRef],
+        blobs: &[&Descriptor],
+        layers: &dyn BlobSource,
+        mount_hints: &[ImageRef],
+    ) -> Result<(), RegistryError> {
+        let n = self.opts.max_concurrent_transfers.max(1);
+        let first = dests[0];
+        let hint = mount_hints
+            .iter()
+            .find(|h| h.registry() == registry && h.repository() != first.repository())
+            .map(|h| h.repository().to_string());
+        futures::stream::iter(blobs.iter().copied())
+            .map(|desc| {
+                let hint = hint.clone();
+                async move {
+                    let path =
+                        layers
+                            .blob_path(&desc.digest)
+                            .ok_or_else(|| RegistryError::Blob {
+                                digest: desc.digest.clone(),
+                                url: first.to_string(),
+                                reason: "not available locally to push".into(),
+                            })?;
+                    self.push_blob(first, desc, Body::File(path), hint.as_deref())
+                        .await
+                }
+            })
+            .buffer_unordered(n)
+            .try_collect::<Vec<_>>()
+            .await?;
+        self.push_blob(
+            first,
+            &image.manifest.config,
+            Body::Bytes(&image.config_bytes),
+            None,
+        )
+        .await?;
+        for other in &dests[1..] {
+            let from =
+                (other.repository() != first.repository()).then(|| first.repository().to_string());
+            futures::stream::iter(blobs.iter().copied().chain([&image.manifest.config]))
                 .map(|desc| {
-                    let hint = hint.clone();
+                    let from = from.clone();
                     async move {
-                        let path =
-                            layers
-                                .blob_path(&desc.digest)
-                                .ok_or_else(|| RegistryError::Blob {
-                                    digest: desc.digest.clone(),
-                                    url: first.to_string(),
-                                    reason: "not available locally to push".into(),
-                                })?;
-                        self.push_blob(first, desc, Body::File(path), hint.as_deref())
-                            .await
+                        let body = if desc.digest == image.manifest.config.digest {
+                            Body::Bytes(&image.config_bytes)
+                        } else {
+                            match layers.blob_path(&desc.digest) {
+                                Some(p) => Body::File(p),
+                                None => {
+                                    return Err(RegistryError::Blob {
+                                        digest: desc.digest.clone(),
+                                        url: other.to_string(),
+                                        reason: "not available locally to push".into(),
+                                    });
+                                }
+                            }
+                        };
+                        self.push_blob(other, desc, body, from.as_deref()).await
                     }
                 })
                 .buffer_unordered(n)
                 .try_collect::<Vec<_>>()
                 .await?;
-            self.push_blob(
-                first,
-                &image.manifest.config,
-                Body::Bytes(&image.config_bytes),
-                None,
-            )
-            .await?;
-            for other in &dests[1..] {
-                let from = (other.repository() != first.repository())
-                    .then(|| first.repository().to_string());
-                futures::stream::iter(blobs.iter().copied().chain([&image.manifest.config]))
-                    .map(|desc| {
-                        let from = from.clone();
-                        async move {
-                            let body = if desc.digest == image.manifest.config.digest {
-                                Body::Bytes(&image.config_bytes)
-                            } else {
-                                match layers.blob_path(&desc.digest) {
-                                    Some(p) => Body::File(p),
-                                    None => {
-                                        return Err(RegistryError::Blob {
-                                            digest: desc.digest.clone(),
-                                            url: other.to_string(),
-                                            reason: "not available locally to push".into(),
-                                        });
-                                    }
-                                }
-                            };
-                            self.push_blob(other, desc, body, from.as_deref()).await
-                        }
-                    })
-                    .buffer_unordered(n)
-                    .try_collect::<Vec<_>>()
-                    .await?;
-            }
-            for d in dests {
-                self.put_manifest(d, &image.manifest_bytes, &image.manifest_media_type)
-                    .await?;
-            }
         }
-        Ok(image.manifest_digest.clone())
+        for d in dests {
+            self.put_manifest(d, &image.manifest_bytes, &image.manifest_media_type)
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -511,3 +511,68 @@ fn unreadable_ca_certificate_is_an_error_naming_the_file() {
     .unwrap();
     assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
 }
+
+struct NoBlobs;
+impl BlobSource for NoBlobs {
+    fn blob_path(&self, _: &Digest) -> Option<std::path::PathBuf> {
+        None
+    }
+}
+
+const BLOB_UNKNOWN_ANSWER: &str =
+    r#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#;
+
+#[tokio::test]
+async fn a_manifest_refused_for_a_blob_just_acknowledged_is_checked_and_put_again() {
+    // HEAD config (there), PUT manifest (blob unknown: a concurrent
+    // client was relinking it), HEAD config again, PUT manifest.
+    let (host, seen) = scripted_server(vec![
+        (200, String::new()),
+        (400, BLOB_UNKNOWN_ANSWER.into()),
+        (200, String::new()),
+        (201, String::new()),
+    ]);
+    let image = ImageDocuments::build(&ImageConfig::default(), Vec::new(), false);
+    let c = client(RegistryOptions {
+        insecure_registries: vec![host.clone()],
+        push_retries: 0,
+        retry_backoff: Duration::from_millis(1),
+        ..Default::default()
+    });
+    let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+    let digest = c.push_image(&image, &[dest], &NoBlobs, &[]).await.unwrap();
+    assert_eq!(digest, image.manifest_digest);
+    let seen = seen.lock().unwrap();
+    let methods: Vec<&str> = seen.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(methods, ["HEAD", "PUT", "HEAD", "PUT"], "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_manifest_whose_blob_stays_unknown_fails_with_the_registrys_answer() {
+    let (host, seen) = scripted_server(vec![
+        (200, String::new()),
+        (400, BLOB_UNKNOWN_ANSWER.into()),
+        (200, String::new()),
+        (400, BLOB_UNKNOWN_ANSWER.into()),
+        (201, String::new()),
+    ]);
+    let image = ImageDocuments::build(&ImageConfig::default(), Vec::new(), false);
+    let c = client(RegistryOptions {
+        insecure_registries: vec![host.clone()],
+        push_retries: 0,
+        retry_backoff: Duration::from_millis(1),
+        ..Default::default()
+    });
+    let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+    let err = c
+        .push_image(&image, &[dest], &NoBlobs, &[])
+        .await
+        .unwrap_err();
+    assert!(err.is_manifest_blob_unknown(), "{err}");
+    assert!(err.to_string().contains("MANIFEST_BLOB_UNKNOWN"), "{err}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        4,
+        "one retry without --push-retry"
+    );
+}
