@@ -519,6 +519,18 @@ impl BlobSource for NoBlobs {
     }
 }
 
+/// A client with `--push-retry 0`, an empty image and a destination on `host`.
+fn push_without_retries(host: &str) -> (RegistryClient, ImageDocuments, ImageRef) {
+    let c = client(RegistryOptions {
+        insecure_registries: vec![host.to_string()],
+        push_retries: 0,
+        retry_backoff: Duration::from_millis(1),
+        ..Default::default()
+    });
+    let image = ImageDocuments::build(&ImageConfig::default(), Vec::new(), false);
+    (c, image, ImageRef::parse(&format!("{host}/x:v1")).unwrap())
+}
+
 const BLOB_UNKNOWN_ANSWER: &str =
     r#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#;
 
@@ -532,14 +544,7 @@ async fn a_manifest_refused_for_a_blob_just_acknowledged_is_checked_and_put_agai
         (200, String::new()),
         (201, String::new()),
     ]);
-    let image = ImageDocuments::build(&ImageConfig::default(), Vec::new(), false);
-    let c = client(RegistryOptions {
-        insecure_registries: vec![host.clone()],
-        push_retries: 0,
-        retry_backoff: Duration::from_millis(1),
-        ..Default::default()
-    });
-    let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+    let (c, image, dest) = push_without_retries(&host);
     let digest = c.push_image(&image, &[dest], &NoBlobs, &[]).await.unwrap();
     assert_eq!(digest, image.manifest_digest);
     let seen = seen.lock().unwrap();
@@ -556,14 +561,7 @@ async fn a_manifest_whose_blob_stays_unknown_fails_with_the_registrys_answer() {
         (400, BLOB_UNKNOWN_ANSWER.into()),
         (201, String::new()),
     ]);
-    let image = ImageDocuments::build(&ImageConfig::default(), Vec::new(), false);
-    let c = client(RegistryOptions {
-        insecure_registries: vec![host.clone()],
-        push_retries: 0,
-        retry_backoff: Duration::from_millis(1),
-        ..Default::default()
-    });
-    let dest = ImageRef::parse(&format!("{host}/x:v1")).unwrap();
+    let (c, image, dest) = push_without_retries(&host);
     let err = c
         .push_image(&image, &[dest], &NoBlobs, &[])
         .await
