@@ -393,7 +393,7 @@ pub enum CliError {
     #[error(transparent)]
     Tls(#[from] crate::cache::http::TlsFileError),
     #[error(transparent)]
-    Context(#[from] crate::context_source::SourceError),
+    Context(#[from] crate::sources::context_source::SourceError),
 }
 
 impl ExecutorArgs {
@@ -417,18 +417,21 @@ impl ExecutorArgs {
     /// default. For a context that is fetched, the driver resolves it
     /// against the fetched directory instead.
     pub fn dockerfile_path(&self) -> PathBuf {
-        crate::context_source::resolve_dockerfile(self.dockerfile.as_deref(), &self.context)
+        crate::sources::context_source::resolve_dockerfile(
+            self.dockerfile.as_deref(),
+            &self.context,
+        )
     }
 
     /// `--context` with `--bucket`, `--context-sub-path` and `--git`.
-    pub fn context_spec(&self) -> Result<crate::context_source::ContextSpec, CliError> {
+    pub fn context_spec(&self) -> Result<crate::sources::context_source::ContextSpec, CliError> {
         let context = self.context.to_string_lossy();
-        Ok(crate::context_source::ContextSpec::parse(
+        Ok(crate::sources::context_source::ContextSpec::parse(
             &context,
             context != ".",
             self.bucket.as_deref(),
             self.context_sub_path.as_deref(),
-            crate::context_source::GitOptions::parse(&self.git)?,
+            crate::sources::context_source::GitOptions::parse(&self.git)?,
             &|name| std::env::var(name).ok(),
         )?)
     }
@@ -473,7 +476,7 @@ impl ExecutorArgs {
     /// The planner's options before the context is prepared: `context` is
     /// the local directory (or, for one that must be fetched, the flag's
     /// text) and `dockerfile` the flag as given, until
-    /// [`crate::context_source::ContextSpec::prepare`] (the driver, or
+    /// [`crate::sources::context_source::ContextSpec::prepare`] (the driver, or
     /// `--dry-run`) points both at the materialized context.
     pub fn plan_options(&self) -> Result<PlanOptions, CliError> {
         let spec = self.context_spec()?;

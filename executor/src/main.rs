@@ -78,7 +78,7 @@ fn dry_run(args: &ExecutorArgs, log: &Logger) -> anyhow::Result<()> {
     let _context = args.context_spec()?.prepare(
         &mut opts,
         &std::env::temp_dir(),
-        kiln_executor::unpack::DEFAULT_MAX_EXPANDED_SIZE,
+        kiln_executor::build::unpack::DEFAULT_MAX_EXPANDED_SIZE,
     )?;
     let plan = kiln_executor::plan::plan(&opts)?;
     for warning in &plan.warnings {

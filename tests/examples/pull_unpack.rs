@@ -7,10 +7,10 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use kiln_executor::build::unpack::{UnpackOptions, apply_layers};
 use kiln_executor::oci::Platform;
 use kiln_executor::registry::{ImageRef, RegistryClient, RegistryOptions};
 use kiln_executor::store::LocalStore;
-use kiln_executor::unpack::{UnpackOptions, apply_layers};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use kiln_executor::unpack::{UnpackOptions, apply_layers};
+use kiln_executor::build::unpack::{UnpackOptions, apply_layers};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();

@@ -149,6 +149,50 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// Starts a server that is expected to refuse its settings: waits for it
+    /// to exit and returns its log. Panics when it exits successfully,
+    /// listens (writes its port file) or still runs after 60 s.
+    pub fn refused(self) -> String {
+        let Launch {
+            mut command,
+            port_file,
+            log,
+            ..
+        } = self;
+        let _ = fs::remove_file(&port_file);
+        let log_file = fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("creating the server log {}: {e}", log.display()));
+        let mut child = command
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {:?}: {e}", command.get_program()));
+        let log_text = || fs::read_to_string(&log).unwrap_or_default();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for the server") {
+                assert!(
+                    !status.success(),
+                    "kiln-cache-server exited 0:\n{}",
+                    log_text()
+                );
+                assert!(
+                    !port_file.exists(),
+                    "kiln-cache-server listened:\n{}",
+                    log_text()
+                );
+                return log_text();
+            }
+            if port_file.exists() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("kiln-cache-server did not refuse to start:\n{}", log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A running `kiln-cache-server` started by [`Launch::start`].
 pub struct ServerProcess {
     child: Option<Child>,

@@ -237,6 +237,10 @@ fn status(r: reqwest::Response) -> StatusCode {
     r.status()
 }
 
+async fn status_of(request: reqwest::RequestBuilder) -> StatusCode {
+    request.send().await.unwrap().status()
+}
+
 /// The 1000-byte blob most specifications use.
 fn data() -> (Vec<u8>, Digest) {
     let data = vec![7u8; 1000];
@@ -246,24 +250,26 @@ fn data() -> (Vec<u8>, Digest) {
 
 async fn upload(api: &Api, bytes: &[u8]) -> Digest {
     let d = Digest::of_bytes(bytes);
-    let r = api
-        .as_ops(Method::PUT, &format!("/v1/blobs/{d}"))
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        status_of(
+            api.as_ops(Method::PUT, &format!("/v1/blobs/{d}"))
+                .body(bytes.to_vec())
+        )
+        .await,
+        StatusCode::CREATED
+    );
     d
 }
 
 async fn put_entry(api: &Api, n: u8, layer: Option<(&Digest, usize)>, by: &str) {
-    let r = api
-        .as_ops(Method::PUT, &format!("/v1/entries/{}", key(n)))
-        .json(&entry_json(layer, by))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        status_of(
+            api.as_ops(Method::PUT, &format!("/v1/entries/{}", key(n)))
+                .json(&entry_json(layer, by))
+        )
+        .await,
+        StatusCode::CREATED
+    );
 }
 
 async fn readiness_and_tokens_are_checked(f: &Fixture) {
@@ -273,13 +279,10 @@ async fn readiness_and_tokens_are_checked(f: &Fixture) {
         api.json(api.as_ops(Method::GET, "/readyz")).await["status"],
         "ready"
     );
-    let no_token = api
-        .http
-        .get(format!("{}/v1/blobs/{digest}", api.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(no_token.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        status_of(api.http.get(format!("{}/v1/blobs/{digest}", api.url))).await,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 async fn uploads_are_verified_against_their_digest(f: &Fixture) {
@@ -299,7 +302,7 @@ async fn uploads_are_verified_against_their_digest(f: &Fixture) {
     let body: serde_json::Value = wrong.json().await.unwrap();
     assert_eq!(body["error"]["code"], "digest_mismatch");
     assert_eq!(
-        status(api.as_ops(Method::HEAD, &blob_path).send().await.unwrap()),
+        status_of(api.as_ops(Method::HEAD, &blob_path)).await,
         StatusCode::NOT_FOUND
     );
 
@@ -375,18 +378,14 @@ async fn entries_are_first_writer_wins_and_looked_up_in_batches(f: &Fixture) {
     assert_eq!(found["entries"].as_object().unwrap().len(), 1);
     let got = api.json(api.as_ops(Method::GET, &entry_path)).await;
     assert_eq!(got["createdBy"], "RUN a");
-    let absent = api
-        .as_ops(Method::GET, &format!("/v1/entries/{}", key(2)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(absent.status(), StatusCode::NOT_FOUND);
-    let bad_key = api
-        .as_ops(Method::GET, "/v1/entries/nothex")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad_key.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        status_of(api.as_ops(Method::GET, &format!("/v1/entries/{}", key(2)))).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status_of(api.as_ops(Method::GET, "/v1/entries/nothex")).await,
+        StatusCode::BAD_REQUEST
+    );
 }
 
 async fn namespaces_see_and_delete_only_their_own_entries(f: &Fixture) {
@@ -405,13 +404,14 @@ async fn namespaces_see_and_delete_only_their_own_entries(f: &Fixture) {
         )
         .await;
     assert_eq!(theirs["entries"], serde_json::json!({}));
-    let team_put = api
-        .as_team(Method::PUT, &entry_path)
-        .json(&entry_json(None, "RUN team"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(team_put.status(), StatusCode::CREATED);
+    assert_eq!(
+        status_of(
+            api.as_team(Method::PUT, &entry_path)
+                .json(&entry_json(None, "RUN team"))
+        )
+        .await,
+        StatusCode::CREATED
+    );
     let team_page = api
         .json(api.as_team(Method::GET, "/v1/admin/entries"))
         .await;
@@ -472,15 +472,14 @@ async fn blobs_are_read_whole_by_range_and_by_head(f: &Fixture) {
         .unwrap();
     assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(beyond.headers()["content-range"], "bytes */1000");
-    let none = api
-        .as_ops(
+    assert_eq!(
+        status_of(api.as_ops(
             Method::GET,
             &format!("/v1/blobs/{}", Digest::of_bytes(b"none")),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(none.status(), StatusCode::NOT_FOUND);
+        ))
+        .await,
+        StatusCode::NOT_FOUND
+    );
 }
 
 async fn admin_listing_pages_in_key_order_and_filters_by_prefix(f: &Fixture) {
@@ -509,12 +508,10 @@ async fn admin_listing_pages_in_key_order_and_filters_by_prefix(f: &Fixture) {
         ))
         .await;
     assert_eq!(full_key["entries"][0]["key"], key(13).to_hex());
-    let bad_prefix = api
-        .as_ops(Method::GET, "/v1/admin/entries?prefix=xyz")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad_prefix.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        status_of(api.as_ops(Method::GET, "/v1/admin/entries?prefix=xyz")).await,
+        StatusCode::BAD_REQUEST
+    );
 }
 
 async fn deleting_the_last_entry_naming_a_blob_lets_gc_take_it(f: &Fixture) {
@@ -598,12 +595,10 @@ async fn verify_reports_and_repairs_corrupt_and_missing_blobs(f: &Fixture) {
             .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "entry {n}");
     }
-    let r = api
-        .as_ops(Method::HEAD, &format!("/v1/blobs/{rotten_d}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        status_of(api.as_ops(Method::HEAD, &format!("/v1/blobs/{rotten_d}"))).await,
+        StatusCode::NOT_FOUND
+    );
     let clean = api.json(api.as_ops(Method::POST, "/v1/admin/verify")).await;
     assert_eq!(clean["corrupt"], serde_json::json!([]), "{clean}");
     assert_eq!(clean["missing"], serde_json::json!([]), "{clean}");

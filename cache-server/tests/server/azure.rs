@@ -12,7 +12,10 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::{bytes, client, entry, error_code, key, put_blob, put_entry};
+use common::{
+    bytes, client, entry, get_blob, key, put_blob, put_entry,
+    uploads_under_a_wrong_digest_are_refused,
+};
 use futures::TryStreamExt;
 use kiln_common::{CacheEntry, CacheKey, Digest};
 use kiln_e2e::azurite::{ACCOUNT, ACCOUNT_KEY, AzureReplica, Azurite, Connect};
@@ -70,16 +73,6 @@ async fn lookup(
         .await
         .unwrap();
     answer.entries
-}
-
-async fn get_blob(c: &reqwest::Client, url: &str, digest: &Digest) -> (StatusCode, Vec<u8>) {
-    let r = c
-        .get(format!("{url}/v1/blobs/{digest}"))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.bytes().await.unwrap().to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,25 +164,9 @@ async fn a_digest_mismatch_on_upload_leaves_nothing_in_the_container() {
         &["--storage-part-size", "5MiB"],
     );
     let c = client();
-    let wrong = Digest::of_bytes(b"what the client claims");
     // 12 MiB goes up as three staged blocks (Put Block), never committed;
     // 1 KiB would be a single Put Blob after the check.
-    for len in [12 << 20, 1024] {
-        let r = c
-            .put(format!("{}/v1/blobs/{wrong}", replica.url))
-            .body(bytes(7, len))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-        assert_eq!(error_code(r).await, "digest_mismatch");
-    }
-    let head = c
-        .head(format!("{}/v1/blobs/{wrong}", replica.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+    uploads_under_a_wrong_digest_are_refused(&c, &replica.url, &[12 << 20, 1024]).await;
     let left = names(&azurite).await;
     assert!(left.is_empty(), "objects left in the container: {left:?}");
 

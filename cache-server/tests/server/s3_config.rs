@@ -8,96 +8,27 @@ use crate::common;
 use crate::s3_support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+
+use kiln_e2e::cache_server::Launch;
 
 use common::{bytes, client, entry, key, put_blob, put_entry};
 use reqwest::StatusCode;
 use s3_support::{Replica, S3Server, SERVER};
 
 /// A `kiln-cache-server` configured only through `config`: no flags but
-/// `--config`, no `KILN_CACHE_*` variables. Killed on drop, its log printed
-/// when the test panics.
-struct FileConfigured {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl FileConfigured {
-    fn spawn(s3: &S3Server, config: &Path, log: PathBuf) -> FileConfigured {
-        let child = Command::new(SERVER)
-            .arg("--config")
-            .arg(config)
-            // Nothing inherited: every setting must come from the file.
-            .env_clear()
-            .env("AWS_ACCESS_KEY_ID", s3.access_key())
-            .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        FileConfigured {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the port the server writes once listening.
-    fn wait_for_port(&mut self, port_file: &Path) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(text) = fs::read_to_string(port_file)
-                && let Ok(port) = text.trim().parse::<u16>()
-            {
-                return format!("http://127.0.0.1:{port}");
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited early ({status}):\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not start:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the server to give up; its exit status must be a failure.
-    fn wait_for_refusal(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                assert!(!status.success(), "started:\n{}", self.log_text());
-                return self.log_text();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FileConfigured {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- server log ----\n{}", self.log_text());
-        }
-    }
+/// `--config`, no `KILN_CACHE_*` variables, its log and port file in `dir`
+/// (where `config` must name the port file).
+fn file_configured(s3: &S3Server, dir: &Path, config: &Path) -> Launch {
+    let mut launch = Launch::program(dir, Path::new(SERVER)).args([Path::new("--config"), config]);
+    launch
+        .command()
+        // Nothing inherited: every setting must come from the file.
+        .env_clear()
+        .env("AWS_ACCESS_KEY_ID", s3.access_key())
+        .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
+        .env("RUST_LOG", "info");
+    launch
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,8 +65,8 @@ replica_id = "configured-by-file"
         ),
     )
     .unwrap();
-    let mut server = FileConfigured::spawn(&s3, &config, dir.path().join("server.log"));
-    let url = server.wait_for_port(&port_file);
+    let server = file_configured(&s3, dir.path(), &config).start();
+    let url = server.url.clone();
 
     let c = client();
     // 6 MiB: two parts with the file's 5MiB part size, one PUT with the
@@ -216,8 +147,7 @@ fn a_config_file_holding_a_credential_is_refused_before_the_server_starts() {
         ),
     )
     .unwrap();
-    let mut server = FileConfigured::spawn(&s3, &config, dir.path().join("server.log"));
-    let log = server.wait_for_refusal();
+    let log = file_configured(&s3, dir.path(), &config).refused();
     for part in [
         "aws_secret_access_key",
         "AWS_SECRET_ACCESS_KEY",

@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{bytes, client, entry, error_code, key, put_blob, put_entry};
+use common::{
+    bytes, client, entry, get_blob, key, put_blob, put_entry,
+    uploads_under_a_wrong_digest_are_refused,
+};
 use kiln_cache_server::Namespace;
 use kiln_cache_server::objstore::bucket::RefMarker;
 use kiln_common::{CacheEntry, CacheKey, Digest};
@@ -74,16 +77,6 @@ async fn lookup(
         .json()
         .await?;
     Ok(answer.entries)
-}
-
-async fn get_blob(c: &reqwest::Client, url: &str, digest: &Digest) -> (StatusCode, Vec<u8>) {
-    let r = c
-        .get(format!("{url}/v1/blobs/{digest}"))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.bytes().await.unwrap().to_vec())
 }
 
 async fn an_entry_and_blob_written_through_one_replica_are_served_by_the_others(s3: S3Server) {
@@ -221,24 +214,8 @@ async fn killing_a_replica_mid_sequence_leaves_the_others_serving(s3: S3Server) 
 async fn a_digest_mismatch_on_upload_leaves_nothing_in_the_bucket(s3: S3Server) {
     let replica = Replica::start(&s3, "mismatch", &["--s3-part-size", "5MiB"]);
     let c = client();
-    let wrong = Digest::of_bytes(b"what the client claims");
     // 12 MiB goes up as a multipart upload; 1 KiB as a single PUT.
-    for len in [12 << 20, 1024] {
-        let r = c
-            .put(format!("{}/v1/blobs/{wrong}", replica.url))
-            .body(bytes(7, len))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-        assert_eq!(error_code(r).await, "digest_mismatch");
-    }
-    let head = c
-        .head(format!("{}/v1/blobs/{wrong}", replica.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+    uploads_under_a_wrong_digest_are_refused(&c, &replica.url, &[12 << 20, 1024]).await;
     let keys = s3.keys().await;
     assert!(keys.is_empty(), "objects left in the bucket: {keys:?}");
 

@@ -1,6 +1,10 @@
 //! The build engine's building blocks: everything between "a rootfs made of
 //! unpacked layers" and "a new layer blob plus an image config".
 //!
+//! - [`unpack`]: applies image layers to a directory (whiteouts, hostile
+//!   entries refused) or lays them out as overlay lowers.
+//! - [`copy`]: COPY and ADD into a step's rootfs, with Docker's destination
+//!   rules, never writing outside it.
 //! - [`runner`]: runs one RUN step in a rootfs ([`runner::Runner`], with the
 //!   `chroot` and `none` isolations).
 //! - [`snapshot`]: gives a writable rootfs over read-only layers and reports
@@ -18,8 +22,10 @@
 
 pub mod compress;
 pub mod config;
+pub mod copy;
 pub mod fsutil;
 pub mod layer;
 pub mod runner;
 pub mod snapshot;
+pub mod unpack;
 pub mod user;

@@ -6,7 +6,7 @@ use super::*;
 
 impl Driver {
     pub(super) fn resolve_base(&mut self, name: &str) -> Result<(), BuildError> {
-        if self.bases.contains_key(name) {
+        if self.resolved.bases.contains_key(name) {
             return Ok(());
         }
         let base_err = |e: BaseError| BuildError::Base {
@@ -15,10 +15,10 @@ impl Driver {
         };
         let base = if name.eq_ignore_ascii_case("scratch") {
             BaseImage {
-                identity: keys::base_identity(None, &self.platform),
+                identity: keys::base_identity(None, &self.services.platform),
                 config: image_config::ImageConfig::scratch(
-                    &self.platform.os,
-                    &self.platform.architecture,
+                    &self.services.platform.os,
+                    &self.services.platform.architecture,
                 ),
                 layers: Vec::new(),
                 registry_ref: None,
@@ -33,12 +33,16 @@ impl Driver {
                 .map(|(i, _)| (&rest[..i], Some(&rest[i + 1..])))
                 .find(|(p, _)| Path::new(p).is_file())
                 .unwrap_or((rest, None));
-            let docs = crate::oci::archive::read_docker_archive(Path::new(path), &self.store, tag)
-                .map_err(|e| base_err(e.into()))?;
-            let store = self.store.clone();
+            let docs = crate::oci::archive::read_docker_archive(
+                Path::new(path),
+                &self.services.store,
+                tag,
+            )
+            .map_err(|e| base_err(e.into()))?;
+            let store = self.services.store.clone();
             let layers = self.layers_of(&docs, |d| store.path(d))?;
             BaseImage {
-                identity: keys::base_identity(Some(&docs.manifest_digest), &self.platform),
+                identity: keys::base_identity(Some(&docs.manifest_digest), &self.services.platform),
                 config: docs.config.clone(),
                 layers,
                 registry_ref: None,
@@ -47,10 +51,11 @@ impl Driver {
             let (path, reference) = parse_layout_reference(rest);
             let layout = OciLayout::open(&path).map_err(|e| base_err(e.into()))?;
             let docs = layout
-                .resolve(reference.as_deref(), &self.platform)
+                .resolve(reference.as_deref(), &self.services.platform)
                 .map_err(|e| base_err(e.into()))?;
             let layers = self.layers_of(&docs, |d| layout.path(d))?;
             let mut extra = self
+                .services
                 .extra_blobs
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -59,7 +64,7 @@ impl Driver {
             }
             drop(extra);
             BaseImage {
-                identity: keys::base_identity(Some(&docs.manifest_digest), &self.platform),
+                identity: keys::base_identity(Some(&docs.manifest_digest), &self.services.platform),
                 config: config_from_bytes(&docs.config_bytes).map_err(base_err)?,
                 layers,
                 registry_ref: None,
@@ -76,8 +81,13 @@ impl Driver {
                 Some(pulled) => pulled,
                 None => {
                     let pulled = self
+                        .services
                         .runtime
-                        .block_on(self.client.resolve(&reference, &self.platform))
+                        .block_on(
+                            self.services
+                                .client
+                                .resolve(&reference, &self.services.platform),
+                        )
                         .map_err(|e| {
                             base_err(cached_bases::registry_resolve_error(&reference, e))
                         })?;
@@ -85,20 +95,24 @@ impl Driver {
                     pulled
                 }
             };
-            let store = self.store.clone();
+            let store = self.services.store.clone();
             let layers = self.layers_of(&pulled.image, |d| store.path(d))?;
             for layer in &layers {
-                self.base_layers
+                self.resolved
+                    .base_layers
                     .insert(layer.desc.digest.clone(), (pulled.clone(), layer.clone()));
             }
             BaseImage {
-                identity: keys::base_identity(Some(&pulled.image.manifest_digest), &self.platform),
+                identity: keys::base_identity(
+                    Some(&pulled.image.manifest_digest),
+                    &self.services.platform,
+                ),
                 config: config_from_bytes(&pulled.image.config_bytes).map_err(base_err)?,
                 layers,
                 registry_ref: Some(pulled.reference.clone()),
             }
         };
-        self.bases.insert(name.to_owned(), base);
+        self.resolved.bases.insert(name.to_owned(), base);
         Ok(())
     }
 
@@ -144,7 +158,7 @@ impl Driver {
             let StageSource::Image(name) = &plan.stages[index].source else {
                 continue;
             };
-            let Some(base) = self.bases.get(name) else {
+            let Some(base) = self.resolved.bases.get(name) else {
                 continue;
             };
             let triggers = base.config.config.on_build.clone();
@@ -158,7 +172,7 @@ impl Driver {
             let triggers_plan =
                 crate::plan::plan_source(&text, &opts.dockerfile_path(), &trigger_opts).map_err(
                     |source| BuildError::Trigger {
-                        file: self.dockerfile_name.clone(),
+                        file: self.resolved.dockerfile_name.clone(),
                         line: from_line,
                         instruction: format!("ONBUILD triggers of {name}"),
                         source: Box::new(source),

@@ -42,14 +42,14 @@ impl Driver {
         if !self.opts.cache.mode.reads() {
             return None;
         }
-        let cache = self.cache.clone()?;
+        let cache = self.services.cache.clone()?;
         match self.documents_from_cache(cache.as_ref(), &digest) {
             Ok(docs) => {
                 self.log(&format!(
                     "resolved {r} from the cache (pinned by digest: manifest {}, config {})",
                     docs.manifest_digest, docs.manifest.config.digest
                 ));
-                Some(self.client.pulled_from_documents(r, docs))
+                Some(self.services.client.pulled_from_documents(r, docs))
             }
             Err(why) => {
                 self.log(&format!(
@@ -86,9 +86,13 @@ impl Driver {
             ));
         }
         cache
-            .fetch_blob(digest, desc.size, &self.store)
+            .fetch_blob(digest, desc.size, &self.services.store)
             .map_err(|e| e.to_string())?;
-        let bytes = self.store.read_small(digest).map_err(|e| e.to_string())?;
+        let bytes = self
+            .services
+            .store
+            .read_small(digest)
+            .map_err(|e| e.to_string())?;
         // The store commits only verified bytes, but a blob it already had
         // is not re-read by `fetch_blob`: check what is parsed.
         if &Digest::of_bytes(&bytes) != digest {
@@ -107,8 +111,13 @@ impl Driver {
         if media::is_index(&media_type) {
             let index: Index = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("index {digest} is invalid: {e}"))?;
-            let entry = select_platform(&index.manifests, &self.platform)
-                .ok_or_else(|| format!("index {digest} has no manifest for {}", self.platform))?;
+            let entry =
+                select_platform(&index.manifests, &self.services.platform).ok_or_else(|| {
+                    format!(
+                        "index {digest} has no manifest for {}",
+                        self.services.platform
+                    )
+                })?;
             manifest_digest = entry.digest.clone();
             (media_type, bytes) =
                 self.cached_document(cache, &manifest_digest, MAX_MANIFEST_SIZE)?;
@@ -137,7 +146,7 @@ impl Driver {
     /// In the background like layers; a failure is a warning.
     pub(super) fn share_base_documents(&mut self, r: &ImageRef, pulled: &PulledImage) {
         let Some(pinned) = r.digest() else { return };
-        if self.cache.is_none() || !self.opts.cache.mode.writes() {
+        if self.services.cache.is_none() || !self.opts.cache.mode.writes() {
             return;
         }
         let docs = &pulled.image;
@@ -155,7 +164,11 @@ impl Driver {
             // Pinned to an index: the registry client kept only the
             // platform's manifest, ask for the index itself (by digest,
             // once: the next build finds it in the cache).
-            match self.runtime.block_on(self.client.get_manifest(r)) {
+            match self
+                .services
+                .runtime
+                .block_on(self.services.client.get_manifest(r))
+            {
                 Ok(raw) if &raw.digest == pinned => shared.push((raw.media_type, raw.bytes)),
                 Ok(raw) => self.warn(&format!(
                     "base {r}: the registry served {} for it; its index is not cached",
@@ -165,7 +178,7 @@ impl Driver {
             }
         }
         for (media_type, bytes) in shared {
-            let digest = match self.store.put_bytes(&bytes) {
+            let digest = match self.services.store.put_bytes(&bytes) {
                 Ok(d) => d,
                 Err(e) => {
                     self.warn(&format!("base {r}: storing a document to cache it: {e}"));
@@ -183,8 +196,9 @@ impl Driver {
                 created: rfc3339(unix_now()),
                 extra: BTreeMap::new(),
             };
-            let path = self.store.path(&digest);
-            self.upload(document_key(&digest), entry, Some((digest, path)));
+            let path = self.services.store.path(&digest);
+            self.uploader
+                .upload(document_key(&digest), entry, Some((digest, path)));
         }
     }
 }
@@ -206,8 +220,9 @@ impl Driver {
             created: rfc3339(unix_now()),
             extra: BTreeMap::new(),
         };
-        let blob = Some((digest.clone(), self.store.path(&digest)));
-        self.upload(keys::base_layer_key(&digest), entry, blob);
+        let blob = Some((digest.clone(), self.services.store.path(&digest)));
+        self.uploader
+            .upload(keys::base_layer_key(&digest), entry, blob);
     }
 }
 

@@ -67,17 +67,17 @@ pub enum StepError {
     #[error("the command failed with {status}; last output:\n{tail}")]
     CommandFailed { status: ExitStatus, tail: String },
     #[error(transparent)]
-    Copy(#[from] super::copy::CopyError),
+    Copy(#[from] crate::build::copy::CopyError),
     #[error(transparent)]
     Layer(#[from] crate::build::layer::LayerError),
     #[error(transparent)]
-    Context(#[from] crate::context::ContextError),
+    Context(#[from] crate::sources::context::ContextError),
     #[error(transparent)]
-    Ignore(#[from] crate::dockerignore::IgnoreError),
+    Ignore(#[from] crate::sources::dockerignore::IgnoreError),
     #[error(transparent)]
     Config(#[from] crate::build::config::ConfigError),
     #[error(transparent)]
-    Remote(#[from] super::remote::RemoteError),
+    Remote(#[from] crate::sources::remote::RemoteError),
     /// `--chown`, `USER`: `what` is the flag or instruction.
     #[error("{what}: {source}")]
     User {
@@ -89,7 +89,7 @@ pub enum StepError {
     Unpack {
         what: String,
         #[source]
-        source: crate::unpack::UnpackError,
+        source: crate::build::unpack::UnpackError,
     },
     #[error("{what}: {source}")]
     Cache {

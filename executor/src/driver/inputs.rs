@@ -90,7 +90,7 @@ impl Driver {
         for &index in &plan.stages_to_build {
             let stage = &plan.stages[index];
             for (position, ins) in stage.instructions.iter().enumerate() {
-                let file = self.dockerfile_name.clone();
+                let file = self.resolved.dockerfile_name.clone();
                 let step_err = |source: StepError| BuildError::Step {
                     file: file.clone(),
                     line: ins.line,
@@ -174,7 +174,8 @@ impl Driver {
     }
 
     fn identity_of(&self, image: &str) -> String {
-        self.bases
+        self.resolved
+            .bases
             .get(image)
             .map(|b| b.identity.clone())
             .unwrap_or_default()

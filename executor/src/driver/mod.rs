@@ -17,18 +17,19 @@
 
 mod bases;
 mod cached_bases;
-mod caching;
-pub mod copy;
 mod error;
+mod fetch;
 pub mod from_cli;
 mod inputs;
 pub mod keys;
+mod lookup;
 mod mountable;
 mod output;
 mod parallel;
-pub mod remote;
+mod run_mounts;
 mod sources;
 mod stages;
+mod uploads;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -51,19 +52,21 @@ use crate::build::runner::{MountSpec, NetworkMode, OutputSink, RunSpec, Runner};
 use crate::build::snapshot::overlay::OverlaySnapshotter;
 use crate::build::snapshot::walk::WalkSnapshotter;
 use crate::build::snapshot::{LowerLayout, Snapshotter};
+use crate::build::unpack::{UnpackMode, UnpackOptions, unpack_layer};
 use crate::build::user::resolve_user;
-use crate::context::{BuildContext, Visibility};
 use crate::dockerfile::{self, Command, Instruction};
-use crate::dockerignore::DockerIgnore;
 use crate::oci::layout::{OciLayout, parse_layout_reference};
 use crate::oci::{BlobSource, Descriptor, ImageDocuments, Platform};
 use crate::plan::{Plan, PlanOptions, PlannedInstruction, Stage, StageSource};
 use crate::registry::{ImageRef, RegistryClient, RegistryOptions};
+use crate::sources::context::{BuildContext, Visibility};
+use crate::sources::dockerignore::DockerIgnore;
 use crate::store::LocalStore;
-use crate::unpack::{UnpackMode, UnpackOptions, unpack_layer};
 
-use copy::{CopyItem, CopyOptions, CopyRoot, copy_into, walk_root};
+use crate::build::copy::{self, CopyItem, CopyOptions, CopyRoot, copy_into, walk_root};
+use crate::sources::remote;
 pub use error::{BaseError, BuildError, StepError, StepOutcome};
+use uploads::{UploadDone, Uploader};
 
 /// How RUN steps are isolated (`--isolation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +89,7 @@ pub struct BuildOptions {
     /// Where the context comes from (`--context` and friends). When set,
     /// the build materializes it in its scratch space first and points
     /// `plan` at it; `None`: `plan.context` is a directory used as is.
-    pub context_source: Option<crate::context_source::ContextSpec>,
+    pub context_source: Option<crate::sources::context_source::ContextSpec>,
     pub destinations: Vec<String>,
     pub no_push: bool,
     /// Check, before anything is built, that every destination accepts a
@@ -146,7 +149,7 @@ pub struct BuildOptions {
     /// `--secret id=..,src=..|env=..`: what `RUN --mount=type=secret` reads.
     pub secrets: Vec<Secret>,
     /// `--max-layer-size`: how large one layer may expand when unpacked
-    /// (see [`crate::unpack::UnpackOptions::max_expanded_size`]).
+    /// (see [`crate::build::unpack::UnpackOptions::max_expanded_size`]).
     pub max_layer_size: u64,
     /// `--jobs`: how many independent stages may build at once; 1 builds
     /// them one after another in plan order (in-place builds always do).
@@ -257,14 +260,6 @@ impl Applied {
     }
 }
 
-/// What a finished background upload reports.
-#[derive(Debug, Clone, Copy)]
-struct UploadDone {
-    key: CacheKey,
-    bytes: u64,
-    millis: u64,
-}
-
 /// A layer of an image being built: its descriptor, its diff_id and where
 /// its compressed bytes are.
 #[derive(Debug, Clone)]
@@ -326,7 +321,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
         // The report of a failed build names the failing step and the
         // error; it is written after the uploads of the steps that did
         // succeed, so their numbers are in it.
-        driver.wait_uploads();
+        driver.uploader.wait();
         if let Err(report_error) = driver.failure_report(e) {
             driver.warn(&format!("writing the report: {report_error}"));
         }
@@ -337,7 +332,7 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
     // them tears down RocksDB's statics while they still use them (`pthread
     // lock: Invalid argument`, SIGABRT). So they finish first (they record
     // steps that did succeed), and the cache is closed before we return.
-    driver.wait_uploads();
+    driver.uploader.wait();
     driver.finish_cache();
     driver.cleanup();
     drop(driver);
@@ -346,56 +341,26 @@ pub fn build(opts: BuildOptions) -> Result<BuildOutcome, BuildError> {
 
 struct Driver {
     opts: BuildOptions,
-    runtime: Arc<tokio::runtime::Runtime>,
-    client: Arc<RegistryClient>,
-    store: LocalStore,
-    snapshotter: Arc<dyn Snapshotter>,
-    runner: Arc<dyn Runner>,
-    /// Unpacked layers by diff_id (overlay lowers), shared across builds.
-    layers_dir: PathBuf,
+    /// What every stage uses and none owns: shared with stage workers.
+    services: Services,
+    /// What the resolve, keys and lookup phases found.
+    resolved: Resolved,
+    /// What this driver did, for the report (a worker's is merged back).
+    record: Record,
+    /// This driver's uploads to the cache, in the background.
+    uploader: Uploader,
     /// This build's scratch space, removed at the end.
     work: PathBuf,
     context: Option<Arc<BuildContext>>,
     /// The materialized `--context` (removed when the driver drops).
     #[allow(dead_code)]
-    context_dir: Option<crate::context_source::Materialized>,
-    bases: HashMap<String, BaseImage>,
+    context_dir: Option<crate::sources::context_source::Materialized>,
     stages: BTreeMap<usize, StageState>,
-    steps: Vec<StepRecord>,
     scratch_counter: usize,
-    platform: Platform,
-    dockerfile_name: String,
-    /// Blobs that belong to the image but live outside the store (layouts).
-    extra_blobs: Arc<Mutex<HashMap<Digest, PathBuf>>>,
-    cache: Option<Arc<dyn Cache>>,
-    /// Keys by (stage, instruction index), and each stage's last.
-    keys: inputs::BuildKeys,
-    hits: BTreeMap<CacheKey, CacheEntry>,
-    /// Hits whose layer the cache could not deliver: built instead, and
-    /// never uploaded (the cache keeps its own entry for the key).
-    lost_hits: std::collections::BTreeSet<CacheKey>,
     /// Set where a hit's layer failed; the build loop restarts on it.
     lost_pending: Option<LostHit>,
     /// Filesystem steps that ran, by key, for a restart to replay.
     ran: HashMap<CacheKey, RanStep>,
-    /// `--max-layer-size` as the unpacker applies it.
-    unpack_limit: u64,
-    uploads: Vec<std::thread::JoinHandle<Result<UploadDone, crate::cache::CacheError>>>,
-    /// Finished uploads, by key, for the report.
-    uploaded: Vec<UploadDone>,
-    lookup_ms: u64,
-    /// Base-image layers by digest, with the image they come from, so they
-    /// can be fetched lazily from the cache or the registry.
-    base_layers: HashMap<Digest, (crate::registry::client::PulledImage, LayerRef)>,
-    /// Remote ADD sources, fetched once per build.
-    remote: HashMap<String, remote::RemoteSource>,
-    bytes_downloaded: u64,
-    started: Instant,
-    /// The step being applied, for the report of a build that fails in it.
-    current_step: Option<FailedStep>,
-    /// What the build is doing (`"building"`, `"pushing"`, ...), for the
-    /// report of a build that fails outside a step.
-    phase: &'static str,
     /// `--single-snapshot`: the writable rootfs the stage's filesystem
     /// steps share until the last of them is snapshotted.
     open_snapshot: Option<OpenSnapshot>,
@@ -404,12 +369,75 @@ struct Driver {
     defer_snapshot: bool,
     /// Layer images mounted by this build (see `mountable`).
     mounts: mountable::LayerMounts,
-    /// Layer images that stages building at once mounted twice (each at
-    /// its own place); unmounted with the others.
-    extra_mounts: Vec<PathBuf>,
+}
+
+/// The build's services: cheap to clone (handles and paths), the same for
+/// every stage worker. None of them holds state of one stage.
+#[derive(Clone)]
+struct Services {
+    runtime: Arc<tokio::runtime::Runtime>,
+    client: Arc<RegistryClient>,
+    store: LocalStore,
+    snapshotter: Arc<dyn Snapshotter>,
+    runner: Arc<dyn Runner>,
+    cache: Option<Arc<dyn Cache>>,
+    /// Unpacked layers by diff_id (overlay lowers), shared across builds.
+    layers_dir: PathBuf,
+    /// Blobs that belong to the image but live outside the store (layouts).
+    extra_blobs: Arc<Mutex<HashMap<Digest, PathBuf>>>,
+    platform: Platform,
+    /// `--max-layer-size` as the unpacker applies it.
+    unpack_limit: u64,
     /// Set when a stage fails while others build: they stop before their
     /// next step.
     cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the phases before execute produced: bases, remote sources, keys
+/// and the lookup's hits. Stage workers get a copy; executing only ever
+/// narrows it (a hit whose layer the cache could not deliver is lost).
+#[derive(Clone, Default)]
+struct Resolved {
+    dockerfile_name: String,
+    bases: HashMap<String, BaseImage>,
+    /// Base-image layers by digest, with the image they come from, so they
+    /// can be fetched lazily from the cache or the registry.
+    base_layers: HashMap<Digest, (crate::registry::client::PulledImage, LayerRef)>,
+    /// Remote ADD sources, fetched once per build.
+    remote: HashMap<String, remote::RemoteSource>,
+    /// Keys by (stage, instruction index), and each stage's last.
+    keys: inputs::BuildKeys,
+    hits: BTreeMap<CacheKey, CacheEntry>,
+    /// Hits whose layer the cache could not deliver: built instead, and
+    /// never uploaded (the cache keeps its own entry for the key).
+    lost_hits: std::collections::BTreeSet<CacheKey>,
+}
+
+/// What a driver did, as the report tells it: steps, uploads, downloads,
+/// where it is and where it failed.
+struct Record {
+    steps: Vec<StepRecord>,
+    lookup_ms: u64,
+    bytes_downloaded: u64,
+    started: Instant,
+    /// The step being applied, for the report of a build that fails in it.
+    current_step: Option<FailedStep>,
+    /// What the build is doing (`"building"`, `"pushing"`, ...), for the
+    /// report of a build that fails outside a step.
+    phase: &'static str,
+}
+
+impl Record {
+    fn new(started: Instant, phase: &'static str) -> Self {
+        Record {
+            steps: Vec::new(),
+            lookup_ms: 0,
+            bytes_downloaded: 0,
+            started,
+            current_step: None,
+            phase,
+        }
+    }
 }
 
 /// A prepared rootfs kept open across steps (`--single-snapshot`).
@@ -540,56 +568,53 @@ impl Driver {
             }
         }
         let cache = open_cache(&opts, runtime.handle().clone(), &opts.log);
+        let cache_for_uploads = cache.clone();
         Ok(Driver {
+            services: Services {
+                runtime: Arc::new(runtime),
+                client: Arc::new(client),
+                store,
+                snapshotter,
+                runner,
+                cache,
+                layers_dir,
+                extra_blobs: Arc::new(Mutex::new(HashMap::new())),
+                platform: Platform::host(),
+                unpack_limit: opts.max_layer_size,
+                cancel: Default::default(),
+            },
+            resolved: Resolved {
+                dockerfile_name,
+                ..Resolved::default()
+            },
+            record: Record::new(Instant::now(), "planning"),
+            uploader: Uploader::new(
+                cache_for_uploads,
+                opts.cache.mode.writes(),
+                opts.log.clone(),
+            ),
+            opts,
+            work,
+            context: None,
             context_dir,
-            cache,
-            keys: Default::default(),
-            hits: BTreeMap::new(),
-            lost_hits: Default::default(),
+            stages: BTreeMap::new(),
+            scratch_counter: 0,
             lost_pending: None,
             ran: HashMap::new(),
-            unpack_limit: opts.max_layer_size,
-            uploads: Vec::new(),
-            uploaded: Vec::new(),
-            lookup_ms: 0,
-            remote: HashMap::new(),
-            base_layers: HashMap::new(),
-            bytes_downloaded: 0,
-            started: Instant::now(),
-            current_step: None,
-            phase: "planning",
             open_snapshot: None,
             defer_snapshot: false,
             mounts,
-            extra_mounts: Vec::new(),
-            cancel: Default::default(),
-            platform: Platform::host(),
-            opts,
-            runtime: Arc::new(runtime),
-            client: Arc::new(client),
-            store,
-            snapshotter,
-            runner,
-            layers_dir,
-            work,
-            context: None,
-            bases: HashMap::new(),
-            stages: BTreeMap::new(),
-            steps: Vec::new(),
-            scratch_counter: 0,
-            dockerfile_name,
-            extra_blobs: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
     fn cleanup(&mut self) {
         if let Some(open) = self.open_snapshot.take() {
-            let _ = self.snapshotter.release(open.mounted);
+            let _ = self.services.snapshotter.release(open.mounted);
         }
         // Unpacked layers and blobs stay (they are the local cache); the
         // scratch space of this build goes, after the layer images mounted
         // in it.
-        for dir in self.extra_mounts.drain(..) {
+        for dir in self.mounts.extra.drain(..) {
             if let Err(e) = crate::erofs::mount::unmount(&dir) {
                 tracing::warn!("unmounting layer image at {}: {e}", dir.display());
             }
@@ -608,15 +633,15 @@ impl Driver {
     /// (`--isolation none`) the files the build put on `/` stay (not done
     /// yet; docs/kaniko-migration.md).
     fn clean_up_everything(&mut self) {
-        match fs::remove_dir_all(&self.layers_dir) {
+        match fs::remove_dir_all(&self.services.layers_dir) {
             Ok(()) => self.log(&format!(
                 "cleanup: removed the unpacked layers in {}",
-                self.layers_dir.display()
+                self.services.layers_dir.display()
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => self.warn(&format!(
                 "--cleanup: removing {}: {e}",
-                self.layers_dir.display()
+                self.services.layers_dir.display()
             )),
         }
     }
@@ -642,8 +667,9 @@ impl Driver {
             if !checked.insert((r.registry().to_string(), r.repository().to_string())) {
                 continue;
             }
-            self.runtime
-                .block_on(self.client.check_push_permission(&r))
+            self.services
+                .runtime
+                .block_on(self.services.client.check_push_permission(&r))
                 .map_err(|source| BuildError::PushPermission {
                     destination: d.clone(),
                     source,
@@ -655,8 +681,8 @@ impl Driver {
     fn run(&mut self) -> Result<BuildOutcome, BuildError> {
         self.check_push_permissions()?;
         let first = crate::plan::plan(&self.opts.plan)?;
-        self.platform = first.target_platform.clone();
-        self.phase = "resolving base images";
+        self.services.platform = first.target_platform.clone();
+        self.record.phase = "resolving base images";
         for &index in &first.stages_to_build {
             if let StageSource::Image(name) = &first.stages[index].source {
                 self.resolve_base(name)?;
@@ -665,7 +691,7 @@ impl Driver {
         // Plan again, now that the bases' environments are known: they take
         // part in variable expansion (e.g. `ENV PATH=$PATH:/x`).
         let mut plan_opts = self.opts.plan.clone();
-        for (name, base) in &self.bases {
+        for (name, base) in &self.resolved.bases {
             plan_opts
                 .base_env
                 .insert(name.clone(), env_map(&base.config));
@@ -675,18 +701,18 @@ impl Driver {
         for warning in &plan.warnings {
             self.warn(warning);
         }
-        self.phase = "resolving step inputs";
+        self.record.phase = "resolving step inputs";
         let inputs = self.resolve_inputs(&plan)?;
-        self.keys = inputs::compute_keys(
+        self.resolved.keys = inputs::compute_keys(
             &plan,
-            &self.dockerfile_name,
-            &self.bases,
+            &self.resolved.dockerfile_name,
+            &self.resolved.bases,
             &inputs,
             &self.key_options(),
         )?;
-        self.phase = "looking up the cache";
+        self.record.phase = "looking up the cache";
         self.lookup_keys();
-        self.phase = "building";
+        self.record.phase = "building";
         // A hit's layer is fetched only when something needs it, so a cache
         // that cannot deliver it is found out late, possibly after later
         // steps used the hit's descriptor. Then the build starts over with
@@ -699,25 +725,25 @@ impl Driver {
                     let Some(lost) = self.lost_pending.take() else {
                         return Err(e);
                     };
-                    if self.hits.remove(&lost.key).is_none() {
+                    if self.resolved.hits.remove(&lost.key).is_none() {
                         return Err(e);
                     }
-                    self.lost_hits.insert(lost.key);
-                    let step = plan_step_of(&plan, &self.keys.steps, &lost.key);
+                    self.resolved.lost_hits.insert(lost.key);
+                    let step = plan_step_of(&plan, &self.resolved.keys.steps, &lost.key);
                     self.warn(&format!(
                         "the cache could not deliver layer {} of {step}: {}; building the step instead",
                         lost.digest, lost.reason
                     ));
                     self.stages.clear();
-                    self.steps.clear();
-                    self.phase = "building";
+                    self.record.steps.clear();
+                    self.record.phase = "building";
                 }
             }
         };
         // Uploads ran in the background; the report has their numbers.
-        self.steps = std::mem::take(&mut outcome.steps);
-        let uploaded = self.wait_uploads();
-        outcome.steps = std::mem::take(&mut self.steps);
+        self.record.steps = std::mem::take(&mut outcome.steps);
+        let uploaded = self.uploader.wait();
+        outcome.steps = std::mem::take(&mut self.record.steps);
         self.report(&outcome, uploaded)?;
         Ok(outcome)
     }
@@ -736,7 +762,7 @@ impl Driver {
     fn report(&self, outcome: &BuildOutcome, uploaded: u64) -> Result<(), BuildError> {
         let count = |c| outcome.steps.iter().filter(|s| s.cache == c).count();
         let (hits, misses) = (count(StepOutcome::Hit), count(StepOutcome::Miss));
-        let elapsed = self.started.elapsed();
+        let elapsed = self.record.started.elapsed();
         self.opts.log.log(
             crate::log::Level::Info,
             &format!(
@@ -744,7 +770,7 @@ impl Driver {
                 outcome.manifest_digest,
                 elapsed.as_secs_f64(),
                 outcome.steps.len(),
-                self.bytes_downloaded
+                self.record.bytes_downloaded
             ),
             &[
                 ("event", "build_end".into()),
@@ -754,7 +780,7 @@ impl Driver {
                 ("hits", hits.into()),
                 ("misses", misses.into()),
                 ("bytes_uploaded", uploaded.into()),
-                ("bytes_downloaded", self.bytes_downloaded.into()),
+                ("bytes_downloaded", self.record.bytes_downloaded.into()),
             ],
         );
         self.write_report(
@@ -770,7 +796,7 @@ impl Driver {
     /// and the error with its causes.
     fn failure_report(&self, error: &BuildError) -> Result<(), BuildError> {
         let uploaded = self
-            .step_uploads(&self.steps)
+            .step_uploads(&self.record.steps)
             .iter()
             .flatten()
             .map(|u| u.bytes)
@@ -778,16 +804,16 @@ impl Driver {
         let step = match error {
             // Output errors happen after the last step finished.
             BuildError::Output { .. } => None,
-            _ => self.current_step.clone(),
+            _ => self.record.current_step.clone(),
         };
         let failure = serde_json::json!({
-            "phase": if step.is_some() { "building" } else { self.phase },
+            "phase": if step.is_some() { "building" } else { self.record.phase },
             "step": step,
             "message": kiln_common::error_report(error),
             "exit_code": error.exit_code(),
         });
         self.write_report(
-            &self.steps,
+            &self.record.steps,
             serde_json::Value::Null,
             uploaded,
             Some(failure),
@@ -797,7 +823,7 @@ impl Driver {
     /// The finished upload of each step, if it had one: the first step
     /// with an upload's key gets it.
     fn step_uploads(&self, steps: &[StepRecord]) -> Vec<Option<UploadDone>> {
-        let mut unclaimed: Vec<&UploadDone> = self.uploaded.iter().collect();
+        let mut unclaimed: Vec<&UploadDone> = self.uploader.done().iter().collect();
         steps
             .iter()
             .map(|s| {
@@ -842,11 +868,11 @@ impl Driver {
                 "steps": steps.len(),
                 "hits": count(StepOutcome::Hit),
                 "misses": count(StepOutcome::Miss),
-                "duration_ms": self.started.elapsed().as_millis() as u64,
-                "lookup_ms": self.lookup_ms,
+                "duration_ms": self.record.started.elapsed().as_millis() as u64,
+                "lookup_ms": self.record.lookup_ms,
                 "bytes_uploaded": uploaded,
-                "bytes_downloaded": self.bytes_downloaded,
-                "cache": self.cache.as_ref().map(|c| c.location()),
+                "bytes_downloaded": self.record.bytes_downloaded,
+                "cache": self.services.cache.as_ref().map(|c| c.location()),
                 "success": error.is_none(),
             },
         });
@@ -1135,7 +1161,7 @@ fn is_tar_archive(path: &Path) -> bool {
     let Ok(file) = fs::File::open(path) else {
         return false;
     };
-    let Ok(mut reader) = crate::unpack::decompress(std::io::BufReader::new(file)) else {
+    let Ok(mut reader) = crate::build::unpack::decompress(std::io::BufReader::new(file)) else {
         return false;
     };
     let mut header = [0u8; 512];
@@ -1181,7 +1207,7 @@ fn glob_in_root(rootfs: &Path, pattern: &str) -> Result<Vec<RootMatch>, StepErro
                     .collect();
                 names.sort();
                 for name in names {
-                    if crate::context::source_matches(&part, &name)
+                    if crate::sources::context::source_matches(&part, &name)
                         .map_err(|e| StepError::invalid(format!("bad pattern {pattern}: {e}")))?
                     {
                         next.push(dir.join(name));

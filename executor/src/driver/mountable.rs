@@ -45,6 +45,9 @@ pub(super) struct LayerMounts {
     pub(super) images: Option<ImageCache>,
     /// diff_id -> mount point, mounted once per build.
     pub(super) mounted: HashMap<Digest, PathBuf>,
+    /// Layer images that stages building at once mounted twice (each at
+    /// its own place); unmounted with the others.
+    pub(super) extra: Vec<PathBuf>,
 }
 
 impl Driver {
@@ -110,7 +113,7 @@ impl Driver {
                         let blob = fs::File::open(&layer.blob)
                             .map_err(|e| format!("{}: {e}", layer.blob.display()))?;
                         images
-                            .convert_stream(blob, &layer.diff_id, self.unpack_limit)
+                            .convert_stream(blob, &layer.diff_id, self.services.unpack_limit)
                             .map_err(|e| e.to_string())?
                     }
                 };
@@ -175,8 +178,12 @@ impl Driver {
         if layer.blob.is_file() {
             return None;
         }
-        let (pulled, base_layer) = self.base_layers.get(&layer.desc.digest).cloned()?;
-        if let Some(cache) = self.cache.clone().filter(|_| self.opts.cache.mode.reads())
+        let (pulled, base_layer) = self.resolved.base_layers.get(&layer.desc.digest).cloned()?;
+        if let Some(cache) = self
+            .services
+            .cache
+            .clone()
+            .filter(|_| self.opts.cache.mode.reads())
             && !matches!(cache.has_blob(&layer.desc.digest), Ok(false))
         {
             return None;
@@ -192,19 +199,22 @@ impl Driver {
             crate::log::bytes_received(),
         );
         let (tx, rx) = std::sync::mpsc::sync_channel(8);
-        let (diff_id, limit) = (&layer.diff_id, self.unpack_limit);
+        let (diff_id, limit) = (&layer.diff_id, self.services.unpack_limit);
         let (fetched, converted) = std::thread::scope(|scope| {
             let converter = scope.spawn(move || {
                 images
-                    .convert_stream(crate::unpack::ChannelReader::new(rx), diff_id, limit)
+                    .convert_stream(crate::build::unpack::ChannelReader::new(rx), diff_id, limit)
                     .map_err(|e| e.to_string())
             });
-            let fetched = self.runtime.block_on(self.client.fetch_blob_teed(
-                &pulled,
-                &base_layer.desc,
-                &self.store,
-                tx,
-            ));
+            let fetched = self
+                .services
+                .runtime
+                .block_on(self.services.client.fetch_blob_teed(
+                    &pulled,
+                    &base_layer.desc,
+                    &self.services.store,
+                    tx,
+                ));
             let converted = converter
                 .join()
                 .unwrap_or_else(|_| Err("the conversion thread panicked".to_string()));
@@ -224,7 +234,7 @@ impl Driver {
     /// The embedded cache is on this node's `--cache-dir` already, where
     /// the image cache keeps images itself (a second copy would be waste).
     fn shares_images(&self) -> bool {
-        self.cache.is_some() && !self.opts.cache.servers.is_empty()
+        self.services.cache.is_some() && !self.opts.cache.servers.is_empty()
     }
 
     /// The layer's image from the cache server, verified (against the
@@ -233,7 +243,7 @@ impl Driver {
         if !self.shares_images() || !self.opts.cache.mode.reads() {
             return None;
         }
-        let cache = self.cache.clone()?;
+        let cache = self.services.cache.clone()?;
         let key = image_key(&layer.diff_id);
         let entry = match cache.lookup(&[key]) {
             Ok(mut found) => found.remove(&key)?,
@@ -249,7 +259,7 @@ impl Driver {
             .layer
             .filter(|d| d.media_type == IMAGE_MEDIA_TYPE && d.diff_id == layer.diff_id)?;
         let fetched = cache
-            .fetch_blob(&desc.digest, desc.size, &self.store)
+            .fetch_blob(&desc.digest, desc.size, &self.services.store)
             .map_err(|e| e.to_string())
             .and_then(|path| {
                 images
@@ -258,7 +268,7 @@ impl Driver {
             });
         match fetched {
             Ok(image) => {
-                self.bytes_downloaded += image.size;
+                self.record.bytes_downloaded += image.size;
                 Some(image)
             }
             Err(e) => {
@@ -279,15 +289,17 @@ impl Driver {
     /// `oci-layout://` or `docker-archive://` base stays local, like its
     /// layers.
     fn hash_and_share_image(&mut self, images: &ImageCache, layer: &LayerRef, placed: Unhashed) {
-        let shared = self.base_layers.contains_key(&layer.desc.digest) || layer.hit.is_some();
+        let shared =
+            self.resolved.base_layers.contains_key(&layer.desc.digest) || layer.hit.is_some();
         let cache = self
+            .services
             .cache
             .clone()
             .filter(|_| shared && self.shares_images() && self.opts.cache.mode.writes());
         let images = images.clone();
         let diff_id = layer.diff_id.clone();
         let key = image_key(&diff_id);
-        self.uploads.push(std::thread::spawn(move || {
+        self.uploader.spawn(move || {
             let started = Instant::now();
             let image = images.record_hash(&diff_id, &placed).map_err(|e| {
                 crate::cache::CacheError::Blob {
@@ -306,7 +318,7 @@ impl Driver {
                 bytes,
                 millis: started.elapsed().as_millis() as u64,
             })
-        }));
+        });
     }
 
     /// Unmounts every layer image this build mounted (after the overlays

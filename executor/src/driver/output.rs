@@ -16,7 +16,7 @@ impl Driver {
     /// The `--cache-repo` repository when this build's cache is in it: a
     /// push to the same registry mounts layers from there.
     pub(super) fn cache_repository(&self) -> Option<&ImageRef> {
-        self.cache.as_ref()?;
+        self.services.cache.as_ref()?;
         if !self.opts.cache.servers.is_empty() {
             return None;
         }
@@ -29,6 +29,7 @@ impl Driver {
     /// mount it from the cache repository.
     pub(super) fn fetch_missing_blobs(&mut self, target: &StageState) -> Result<(), BuildError> {
         let extra = self
+            .services
             .extra_blobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -63,8 +64,11 @@ impl Driver {
                         .filter(|r| r.registry() == dest.registry())
                     {
                         let mountable = *in_cache_repo.get_or_insert_with(|| {
-                            self.runtime
-                                .block_on(self.client.blob_exists(repo, &layer.desc.digest))
+                            self.services
+                                .runtime
+                                .block_on(
+                                    self.services.client.blob_exists(repo, &layer.desc.digest),
+                                )
                                 .ok()
                                 .flatten()
                                 .is_some()
@@ -74,8 +78,9 @@ impl Driver {
                         }
                     }
                     let present = self
+                        .services
                         .runtime
-                        .block_on(self.client.blob_exists(dest, &layer.desc.digest))
+                        .block_on(self.services.client.blob_exists(dest, &layer.desc.digest))
                         .ok()
                         .flatten()
                         .is_some();
@@ -101,10 +106,11 @@ impl Driver {
         let config = &target.config;
         let layers: Vec<Descriptor> = target.layers.iter().map(|l| l.desc.clone()).collect();
         let docs = ImageDocuments::build(config, layers, false);
-        self.phase = "fetching the image's layers";
+        self.record.phase = "fetching the image's layers";
         self.fetch_missing_blobs(&target)?;
-        self.phase = "writing the image";
+        self.record.phase = "writing the image";
         let mut blobs: HashMap<Digest, PathBuf> = self
+            .services
             .extra_blobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -113,7 +119,7 @@ impl Driver {
             blobs.insert(l.desc.digest.clone(), l.blob.clone());
         }
         let source = Blobs {
-            store: self.store.clone(),
+            store: self.services.store.clone(),
             extra: blobs,
         };
         let destinations: Vec<ImageRef> = self
@@ -154,7 +160,7 @@ impl Driver {
                 .chain(target.registry_ref.as_ref())
                 .cloned()
                 .collect();
-            self.phase = "pushing";
+            self.record.phase = "pushing";
             let names: Vec<String> = destinations.iter().map(|d| d.to_string()).collect();
             let _progress = self.opts.log.progress(
                 &format!("pushing {}", names.join(", ")),
@@ -162,15 +168,17 @@ impl Driver {
                 crate::log::bytes_sent(),
             );
             let digest = self
+                .services
                 .runtime
                 .block_on(
-                    self.client
+                    self.services
+                        .client
                         .push_image(&docs, &destinations, &source, &hints),
                 )
                 // The whole chain: a refused connection or a certificate
                 // is the cause the user needs, not just "pushing failed".
                 .map_err(|e| BuildError::output(format!("pushing {}", names.join(", ")), e))?;
-            self.phase = "writing the image";
+            self.record.phase = "writing the image";
             for d in &destinations {
                 self.log(&format!("pushed {d}@{digest}"));
             }
@@ -198,7 +206,7 @@ impl Driver {
         Ok(BuildOutcome {
             manifest_digest: docs.manifest_digest.clone(),
             image: docs,
-            steps: std::mem::take(&mut self.steps),
+            steps: std::mem::take(&mut self.record.steps),
         })
     }
 }

@@ -23,7 +23,7 @@ type Finished = (usize, Result<(), BuildError>, Box<Driver>);
 impl Driver {
     /// Builds every stage of `plan.stages_to_build`.
     pub(super) fn build_stages(&mut self, plan: &Plan) -> Result<(), BuildError> {
-        self.cancel.store(false, Ordering::SeqCst);
+        self.services.cancel.store(false, Ordering::SeqCst);
         let jobs = self.opts.jobs.max(1).min(plan.stages_to_build.len());
         // A chain of stages has nothing to overlap: it builds as it always
         // has, without stage marks on its lines.
@@ -59,7 +59,7 @@ impl Driver {
                         Ok(w) => Box::new(w),
                         Err(e) => {
                             failure = Some(e);
-                            self.cancel.store(true, Ordering::SeqCst);
+                            self.services.cancel.store(true, Ordering::SeqCst);
                             break;
                         }
                     };
@@ -98,14 +98,14 @@ impl Driver {
                     && failure.is_none()
                 {
                     failure = Some(e);
-                    self.cancel.store(true, Ordering::SeqCst);
+                    self.services.cancel.store(true, Ordering::SeqCst);
                 }
             }
         });
         // The report's order: plan order, each stage's steps together.
         for index in order {
             if let Some(records) = steps.remove(index) {
-                self.steps.extend(records);
+                self.record.steps.extend(records);
             }
         }
         if let Some(e) = failure {
@@ -136,48 +136,27 @@ impl Driver {
             .unwrap_or_else(|| index.to_string());
         let mut opts = self.opts.clone();
         opts.log = opts.log.for_stage(&name);
+        let uploader = self.uploader.for_worker(opts.log.clone());
         Ok(Driver {
             opts,
-            runtime: self.runtime.clone(),
-            client: self.client.clone(),
-            store: self.store.clone(),
-            snapshotter: self.snapshotter.clone(),
-            runner: self.runner.clone(),
-            layers_dir: self.layers_dir.clone(),
+            services: self.services.clone(),
+            resolved: self.resolved.clone(),
+            record: Record::new(self.record.started, "building"),
+            uploader,
             work,
             context: self.context.clone(),
             context_dir: None,
-            bases: self.bases.clone(),
             stages: self.stages.clone(),
-            steps: Vec::new(),
             scratch_counter: 0,
-            platform: self.platform.clone(),
-            dockerfile_name: self.dockerfile_name.clone(),
-            extra_blobs: self.extra_blobs.clone(),
-            cache: self.cache.clone(),
-            keys: self.keys.clone(),
-            hits: self.hits.clone(),
-            lost_hits: self.lost_hits.clone(),
             lost_pending: None,
             ran: self.ran.clone(),
-            unpack_limit: self.unpack_limit,
-            uploads: Vec::new(),
-            uploaded: Vec::new(),
-            lookup_ms: 0,
-            base_layers: self.base_layers.clone(),
-            remote: self.remote.clone(),
-            bytes_downloaded: 0,
-            started: self.started,
-            current_step: None,
-            phase: "building",
             open_snapshot: None,
             defer_snapshot: false,
             mounts: mountable::LayerMounts {
                 images: self.mounts.images.clone(),
                 mounted: self.mounts.mounted.clone(),
+                extra: Vec::new(),
             },
-            extra_mounts: Vec::new(),
-            cancel: self.cancel.clone(),
         })
     }
 
@@ -186,19 +165,19 @@ impl Driver {
     /// failed, where. Returns its step records.
     fn merge_worker(&mut self, index: usize, mut worker: Driver) -> Vec<StepRecord> {
         if let Some(open) = worker.open_snapshot.take() {
-            let _ = self.snapshotter.release(open.mounted);
+            let _ = self.services.snapshotter.release(open.mounted);
         }
         if let Some(state) = worker.stages.remove(&index) {
             self.stages.insert(index, state);
         }
         self.ran.extend(worker.ran.drain());
-        self.uploads.append(&mut worker.uploads);
-        self.bytes_downloaded += worker.bytes_downloaded;
+        self.uploader.adopt(&mut worker.uploader);
+        self.record.bytes_downloaded += worker.record.bytes_downloaded;
         if self.lost_pending.is_none() {
             self.lost_pending = worker.lost_pending.take();
         }
-        if worker.current_step.is_some() {
-            self.current_step = worker.current_step.take();
+        if worker.record.current_step.is_some() {
+            self.record.current_step = worker.record.current_step.take();
         }
         if self.context.is_none() {
             self.context = worker.context.take();
@@ -208,17 +187,17 @@ impl Driver {
                 None => {
                     self.mounts.mounted.insert(diff_id, dir);
                 }
-                Some(ours) if *ours != dir => self.extra_mounts.push(dir),
+                Some(ours) if *ours != dir => self.mounts.extra.push(dir),
                 Some(_) => {}
             }
         }
-        self.extra_mounts.append(&mut worker.extra_mounts);
-        std::mem::take(&mut worker.steps)
+        self.mounts.extra.append(&mut worker.mounts.extra);
+        std::mem::take(&mut worker.record.steps)
     }
 
     /// Whether another stage failed: this one stops before its next step.
     pub(super) fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.services.cancel.load(Ordering::SeqCst)
     }
 }
 

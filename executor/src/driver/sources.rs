@@ -4,6 +4,97 @@
 use super::*;
 
 impl Driver {
+    pub(super) fn context_digest(
+        &mut self,
+        sources: &[String],
+        excludes: &[String],
+    ) -> Result<[u8; 32], StepError> {
+        let from_context: Vec<String> = sources
+            .iter()
+            .filter(|s| !s.starts_with("<<"))
+            .cloned()
+            .collect();
+        if from_context.is_empty() {
+            return Ok([0; 32]);
+        }
+        let selections = self.select_context(&from_context, excludes)?;
+        let ctx = self.context()?;
+        Ok(ctx.digest(&selections)?)
+    }
+
+    /// COPY/ADD sources in the context, minus `--exclude` patterns (matched
+    /// against paths relative to each source, with .dockerignore rules).
+    pub(super) fn select_context(
+        &mut self,
+        sources: &[String],
+        excludes: &[String],
+    ) -> Result<Vec<crate::sources::context::Selection>, StepError> {
+        let exclude = if excludes.is_empty() {
+            None
+        } else {
+            Some(DockerIgnore::parse(
+                &excludes.join("\n"),
+                Path::new("--exclude"),
+            )?)
+        };
+        let ctx = self.context()?;
+        let mut selections = ctx.select(sources)?;
+        if let Some(exclude) = exclude {
+            for sel in &mut selections {
+                let root = sel.root.clone();
+                sel.entries.retain(|&i| {
+                    let path = &ctx.entry(i).path;
+                    let relative = path
+                        .strip_prefix(&root)
+                        .unwrap_or(path)
+                        .trim_start_matches('/');
+                    let relative = if relative.is_empty() {
+                        root.rsplit('/').next().unwrap_or("")
+                    } else {
+                        relative
+                    };
+                    relative.is_empty() || !exclude.is_excluded(relative)
+                });
+            }
+            selections.retain(|s| !s.entries.is_empty());
+        }
+        Ok(selections)
+    }
+
+    /// Downloads or clones a remote ADD source once per build.
+    pub(super) fn fetch_remote(
+        &mut self,
+        source: &str,
+        checksum: Option<&str>,
+        keep_git_dir: bool,
+    ) -> Result<remote::RemoteSource, StepError> {
+        if let Some(r) = self.resolved.remote.get(source) {
+            return Ok(r.clone());
+        }
+        self.scratch_counter += 1;
+        let dir = self.work.join(format!("remote-{}", self.scratch_counter));
+        let fetched = if remote::is_git(source) {
+            if checksum.is_some() {
+                return Err(remote::RemoteError::ChecksumOnGit.into());
+            }
+            self.log(&format!("cloning {source}"));
+            remote::clone(source, keep_git_dir, &dir)?
+        } else {
+            self.log(&format!("downloading {source}"));
+            let client = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(30))
+                .build()
+                .map_err(remote::RemoteError::Client)?;
+            self.services
+                .runtime
+                .block_on(remote::download(&client, source, checksum, &dir))?
+        };
+        self.resolved
+            .remote
+            .insert(source.to_owned(), fetched.clone());
+        Ok(fetched)
+    }
+
     pub(super) fn context(&mut self) -> Result<&BuildContext, StepError> {
         if self.context.is_none() {
             let dockerfile = self.opts.plan.dockerfile_path();
@@ -111,7 +202,7 @@ impl Driver {
             .get(&index)
             .cloned()
             .ok_or_else(|| StepError::invalid(format!("stage {index} has not been built")))?;
-        if self.snapshotter.lower_layout() == LowerLayout::Flattened
+        if self.services.snapshotter.lower_layout() == LowerLayout::Flattened
             && self.opts.isolation == Isolation::None
         {
             return Err(StepError::invalid(
@@ -133,6 +224,7 @@ impl Driver {
         sources: &[String],
     ) -> Result<Vec<CopyRoot>, StepError> {
         let base = self
+            .resolved
             .bases
             .get(image)
             .cloned()
@@ -160,7 +252,7 @@ impl Driver {
         let scratch = self.work.join(format!("from-{}", self.scratch_counter));
         fs::create_dir_all(&scratch)
             .map_err(|e| StepError::io(format!("creating {}", scratch.display()), e))?;
-        let mounted = self.snapshotter.prepare(lowers, &scratch)?;
+        let mounted = self.services.snapshotter.prepare(lowers, &scratch)?;
         // The view is copied out of before it is released: sources are
         // copied into scratch space so the mount can go now.
         let result = (|| {
@@ -208,7 +300,7 @@ impl Driver {
             }
             Ok(roots)
         })();
-        self.snapshotter.release(mounted)?;
+        self.services.snapshotter.release(mounted)?;
         result
     }
 }

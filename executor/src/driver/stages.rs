@@ -8,14 +8,15 @@ impl Driver {
     pub(super) fn build_stage(&mut self, plan: &Plan, stage: &Stage) -> Result<(), BuildError> {
         let mut state = match &stage.source {
             StageSource::Image(name) => {
-                let base = self
-                    .bases
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| BuildError::Base {
-                        reference: name.clone(),
-                        source: BaseError::NotResolved,
-                    })?;
+                let base =
+                    self.resolved
+                        .bases
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| BuildError::Base {
+                            reference: name.clone(),
+                            source: BaseError::NotResolved,
+                        })?;
                 StageState {
                     config: base.config,
                     layers: base.layers,
@@ -30,7 +31,7 @@ impl Driver {
                         stage.index
                     ))
                 })?;
-                if self.snapshotter.lower_layout() == LowerLayout::Flattened {
+                if self.services.snapshotter.lower_layout() == LowerLayout::Flattened {
                     // A flattened rootfs is modified in place: the child
                     // stage gets its own copy.
                     parent.lowers = None;
@@ -50,7 +51,7 @@ impl Driver {
         // An earlier attempt (restarted after a lost cache hit) may have
         // left a --single-snapshot rootfs open.
         if let Some(open) = self.open_snapshot.take() {
-            let _ = self.snapshotter.release(open.mounted);
+            let _ = self.services.snapshotter.release(open.mounted);
         }
         // --single-snapshot: the stage's filesystem steps share one rootfs,
         // snapshotted after the last of them. Kaniko's
@@ -66,25 +67,32 @@ impl Driver {
         // When the stage's one layer is known (a cache hit, or built before
         // a restart), the steps it covers need not run.
         let stage_layer_known = last_filesystem_step
-            .and_then(|p| self.keys.steps.get(&(stage.index, p)))
-            .is_some_and(|k| self.hits.contains_key(&k.key) || self.ran.contains_key(&k.key));
+            .and_then(|p| self.resolved.keys.steps.get(&(stage.index, p)))
+            .is_some_and(|k| {
+                self.resolved.hits.contains_key(&k.key) || self.ran.contains_key(&k.key)
+            });
         for (position, ins) in stage.instructions.iter().enumerate() {
             if self.cancelled() {
                 return Err(BuildError::Cancelled);
             }
             let started = Instant::now();
-            let step_key = self.keys.steps.get(&(stage.index, position)).cloned();
+            let step_key = self
+                .resolved
+                .keys
+                .steps
+                .get(&(stage.index, position))
+                .cloned();
             self.defer_snapshot = last_filesystem_step.is_some_and(|last| position < last)
                 && keys::is_filesystem_step(ins);
             if self.defer_snapshot && stage_layer_known {
-                super::caching::apply_recorded(
+                super::lookup::apply_recorded(
                     ins,
                     None,
                     &history_text(ins),
                     &mut builder,
                     &mut state,
                 );
-                self.steps.push(StepRecord {
+                self.record.steps.push(StepRecord {
                     stage: stage.index,
                     line: ins.line,
                     instruction: ins.original.clone(),
@@ -102,7 +110,7 @@ impl Driver {
             let filesystem_key = step_key.as_ref().filter(|k| k.filesystem).map(|k| k.key);
             if let Some(done) = filesystem_key.and_then(|k| self.ran.get(&k)).cloned() {
                 self.replay(ins, &done, &mut builder, &mut state);
-                self.steps.push(done.record);
+                self.record.steps.push(done.record);
                 continue;
             }
             self.step_started(stage.index, ins, step_key.as_ref());
@@ -123,7 +131,7 @@ impl Driver {
                     self.step_ended(stage.index, ins, "failed", started.elapsed(), None);
                 })
                 .map_err(|source| BuildError::Step {
-                    file: self.dockerfile_name.clone(),
+                    file: self.resolved.dockerfile_name.clone(),
                     line: ins.line,
                     instruction: ins.original.clone(),
                     source: Box::new(source),
@@ -137,9 +145,9 @@ impl Driver {
                     layer.as_ref(),
                 );
             }
-            self.current_step = None;
+            self.record.current_step = None;
             let ran_layer = layer.clone();
-            self.steps.push(StepRecord {
+            self.record.steps.push(StepRecord {
                 stage: stage.index,
                 line: ins.line,
                 instruction: ins.original.clone(),
@@ -156,7 +164,7 @@ impl Driver {
             // no result of its own to replay.
             if let (Some(key), StepOutcome::Miss, false) =
                 (filesystem_key, cache, self.defer_snapshot)
-                && let Some(record) = self.steps.last().cloned()
+                && let Some(record) = self.record.steps.last().cloned()
             {
                 self.ran.insert(
                     key,
@@ -295,7 +303,7 @@ impl Driver {
                             writer: Some(log),
                             ..OutputSink::default()
                         };
-                        let outcome = driver.runner.run(&spec)?;
+                        let outcome = driver.services.runner.run(&spec)?;
                         if outcome.success() {
                             Ok(())
                         } else {
@@ -444,7 +452,7 @@ impl Driver {
 
     /// Moves a layer written in scratch space into the local store.
     fn store_layer(&self, layer: &crate::build::layer::Layer) -> Result<PathBuf, StepError> {
-        let blob = self.store.path(&layer.digest);
+        let blob = self.services.store.path(&layer.digest);
         if let Some(parent) = blob.parent() {
             fs::create_dir_all(parent)
                 .map_err(|e| StepError::io(format!("creating {}", parent.display()), e))?;
@@ -494,14 +502,14 @@ impl Driver {
                 ));
                 fs::create_dir_all(&scratch)
                     .map_err(|e| StepError::io(format!("creating {}", scratch.display()), e))?;
-                let mounted = self.snapshotter.prepare(&lowers, &scratch)?;
+                let mounted = self.services.snapshotter.prepare(&lowers, &scratch)?;
                 (mounted, lowers, scratch)
             }
         };
         let rootfs = mounted.rootfs.clone();
         let run_started = Instant::now();
         if let Err(e) = action(self, &rootfs) {
-            let _ = self.snapshotter.release(mounted);
+            let _ = self.services.snapshotter.release(mounted);
             return Err(e);
         }
         times.run_ms = Some(run_started.elapsed().as_millis() as u64);
@@ -516,10 +524,10 @@ impl Driver {
             return Ok((None, times));
         }
         let snapshot_started = Instant::now();
-        let change = match self.snapshotter.diff(&mounted) {
+        let change = match self.services.snapshotter.diff(&mounted) {
             Ok(c) => c.without(&self.opts.ignore_paths),
             Err(e) => {
-                let _ = self.snapshotter.release(mounted);
+                let _ = self.services.snapshotter.release(mounted);
                 return Err(e.into());
             }
         };
@@ -534,33 +542,34 @@ impl Driver {
         let written = match written {
             Ok(l) => l,
             Err(e) => {
-                let _ = self.snapshotter.release(mounted);
+                let _ = self.services.snapshotter.release(mounted);
                 return Err(e.into());
             }
         };
         times.snapshot_ms = Some(snapshot_started.elapsed().as_millis() as u64);
         let Some(layer) = written else {
-            self.snapshotter.release(mounted)?;
+            self.services.snapshotter.release(mounted)?;
             state.lowers = Some(lowers);
             builder.add_empty_history(created_by);
             return Ok((None, times));
         };
         let blob = self.store_layer(&layer)?;
-        let unpacked = self.layers_dir.join(layer.diff_id.hex());
-        let new_lowers =
-            if self.snapshotter.lower_layout() == LowerLayout::Stacked && unpacked.exists() {
-                self.snapshotter.release(mounted)?;
-                let mut l = lowers;
-                l.push(unpacked);
-                l
+        let unpacked = self.services.layers_dir.join(layer.diff_id.hex());
+        let new_lowers = if self.services.snapshotter.lower_layout() == LowerLayout::Stacked
+            && unpacked.exists()
+        {
+            self.services.snapshotter.release(mounted)?;
+            let mut l = lowers;
+            l.push(unpacked);
+            l
+        } else {
+            let dest = if self.services.snapshotter.lower_layout() == LowerLayout::Stacked {
+                unpacked
             } else {
-                let dest = if self.snapshotter.lower_layout() == LowerLayout::Stacked {
-                    unpacked
-                } else {
-                    scratch.join("committed")
-                };
-                self.snapshotter.commit(mounted, &dest)?
+                scratch.join("committed")
             };
+            self.services.snapshotter.commit(mounted, &dest)?
+        };
         state.lowers = Some(new_lowers);
         let layer_ref = LayerRef {
             desc: Descriptor::new(layer.media_type, layer.digest.clone(), layer.size),
@@ -591,7 +600,7 @@ impl Driver {
     /// slow step are attributed while they happen), and at debug level the
     /// key it is looked up under.
     fn step_started(&mut self, stage: usize, ins: &PlannedInstruction, key: Option<&StepKey>) {
-        self.current_step = Some(FailedStep {
+        self.record.current_step = Some(FailedStep {
             stage,
             line: ins.line,
             instruction: ins.original.clone(),
@@ -670,7 +679,7 @@ impl Driver {
         if let Some(l) = &state.lowers {
             return Ok(l.clone());
         }
-        let lowers = match self.snapshotter.lower_layout() {
+        let lowers = match self.services.snapshotter.lower_layout() {
             LowerLayout::Stacked => {
                 let mut dirs = Vec::with_capacity(state.layers.len());
                 for layer in &state.layers {
@@ -723,7 +732,7 @@ impl Driver {
 
     /// Unpacks a layer once into `layers/<diff_id>` (overlay form).
     pub(super) fn unpacked_layer(&mut self, layer: &LayerRef) -> Result<PathBuf, StepError> {
-        let dir = self.layers_dir.join(layer.diff_id.hex());
+        let dir = self.services.layers_dir.join(layer.diff_id.hex());
         if dir.is_dir() {
             return Ok(dir);
         }
@@ -735,6 +744,7 @@ impl Driver {
         // namespaces (containers sharing the directory) may have our PID.
         let build = self.work.file_name().unwrap_or_default().to_string_lossy();
         let tmp = self
+            .services
             .layers_dir
             .join(format!(".tmp-{}-{build}", layer.diff_id.hex()));
         let opts = self.unpack_options(UnpackMode::OverlayLower);
@@ -790,7 +800,7 @@ impl Driver {
     pub(super) fn unpack_options(&self, mode: UnpackMode) -> UnpackOptions {
         UnpackOptions {
             mode,
-            max_expanded_size: self.unpack_limit,
+            max_expanded_size: self.services.unpack_limit,
             ..UnpackOptions::default()
         }
     }
@@ -802,11 +812,11 @@ impl Driver {
     fn refetch_to_retry(
         &mut self,
         layer: &LayerRef,
-        error: &crate::unpack::UnpackError,
+        error: &crate::build::unpack::UnpackError,
         attempt: u32,
     ) -> Result<bool, StepError> {
         let retries = self.opts.image_fs_extract_retry;
-        if attempt >= retries || !self.base_layers.contains_key(&layer.desc.digest) {
+        if attempt >= retries || !self.resolved.base_layers.contains_key(&layer.desc.digest) {
             return Ok(false);
         }
         self.warn(&format!(
@@ -823,9 +833,13 @@ impl Driver {
     /// that does not unpack (its entry names a diff_id or content the blob
     /// does not have) is lost like one the cache could not send; the local
     /// copy of its blob goes so that the rebuilt step is not shadowed by it.
-    fn unpack_failed(&mut self, layer: &LayerRef, e: crate::unpack::UnpackError) -> StepError {
+    fn unpack_failed(
+        &mut self,
+        layer: &LayerRef,
+        e: crate::build::unpack::UnpackError,
+    ) -> StepError {
         match layer.hit {
-            Some(key) if !self.base_layers.contains_key(&layer.desc.digest) => {
+            Some(key) if !self.resolved.base_layers.contains_key(&layer.desc.digest) => {
                 let _ = fs::remove_file(&layer.blob);
                 self.lose_hit(key, &layer.desc.digest, format!("unpacking it: {e}"))
             }

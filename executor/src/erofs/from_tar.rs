@@ -1,5 +1,5 @@
 //! One layer tar stream to one EROFS image, in a single pass, with the
-//! meaning [`crate::unpack`] gives the same stream in overlay-lower mode: an
+//! meaning [`crate::build::unpack`] gives the same stream in overlay-lower mode: an
 //! image mounted as an overlay lower shows the files a directory unpacked by
 //! `unpack_layer(.., UnpackOptions::overlay_lower(), ..)` would hold.
 //!
@@ -23,7 +23,7 @@ use std::path::Path;
 use kiln_common::Digest;
 
 use super::writer::{ImageWriter, Kind, Meta, Node, NodeId, ROOT, WriteError};
-use crate::unpack::{
+use crate::build::unpack::{
     ENTRY_OVERHEAD, MAX_SYMLINKS, OPAQUE_MARKER, PaxSparse, SparseError, WHITEOUT_PREFIX,
     components, lossy, pax_value, read_pax, xattrs_of,
 };
@@ -80,7 +80,7 @@ pub fn convert_layer<R: Read + Send>(
     };
     // Decompression and the diff_id's hash run on their own thread, as for
     // the unpacker, so they overlap with the image writes.
-    let (result, produced) = crate::unpack::with_decompressed(layer, diff_id, |reader| {
+    let (result, produced) = crate::build::unpack::with_decompressed(layer, diff_id, |reader| {
         let mut archive = tar::Archive::new(reader);
         for entry in archive.entries().map_err(ConvertError::Read)? {
             let mut entry = entry.map_err(ConvertError::Read)?;
@@ -228,7 +228,7 @@ impl Converter<'_> {
             return Ok(());
         }
         let pax = read_pax(e).map_err(|err| match err {
-            crate::unpack::UnpackError::Read(io) => ConvertError::Read(io),
+            crate::build::unpack::UnpackError::Read(io) => ConvertError::Read(io),
             other => ConvertError::Read(io::Error::other(other.to_string())),
         })?;
         let pax_sparse = PaxSparse::detect(&pax);

@@ -63,7 +63,7 @@ fn sources_of(plan: &Plan, ins: &PlannedInstruction) -> Option<SourceIdentity> {
             let remote: Vec<String> = a
                 .sources
                 .iter()
-                .filter(|s| crate::driver::remote::is_remote(s))
+                .filter(|s| crate::sources::remote::is_remote(s))
                 .map(|s| remote_file_identity(s, &digest(DIGEST_A)))
                 .collect();
             Some(add_sources(LOCAL_FILES, &remote))
@@ -542,8 +542,8 @@ fn context_digest_is_pinned() {
     for path in ["app", "app/src", "app/src/main.c", "app/README", "app/link"] {
         std::os::unix::fs::lchown(root.join(path), Some(1000), Some(1001)).unwrap();
     }
-    let include_all = |_: &str, _: bool| crate::context::Visibility::Included;
-    let ctx = crate::context::BuildContext::scan(root, &include_all).unwrap();
+    let include_all = |_: &str, _: bool| crate::sources::context::Visibility::Included;
+    let ctx = crate::sources::context::BuildContext::scan(root, &include_all).unwrap();
     let digest_of = |sources: &[&str]| {
         let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
         CacheKey::from_bytes(ctx.digest(&ctx.select(&sources).unwrap()).unwrap()).to_hex()

@@ -70,10 +70,11 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan, PlanError> {
     let path = opts.dockerfile_path();
     // Bytes, as BuildKit reads them (see `dockerfile::parse_bytes`), and
     // only from a regular file: a FIFO named Dockerfile must not block.
-    let source = crate::context::read_regular_file(&path).map_err(|source| PlanError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let source =
+        crate::sources::context::read_regular_file(&path).map_err(|source| PlanError::Read {
+            path: path.clone(),
+            source,
+        })?;
     let parsed = dockerfile::parse_bytes(&source, &path)?;
     planner::Planner::new(&parsed, opts)?.run(opts)
 }

@@ -3,8 +3,8 @@
 //! `.dockerignore` matcher panic; they return values or errors.
 
 use kiln_executor::dockerfile::{self, shell};
-use kiln_executor::dockerignore::DockerIgnore;
 use kiln_executor::plan::{PlanOptions, plan_source};
+use kiln_executor::sources::dockerignore::DockerIgnore;
 use proptest::prelude::*;
 use std::path::Path;
 

@@ -16,8 +16,8 @@ use std::process::Command;
 
 use kiln_common::Digest;
 use kiln_executor::build::fsutil::{get_xattr, list_xattrs};
+use kiln_executor::build::unpack::{UnpackOptions, unpack_layer};
 use kiln_executor::erofs::{ImageCache, ImageError, Stamp, convert_layer, mount};
-use kiln_executor::unpack::{UnpackOptions, unpack_layer};
 
 /// A tar layer built entry by entry, with full control of the headers.
 struct Tar {
@@ -1067,7 +1067,7 @@ fn measure_unpack_against_convert_and_mount() {
     let unpack = t.elapsed();
     let images = ImageCache::new(&dir.join("state")).unwrap();
     let diff_id = {
-        let mut r = kiln_executor::unpack::decompress(std::io::BufReader::new(
+        let mut r = kiln_executor::build::unpack::decompress(std::io::BufReader::new(
             fs::File::open(&layer).unwrap(),
         ))
         .unwrap();

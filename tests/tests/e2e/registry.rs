@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use kiln_common::Digest;
 use kiln_e2e::{BUSYBOX_APPLETS, Registry, RegistryAuth, push_busybox, run};
+use kiln_executor::build::unpack::{UnpackOptions, apply_layers};
 use kiln_executor::oci::archive::write_docker_archive_file;
 use kiln_executor::oci::layout::OciLayout;
 use kiln_executor::oci::{ImageDocuments, Platform, media};
 use kiln_executor::registry::client::PulledImage;
 use kiln_executor::registry::{Credentials, ImageRef, RegistryClient, RegistryOptions};
 use kiln_executor::store::LocalStore;
-use kiln_executor::unpack::{UnpackOptions, apply_layers};
 
 fn options_for(reg: &Registry) -> RegistryOptions {
     let mut opts = RegistryOptions {
@@ -717,8 +717,8 @@ fn overlay_lower_dirs_mount_as_overlayfs_with_whiteouts_honoured() {
         fs::create_dir(d).unwrap();
     }
     let opts = UnpackOptions::overlay_lower();
-    kiln_executor::unpack::unpack_layer(&lower[..], &l1, &opts, None).unwrap();
-    kiln_executor::unpack::unpack_layer(&upper[..], &l2, &opts, None).unwrap();
+    kiln_executor::build::unpack::unpack_layer(&lower[..], &l1, &opts, None).unwrap();
+    kiln_executor::build::unpack::unpack_layer(&upper[..], &l2, &opts, None).unwrap();
 
     run(Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o"])

@@ -341,14 +341,7 @@ async fn a_key_deleted_and_written_again_is_served_with_its_new_entry_after_hit_
 #[tokio::test]
 async fn gc_evicting_a_key_while_a_writer_recreates_it_keeps_the_new_entrys_blob() {
     let mut f = Fixture::new();
-    // Evicts every entry it sees; no blob grace at all.
-    let evicting = f.replica(
-        "gc",
-        ReplicaConfig {
-            max_size: Some(1),
-            ..no_grace()
-        },
-    );
+    let evicting = f.replica("gc", evicting_everything());
     let writer = f.replica("w", no_grace());
     let later = f.replica("later", no_grace());
     let ns = Namespace::default();
@@ -385,6 +378,15 @@ async fn gc_evicting_a_key_while_a_writer_recreates_it_keeps_the_new_entrys_blob
     assert_eq!(found.get(&key(1)), Some(&e2));
 }
 
+/// GC that evicts every entry it sees (a 1-byte limit), with no blob
+/// grace.
+fn evicting_everything() -> ReplicaConfig {
+    ReplicaConfig {
+        max_size: Some(1),
+        ..no_grace()
+    }
+}
+
 /// Every marker in the bucket, sorted for comparisons.
 async fn markers(r: &Replica) -> Vec<RefMarker> {
     let mut all: Vec<RefMarker> = r
@@ -411,13 +413,7 @@ fn sweeping() -> ReplicaConfig {
 #[tokio::test]
 async fn the_old_entrys_marker_is_collected_after_a_pass_that_stopped_between_entry_and_marker() {
     let mut f = Fixture::new();
-    let evicting = f.replica(
-        "gc",
-        ReplicaConfig {
-            max_size: Some(1),
-            ..no_grace()
-        },
-    );
+    let evicting = f.replica("gc", evicting_everything());
     let writer = f.replica("w", no_grace());
     let sweeper = f.replica("sweep", sweeping());
     let ns = Namespace::default();

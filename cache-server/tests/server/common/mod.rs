@@ -136,9 +136,51 @@ pub async fn put_entry(
     r.send().await.unwrap()
 }
 
+/// GET a blob: status and body.
+pub async fn get_blob(
+    c: &reqwest::Client,
+    url: &str,
+    digest: &Digest,
+) -> (reqwest::StatusCode, Vec<u8>) {
+    let r = c
+        .get(format!("{url}/v1/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.bytes().await.unwrap().to_vec())
+}
+
 pub async fn error_code(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.unwrap();
     body["error"]["code"].as_str().unwrap().to_owned()
+}
+
+/// Uploads bytes under a digest they do not have, `lens` bytes each (a
+/// large one goes up in parts, a small one in one request): each upload
+/// must be refused with `digest_mismatch`, and the blob must stay absent.
+pub async fn uploads_under_a_wrong_digest_are_refused(
+    c: &reqwest::Client,
+    url: &str,
+    lens: &[usize],
+) {
+    let wrong = Digest::of_bytes(b"what the client claims");
+    for &len in lens {
+        let r = c
+            .put(format!("{url}/v1/blobs/{wrong}"))
+            .body(bytes(7, len))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::BAD_REQUEST);
+        assert_eq!(error_code(r).await, "digest_mismatch");
+    }
+    let head = c
+        .head(format!("{url}/v1/blobs/{wrong}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), reqwest::StatusCode::NOT_FOUND);
 }
 
 /// Every regular file below `dir`.

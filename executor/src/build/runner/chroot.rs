@@ -785,7 +785,7 @@ fn remount_op(target: &Path, flags: libc::c_ulong) -> Result<Op, RunError> {
 fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    crate::context::open_regular_file(path)?
+    crate::sources::context::open_regular_file(path)?
         .take(limit)
         .read_to_end(&mut bytes)?;
     Ok(bytes)

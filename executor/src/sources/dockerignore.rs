@@ -256,7 +256,7 @@ impl DockerIgnore {
         candidates.push(context.join(".dockerignore"));
         for path in candidates {
             // Only a regular file: a FIFO under this name would block.
-            match crate::context::read_regular_file(&path).and_then(utf8) {
+            match crate::sources::context::read_regular_file(&path).and_then(utf8) {
                 Ok(text) => {
                     let mut rules = DockerIgnore::parse(&text, &path)?;
                     rules.source = Some(path);

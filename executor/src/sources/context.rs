@@ -499,7 +499,7 @@ fn has_wildcards(pattern: &str) -> bool {
 /// Whether a context path matches a COPY/ADD source pattern (the
 /// `.dockerignore` rules: Go's `filepath.Match` plus `**`).
 pub fn source_matches(pattern: &str, path: &str) -> Result<bool, &'static str> {
-    crate::dockerignore::pattern_matches(pattern, path)
+    crate::sources::dockerignore::pattern_matches(pattern, path)
 }
 
 #[cfg(test)]

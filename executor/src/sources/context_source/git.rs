@@ -1,7 +1,7 @@
 //! Git contexts without a git binary: the repository is fetched with gix
 //! into a bare repository in the context's scratch directory, the commit to
 //! build is chosen as Kaniko chooses it, and its tree is streamed as a tar
-//! through [`crate::unpack::unpack_tar`] into the context directory, so a
+//! through [`crate::build::unpack::unpack_tar`] into the context directory, so a
 //! hostile tree (`..`, duplicate names, a symlink then a path through it)
 //! meets the rules layers meet.
 //!
@@ -15,7 +15,7 @@ use gix::bstr::ByteSlice;
 use gix::remote::Direction;
 
 use super::{GitOptions, GitSource};
-use crate::unpack::UnpackOptions;
+use crate::build::unpack::UnpackOptions;
 
 /// Where the wanted ref is kept in the scratch repository.
 const WANTED: &str = "refs/kiln/wanted";
@@ -58,9 +58,9 @@ pub(super) fn fetch_into(
             result
         };
         let unpacked = unpacker.join().unwrap_or_else(|_| {
-            Err(crate::unpack::UnpackError::Read(std::io::Error::other(
-                "the unpacker panicked",
-            )))
+            Err(crate::build::unpack::UnpackError::Read(
+                std::io::Error::other("the unpacker panicked"),
+            ))
         });
         // The unpacker's refusal says more than the broken pipe it causes.
         unpacked.map_err(|e| e.to_string().replacen("layer entry", "tree entry", 1))?;
@@ -68,7 +68,7 @@ pub(super) fn fetch_into(
     })
 }
 
-use crate::unpack::unpack_tar;
+use crate::build::unpack::unpack_tar;
 
 /// Fetches what the context needs and returns the commit to build.
 fn fetch(

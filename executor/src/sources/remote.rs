@@ -213,10 +213,11 @@ pub fn clone(source: &str, keep_git_dir: bool, dir: &Path) -> Result<RemoteSourc
     }
     let path = match subdir {
         Some(s) => {
-            let clean = crate::context::clean_relative(s).ok_or_else(|| RemoteError::Subdir {
-                source_url: source.to_owned(),
-                subdir: s.to_owned(),
-            })?;
+            let clean =
+                crate::sources::context::clean_relative(s).ok_or_else(|| RemoteError::Subdir {
+                    source_url: source.to_owned(),
+                    subdir: s.to_owned(),
+                })?;
             checkout.join(clean)
         }
         None => checkout,

@@ -10,9 +10,9 @@
 //! used where it is; everything else is fetched into a new private (0700)
 //! directory that the returned [`Materialized`] removes when it drops, on
 //! success and failure alike. After that a context is a directory like any
-//! other (`.dockerignore`, hashing: [`crate::context`]).
+//! other (`.dockerignore`, hashing: [`crate::sources::context`]).
 //!
-//! Promises: archives are unpacked by [`crate::unpack`], with the rules
+//! Promises: archives are unpacked by [`crate::build::unpack`], with the rules
 //! (and the size limit) that apply to image layers, so an entry can never
 //! write outside the context directory; a git tree goes through the same
 //! unpacker as a tar stream, so hostile tree entries meet the same rules.
@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::unpack::{UnpackOptions, unpack_layer};
+use crate::build::unpack::{UnpackOptions, unpack_layer};
 
 /// The object Kaniko reads from a bucket when `--bucket`/`gs://bucket`
 /// names no object.
@@ -366,7 +366,7 @@ impl ContextSpec {
             sub_path: sub.clone(),
             message: format!("{message} (context {})", self.given),
         };
-        let clean = crate::context::clean_relative(sub)
+        let clean = crate::sources::context::clean_relative(sub)
             .ok_or_else(|| error("leaves the build context".into()))?;
         let joined = root.join(&clean);
         let real_root = fs::canonicalize(root).map_err(|e| error(e.to_string()))?;
