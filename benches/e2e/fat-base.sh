@@ -10,11 +10,16 @@
 #   buildah   buildah with OVERLAY storage and --isolation chroot, build +
 #             push timed together
 #
-# usage: benches/e2e/fat-base.sh [--runs N] [--tmpfs] [--warm] [--no-buildah]
-#                                [--no-baseline] [--json FILE]
+# usage: benches/e2e/fat-base.sh [--runs N] [--tmpfs | --disk] [--warm]
+#                                [--no-buildah] [--no-baseline] [--json FILE]
 #
 #   --runs N       rounds (default 5; every contender runs once per round)
 #   --tmpfs        build state on a tmpfs instead of a new ext4 file system
+#   --disk         build state in a new plain directory on the file system
+#                  of $KILN_E2E_TMPDIR (default /var/tmp: the root disk, with
+#                  its journal, where a build pod's --cache-dir would be, and
+#                  where issue 16's "today" numbers were taken), removed
+#                  after each run
 #   --warm         after each kiln contender's cold run, a second build on
 #                  the same state with --cache=false (the steps run again
 #                  over the base this node already has: kiln mounts its
@@ -25,7 +30,7 @@
 #                  stdout as a table (wall, RSS, CPU, kiln's phases, load)
 #
 # Every run is cold: a new, empty file system (ext4 on a sparse loop image,
-# or a tmpfs) for the tool's state, an empty --cache-dir (kiln's embedded
+# or a tmpfs) or a new directory (--disk) for the tool's state, an empty --cache-dir (kiln's embedded
 # cache), a new destination repository. All contenders' state is on the
 # same kind of file system on the same disk. Each run is measured with
 # /usr/bin/time -v (wall time, peak RSS of the process tree, CPU time).
@@ -34,7 +39,8 @@
 # unpack_file) unpacking the pulled base layer into an empty directory on
 # the same kind of file system, when that example is built.
 # The floor is measured per round too: `gzip -dc` of the base layer alone
-# (gunzip-base), and, from each kiln run's --report and log, the base's
+# (gunzip-base), kiln's own decoder alone (`unpack_file --inflate`,
+# inflate-base), and, from each kiln run's --report and log, the base's
 # materialization (pull + convert or unpack + mount: base_ms), the RUN/COPY
 # steps' own time (run_ms), their snapshots (snapshot_ms) and the rest
 # (push, config, setup: other_ms). The load average is recorded before every
@@ -53,6 +59,7 @@ REPO_ROOT=$(cd "$HERE/../.." && pwd)
 
 RUNS=5
 TMPFS=0
+DISK=0
 WARM=0
 BUILDAH=1
 BASELINE=1
@@ -61,16 +68,21 @@ while [ "$#" -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift ;;
     --tmpfs) TMPFS=1 ;;
+    --disk) DISK=1 ;;
     --warm) WARM=1 ;;
     --no-buildah) BUILDAH=0 ;;
     --no-baseline) BASELINE=0 ;;
     --json) JSON_OUT=$2; shift ;;
-    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
     *) echo "fat-base.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
 case "$JSON_OUT" in /*) ;; *) JSON_OUT=$PWD/$JSON_OUT ;; esac
+if [ "$DISK" -eq 1 ] && [ "$TMPFS" -eq 1 ]; then
+  echo "fat-base.sh: --tmpfs and --disk exclude each other" >&2
+  exit 2
+fi
 
 KILN_BIN_DIR=${KILN_BIN_DIR:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release}
 KILN_BASELINE=${KILN_BASELINE:-/var/cache/kiln/baseline/kiln-executor-36e3837}
@@ -114,6 +126,8 @@ trap 'exit 143' TERM
 new_fs() {
   local dir=$1
   mkdir -p "$dir"
+  # --disk: no mount, the state is on the file system $T is on.
+  [ "$DISK" -eq 1 ] && return
   if [ "$TMPFS" -eq 1 ]; then
     mount -t tmpfs -o size=12g tmpfs "$dir"
     return
@@ -131,7 +145,7 @@ drop_fs() {
   findmnt -rn -o TARGET | awk -v p="$dir/" 'index($0, p) == 1' | sort -r | while read -r m; do
     umount -R "$m" 2>/dev/null || umount -R -l "$m" 2>/dev/null || true
   done
-  umount "$dir" 2>/dev/null || umount -l "$dir"
+  if [ "$DISK" -eq 0 ]; then umount "$dir" 2>/dev/null || umount -l "$dir"; fi
   if [ -f "$dir.dev" ]; then
     losetup -d "$(cat "$dir.dev")" 2>/dev/null || true
     rm -f "$dir.dev" "$dir.img"
@@ -194,6 +208,8 @@ phases() {
 }
 
 FS_KIND=$([ "$TMPFS" -eq 1 ] && echo tmpfs || echo ext4-loop)
+[ "$DISK" -eq 1 ] && FS_KIND="disk-$(findmnt -n -o FSTYPE --target "$T")"
+
 : >"$JSON_OUT"
 mkdir -p "$T/bin"
 cp "$KILN_BIN_DIR/kiln-executor" "$T/bin/kiln-executor"
@@ -296,6 +312,10 @@ run_gunzip() { # round: the floor of the base's decompression, one core
   measure "$T/gunzip-$round.log" sh -c 'gzip -dc "$1" >/dev/null' sh "$BASE_BLOB"
   record gunzip-base "$round" "$([ "$M_RC" -eq 0 ] && echo true || echo false)" "$M_WALL" "$M_RSS" "$M_CPU" "$M_LOAD"
   log "  gzip -dc of the base layer alone: ${M_WALL}s"
+  [ -x "$T/bin/unpack_file" ] || return 0
+  measure "$T/inflate-$round.log" "$T/bin/unpack_file" --inflate "$BASE_BLOB"
+  record inflate-base "$round" "$([ "$M_RC" -eq 0 ] && echo true || echo false)" "$M_WALL" "$M_RSS" "$M_CPU" "$M_LOAD"
+  log "  kiln's decoder on the base layer alone (unpack_file --inflate): ${M_WALL}s"
 }
 
 CONTENDERS=(kiln)

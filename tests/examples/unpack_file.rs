@@ -4,6 +4,8 @@
 //! `benches/e2e/fat-base.sh` and for `strace -c -f` measurements.
 //!
 //! usage: unpack_file ROOTFS_DIR LAYER...
+//!        unpack_file --inflate LAYER     (only decompresses, with the same
+//!                                         decoder: the floor of a cold base)
 
 use std::time::Instant;
 
@@ -12,6 +14,9 @@ use kiln_executor::build::unpack::{UnpackOptions, apply_layers};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--inflate" {
+        return inflate_only(std::path::Path::new(&args[2]));
+    }
     if args.len() < 3 {
         bail!("usage: unpack_file ROOTFS_DIR LAYER...");
     }
@@ -28,6 +33,23 @@ fn main() -> Result<()> {
         "unpacked {} entries, {} MB in {:.2}s",
         stats.entries,
         stats.file_bytes / 1_000_000,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// kiln's decompression of one layer into nothing: what no materialization
+/// of that layer can be faster than (a gzip member inflates on one core).
+fn inflate_only(layer: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    let file = std::fs::File::open(layer).with_context(|| layer.display().to_string())?;
+    let start = Instant::now();
+    let mut reader = kiln_executor::build::unpack::decompress(std::io::BufReader::new(file))?;
+    let bytes = std::io::copy(&mut reader, &mut std::io::sink())
+        .with_context(|| format!("decompressing {}", layer.display()))?;
+    println!(
+        "inflated {} MB in {:.2}s",
+        bytes / 1_000_000,
         start.elapsed().as_secs_f64()
     );
     Ok(())
