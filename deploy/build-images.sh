@@ -131,7 +131,10 @@ if $build; then
     cargo build --release --workspace --locked --bins)
   say "cargo build: static executor in $static_target"
   mkdir -p "$static_target"
-  (cd "$repo_root" && env -u CARGO_ENCODED_RUSTFLAGS CARGO_TARGET_DIR="$static_target" \
+  # Without .ci/run's clippy wrapper: the same crates were linted above, and
+  # this build has its own units anyway (static, --no-default-features).
+  (cd "$repo_root" && env -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
+    CARGO_TARGET_DIR="$static_target" \
     RUSTFLAGS='-C target-feature=+crt-static' \
     cargo build --release --locked -p kiln-executor --no-default-features --target "$triple")
 fi

@@ -10,6 +10,8 @@
 # tests): KILN_S3S_FS, KILN_GARAGE, KILN_AZURITE (the binaries; installing
 # puts them under KILN_TOOLS_ROOT, default /opt/kiln-tools).
 set -euo pipefail
+# Not .ci/run's clippy wrapper: these are other projects' crates.
+unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
 
 root="${KILN_TOOLS_ROOT:-/opt/kiln-tools}"
 S3S_FS="${KILN_S3S_FS:-$root/bin/s3s-fs}"
@@ -20,8 +22,11 @@ AZURITE="${KILN_AZURITE:-$root/azurite/bin/azurite-blob}"
 # expected (which may be outside $root when KILN_S3S_FS/KILN_GARAGE say so).
 # Both cargo installs share one target directory, so the crates they have in
 # common (same version and features: tokio, hyper, rustls, ...) are compiled
-# once. Their own release profile is kept (opt-level 3: Garage's speed
-# matters to the three-node tests), without debug information.
+# once. Built at opt-level 1 and without debug information: they are test
+# peers, and code generation at opt-level 3 was most of a cold CI run's
+# largest single item (Garage: ~49 minutes of wall clock beside the
+# workspace build; docs/performance.md, "Cold CI"). KILN_TOOLS_OPT_LEVEL
+# overrides it.
 tools_target=""
 cleanup() { [[ -z "$tools_target" ]] || rm -rf "$tools_target"; }
 trap cleanup EXIT
@@ -32,7 +37,8 @@ cargo_install() { # BINARY-PATH NAME ARGS...
   scratch=$(mktemp -d "${TMPDIR:-/tmp}/kiln-tools-root.XXXXXX")
   echo "install-tools: building $name (cargo install $*)" >&2
   local started=$SECONDS
-  CARGO_PROFILE_RELEASE_DEBUG=false cargo install --locked --target-dir "$tools_target" \
+  CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_OPT_LEVEL="${KILN_TOOLS_OPT_LEVEL:-1}" \
+    cargo install --locked --target-dir "$tools_target" \
     --root "$scratch" "$@"
   install -D -m 0755 "$scratch/bin/$name" "$dest"
   rm -rf "$scratch"

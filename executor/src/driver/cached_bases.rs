@@ -203,29 +203,6 @@ impl Driver {
     }
 }
 
-impl Driver {
-    /// Uploads a base layer just pulled from its registry into the store,
-    /// with the entry that keeps it in the cache (so LRU eviction treats it
-    /// like any layer), in the background.
-    pub(super) fn share_base_layer(&mut self, pulled: &PulledImage, base_layer: &LayerRef) {
-        let digest = base_layer.desc.digest.clone();
-        let entry = CacheEntry {
-            layer: Some(LayerDescriptor {
-                media_type: base_layer.desc.media_type.clone(),
-                digest: digest.clone(),
-                size: base_layer.desc.size,
-                diff_id: base_layer.diff_id.clone(),
-            }),
-            created_by: format!("base layer of {}", pulled.reference),
-            created: rfc3339(unix_now()),
-            extra: BTreeMap::new(),
-        };
-        let blob = Some((digest.clone(), self.services.store.path(&digest)));
-        self.uploader
-            .upload(keys::base_layer_key(&digest), entry, blob);
-    }
-}
-
 /// The message of a base that the registry could not resolve: when the
 /// registry did not answer at all, it says that a tag needs the registry
 /// (and how to build without it).

@@ -3,9 +3,35 @@
 //! hits whose layer the cache could not deliver (lost: built instead).
 
 use super::*;
+use crate::cache::CacheError;
+
+/// What the lookup phase found.
+pub(super) struct Lookup {
+    pub(super) hits: BTreeMap<CacheKey, CacheEntry>,
+    /// Distinct keys asked for.
+    pub(super) wanted: usize,
+    pub(super) millis: u64,
+}
+
+/// The lookup phase: one batch call with every filesystem step's chain of
+/// keys. It reads the cache and nothing else; the driver records the
+/// answer (or, when the cache did not answer, builds without it).
+pub(super) fn lookup(cache: &dyn Cache, keys: &inputs::BuildKeys) -> Result<Lookup, CacheError> {
+    let chains = keys.chains();
+    let mut wanted: Vec<CacheKey> = chains.iter().flatten().copied().collect();
+    wanted.sort();
+    wanted.dedup();
+    let started = Instant::now();
+    let hits = cache.lookup_chains(&chains)?;
+    Ok(Lookup {
+        hits,
+        wanted: wanted.len(),
+        millis: started.elapsed().as_millis() as u64,
+    })
+}
 
 impl Driver {
-    /// One batch lookup for every filesystem step of the build.
+    /// [`lookup`] for this build, when its cache mode reads.
     pub(super) fn lookup_keys(&mut self) {
         let Some(cache) = self.services.cache.clone() else {
             return;
@@ -13,23 +39,17 @@ impl Driver {
         if !self.opts.cache.mode.reads() {
             return;
         }
-        let chains = self.resolved.keys.chains();
-        let mut wanted: Vec<CacheKey> = chains.iter().flatten().copied().collect();
-        wanted.sort();
-        wanted.dedup();
-        let started = Instant::now();
-        let answer = cache.lookup_chains(&chains);
-        self.record.lookup_ms = started.elapsed().as_millis() as u64;
-        match answer {
-            Ok(hits) => {
+        match lookup(cache.as_ref(), &self.resolved.keys) {
+            Ok(found) => {
                 self.log(&format!(
                     "cache: {} of {} steps found in {} ({} ms)",
-                    hits.len(),
-                    wanted.len(),
+                    found.hits.len(),
+                    found.wanted,
                     cache.location(),
-                    started.elapsed().as_millis()
+                    found.millis
                 ));
-                self.resolved.hits = hits;
+                self.record.lookup_ms = found.millis;
+                self.resolved.hits = found.hits;
             }
             Err(e) => {
                 self.warn(&format!(

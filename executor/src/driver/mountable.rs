@@ -226,7 +226,12 @@ impl Driver {
             ));
             return None;
         }
-        self.share_base_layer(&pulled, &base_layer);
+        fetch::share_base_layer(
+            &self.services.store,
+            &mut self.uploader,
+            &pulled,
+            &base_layer,
+        );
         Some(converted)
     }
 
@@ -292,10 +297,9 @@ impl Driver {
         let shared =
             self.resolved.base_layers.contains_key(&layer.desc.digest) || layer.hit.is_some();
         let cache = self
-            .services
-            .cache
-            .clone()
-            .filter(|_| shared && self.shares_images() && self.opts.cache.mode.writes());
+            .uploader
+            .cache()
+            .filter(|_| shared && self.shares_images());
         let images = images.clone();
         let diff_id = layer.diff_id.clone();
         let key = image_key(&diff_id);

@@ -56,6 +56,12 @@ impl Uploader {
         }
     }
 
+    /// The cache this uploader writes to, if any: for a job of
+    /// [`Uploader::spawn`] that does its own writing.
+    pub(super) fn cache(&self) -> Option<Arc<dyn Cache>> {
+        self.cache.clone()
+    }
+
     /// From now on, hands nothing more to the cache (it did not answer the
     /// lookup); uploads already running finish.
     pub(super) fn stop_writing(&mut self) {
