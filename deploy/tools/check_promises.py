@@ -75,8 +75,8 @@ def main() -> int:
                     for a in c.get("args", []):
                         if a.startswith("--cache-server="):
                             check(a.endswith(":7070"), f"{name}: {a} is not port 7070")
-    check("pub const DEFAULT_PORT: u16 = 7070;" in Path("cache-server/src/config.rs").read_text(),
-          "cache-server/src/config.rs: DEFAULT_PORT is not 7070")
+    check("pub const DEFAULT_PORT: u16 = 7070;" in Path("cache-server/src/config/mod.rs").read_text(),
+          "cache-server/src/config/mod.rs: DEFAULT_PORT is not 7070")
     check('default_value = "http://127.0.0.1:7070"' in Path("cache-server/src/cli.rs").read_text(),
           "cache-server/src/cli.rs: kiln-cache's --server default is not port 7070")
 
