@@ -19,12 +19,14 @@
 #     `cargo build --release --workspace --locked --bins` in
 #     $CARGO_TARGET_DIR (default: target/);
 #   - the executor inside the image: static glibc, without the embedded cache
-#     (RocksDB), built with `--target <triple>` into the same target
-#     directory: its crates (with the static RUSTFLAGS) go to <triple>/release
-#     and never invalidate the main build's, while the build scripts and proc
-#     macros, which run on the host without those flags, are the main build's
-#     and are not compiled twice. $KILN_STATIC_TARGET_DIR chooses another
-#     directory.
+#     (RocksDB), built on the main build's dependencies: only its own crate
+#     (--no-default-features) and kiln-storage (without the index) are
+#     compiled again, and `+crt-static` is given to the final link alone
+#     (`cargo rustc ... -- -C target-feature=+crt-static`; on glibc targets
+#     it changes nothing in the dependencies' code). cargo puts that binary
+#     where the main build's executor is; it is copied to
+#     $CARGO_TARGET_DIR/static/kiln-executor and the main build's is put
+#     back (a `cargo build` of fresh units only relinks it).
 # The image's executor must have no ELF interpreter: with `--isolation none`
 # it unpacks the image being built over /. The cache server may be dynamic;
 # its loader and libraries (from ldd) are copied into its image at their host
@@ -112,14 +114,11 @@ fi
 # --- binaries ---------------------------------------------------------------
 main_target=${CARGO_TARGET_DIR:-$repo_root/target}
 main_target=${main_target%/}
-static_target=${KILN_STATIC_TARGET_DIR:-$main_target}
-static_target=${static_target%/}
-triple="$(uname -m)-unknown-linux-gnu"
 if [[ -n "$bin_dir" ]]; then
   static_exe="$bin_dir/kiln-executor"
   server_dir=$bin_dir
 else
-  static_exe="$static_target/$triple/release/kiln-executor"
+  static_exe="$main_target/static/kiln-executor"
   server_dir=$main_target/release
 fi
 [[ -n "$builder" ]] || builder="$server_dir/kiln-executor"
@@ -129,14 +128,18 @@ if $build; then
   say "cargo build: builder and cache server in $main_target"
   (cd "$repo_root" && CARGO_TARGET_DIR="$main_target" \
     cargo build --release --workspace --locked --bins)
-  say "cargo build: static executor in $static_target"
-  mkdir -p "$static_target"
-  # Without .ci/run's clippy wrapper: the same crates were linted above, and
-  # this build has its own units anyway (static, --no-default-features).
-  (cd "$repo_root" && env -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
-    CARGO_TARGET_DIR="$static_target" \
-    RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release --locked -p kiln-executor --no-default-features --target "$triple")
+  say "cargo build: static executor into $main_target/static"
+  # The same environment as the main build (.ci/run's clippy wrapper
+  # included), so that every dependency is the main build's unit; the
+  # wrapper then lints the image's configuration too.
+  (cd "$repo_root" && CARGO_TARGET_DIR="$main_target" \
+    cargo rustc --release --locked -p kiln-executor --no-default-features \
+      --bin kiln-executor -- -C target-feature=+crt-static)
+  install -d "$main_target/static"
+  cp -f "$main_target/release/kiln-executor" "$static_exe.tmp"
+  mv -f "$static_exe.tmp" "$static_exe"
+  (cd "$repo_root" && CARGO_TARGET_DIR="$main_target" \
+    cargo build --release --workspace --locked --bins)
 fi
 for b in "$builder" "$static_exe" "$server_dir/kiln-cache-server" "$server_dir/kiln-cache"; do
   [[ -x "$b" ]] || die "missing $b (run without --no-build to build it)"
