@@ -7,27 +7,30 @@ use crate::cache::CacheError;
 
 /// What the lookup phase found.
 pub(super) struct Lookup {
-    pub(super) hits: BTreeMap<CacheKey, CacheEntry>,
+    /// The cache's answer: the hits, or why it gave none.
+    pub(super) hits: Result<BTreeMap<CacheKey, CacheEntry>, CacheError>,
     /// Distinct keys asked for.
     pub(super) wanted: usize,
+    /// How long the call took, a failed one too (the report's `lookup_ms`:
+    /// an unreachable cache shows the time it cost).
     pub(super) millis: u64,
 }
 
 /// The lookup phase: one batch call with every filesystem step's chain of
 /// keys. It reads the cache and nothing else; the driver records the
 /// answer (or, when the cache did not answer, builds without it).
-pub(super) fn lookup(cache: &dyn Cache, keys: &inputs::BuildKeys) -> Result<Lookup, CacheError> {
+pub(super) fn lookup(cache: &dyn Cache, keys: &inputs::BuildKeys) -> Lookup {
     let chains = keys.chains();
     let mut wanted: Vec<CacheKey> = chains.iter().flatten().copied().collect();
     wanted.sort();
     wanted.dedup();
     let started = Instant::now();
-    let hits = cache.lookup_chains(&chains)?;
-    Ok(Lookup {
+    let hits = cache.lookup_chains(&chains);
+    Lookup {
         hits,
         wanted: wanted.len(),
         millis: started.elapsed().as_millis() as u64,
-    })
+    }
 }
 
 impl Driver {
@@ -39,17 +42,18 @@ impl Driver {
         if !self.opts.cache.mode.reads() {
             return;
         }
-        match lookup(cache.as_ref(), &self.resolved.keys) {
-            Ok(found) => {
+        let found = lookup(cache.as_ref(), &self.resolved.keys);
+        self.record.lookup_ms = found.millis;
+        match found.hits {
+            Ok(hits) => {
                 self.log(&format!(
                     "cache: {} of {} steps found in {} ({} ms)",
-                    found.hits.len(),
+                    hits.len(),
                     found.wanted,
                     cache.location(),
                     found.millis
                 ));
-                self.record.lookup_ms = found.millis;
-                self.resolved.hits = found.hits;
+                self.resolved.hits = hits;
             }
             Err(e) => {
                 self.warn(&format!(
